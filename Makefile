@@ -1,0 +1,41 @@
+# smsdrop — the two commands: `make run` and `make test`. `make bench` measures.
+CARGO   ?= cargo
+DEMO    := etc/smsdrop.demo.toml
+BIN     := target/release/smsdrop
+
+.PHONY: run test test-deps lint bench build clean-demo
+
+build:
+	$(CARGO) build --release --locked
+
+## Starts the appliance on the demo configuration (./var), creating its key and folders first.
+run: build
+	@mkdir -p var/drop/demo/inbox var/drop/demo/outbox
+	@test -f var/master.key || $(BIN) --config $(DEMO) keygen
+	@echo
+	@echo "  smsdrop demo: drop a CSV file into $(CURDIR)/var/drop/demo/inbox"
+	@echo "  e.g.  printf 'phone;message\n06 12 34 56 78;Bonjour\n' > /tmp/june.csv && mv /tmp/june.csv var/drop/demo/inbox/"
+	@echo "  replies appear in $(CURDIR)/var/drop/demo/outbox, sent messages in var/sink.jsonl"
+	@echo "  status: $(BIN) --config $(DEMO) status      stop: Ctrl-C"
+	@echo
+	exec $(BIN) --config $(DEMO) serve
+
+## What the tests need beyond the Rust toolchain (see tests/peers/README.md).
+test-deps:
+	@bash tests/peers/install.sh
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets --locked -- -D warnings
+
+## Installs what the tests need, then runs every test once against the release binary.
+test: test-deps lint
+	$(CARGO) build --release --locked
+	SMSDROP_BIN=$(CURDIR)/$(BIN) $(CARGO) nextest run --release --locked --no-fail-fast
+
+## Benchmarks (release build): ingest of generated batches, beside a bare CSV read of the same file.
+bench:
+	$(CARGO) bench --locked --bench ingest
+
+clean-demo:
+	rm -rf var

@@ -1,0 +1,231 @@
+//! The admin socket: how commands reach a running `serve` (SPEC §8).
+//!
+//! redb lets one process open the database, so while `serve` runs, commands that need the data
+//! ask it over a Unix socket (mode 0600, `[admin] socket`). The protocol is one JSON request line,
+//! answered by one JSON header line and, for answers with a body, that many raw bytes. When no
+//! `serve` answers, commands open the store themselves. Both paths run the same functions here.
+
+use std::fmt::Write as _;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::ingest::{self, DryRunSink};
+use crate::codes::MessageStatus;
+use crate::config::Config;
+use crate::store::records::BatchState;
+use crate::store::{Store, StoreError};
+
+/// Longest request line accepted.
+const MAX_REQUEST: usize = 64 << 10;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+    Validate { tenant: String, path: PathBuf },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Header {
+    ok: bool,
+    error: Option<String>,
+    len: usize,
+}
+
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("no tenant `{0}` in the configuration")]
+    NoTenant(String),
+    #[error("{0}")]
+    Ingest(#[from] ingest::IngestError),
+    #[error("admin socket: {0}")]
+    Io(#[from] io::Error),
+    #[error("serve answered: {0}")]
+    Remote(String),
+}
+
+/// Answers a request against the store.
+pub fn handle(store: &Store, config: &Config, request: &Request) -> Result<Vec<u8>, AdminError> {
+    match request {
+        Request::Status => Ok(status_text(store, config)?.into_bytes()),
+        Request::Validate { tenant, path } => validate(store, config, tenant, path),
+    }
+}
+
+/// `smsdrop validate`: the result file a batch would get; nothing is queued.
+pub fn validate(store: &Store, config: &Config, tenant: &str, path: &Path) -> Result<Vec<u8>, AdminError> {
+    let tenant = config
+        .tenants
+        .get(tenant)
+        .ok_or_else(|| AdminError::NoTenant(tenant.to_string()))?;
+    let keys = store.keys().tenant(&tenant.id);
+    let now = jiff::Timestamp::now().as_second();
+    let window = tenant.dedupe_window.as_secs() as i64;
+    let seen =
+        |hash: &[u8; 32]| -> Result<bool, StoreError> { Ok(store.seen_file(&tenant.id, hash, now, window)?.is_some()) };
+    let cancel = AtomicBool::new(false);
+    let ctx = ingest::Context {
+        tenant,
+        keys: &keys,
+        blocklist: store.blocklist_hashes(&tenant.id)?,
+        seen: &seen,
+        cancel: &cancel,
+    };
+    let mut sink = DryRunSink::default();
+    let summary = ingest::process(path, &ctx, &mut sink)?;
+    Ok(sink.finish(&summary)?)
+}
+
+/// `smsdrop status`: queue depth by tenant and status.
+pub fn status_text(store: &Store, config: &Config) -> Result<String, StoreError> {
+    let mut out = String::new();
+    let statuses = MessageStatus::ALL;
+    let _ = write!(out, "{:<16} {:>8} {:>8}", "tenant", "batches", "depth");
+    for s in statuses {
+        let _ = write!(out, " {:>13}", s.as_str());
+    }
+    out.push('\n');
+    for tenant in config.tenants.keys() {
+        let batches = store.batches(Some(tenant))?;
+        let mut counts = [0u64; 9];
+        let mut open = 0;
+        for b in &batches {
+            if matches!(b.state, BatchState::Queued | BatchState::Ingesting) {
+                open += 1;
+            }
+            for (i, c) in b.counts.iter().enumerate() {
+                counts[i] += c;
+            }
+        }
+        let depth = counts[MessageStatus::Queued as usize]
+            + counts[MessageStatus::Held as usize]
+            + counts[MessageStatus::Submitted as usize];
+        let _ = write!(
+            out,
+            "{:<16} {:>8} {:>8}",
+            tenant,
+            format!("{open}/{}", batches.len()),
+            depth
+        );
+        for s in statuses {
+            let _ = write!(out, " {:>13}", counts[*s as usize]);
+        }
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+/// Serves the admin socket until `shutdown`.
+pub async fn serve(path: PathBuf, store: Store, config: Arc<Config>, shutdown: CancellationToken) -> io::Result<()> {
+    let listener = bind(&path)?;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin socket accept failed");
+                        continue;
+                    }
+                };
+                let store = store.clone();
+                let config = config.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = connection(stream, store, config).await {
+                        tracing::warn!(error = %e, "admin connection failed");
+                    }
+                });
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+fn bind(path: &Path) -> io::Result<UnixListener> {
+    if path.exists() {
+        // A live serve answers; a stale socket from a crash does not and is replaced.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("{} is served by another smsdrop", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+async fn connection(stream: UnixStream, store: Store, config: Arc<Config>) -> io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read).take(MAX_REQUEST as u64);
+    let mut line = String::new();
+    reader.read_line(&mut line).await?;
+    let result = match serde_json::from_str::<Request>(&line) {
+        Ok(request) => tokio::task::spawn_blocking(move || handle(&store, &config, &request))
+            .await
+            .map_err(|e| AdminError::Io(io::Error::other(e)))
+            .and_then(|r| r),
+        Err(e) => Err(AdminError::Io(io::Error::new(io::ErrorKind::InvalidInput, e))),
+    };
+    let (header, body) = match result {
+        Ok(body) => (
+            Header {
+                ok: true,
+                error: None,
+                len: body.len(),
+            },
+            body,
+        ),
+        Err(e) => (
+            Header {
+                ok: false,
+                error: Some(e.to_string()),
+                len: 0,
+            },
+            Vec::new(),
+        ),
+    };
+    let mut head = serde_json::to_vec(&header).map_err(io::Error::other)?;
+    head.push(b'\n');
+    write.write_all(&head).await?;
+    write.write_all(&body).await?;
+    write.shutdown().await
+}
+
+/// Sends a request to a running `serve`. `Ok(None)` when none answers on `path`.
+pub fn ask(path: &Path, request: &Request) -> Result<Option<Vec<u8>>, AdminError> {
+    use std::io::{BufRead, Read, Write};
+    let mut stream = match std::os::unix::net::UnixStream::connect(path) {
+        Ok(s) => s,
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let mut line = serde_json::to_vec(request).map_err(io::Error::other)?;
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    let mut reader = io::BufReader::new(stream);
+    let mut head = String::new();
+    reader.read_line(&mut head)?;
+    let header: Header = serde_json::from_str(&head).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    if !header.ok {
+        return Err(AdminError::Remote(header.error.unwrap_or_default()));
+    }
+    let mut body = vec![0u8; header.len];
+    reader.read_exact(&mut body)?;
+    Ok(Some(body))
+}

@@ -1,0 +1,176 @@
+//! How a text goes on the air: GSM 03.38 7-bit default alphabet where every character has a
+//! code (3GPP TS 23.038 §6.2.1, with its extension table, where a character costs two septets),
+//! else UCS-2; and how many segments it takes.
+//!
+//! A single SMS carries 160 septets or 70 UCS-2 code units. Concatenated, each part loses six
+//! octets to the UDH: 153 septets or 67 code units, and a part never splits an escape pair or a
+//! surrogate pair (3GPP TS 23.040 §9.2.3.24.1).
+
+use crate::store::records::TextCoding;
+
+/// The basic GSM 03.38 table, by septet value (0x1B, the escape, is never a character).
+const BASIC: [char; 128] = [
+    '@', '£', '$', '¥', 'è', 'é', 'ù', 'ì', 'ò', 'Ç', '\n', 'Ø', 'ø', '\r', 'Å', 'å', //
+    'Δ', '_', 'Φ', 'Γ', 'Λ', 'Ω', 'Π', 'Ψ', 'Σ', 'Θ', 'Ξ', '\u{1b}', 'Æ', 'æ', 'ß', 'É', //
+    ' ', '!', '"', '#', '¤', '%', '&', '\'', '(', ')', '*', '+', ',', '-', '.', '/', //
+    '0', '1', '2', '3', '4', '5', '6', '7', '8', '9', ':', ';', '<', '=', '>', '?', //
+    '¡', 'A', 'B', 'C', 'D', 'E', 'F', 'G', 'H', 'I', 'J', 'K', 'L', 'M', 'N', 'O', //
+    'P', 'Q', 'R', 'S', 'T', 'U', 'V', 'W', 'X', 'Y', 'Z', 'Ä', 'Ö', 'Ñ', 'Ü', '§', //
+    '¿', 'a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i', 'j', 'k', 'l', 'm', 'n', 'o', //
+    'p', 'q', 'r', 's', 't', 'u', 'v', 'w', 'x', 'y', 'z', 'ä', 'ö', 'ñ', 'ü', 'à', //
+];
+
+/// The extension table: (character, septet after the escape).
+const EXTENSION: [(char, u8); 10] = [
+    ('\u{0c}', 0x0A),
+    ('^', 0x14),
+    ('{', 0x28),
+    ('}', 0x29),
+    ('\\', 0x2F),
+    ('[', 0x3C),
+    ('~', 0x3D),
+    (']', 0x3E),
+    ('|', 0x40),
+    ('€', 0x65),
+];
+
+/// Septets a character costs in GSM 7-bit: 1, 2 (extension table) or `None` (not codable).
+pub fn gsm_septets(c: char) -> Option<u8> {
+    if c == '\u{1b}' {
+        return None;
+    }
+    if let Some(&(_, _)) = EXTENSION.iter().find(|(e, _)| *e == c) {
+        return Some(2);
+    }
+    if c.is_ascii() {
+        // Every printable ASCII character except the extension ones and ` (0x60) is basic.
+        return match c {
+            '`' => None,
+            c if (c as u32) < 0x20 && c != '\n' && c != '\r' => None,
+            '\u{7f}' => None,
+            _ => Some(1),
+        };
+    }
+    BASIC.contains(&c).then_some(1)
+}
+
+/// The GSM 03.38 septets of `text` (unpacked, escapes included), or `None` when some character
+/// has no GSM code.
+pub fn to_gsm7(text: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(text.len());
+    for c in text.chars() {
+        if let Some(&(_, code)) = EXTENSION.iter().find(|(e, _)| *e == c) {
+            out.extend_from_slice(&[0x1b, code]);
+        } else {
+            let code = BASIC.iter().position(|b| *b == c && c != '\u{1b}')?;
+            out.push(code as u8);
+        }
+    }
+    Some(out)
+}
+
+/// A text's coding and the number of segments it takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Encoded {
+    pub coding: TextCoding,
+    pub parts: usize,
+}
+
+/// Chooses the coding and counts segments.
+pub fn encode(text: &str) -> Encoded {
+    let gsm: Option<Vec<u8>> = text.chars().map(gsm_septets).collect();
+    match gsm {
+        Some(costs) => Encoded {
+            coding: TextCoding::Gsm7,
+            parts: segments(costs.into_iter(), 160, 153),
+        },
+        None => Encoded {
+            coding: TextCoding::Ucs2,
+            parts: segments(text.chars().map(|c| c.len_utf16() as u8), 70, 67),
+        },
+    }
+}
+
+/// Segments needed for characters of the given unit costs, never splitting a character.
+fn segments(costs: impl Iterator<Item = u8> + Clone, single: usize, part: usize) -> usize {
+    let total: usize = costs.clone().map(usize::from).sum();
+    if total <= single {
+        return 1;
+    }
+    let mut parts = 1;
+    let mut used = 0usize;
+    for cost in costs {
+        let cost = usize::from(cost);
+        if used + cost > part {
+            parts += 1;
+            used = 0;
+        }
+        used += cost;
+    }
+    parts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(text: &str) -> (TextCoding, usize) {
+        let e = encode(text);
+        (e.coding, e.parts)
+    }
+
+    #[test]
+    fn segment_boundaries() {
+        use TextCoding::*;
+        let cases: &[(String, (TextCoding, usize))] = &[
+            ("".into(), (Gsm7, 1)),
+            ("a".repeat(160), (Gsm7, 1)),
+            ("a".repeat(161), (Gsm7, 2)),
+            ("a".repeat(306), (Gsm7, 2)),
+            ("a".repeat(307), (Gsm7, 3)),
+            ("a".repeat(918), (Gsm7, 6)),
+            ("a".repeat(919), (Gsm7, 7)),
+            ("€".repeat(80), (Gsm7, 1)),
+            (format!("{}€", "a".repeat(159)), (Gsm7, 2)),
+            // an escape pair is never split: 152 + € does not fit in 153
+            (format!("{}€{}", "a".repeat(152), "a".repeat(10)), (Gsm7, 2)),
+            ("é".repeat(160), (Gsm7, 1)),
+            ("ж".repeat(70), (Ucs2, 1)),
+            ("ж".repeat(71), (Ucs2, 2)),
+            ("ж".repeat(402), (Ucs2, 6)),
+            ("ж".repeat(403), (Ucs2, 7)),
+            ("😀".repeat(35), (Ucs2, 1)),
+            ("😀".repeat(36), (Ucs2, 2)),
+            (format!("{}😀", "ж".repeat(66)), (Ucs2, 1)),
+            (format!("{}😀{}", "ж".repeat(66), "ж".repeat(3)), (Ucs2, 2)),
+        ];
+        for (text, want) in cases {
+            assert_eq!(
+                parts(text),
+                *want,
+                "{} chars of {:?}",
+                text.chars().count(),
+                text.chars().next()
+            );
+        }
+    }
+
+    #[test]
+    fn gsm_table_membership() {
+        for c in ['@', '£', 'Δ', 'ß', '¿', 'à', '\n', 'é', 'ù', 'Ç'] {
+            assert_eq!(gsm_septets(c), Some(1), "{c}");
+        }
+        for c in ['€', '[', '^', '|', '~', '\\', '{', '}', ']'] {
+            assert_eq!(gsm_septets(c), Some(2), "{c}");
+        }
+        for c in ['ç', 'ê', 'â', '`', '\t', '\u{1b}', 'ж', '😀'] {
+            assert_eq!(gsm_septets(c), None, "{c}");
+        }
+    }
+
+    #[test]
+    fn septets_of_a_text() {
+        assert_eq!(to_gsm7("A€@"), Some(vec![0x41, 0x1b, 0x65, 0x00]));
+        assert_eq!(to_gsm7("ç"), None);
+    }
+}

@@ -1,0 +1,547 @@
+//! One batch, from its spool file to durable queue records and a result file.
+//!
+//! The pipeline has three stages on their own threads, joined by bounded channels so memory
+//! stays flat: a reader parses CSV records in chunks; a checker validates each chunk's lines in
+//! parallel (rayon); the caller's thread applies the rules that need file order or the store
+//! (`duplicate_recipient`, `blocklisted`) and hands every line to a [`LineSink`]. The queueing
+//! sink ([`QueueSink`]) seals accepted messages into the store and streams the result rows into
+//! a hidden temporary file; [`ingest_claimed`] then commits the batch durably and only after that
+//! renames the result file into the outbox. A crash anywhere is recovered by [`recover_claim`].
+//!
+//! What this module does not do: find files (`watch`) or send messages (`dispatch`).
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs;
+use std::io::{self, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::sync_channel;
+
+use nohash_hasher::BuildNoHashHasher;
+use rayon::prelude::*;
+
+use crate::batch::columns::{Column, ColumnMap};
+use crate::batch::parse::{self, CHUNK_RECORDS, RawRecord, Records};
+use crate::batch::validate::{Checked, LineRules};
+use crate::codes::{FileReason, LineReason};
+use crate::config::Tenant;
+use crate::crypto::TenantKeys;
+use crate::reply::{self, AtomicFile, RESULT_HEADER, ReplyCsv};
+use crate::store::records::{BatchRecord, BatchState, CHUNK_MESSAGES, ReplyFormat, StoredMessage, message_id};
+use crate::store::{Store, StoreError};
+
+/// Chunks of messages written to the store per transaction.
+const CHUNKS_PER_WRITE: usize = 64;
+
+/// Why a batch could not be processed at all (as opposed to being rejected, which is a result).
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("writing the result file: {0}")]
+    Reply(#[source] io::Error),
+    #[error("stopped by shutdown; the batch is taken again at next start")]
+    Cancelled,
+}
+
+/// How a whole file ended.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    pub format: ReplyFormat,
+    pub hash: Option<[u8; 32]>,
+    pub lines: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub reasons: BTreeMap<LineReason, u64>,
+    /// The whole file was refused, with a detail for the log.
+    pub rejection: Option<(FileReason, String)>,
+}
+
+/// Receives every line of a batch, in file order, once the batch's format is known.
+pub trait LineSink {
+    fn start(&mut self, format: &ReplyFormat) -> Result<(), IngestError>;
+    /// `index` is the message's index in the batch when the line was accepted.
+    fn line(&mut self, checked: Checked, index: Option<u64>) -> Result<(), IngestError>;
+}
+
+/// What the file-level checks need from outside the file.
+pub struct Context<'a> {
+    pub tenant: &'a Tenant,
+    pub keys: &'a TenantKeys,
+    pub blocklist: HashSet<[u8; 16]>,
+    /// Whether content with this keyed hash was already taken within the dedupe window.
+    pub seen: &'a dyn Fn(&[u8; 32]) -> Result<bool, StoreError>,
+    pub cancel: &'a AtomicBool,
+}
+
+fn reject(summary: &mut Summary, reason: FileReason, detail: impl Into<String>) -> Result<Summary, IngestError> {
+    summary.rejection = Some((reason, detail.into()));
+    Ok(std::mem::take(summary))
+}
+
+/// Reads, checks and hands on every line of the file at `path`.
+pub fn process(path: &Path, ctx: &Context<'_>, sink: &mut dyn LineSink) -> Result<Summary, IngestError> {
+    let tenant = ctx.tenant;
+    let mut summary = Summary {
+        format: ReplyFormat {
+            delimiter: tenant.delimiter.unwrap_or(b';'),
+            ..ReplyFormat::default()
+        },
+        ..Summary::default()
+    };
+    let size = match fs::metadata(path) {
+        Ok(m) => m.len(),
+        Err(e) => return reject(&mut summary, FileReason::Unreadable, e.to_string()),
+    };
+    if size > tenant.max_file_bytes {
+        return reject(
+            &mut summary,
+            FileReason::TooLarge,
+            format!("{size} bytes, more than max_file_bytes {}", tenant.max_file_bytes),
+        );
+    }
+    let scan = match parse::scan(path, ctx.keys.file_hasher()) {
+        Ok(s) => s,
+        Err(e) => return reject(&mut summary, FileReason::Unreadable, e.to_string()),
+    };
+    summary.hash = Some(scan.hash);
+    let encoding = parse::choose_encoding(tenant.encoding, &scan);
+    summary.format.encoding = encoding.name().to_string();
+    summary.format.bom = scan.bom.is_some();
+    if scan.size == 0 {
+        return reject(&mut summary, FileReason::Unreadable, "the file is empty");
+    }
+    if scan.has_nul && encoding.is_ascii_compatible() {
+        return reject(
+            &mut summary,
+            FileReason::Unreadable,
+            "the file holds NUL bytes: not a text file",
+        );
+    }
+    if (ctx.seen)(&scan.hash)? {
+        return reject(
+            &mut summary,
+            FileReason::DuplicateFile,
+            "same content as a batch taken within dedupe_window",
+        );
+    }
+    let mut records = match Records::open(path, encoding, tenant.delimiter) {
+        Ok(r) => r,
+        Err(e) => return reject(&mut summary, FileReason::Unreadable, e.to_string()),
+    };
+    summary.format.delimiter = records.delimiter;
+
+    let columns = match &tenant.columns {
+        Some(cols) => ColumnMap::new(cols),
+        None => {
+            let header = match records.next_record() {
+                Ok(Some(h)) => h,
+                Ok(None) => return reject(&mut summary, FileReason::Unreadable, "no header line"),
+                Err(e) => return reject(&mut summary, FileReason::Unreadable, e.to_string()),
+            };
+            let mut cols = Vec::with_capacity(header.len());
+            for field in header.iter() {
+                match Records::decode(records.utf8_fields, encoding, field) {
+                    Some(name) => cols.push(Column::from_header(&name)),
+                    None => {
+                        return reject(
+                            &mut summary,
+                            FileReason::Unreadable,
+                            "the header line is not valid in the file's encoding",
+                        );
+                    }
+                }
+            }
+            ColumnMap::new(&cols)
+        }
+    };
+    if columns.phone.is_none() {
+        return reject(&mut summary, FileReason::MissingColumn, "no phone column");
+    }
+    if columns.message.is_none() && tenant.template.is_none() {
+        return reject(
+            &mut summary,
+            FileReason::MissingColumn,
+            "no message column and no template",
+        );
+    }
+    if let Some(template) = &tenant.template {
+        if let Some(var) = template.variables().find(|v| !columns.vars.iter().any(|(n, _)| n == v)) {
+            return reject(
+                &mut summary,
+                FileReason::MissingColumn,
+                format!("the template uses {{{var}}} and the file has no such column"),
+            );
+        }
+    }
+
+    sink.start(&summary.format)?;
+    let rules = LineRules {
+        tenant,
+        keys: ctx.keys,
+        columns: &columns,
+        encoding,
+        utf8_fields: records.utf8_fields,
+        now: jiff::Timestamp::now(),
+    };
+    let max_lines = tenant.max_lines;
+    let mut dedupe: HashSet<u64, BuildNoHashHasher<u64>> = HashSet::default();
+    let mut outcome: Result<(), IngestError> = Ok(());
+    let mut strict_failure = None;
+
+    let read_result = std::thread::scope(|scope| {
+        let (raw_tx, raw_rx) = sync_channel::<Vec<RawRecord>>(2);
+        let (checked_tx, checked_rx) = sync_channel::<Vec<Checked>>(2);
+        let cancel = ctx.cancel;
+        let reader = scope.spawn(move || -> Result<(u64, bool), io::Error> {
+            let mut count = 0u64;
+            loop {
+                if cancel.load(Ordering::Relaxed) {
+                    return Ok((count, false));
+                }
+                let mut chunk = Vec::with_capacity(CHUNK_RECORDS);
+                while chunk.len() < CHUNK_RECORDS {
+                    match records.next_record()? {
+                        Some(r) => chunk.push(r),
+                        None => break,
+                    }
+                }
+                let last = chunk.len() < CHUNK_RECORDS;
+                count += chunk.len() as u64;
+                if count > max_lines {
+                    return Ok((count, true));
+                }
+                if !chunk.is_empty() && raw_tx.send(chunk).is_err() {
+                    return Ok((count, false));
+                }
+                if last {
+                    return Ok((count, false));
+                }
+            }
+        });
+        let rules = &rules;
+        scope.spawn(move || {
+            for chunk in raw_rx {
+                let checked: Vec<Checked> = chunk.par_iter().map(|r| rules.check(r)).collect();
+                if checked_tx.send(checked).is_err() {
+                    return;
+                }
+            }
+        });
+        'chunks: for chunk in checked_rx {
+            for mut checked in chunk {
+                summary.lines += 1;
+                if let Ok(acc) = &checked.outcome {
+                    if ctx.blocklist.contains(&acc.phone_hash) {
+                        checked.outcome = Err(LineReason::Blocklisted);
+                    } else if !dedupe.insert(acc.dedupe) {
+                        checked.outcome = Err(LineReason::DuplicateRecipient);
+                    }
+                }
+                let index = match &checked.outcome {
+                    Ok(_) => {
+                        summary.accepted += 1;
+                        Some(summary.accepted - 1)
+                    }
+                    Err(reason) => {
+                        summary.rejected += 1;
+                        *summary.reasons.entry(*reason).or_default() += 1;
+                        tracing::debug!(tenant = %tenant.id, line = checked.line, reason = %reason, "line rejected");
+                        if tenant.strict {
+                            strict_failure = Some((checked.line, *reason));
+                            break 'chunks;
+                        }
+                        None
+                    }
+                };
+                if let Err(e) = sink.line(checked, index) {
+                    outcome = Err(e);
+                    break 'chunks;
+                }
+            }
+        }
+        reader
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the reader thread panicked")))
+    });
+    outcome?;
+    if ctx.cancel.load(Ordering::Relaxed) {
+        return Err(IngestError::Cancelled);
+    }
+    if let Some((line, reason)) = strict_failure {
+        return reject(
+            &mut summary,
+            FileReason::Strict,
+            format!("line {line} rejected ({reason}) and the tenant is strict"),
+        );
+    }
+    match read_result {
+        Ok((_, true)) => reject(
+            &mut summary,
+            FileReason::TooManyLines,
+            format!("more than max_lines {max_lines} data lines"),
+        ),
+        Ok(_) => Ok(summary),
+        Err(e) => {
+            let detail = format!("after line {}: {e}", summary.lines);
+            reject(&mut summary, FileReason::Unreadable, detail)
+        }
+    }
+}
+
+/// Writes a rejected file's one-row result.
+pub fn write_file_rejection<W: Write>(out: W, format: &ReplyFormat, reason: FileReason) -> io::Result<W> {
+    let mut csv = ReplyCsv::new(out, format)?;
+    csv.row(RESULT_HEADER)?;
+    csv.row(["0", "", "", "rejected", reason.as_str(), ""])?;
+    csv.finish()
+}
+
+/// Result rows for a line.
+fn result_row<W: Write>(csv: &mut ReplyCsv<W>, checked: &Checked, id: Option<u64>) -> io::Result<()> {
+    let line = checked.line.to_string();
+    let id = id.map(|i| i.to_string()).unwrap_or_default();
+    match &checked.outcome {
+        Ok(_) => csv.row([line.as_str(), &checked.reference, &checked.phone, "queued", "", &id]),
+        Err(reason) => csv.row([
+            line.as_str(),
+            &checked.reference,
+            &checked.phone,
+            "rejected",
+            reason.as_str(),
+            "",
+        ]),
+    }
+}
+
+/// A sink that builds the result file a batch would get, queueing nothing (`smsdrop validate`).
+#[derive(Default)]
+pub struct DryRunSink {
+    csv: Option<ReplyCsv<Vec<u8>>>,
+}
+
+impl DryRunSink {
+    /// The result file: the rows seen, or a file rejection's one row.
+    pub fn finish(self, summary: &Summary) -> io::Result<Vec<u8>> {
+        match (&summary.rejection, self.csv) {
+            (Some((reason, _)), _) => write_file_rejection(Vec::new(), &summary.format, *reason),
+            (None, Some(csv)) => csv.finish(),
+            (None, None) => Ok(Vec::new()),
+        }
+    }
+}
+
+impl LineSink for DryRunSink {
+    fn start(&mut self, format: &ReplyFormat) -> Result<(), IngestError> {
+        let mut csv = ReplyCsv::new(Vec::new(), format).map_err(IngestError::Reply)?;
+        csv.row(RESULT_HEADER).map_err(IngestError::Reply)?;
+        self.csv = Some(csv);
+        Ok(())
+    }
+
+    fn line(&mut self, checked: Checked, _index: Option<u64>) -> Result<(), IngestError> {
+        if let Some(csv) = &mut self.csv {
+            result_row(csv, &checked, None).map_err(IngestError::Reply)?;
+        }
+        Ok(())
+    }
+}
+
+/// Seals accepted lines into the store and streams result rows to a temporary file.
+struct QueueSink<'a> {
+    store: &'a Store,
+    batch: &'a BatchRecord,
+    outbox: &'a Path,
+    csv: Option<ReplyCsv<AtomicFile>>,
+    current: Vec<StoredMessage>,
+    pending: Vec<(u32, Vec<StoredMessage>)>,
+    next_chunk: u32,
+}
+
+impl QueueSink<'_> {
+    fn flush_chunks(&mut self, all: bool) -> Result<(), IngestError> {
+        if all && !self.current.is_empty() {
+            let chunk = std::mem::take(&mut self.current);
+            self.pending.push((self.next_chunk, chunk));
+            self.next_chunk += 1;
+        }
+        if !self.pending.is_empty() && (all || self.pending.len() >= CHUNKS_PER_WRITE) {
+            self.store.write_chunks(self.batch, &self.pending)?;
+            self.pending.clear();
+        }
+        Ok(())
+    }
+}
+
+impl LineSink for QueueSink<'_> {
+    fn start(&mut self, format: &ReplyFormat) -> Result<(), IngestError> {
+        let file = AtomicFile::create(self.outbox, &reply::result_name(self.batch), &self.batch.claim)
+            .map_err(IngestError::Reply)?;
+        let mut csv = ReplyCsv::new(file, format).map_err(IngestError::Reply)?;
+        csv.row(RESULT_HEADER).map_err(IngestError::Reply)?;
+        self.csv = Some(csv);
+        Ok(())
+    }
+
+    fn line(&mut self, checked: Checked, index: Option<u64>) -> Result<(), IngestError> {
+        let id = index.map(|i| message_id(self.batch.id, i));
+        if let Some(csv) = &mut self.csv {
+            result_row(csv, &checked, id).map_err(IngestError::Reply)?;
+        }
+        if let Ok(accepted) = checked.outcome {
+            self.current.push(accepted.message);
+            if self.current.len() as u64 == CHUNK_MESSAGES {
+                let chunk = std::mem::replace(&mut self.current, Vec::with_capacity(CHUNK_MESSAGES as usize));
+                self.pending.push((self.next_chunk, chunk));
+                self.next_chunk += 1;
+                self.flush_chunks(false)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Everything needed to ingest claimed files.
+pub struct Ingestor<'a> {
+    pub store: &'a Store,
+    pub cancel: &'a AtomicBool,
+}
+
+impl Ingestor<'_> {
+    fn context<'c>(
+        &self,
+        tenant: &'c Tenant,
+        keys: &'c TenantKeys,
+        seen: &'c dyn Fn(&[u8; 32]) -> Result<bool, StoreError>,
+    ) -> Result<Context<'c>, StoreError>
+    where
+        Self: 'c,
+    {
+        Ok(Context {
+            tenant,
+            keys,
+            blocklist: self.store.blocklist_hashes(&tenant.id)?,
+            seen,
+            cancel: self.cancel,
+        })
+    }
+
+    /// Ingests a spool file: the batch is durable and its result file published when this returns
+    /// `Ok`. The spool file is removed.
+    pub fn ingest_claimed(
+        &self,
+        tenant: &Tenant,
+        spool: &Path,
+        claim: &str,
+        file_name: &str,
+    ) -> Result<BatchRecord, IngestError> {
+        let now = jiff::Timestamp::now().as_second();
+        let mut batch = self
+            .store
+            .begin_batch(&tenant.id, file_name, claim, ReplyFormat::default(), now)?;
+        let keys = self.store.keys().tenant(&tenant.id);
+        let store = self.store;
+        let window = tenant.dedupe_window.as_secs() as i64;
+        let seen = move |hash: &[u8; 32]| -> Result<bool, StoreError> {
+            Ok(store.seen_file(&tenant.id, hash, now, window)?.is_some())
+        };
+        let ctx = self.context(tenant, &keys, &seen)?;
+        let mut sink = QueueSink {
+            store: self.store,
+            batch: &batch,
+            outbox: &tenant.outbox,
+            csv: None,
+            current: Vec::with_capacity(CHUNK_MESSAGES as usize),
+            pending: Vec::new(),
+            next_chunk: 0,
+        };
+        let summary = process(spool, &ctx, &mut sink)?;
+        let prepared = match summary.rejection {
+            Some(_) => None,
+            None => {
+                sink.flush_chunks(true)?;
+                match sink.csv.take() {
+                    Some(csv) => Some(csv.finish().and_then(AtomicFile::sync).map_err(IngestError::Reply)?),
+                    None => return Err(IngestError::Reply(io::Error::other("result file never started"))),
+                }
+            }
+        };
+        drop(sink);
+        batch.format = summary.format.clone();
+        batch.lines = summary.lines;
+        batch.rejected = summary.rejected;
+        if let Some((reason, detail)) = &summary.rejection {
+            self.store.reject_batch(&mut batch, *reason, now)?;
+            tracing::warn!(tenant = %tenant.id, batch = batch.id, file = %file_name, reason = %reason, "file rejected: {detail}");
+            publish_rejection(tenant, &batch)?;
+        } else if let Some(prepared) = prepared {
+            batch.accepted = summary.accepted;
+            self.store.finish_batch(&mut batch, summary.hash, now)?;
+            prepared.publish().map_err(IngestError::Reply)?;
+            tracing::info!(
+                tenant = %tenant.id, batch = batch.id, file = %file_name,
+                lines = summary.lines, queued = summary.accepted, rejected = summary.rejected,
+                reasons = ?summary.reasons.iter().map(|(r, n)| format!("{r}={n}")).collect::<Vec<_>>(),
+                "batch queued"
+            );
+        }
+        finish_claim(self.store, spool, claim);
+        Ok(batch)
+    }
+
+    /// Brings a spool file left by a crash to its end, exactly once: a batch already committed
+    /// only gets its result file published; one cut short is discarded and ingested again.
+    pub fn recover_claim(
+        &self,
+        tenant: &Tenant,
+        spool: &Path,
+        claim: &str,
+        file_name: &str,
+    ) -> Result<BatchRecord, IngestError> {
+        match self.store.batch_by_claim(claim)? {
+            Some(batch) if batch.state == BatchState::Ingesting => {
+                tracing::info!(tenant = %tenant.id, batch = batch.id, file = %file_name, "batch was cut short by a stop; ingesting it again");
+                self.store.discard_batch(&batch)?;
+                self.ingest_claimed(tenant, spool, claim, file_name)
+            }
+            Some(batch) if batch.state == BatchState::Rejected => {
+                publish_rejection(tenant, &batch)?;
+                finish_claim(self.store, spool, claim);
+                Ok(batch)
+            }
+            Some(batch) => {
+                let temp = reply::temp_path(&tenant.outbox, &reply::result_name(&batch), claim);
+                if temp.exists() {
+                    reply::publish(&temp, &tenant.outbox.join(reply::result_name(&batch)))
+                        .map_err(IngestError::Reply)?;
+                }
+                tracing::info!(tenant = %tenant.id, batch = batch.id, file = %file_name, "batch was already queued before the stop; result file published");
+                finish_claim(self.store, spool, claim);
+                Ok(batch)
+            }
+            None => self.ingest_claimed(tenant, spool, claim, file_name),
+        }
+    }
+}
+
+fn publish_rejection(tenant: &Tenant, batch: &BatchRecord) -> Result<(), IngestError> {
+    let reason = batch.file_reason.unwrap_or(FileReason::Unreadable);
+    let file =
+        AtomicFile::create(&tenant.outbox, &reply::result_name(batch), &batch.claim).map_err(IngestError::Reply)?;
+    write_file_rejection(file, &batch.format, reason)
+        .and_then(AtomicFile::sync)
+        .and_then(|p| p.publish())
+        .map_err(IngestError::Reply)
+}
+
+fn finish_claim(store: &Store, spool: &Path, claim: &str) {
+    if let Err(e) = fs::remove_file(spool) {
+        if e.kind() != io::ErrorKind::NotFound {
+            tracing::error!(file = %spool.display(), error = %e, "cannot remove the spool file");
+            return;
+        }
+    }
+    if let Err(e) = store.forget_claim(claim) {
+        tracing::warn!(error = %e, "cannot forget a finished claim; it is dropped at next start");
+    }
+}

@@ -1,0 +1,273 @@
+//! Checking one line against the tenant's rules (SPEC §3): phone number, text, template,
+//! segments, sender, schedule. Pure and thread-safe, so lines are checked in parallel; the rules
+//! that depend on earlier lines or on the store (`duplicate_recipient`, `blocklisted`) are
+//! applied afterwards, in file order, by the ingest pipeline.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use jiff::Timestamp;
+
+use crate::batch::columns::ColumnMap;
+use crate::batch::encode;
+use crate::batch::parse::{RawRecord, Records};
+use crate::codes::LineReason;
+use crate::config::Tenant;
+use crate::crypto::TenantKeys;
+use crate::store::records::StoredMessage;
+
+/// A field longer than this is not something an ERP meant to send.
+const MAX_FIELD_BYTES: usize = 8192;
+/// How far back a `send_at` may lie before it is taken as a mistake rather than "now".
+const SCHEDULE_PAST_SECS: i64 = 24 * 3600;
+/// How far ahead a `send_at` may lie.
+const SCHEDULE_AHEAD_SECS: i64 = 366 * 24 * 3600;
+
+/// A line that passed every per-line rule.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub message: StoredMessage,
+    pub phone_hash: [u8; 16],
+    /// Same number and same text give the same value (for `duplicate_recipient`).
+    pub dedupe: u64,
+}
+
+/// What one line came to.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub line: u64,
+    pub reference: String,
+    /// E.164 when it could be normalised, else as written.
+    pub phone: String,
+    pub outcome: Result<Accepted, LineReason>,
+}
+
+/// Everything a line check needs, shared by all lines of one batch.
+pub struct LineRules<'a> {
+    pub tenant: &'a Tenant,
+    pub keys: &'a TenantKeys,
+    pub columns: &'a ColumnMap,
+    pub encoding: &'static encoding_rs::Encoding,
+    pub utf8_fields: bool,
+    pub now: Timestamp,
+}
+
+/// Senders: up to 11 alphanumeric characters, or a number of up to 15 digits.
+pub fn is_valid_sender(s: &str) -> bool {
+    let digits = s.strip_prefix('+').unwrap_or(s);
+    let numeric = !digits.is_empty() && digits.len() <= 15 && digits.bytes().all(|b| b.is_ascii_digit());
+    let alpha = !s.trim().is_empty()
+        && s.chars().count() <= 11
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || " .-_&".contains(c));
+    numeric || alpha
+}
+
+/// Normalises a phone number to E.164 with the tenant's region; `None` if it is not a valid
+/// number.
+pub fn normalize_phone(raw: &str, region: Option<phonenumber::country::Id>) -> Option<String> {
+    let trimmed = raw.trim();
+    if trimmed.is_empty() || trimmed.len() > 40 {
+        return None;
+    }
+    // Without a region, "00" is the common international prefix.
+    let owned;
+    let input = match (region, trimmed.strip_prefix("00")) {
+        (None, Some(rest)) => {
+            owned = format!("+{rest}");
+            owned.as_str()
+        }
+        _ => trimmed,
+    };
+    let number = phonenumber::parse(region, input).ok()?;
+    if !phonenumber::is_valid(&number) {
+        return None;
+    }
+    Some(number.format().mode(phonenumber::Mode::E164).to_string())
+}
+
+impl LineRules<'_> {
+    fn field<'r>(&self, record: &'r RawRecord, index: Option<usize>) -> Result<Cow<'r, str>, LineReason> {
+        let Some(bytes) = index.and_then(|i| record.get(i)) else {
+            return Ok(Cow::Borrowed(""));
+        };
+        if bytes.len() > MAX_FIELD_BYTES {
+            return Err(LineReason::BadLine);
+        }
+        Records::decode(self.utf8_fields, self.encoding, bytes).ok_or(LineReason::BadEncoding)
+    }
+
+    /// Checks one record.
+    pub fn check(&self, record: &RawRecord) -> Checked {
+        // What can be shown of the line even when it is rejected.
+        let shown = |i: Option<usize>| -> String {
+            i.and_then(|i| record.get(i))
+                .and_then(|b| Records::decode(self.utf8_fields, self.encoding, b))
+                .map(|s| s.trim().chars().take(64).collect())
+                .unwrap_or_default()
+        };
+        let mut checked = Checked {
+            line: record.line,
+            reference: shown(self.columns.reference),
+            phone: shown(self.columns.phone),
+            outcome: Err(LineReason::BadLine),
+        };
+        checked.outcome = self.accept(record, &mut checked.phone);
+        checked
+    }
+
+    fn accept(&self, record: &RawRecord, phone_shown: &mut String) -> Result<Accepted, LineReason> {
+        let width = self.columns.width;
+        // Trailing empty fields (a delimiter at the end of each line) are tolerated.
+        if record.oversized || record.len() < width || record.iter().skip(width).any(|f| !f.is_empty()) {
+            return Err(LineReason::BadLine);
+        }
+        let phone_raw = self.field(record, self.columns.phone)?;
+        let text_raw = self.field(record, self.columns.message)?;
+        let sender_raw = self.field(record, self.columns.sender)?;
+        let send_at_raw = self.field(record, self.columns.send_at)?;
+        let reference = self.field(record, self.columns.reference)?;
+
+        let phone = normalize_phone(&phone_raw, self.tenant.default_region).ok_or(LineReason::InvalidPhone)?;
+        phone_shown.clone_from(&phone);
+
+        let text = match &self.tenant.template {
+            Some(template) => {
+                let mut vars = HashMap::with_capacity(self.columns.vars.len());
+                for (name, i) in &self.columns.vars {
+                    vars.insert(name.clone(), self.field(record, Some(*i))?.into_owned());
+                }
+                template
+                    .render(&vars)
+                    .map_err(|_| LineReason::TemplateVariableMissing)?
+            }
+            None => text_raw.into_owned(),
+        };
+        let text = if text.contains('\r') {
+            text.replace("\r\n", "\n")
+        } else {
+            text
+        };
+        if text.trim().is_empty() {
+            return Err(LineReason::EmptyMessage);
+        }
+        let encoded = encode::encode(&text);
+        if encoded.parts > usize::from(self.tenant.max_parts) {
+            return Err(LineReason::MessageTooLong);
+        }
+
+        let sender_raw = sender_raw.trim();
+        let sender = if sender_raw.is_empty() {
+            self.tenant.sender.clone().ok_or(LineReason::SenderNotAllowed)?
+        } else if self.tenant.is_sender_allowed(sender_raw) {
+            sender_raw.to_string()
+        } else {
+            return Err(LineReason::SenderNotAllowed);
+        };
+
+        let send_at = match send_at_raw.trim() {
+            "" => None,
+            s => self.schedule(s).ok_or(LineReason::ScheduleInvalid)?,
+        };
+
+        let phone_hash = self.keys.phone_hash(&phone);
+        let mut h = blake3::Hasher::new();
+        h.update(&phone_hash);
+        h.update(text.as_bytes());
+        let digest = h.finalize();
+        let dedupe = u64::from_le_bytes(digest.as_bytes()[..8].try_into().unwrap_or([0; 8]));
+        Ok(Accepted {
+            message: StoredMessage {
+                line: record.line,
+                reference: reference.trim().to_string(),
+                phone,
+                sender,
+                text,
+                coding: encoded.coding,
+                parts: encoded.parts as u8,
+                send_at,
+            },
+            phone_hash,
+            dedupe,
+        })
+    }
+
+    /// Parses a `send_at`: ISO 8601 with an offset, or a civil date and time in the tenant's time
+    /// zone. Returns `Some(None)` for a time already past (send now), `None` when invalid.
+    fn schedule(&self, s: &str) -> Option<Option<i64>> {
+        let at = match s.parse::<Timestamp>() {
+            Ok(ts) => ts,
+            Err(_) => {
+                let civil: jiff::civil::DateTime = s.parse().ok()?;
+                civil.to_zoned_datetime(self.tenant.timezone.clone()).ok()?.timestamp()
+            }
+        };
+        let (at, now) = (at.as_second(), self.now.as_second());
+        if at < now - SCHEDULE_PAST_SECS || at > now + SCHEDULE_AHEAD_SECS {
+            None
+        } else if at <= now {
+            Some(None)
+        } else {
+            Some(Some(at))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use phonenumber::country::Id;
+
+    #[test]
+    fn french_number_forms_are_one_number() {
+        for raw in [
+            "06 12 34 56 78",
+            "+33 6 12 34 56 78",
+            "0033612345678",
+            "06.12.34.56.78",
+            "+33612345678",
+        ] {
+            assert_eq!(
+                normalize_phone(raw, Some(Id::FR)).as_deref(),
+                Some("+33612345678"),
+                "{raw}"
+            );
+        }
+        assert_eq!(normalize_phone("0033612345678", None).as_deref(), Some("+33612345678"));
+        assert_eq!(
+            normalize_phone("+44 7911 123456", Some(Id::FR)).as_deref(),
+            Some("+447911123456")
+        );
+        for bad in [
+            "",
+            "12",
+            "06 12 34",
+            "hello",
+            "+33 6 12 34 56 78 90 12",
+            "0612345678",
+            "06123456789999",
+        ] {
+            if bad == "0612345678" {
+                assert!(normalize_phone(bad, None).is_none(), "no region, national form");
+                continue;
+            }
+            assert!(normalize_phone(bad, Some(Id::FR)).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sender_rules() {
+        for ok in ["ACME", "Acme Shop", "A.B-C_D&E", "+33612345678", "36111"] {
+            assert!(is_valid_sender(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "   ",
+            "TwelveChars!",
+            "ACME SHOP PARIS",
+            "A\u{e9}",
+            "+1234567890123456",
+        ] {
+            assert!(!is_valid_sender(bad), "{bad}");
+        }
+    }
+}

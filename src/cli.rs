@@ -1,0 +1,163 @@
+//! The command line (SPEC §8): parses arguments and runs one command.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, Request};
+use crate::config::{self, Config, LogFormat};
+use crate::crypto::MasterKey;
+use crate::server;
+use crate::store::StoreError;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "smsdrop",
+    version,
+    about = "Takes batches of SMS from business systems and delivers them through telecom partners"
+)]
+pub struct Cli {
+    /// The configuration file.
+    #[arg(long, global = true, env = "SMSDROP_CONFIG", default_value = config::DEFAULT_PATH)]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the appliance.
+    Serve,
+    /// Validate the configuration; exits non-zero with the reasons.
+    CheckConfig,
+    /// Write a new master key (refuses to overwrite one).
+    Keygen {
+        /// Where to write it (default: the configuration's `key_file`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Dry run: print the result file a batch would get; queues nothing.
+    Validate {
+        #[arg(long)]
+        tenant: String,
+        file: PathBuf,
+    },
+    /// Queue depth by tenant and status.
+    Status,
+}
+
+/// Runs the parsed command; the process exit code follows the result.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::CheckConfig => {
+            let config = Config::load(&cli.config)?;
+            if !config.routes.iter().any(|r| r.prefix.is_empty()) && !config.tenants.is_empty() {
+                eprintln!("warning: no route with prefix \"\": numbers no route matches will fail");
+            }
+            println!(
+                "{}: ok ({} tenants, {} partners, {} routes)",
+                cli.config.display(),
+                config.tenants.len(),
+                config.partners.len(),
+                config.routes.len()
+            );
+            Ok(())
+        }
+        Command::Keygen { out } => {
+            let path = match out {
+                Some(p) => p,
+                None => Config::load(&cli.config)
+                    .map(|c| c.key_file)
+                    .context("no --out given and the configuration cannot be read for `key_file`")?,
+            };
+            MasterKey::generate(&path)?;
+            println!(
+                "wrote a new master key to {} (mode 0600): back it up, it opens every record",
+                path.display()
+            );
+            Ok(())
+        }
+        Command::Serve => serve(&cli.config),
+        Command::Validate { tenant, file } => {
+            let config = Config::load(&cli.config)?;
+            let file = std::fs::canonicalize(&file).with_context(|| format!("{}", file.display()))?;
+            let out = with_store(&config, Request::Validate { tenant, path: file })?;
+            std::io::stdout().write_all(&out)?;
+            Ok(())
+        }
+        Command::Status => {
+            let config = Config::load(&cli.config)?;
+            let out = with_store(&config, Request::Status)?;
+            std::io::stdout().write_all(&out)?;
+            Ok(())
+        }
+    }
+}
+
+/// Runs a request through a running `serve`, or against the store directly when none runs.
+fn with_store(config: &Config, request: Request) -> anyhow::Result<Vec<u8>> {
+    if let Some(out) = admin::ask(&config.admin_socket, &request)? {
+        return Ok(out);
+    }
+    let store = match server::open_store(config) {
+        Ok(s) => s,
+        Err(server::ServeError::Store(StoreError::Locked)) => {
+            bail!(
+                "the database is in use but {} does not answer",
+                config.admin_socket.display()
+            )
+        }
+        Err(e) => return Err(e.into()),
+    };
+    Ok(admin::handle(&store, config, &request)?)
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn serve(path: &Path) -> anyhow::Result<()> {
+    let config = Arc::new(Config::load(path)?);
+    init_logging(config.log_format);
+    // A half-dead daemon is worse than a restarted one: log the panic, then abort.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        tracing::error!("panic: {info}");
+        default_hook(info);
+        std::process::abort();
+    }));
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let trigger = shutdown.clone();
+        tokio::spawn(async move {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+            }
+            trigger.cancel();
+        });
+        server::run(config, shutdown).await
+    })?;
+    Ok(())
+}

@@ -1,0 +1,122 @@
+//! The product's wire vocabulary: line and file reason codes and message statuses (SPEC §3, §4).
+//!
+//! Every code has exactly one wire string, defined here and nowhere else. The enums are what the
+//! rest of the code passes around; the strings are what reply files, logs and the CLI show.
+
+use serde::{Deserialize, Serialize};
+
+macro_rules! wire_enum {
+    ($(#[$doc:meta])* $name:ident { $($variant:ident => $wire:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        pub enum $name { $($variant),+ }
+
+        impl $name {
+            /// Every variant, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The code as written in reply files and shown to operators.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $wire),+ }
+            }
+
+            /// Parses a wire string; `None` for an unknown code.
+            pub fn parse(s: &str) -> Option<Self> {
+                match s { $($wire => Some($name::$variant),)+ _ => None }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+wire_enum!(
+    /// Why one line of a batch was rejected (SPEC §3).
+    LineReason {
+        InvalidPhone => "invalid_phone",
+        EmptyMessage => "empty_message",
+        MessageTooLong => "message_too_long",
+        BadLine => "bad_line",
+        BadEncoding => "bad_encoding",
+        SenderNotAllowed => "sender_not_allowed",
+        ScheduleInvalid => "schedule_invalid",
+        Blocklisted => "blocklisted",
+        DuplicateRecipient => "duplicate_recipient",
+        CountryNotAllowed => "country_not_allowed",
+        UrlNotAllowed => "url_not_allowed",
+        TemplateVariableMissing => "template_variable_missing",
+    }
+);
+
+wire_enum!(
+    /// Why a whole batch was rejected; no line of it is queued (SPEC §3).
+    FileReason {
+        DuplicateFile => "duplicate_file",
+        Unreadable => "unreadable",
+        MissingColumn => "missing_column",
+        TooLarge => "too_large",
+        TooManyLines => "too_many_lines",
+        Strict => "strict",
+        QuotaExceeded => "quota_exceeded",
+    }
+);
+
+wire_enum!(
+    /// Where one message stands (SPEC §4).
+    MessageStatus {
+        Queued => "queued",
+        Held => "held",
+        Submitted => "submitted",
+        Delivered => "delivered",
+        Undeliverable => "undeliverable",
+        Expired => "expired",
+        Rejected => "rejected",
+        Failed => "failed",
+        Canceled => "canceled",
+    }
+);
+
+impl MessageStatus {
+    /// A final status never changes again.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            MessageStatus::Delivered
+                | MessageStatus::Undeliverable
+                | MessageStatus::Expired
+                | MessageStatus::Rejected
+                | MessageStatus::Failed
+                | MessageStatus::Canceled
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_strings_round_trip() {
+        for r in LineReason::ALL {
+            assert_eq!(LineReason::parse(r.as_str()), Some(*r));
+        }
+        for r in FileReason::ALL {
+            assert_eq!(FileReason::parse(r.as_str()), Some(*r));
+        }
+        for s in MessageStatus::ALL {
+            assert_eq!(MessageStatus::parse(s.as_str()), Some(*s));
+        }
+        assert_eq!(LineReason::parse("nope"), None);
+    }
+
+    #[test]
+    fn final_statuses() {
+        let finals: Vec<_> = MessageStatus::ALL.iter().filter(|s| s.is_final()).collect();
+        assert_eq!(finals.len(), 6);
+        assert!(!MessageStatus::Submitted.is_final());
+    }
+}

@@ -1,0 +1,781 @@
+//! The configuration file (SPEC §7), read in two stages.
+//!
+//! Stage one is a raw `serde` image of the TOML with unknown keys refused; values that need more
+//! than a type check are kept with their byte span. Stage two turns it into [`Config`]: durations
+//! and sizes parsed, regions, time zones and encodings looked up, partner references resolved,
+//! relative paths anchored at the configuration file's folder. Every problem found is reported at
+//! once, each naming the file, the line and the key. This module owns no runtime state.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::batch::columns::Column;
+use crate::batch::template::Template;
+
+/// Where the configuration is read from when neither `--config` nor `SMSDROP_CONFIG` is given.
+pub const DEFAULT_PATH: &str = "/etc/smsdrop/smsdrop.toml";
+
+/// The validated configuration of the whole appliance.
+#[derive(Debug)]
+pub struct Config {
+    pub path: PathBuf,
+    pub state_dir: PathBuf,
+    pub key_file: PathBuf,
+    pub log_format: LogFormat,
+    pub admin_socket: PathBuf,
+    /// How often every inbox is listed again, for files present at start-up or missed events.
+    pub rescan_interval: Duration,
+    pub tenants: BTreeMap<String, Arc<Tenant>>,
+    pub partners: BTreeMap<String, Partner>,
+    /// Routes, longest prefix first.
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// One customer account (SPEC §1, §7).
+#[derive(Debug)]
+pub struct Tenant {
+    pub id: String,
+    pub name: String,
+    pub inbox: PathBuf,
+    pub outbox: PathBuf,
+    pub default_region: Option<phonenumber::country::Id>,
+    pub timezone: jiff::tz::TimeZone,
+    pub sender: Option<String>,
+    pub senders: Vec<String>,
+    pub encoding: EncodingChoice,
+    pub delimiter: Option<u8>,
+    pub columns: Option<Vec<Column>>,
+    pub template: Option<Template>,
+    pub strict: bool,
+    pub max_parts: u8,
+    pub max_file_bytes: u64,
+    pub max_lines: u64,
+    pub require_trigger: bool,
+    pub settle: Duration,
+    pub dedupe_window: Duration,
+    pub report_interval: Duration,
+}
+
+impl Tenant {
+    /// Whether `sender` may be used on this tenant's messages.
+    pub fn is_sender_allowed(&self, sender: &str) -> bool {
+        self.sender.as_deref() == Some(sender) || self.senders.iter().any(|s| s == sender)
+    }
+}
+
+/// How a tenant's files are decoded (SPEC §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EncodingChoice {
+    /// UTF-8 (with or without BOM, UTF-16 when a BOM says so), else Windows-1252.
+    Auto,
+    Fixed(&'static encoding_rs::Encoding),
+}
+
+/// A way out to the telecom network (SPEC §6).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Partner {
+    /// Writes each message as one JSON line to `path` and marks it delivered.
+    Sink { path: PathBuf },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub prefix: String,
+    pub partners: Vec<String>,
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let path = &std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let source = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(path, &source)
+    }
+
+    /// Validates `source` as if read from `path` (relative paths are anchored at its folder).
+    pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigError> {
+        let mut v = Validator {
+            file: path.to_path_buf(),
+            source,
+            problems: Vec::new(),
+        };
+        let raw: RawConfig = match toml::from_str(source) {
+            Ok(raw) => raw,
+            Err(e) => {
+                let line = e.span().map(|s| v.line_of(&s)).unwrap_or(0);
+                v.problems.push(Problem {
+                    file: v.file.clone(),
+                    line,
+                    key: String::new(),
+                    message: e.message().trim().to_string(),
+                });
+                return Err(ConfigError::Invalid(v.problems));
+            }
+        };
+        let config = v.config(raw);
+        if v.problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(v.problems))
+        }
+    }
+
+    /// The partners to try, in order, for an E.164 number: the longest matching route's list.
+    pub fn route_for(&self, e164: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| e164.starts_with(&r.prefix))
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read the configuration: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{}", problems_text(.0))]
+    Invalid(Vec<Problem>),
+}
+
+fn problems_text(problems: &[Problem]) -> String {
+    problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n")
+}
+
+/// One thing wrong in the configuration, located in its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: PathBuf,
+    pub line: usize,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: ", self.file.display(), self.line)?;
+        if !self.key.is_empty() {
+            write!(f, "{}: ", self.key)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+// ---- stage one: the raw image of the file -------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    state_dir: Option<Spanned<String>>,
+    key_file: Option<Spanned<String>>,
+    log_format: Option<Spanned<String>>,
+    rescan_interval: Option<Spanned<String>>,
+    admin: Option<RawAdmin>,
+    #[serde(default)]
+    tenant: BTreeMap<String, Spanned<RawTenant>>,
+    #[serde(default)]
+    partner: BTreeMap<String, Spanned<RawPartner>>,
+    #[serde(default)]
+    route: Vec<Spanned<RawRoute>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    socket: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTenant {
+    name: Option<String>,
+    inbox: Option<Spanned<String>>,
+    outbox: Option<Spanned<String>>,
+    default_region: Option<Spanned<String>>,
+    timezone: Option<Spanned<String>>,
+    sender: Option<Spanned<String>>,
+    #[serde(default)]
+    senders: Vec<Spanned<String>>,
+    encoding: Option<Spanned<String>>,
+    delimiter: Option<Spanned<String>>,
+    columns: Option<Spanned<Vec<String>>>,
+    template: Option<Spanned<String>>,
+    #[serde(default)]
+    strict: bool,
+    max_parts: Option<Spanned<i64>>,
+    max_file_bytes: Option<Spanned<RawSize>>,
+    max_lines: Option<Spanned<i64>>,
+    #[serde(default)]
+    require_trigger: bool,
+    settle: Option<Spanned<String>>,
+    dedupe_window: Option<Spanned<String>>,
+    report_interval: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Bytes(i64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPartner {
+    kind: Spanned<String>,
+    path: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    prefix: Spanned<String>,
+    partners: Spanned<Vec<String>>,
+}
+
+// ---- stage two: validation ----------------------------------------------------------------
+
+/// Limits on tenant keys, so that a typo cannot make a limit useless.
+const MAX_PARTS_LIMIT: i64 = 16;
+const MAX_LINES_LIMIT: i64 = 10_000_000;
+const MAX_FILE_BYTES_LIMIT: u64 = 4 << 30;
+
+struct Validator<'a> {
+    file: PathBuf,
+    source: &'a str,
+    problems: Vec<Problem>,
+}
+
+impl Validator<'_> {
+    fn line_of(&self, span: &Range<usize>) -> usize {
+        let end = span.start.min(self.source.len());
+        self.source.as_bytes()[..end].iter().filter(|b| **b == b'\n').count() + 1
+    }
+
+    fn problem(&mut self, span: &Range<usize>, key: &str, message: impl Into<String>) {
+        let line = self.line_of(span);
+        self.problems.push(Problem {
+            file: self.file.clone(),
+            line,
+            key: key.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn base_dir(&self) -> PathBuf {
+        self.file
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."))
+    }
+
+    fn path(&self, value: &str) -> PathBuf {
+        let p = PathBuf::from(value);
+        if p.is_absolute() { p } else { self.base_dir().join(p) }
+    }
+
+    fn duration(
+        &mut self,
+        raw: Option<&Spanned<String>>,
+        key: &str,
+        default: Duration,
+        range: (Duration, Duration),
+    ) -> Duration {
+        let Some(raw) = raw else { return default };
+        match humantime::parse_duration(raw.get_ref()) {
+            Ok(d) if d >= range.0 && d <= range.1 => d,
+            Ok(_) => {
+                self.problem(
+                    &raw.span(),
+                    key,
+                    format!(
+                        "must be between {} and {}",
+                        humantime::format_duration(range.0),
+                        humantime::format_duration(range.1)
+                    ),
+                );
+                default
+            }
+            Err(e) => {
+                self.problem(
+                    &raw.span(),
+                    key,
+                    format!(
+                        "`{}` is not a duration ({e}); write e.g. \"90s\", \"10m\", \"36h\", \"30d\"",
+                        raw.get_ref()
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Config {
+        let state_dir = raw
+            .state_dir
+            .as_ref()
+            .map(|s| self.path(s.get_ref()))
+            .unwrap_or_else(|| PathBuf::from("/var/lib/smsdrop"));
+        let key_file = raw
+            .key_file
+            .as_ref()
+            .map(|s| self.path(s.get_ref()))
+            .unwrap_or_else(|| PathBuf::from("/etc/smsdrop/master.key"));
+        let log_format = match raw.log_format.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+            None | Some(("text", _)) => LogFormat::Text,
+            Some(("json", _)) => LogFormat::Json,
+            Some((other, span)) => {
+                self.problem(&span, "log_format", format!("`{other}` is not `text` or `json`"));
+                LogFormat::Text
+            }
+        };
+        let admin_socket = raw
+            .admin
+            .as_ref()
+            .and_then(|a| a.socket.as_ref())
+            .map(|s| self.path(s.get_ref()))
+            .unwrap_or_else(|| state_dir.join("admin.sock"));
+        let rescan_interval = self.duration(
+            raw.rescan_interval.as_ref(),
+            "rescan_interval",
+            Duration::from_secs(10),
+            (Duration::from_millis(100), Duration::from_secs(3600)),
+        );
+
+        let mut partners = BTreeMap::new();
+        for (id, p) in &raw.partner {
+            if let Some(partner) = self.partner(id, p) {
+                partners.insert(id.clone(), partner);
+            }
+        }
+
+        let mut routes = Vec::new();
+        let mut prefixes = BTreeSet::new();
+        for r in &raw.route {
+            let prefix = r.get_ref().prefix.get_ref().trim().to_string();
+            let valid_prefix = prefix.is_empty()
+                || (prefix.starts_with('+') && prefix.len() > 1 && prefix[1..].bytes().all(|b| b.is_ascii_digit()));
+            if !valid_prefix {
+                self.problem(
+                    &r.get_ref().prefix.span(),
+                    "route.prefix",
+                    format!("`{prefix}` is not `\"\"` or `+` followed by digits"),
+                );
+            }
+            if !prefixes.insert(prefix.clone()) {
+                self.problem(
+                    &r.get_ref().prefix.span(),
+                    "route.prefix",
+                    format!("a route for `{prefix}` is already defined"),
+                );
+            }
+            let names = r.get_ref().partners.get_ref();
+            if names.is_empty() {
+                self.problem(&r.get_ref().partners.span(), "route.partners", "names no partner");
+            }
+            for name in names {
+                if !raw.partner.contains_key(name) {
+                    self.problem(
+                        &r.get_ref().partners.span(),
+                        "route.partners",
+                        format!("no partner `{name}` is defined (add a [partner.{name}] table)"),
+                    );
+                }
+            }
+            routes.push(Route {
+                prefix,
+                partners: names.clone(),
+            });
+        }
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+
+        let mut tenants = BTreeMap::new();
+        for (id, t) in &raw.tenant {
+            if let Some(tenant) = self.tenant(id, t, &state_dir) {
+                tenants.insert(id.clone(), Arc::new(tenant));
+            }
+        }
+        self.check_folders(&raw, &tenants);
+
+        Config {
+            path: self.file.clone(),
+            state_dir,
+            key_file,
+            log_format,
+            admin_socket,
+            rescan_interval,
+            tenants,
+            partners,
+            routes,
+        }
+    }
+
+    fn partner(&mut self, id: &str, raw: &Spanned<RawPartner>) -> Option<Partner> {
+        let key = format!("partner.{id}");
+        if !is_valid_id(id) {
+            self.problem(&raw.span(), &key, "an id is 1 to 32 of a-z, 0-9, `_` and `-`");
+        }
+        let p = raw.get_ref();
+        match p.kind.get_ref().as_str() {
+            "sink" => match &p.path {
+                Some(path) => Some(Partner::Sink {
+                    path: self.path(path.get_ref()),
+                }),
+                None => {
+                    self.problem(&raw.span(), &format!("{key}.path"), "a sink partner needs `path`");
+                    None
+                }
+            },
+            kind @ ("smpp" | "http") => {
+                self.problem(
+                    &p.kind.span(),
+                    &format!("{key}.kind"),
+                    format!("partner kind `{kind}` is not available in this version of smsdrop (only `sink` is)"),
+                );
+                None
+            }
+            other => {
+                self.problem(
+                    &p.kind.span(),
+                    &format!("{key}.kind"),
+                    format!("`{other}` is not a partner kind (smpp, http or sink)"),
+                );
+                None
+            }
+        }
+    }
+
+    fn tenant(&mut self, id: &str, raw: &Spanned<RawTenant>, state_dir: &Path) -> Option<Tenant> {
+        let key = |k: &str| format!("tenant.{id}.{k}");
+        let span = raw.span();
+        if !is_valid_id(id) {
+            self.problem(
+                &span,
+                &format!("tenant.{id}"),
+                "a tenant id is 1 to 32 of a-z, 0-9, `_` and `-` (it is also the SFTP user name)",
+            );
+            return None;
+        }
+        let t = raw.get_ref();
+        let drop = state_dir.join("drop").join(id);
+        let inbox = t
+            .inbox
+            .as_ref()
+            .map(|p| self.path(p.get_ref()))
+            .unwrap_or_else(|| drop.join("inbox"));
+        let outbox = t
+            .outbox
+            .as_ref()
+            .map(|p| self.path(p.get_ref()))
+            .unwrap_or_else(|| drop.join("outbox"));
+
+        let default_region = t.default_region.as_ref().and_then(|r| {
+            match r.get_ref().to_ascii_uppercase().parse::<phonenumber::country::Id>() {
+                Ok(id) => Some(id),
+                Err(_) => {
+                    self.problem(
+                        &r.span(),
+                        &key("default_region"),
+                        format!("`{}` is not a two-letter ISO 3166 region", r.get_ref()),
+                    );
+                    None
+                }
+            }
+        });
+        let timezone = match &t.timezone {
+            None => jiff::tz::TimeZone::UTC,
+            Some(tz) => match jiff::tz::TimeZone::get(tz.get_ref()) {
+                Ok(zone) => zone,
+                Err(_) => {
+                    self.problem(
+                        &tz.span(),
+                        &key("timezone"),
+                        format!("`{}` is not an IANA time zone (e.g. \"Europe/Paris\")", tz.get_ref()),
+                    );
+                    jiff::tz::TimeZone::UTC
+                }
+            },
+        };
+        let sender = t.sender.as_ref().map(|s| {
+            if !crate::batch::validate::is_valid_sender(s.get_ref()) {
+                self.problem(&s.span(), &key("sender"), SENDER_RULE);
+            }
+            s.get_ref().clone()
+        });
+        let senders = t
+            .senders
+            .iter()
+            .map(|s| {
+                if !crate::batch::validate::is_valid_sender(s.get_ref()) {
+                    self.problem(&s.span(), &key("senders"), SENDER_RULE);
+                }
+                s.get_ref().clone()
+            })
+            .collect();
+        let encoding = match &t.encoding {
+            None => EncodingChoice::Auto,
+            Some(e) if e.get_ref().eq_ignore_ascii_case("auto") => EncodingChoice::Auto,
+            Some(e) => match encoding_rs::Encoding::for_label(e.get_ref().as_bytes()) {
+                Some(enc) if enc != encoding_rs::REPLACEMENT => EncodingChoice::Fixed(enc),
+                _ => {
+                    self.problem(
+                        &e.span(),
+                        &key("encoding"),
+                        format!("`{}` is not `auto` or a WHATWG encoding label", e.get_ref()),
+                    );
+                    EncodingChoice::Auto
+                }
+            },
+        };
+        let delimiter = t.delimiter.as_ref().and_then(|d| match d.get_ref().as_str() {
+            ";" => Some(b';'),
+            "," => Some(b','),
+            "\t" | "tab" | "TAB" => Some(b'\t'),
+            "|" => Some(b'|'),
+            other => {
+                self.problem(
+                    &d.span(),
+                    &key("delimiter"),
+                    format!("`{other}` is not one of `;`, `,`, `\\t` (or \"tab\"), `|`"),
+                );
+                None
+            }
+        });
+        let columns = t.columns.as_ref().map(|c| {
+            let cols: Vec<Column> = c.get_ref().iter().map(|n| Column::from_header(n)).collect();
+            if !cols.contains(&Column::Phone) {
+                self.problem(&c.span(), &key("columns"), "must name a `phone` column");
+            }
+            cols
+        });
+        let template = t.template.as_ref().and_then(|s| match Template::parse(s.get_ref()) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.problem(&s.span(), &key("template"), format!("bad template: {e}"));
+                None
+            }
+        });
+        if let (Some(cols), None) = (&columns, &template) {
+            if !cols.contains(&Column::Message) {
+                self.problem(
+                    &t.columns.as_ref().map(|c| c.span()).unwrap_or(span.clone()),
+                    &key("columns"),
+                    "must name a `message` column when the tenant has no `template`",
+                );
+            }
+        }
+        let max_parts = self.int(t.max_parts.as_ref(), &key("max_parts"), 6, (1, MAX_PARTS_LIMIT));
+        let max_lines = self.int(t.max_lines.as_ref(), &key("max_lines"), 1_000_000, (1, MAX_LINES_LIMIT));
+        let max_file_bytes = match &t.max_file_bytes {
+            None => 100 << 20,
+            Some(s) => {
+                let bytes = match s.get_ref() {
+                    RawSize::Bytes(n) => u64::try_from(*n).ok(),
+                    RawSize::Text(t) => t.parse::<bytesize::ByteSize>().ok().map(|b| b.as_u64()),
+                };
+                match bytes {
+                    Some(b) if (1..=MAX_FILE_BYTES_LIMIT).contains(&b) => b,
+                    _ => {
+                        self.problem(
+                            &s.span(),
+                            &key("max_file_bytes"),
+                            "must be a size from 1 byte to 4 GiB (a number of bytes or e.g. \"100 MiB\")",
+                        );
+                        100 << 20
+                    }
+                }
+            }
+        };
+        let settle = self.duration(
+            t.settle.as_ref(),
+            &key("settle"),
+            Duration::from_secs(2),
+            (Duration::ZERO, Duration::from_secs(3600)),
+        );
+        let dedupe_window = self.duration(
+            t.dedupe_window.as_ref(),
+            &key("dedupe_window"),
+            Duration::from_secs(30 * 86400),
+            (Duration::ZERO, Duration::from_secs(3660 * 86400)),
+        );
+        let report_interval = self.duration(
+            t.report_interval.as_ref(),
+            &key("report_interval"),
+            Duration::from_secs(15 * 60),
+            (Duration::from_secs(1), Duration::from_secs(7 * 86400)),
+        );
+
+        Some(Tenant {
+            id: id.to_string(),
+            name: t.name.clone().unwrap_or_else(|| id.to_string()),
+            inbox,
+            outbox,
+            default_region,
+            timezone,
+            sender,
+            senders,
+            encoding,
+            delimiter,
+            columns,
+            template,
+            strict: t.strict,
+            max_parts: max_parts as u8,
+            max_file_bytes,
+            max_lines: max_lines as u64,
+            require_trigger: t.require_trigger,
+            settle,
+            dedupe_window,
+            report_interval,
+        })
+    }
+
+    fn int(&mut self, raw: Option<&Spanned<i64>>, key: &str, default: i64, range: (i64, i64)) -> i64 {
+        match raw {
+            None => default,
+            Some(v) if (range.0..=range.1).contains(v.get_ref()) => *v.get_ref(),
+            Some(v) => {
+                self.problem(&v.span(), key, format!("must be from {} to {}", range.0, range.1));
+                default
+            }
+        }
+    }
+
+    /// Two tenants sharing a folder would read each other's files: refuse it.
+    fn check_folders(&mut self, raw: &RawConfig, tenants: &BTreeMap<String, Arc<Tenant>>) {
+        let mut seen: BTreeMap<&Path, &str> = BTreeMap::new();
+        for t in tenants.values() {
+            for folder in [&t.inbox, &t.outbox] {
+                if let Some(other) = seen.insert(folder.as_path(), &t.id) {
+                    let span = raw.tenant.get(&t.id).map(|r| r.span()).unwrap_or(0..0);
+                    self.problem(
+                        &span,
+                        &format!("tenant.{}", t.id),
+                        format!("folder {} is also used by tenant `{other}`", folder.display()),
+                    );
+                }
+            }
+        }
+    }
+}
+
+const SENDER_RULE: &str = "a sender is 1 to 11 letters, digits, spaces or `.-_&` (alphanumeric), or up to 15 digits with an optional leading `+`";
+
+/// Tenant and partner ids: short, safe as folder names and SFTP user names.
+pub fn is_valid_id(id: &str) -> bool {
+    (1..=32).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(src: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/smsdrop/test.toml"), src)
+    }
+
+    const GOOD: &str = r#"
+state_dir = "state"
+key_file = "/etc/smsdrop/master.key"
+
+[tenant.acme]
+default_region = "FR"
+timezone = "Europe/Paris"
+sender = "ACME"
+settle = "500ms"
+
+[partner.sink]
+kind = "sink"
+path = "/tmp/sink.jsonl"
+
+[[route]]
+prefix = ""
+partners = ["sink"]
+
+[[route]]
+prefix = "+33"
+partners = ["sink"]
+"#;
+
+    #[test]
+    fn good_config_is_resolved() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/etc/smsdrop/state"));
+        assert_eq!(c.admin_socket, PathBuf::from("/etc/smsdrop/state/admin.sock"));
+        let t = &c.tenants["acme"];
+        assert_eq!(t.inbox, PathBuf::from("/etc/smsdrop/state/drop/acme/inbox"));
+        assert_eq!(t.settle, Duration::from_millis(500));
+        assert_eq!(t.max_parts, 6);
+        assert_eq!(t.max_file_bytes, 100 << 20);
+        assert_eq!(c.route_for("+33612345678").unwrap().prefix, "+33");
+        assert_eq!(c.route_for("+4412345").unwrap().prefix, "");
+    }
+
+    fn problems(src: &str) -> Vec<String> {
+        match parse(src) {
+            Err(ConfigError::Invalid(p)) => p.iter().map(|p| p.to_string()).collect(),
+            other => panic!("expected problems, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_line() {
+        let p = problems("state_dir = \"x\"\n\n[tenant.acme]\nsendr = \"A\"\n");
+        assert_eq!(p.len(), 1);
+        assert!(p[0].starts_with("/etc/smsdrop/test.toml:4: "), "{p:?}");
+        assert!(p[0].contains("sendr"), "{p:?}");
+    }
+
+    #[test]
+    fn bad_values_name_line_and_key() {
+        let p = problems(
+            "[tenant.acme]\nsettle = \"soon\"\ndefault_region = \"XX\"\nmax_parts = 99\n\n[[route]]\nprefix = \"\"\npartners = [\"nope\"]\n",
+        );
+        assert!(p.iter().any(|p| p.contains(":2: tenant.acme.settle: ")), "{p:?}");
+        assert!(
+            p.iter().any(|p| p.contains(":3: tenant.acme.default_region: ")),
+            "{p:?}"
+        );
+        assert!(p.iter().any(|p| p.contains(":4: tenant.acme.max_parts: ")), "{p:?}");
+        assert!(
+            p.iter().any(|p| p.contains(":8: route.partners: no partner `nope`")),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn partner_kinds_not_built_are_refused() {
+        let p = problems("[partner.orange]\nkind = \"smpp\"\n");
+        assert!(
+            p[0].contains(":2: partner.orange.kind: partner kind `smpp` is not available"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn tables_of_later_capabilities_are_refused_not_ignored() {
+        let p = problems("[sftp]\nlisten = \"0.0.0.0:22\"\n");
+        assert!(p[0].contains("sftp"), "{p:?}");
+    }
+
+    #[test]
+    fn shared_folders_are_refused() {
+        let p = problems("[tenant.a]\ninbox = \"/srv/x\"\n[tenant.b]\ninbox = \"/srv/x\"\n");
+        assert!(p.iter().any(|p| p.contains("also used by tenant `a`")), "{p:?}");
+    }
+}

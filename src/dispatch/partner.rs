@@ -1,0 +1,47 @@
+//! The interface every way out implements: SMPP and HTTP partners plug in here (SPEC §6).
+
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::store::records::StoredMessage;
+
+/// One message handed to a partner.
+#[derive(Debug, Clone, Copy)]
+pub struct Outbound<'a> {
+    pub id: u64,
+    pub tenant: &'a str,
+    pub batch: u64,
+    pub message: &'a StoredMessage,
+}
+
+/// What a partner did with a message it took.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Submitted {
+    /// Taken; a delivery receipt will follow.
+    Accepted { partner_id: String },
+    /// Taken and already final (the `sink` partner).
+    Delivered { partner_id: String },
+}
+
+/// Why a partner did not take a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PartnerError {
+    /// Throttling, time-outs, a lost connection: try again later.
+    #[error("transient partner error: {detail}")]
+    Transient { detail: String },
+    /// The partner will never take this message (bad number, refused content).
+    #[error("permanent partner error: {detail}")]
+    Permanent { detail: String },
+}
+
+pub type SubmitFuture<'a> = Pin<Box<dyn Future<Output = Vec<Result<Submitted, PartnerError>>> + Send + 'a>>;
+
+/// A way out to the telecom network.
+pub trait Partner: Send + Sync {
+    /// The partner's id in the configuration.
+    fn id(&self) -> &str;
+
+    /// Submits messages; answers one result per message, in order. A partner must not answer
+    /// `Accepted` or `Delivered` before the message is really out of smsdrop's hands.
+    fn submit<'a>(&'a self, messages: &'a [Outbound<'a>]) -> SubmitFuture<'a>;
+}

@@ -1,0 +1,193 @@
+//! `smsdrop serve`: wires the parts together and tears them down in order.
+//!
+//! Start: state folders, master key, store, spool recovery, then the workers (ingest, dispatcher,
+//! report writer, admin socket) and last the inbox watcher. Stop (the `shutdown` token): the
+//! watcher stops taking files, the batch being ingested is cut short (it is redone from the spool
+//! at next start), the dispatcher finishes and commits its step, then the store is closed.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::batch::ingest::{IngestError, Ingestor};
+use crate::config::Config;
+use crate::crypto::{KeyError, Keyring, MasterKey};
+use crate::dispatch::{self, Dispatcher};
+use crate::reply::ReportWriter;
+use crate::store::{Store, StoreError};
+use crate::watch::{self, Claimed, InboxWatcher};
+
+/// How long workers get to finish at shutdown.
+const STOP_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Why the appliance could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("opening the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("{what} {}: {source}", path.display())]
+    Folder {
+        what: &'static str,
+        path: std::path::PathBuf,
+        source: io::Error,
+    },
+    #[error("admin socket: {0}")]
+    Admin(io::Error),
+}
+
+fn make_dir(path: &Path, mode: u32, what: &'static str) -> Result<(), ServeError> {
+    let err = |source| ServeError::Folder {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
+    if !path.exists() {
+        fs::create_dir_all(path).map_err(err)?;
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Opens the store of `config` (for `serve` and for commands run without it).
+pub fn open_store(config: &Config) -> Result<Store, ServeError> {
+    make_dir(&config.state_dir, 0o700, "state_dir")?;
+    let master = MasterKey::load(&config.key_file)?;
+    Ok(Store::open(&config.state_dir, Arc::new(Keyring::new(master)))?)
+}
+
+/// Runs the appliance until `shutdown` is cancelled.
+pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), ServeError> {
+    let store = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || open_store(&config))
+            .await
+            .map_err(|e| ServeError::Admin(io::Error::other(e)))??
+    };
+    for t in config.tenants.values() {
+        make_dir(&t.inbox, 0o770, "inbox")?;
+        make_dir(&t.outbox, 0o770, "outbox")?;
+        make_dir(&watch::spool_dir(&config.state_dir, &t.id), 0o700, "spool")?;
+    }
+
+    let tracker = TaskTracker::new();
+    let workers = CancellationToken::new();
+    let cancel_ingest = Arc::new(AtomicBool::new(false));
+    let wake = Arc::new(Notify::new());
+    let (claimed_tx, claimed_rx) = mpsc::unbounded_channel::<Claimed>();
+    let (reports_tx, reports_rx) = mpsc::unbounded_channel::<u64>();
+
+    {
+        let path = config.admin_socket.clone();
+        let (store, config, stop) = (store.clone(), config.clone(), workers.clone());
+        tracker.spawn(async move {
+            if let Err(e) = crate::admin::serve(path, store, config, stop).await {
+                tracing::error!(error = %e, "admin socket failed; commands will not reach this serve");
+            }
+        });
+    }
+
+    let watcher = InboxWatcher {
+        config: config.clone(),
+        claimed: claimed_tx,
+    };
+    let recovered = watcher.recover();
+    if !recovered.is_empty() {
+        tracing::info!(files = recovered.len(), "resuming files claimed before the last stop");
+    }
+    // The ingest worker: one batch at a time, on a blocking thread.
+    {
+        let (store, config, cancel, wake) = (store.clone(), config.clone(), cancel_ingest.clone(), wake.clone());
+        let mut claimed_rx = claimed_rx;
+        tracker.spawn_blocking(move || {
+            let ingestor = Ingestor {
+                store: &store,
+                cancel: &cancel,
+            };
+            let mut queue: std::collections::VecDeque<Claimed> = recovered.into();
+            loop {
+                let next = match queue.pop_front() {
+                    Some(c) => c,
+                    None => match claimed_rx.blocking_recv() {
+                        Some(c) => c,
+                        None => break,
+                    },
+                };
+                if cancel.load(Ordering::Relaxed) {
+                    break;
+                }
+                ingest_one(&ingestor, &config, &next);
+                wake.notify_one();
+            }
+        });
+    }
+    {
+        let dispatcher = Dispatcher {
+            store: store.clone(),
+            config: config.clone(),
+            partners: dispatch::build_partners(&config),
+            wake: wake.clone(),
+            reports: reports_tx,
+        };
+        tracker.spawn(dispatcher.run(workers.clone()));
+    }
+    {
+        let writer = ReportWriter {
+            store: store.clone(),
+            config: config.clone(),
+        };
+        tracker.spawn(writer.run(reports_rx, workers.clone()));
+    }
+    let intake = CancellationToken::new();
+    tracker.spawn(watcher.run(intake.clone()));
+    tracker.close();
+    tracing::info!(
+        tenants = config.tenants.len(),
+        partners = config.partners.len(),
+        admin = %config.admin_socket.display(),
+        "smsdrop is serving"
+    );
+
+    shutdown.cancelled().await;
+    tracing::info!("stopping: no new files are taken");
+    intake.cancel();
+    cancel_ingest.store(true, Ordering::Relaxed);
+    workers.cancel();
+    if tokio::time::timeout(STOP_DEADLINE, tracker.wait()).await.is_err() {
+        tracing::warn!("some workers did not stop in time; what they had not committed is redone at next start");
+    }
+    drop(store);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn ingest_one(ingestor: &Ingestor<'_>, config: &Config, claimed: &Claimed) {
+    let Some(tenant) = config.tenants.get(&claimed.tenant) else {
+        tracing::error!(tenant = %claimed.tenant, file = %claimed.file_name, "spool file of a tenant no longer configured; left in place");
+        return;
+    };
+    let result = if claimed.recovered {
+        ingestor.recover_claim(tenant, &claimed.spool, &claimed.claim, &claimed.file_name)
+    } else {
+        ingestor.ingest_claimed(tenant, &claimed.spool, &claimed.claim, &claimed.file_name)
+    };
+    match result {
+        Ok(_) => {}
+        Err(IngestError::Cancelled) => {
+            tracing::info!(tenant = %tenant.id, file = %claimed.file_name, "ingest cut short by shutdown; resumed at next start")
+        }
+        Err(e) => tracing::error!(
+            tenant = %tenant.id, file = %claimed.file_name, error = %e,
+            "cannot ingest the file; it stays in the spool and is taken again at next start"
+        ),
+    }
+}

@@ -1,0 +1,584 @@
+//! The encrypted durable queue: batches, their messages and statuses, scheduled sends, files
+//! already seen, opt-out lists. Backed by redb (see NOTES.md for why not sled).
+//!
+//! Nothing outside this module sees redb's types. Every value is sealed with its tenant's key
+//! (`crypto`), bound to its table and record key. Phone numbers appear only inside sealed values
+//! or, where something must be found by number, as a keyed hash in a key.
+//!
+//! Durability: a batch becomes visible to the dispatcher, and may be acknowledged, only when
+//! [`Store::finish_batch`] returns, after a commit with `Durability::Immediate` (fdatasync).
+//! Chunks written before that are committed without sync; a crash loses them together with the
+//! batch's `Ingesting` record, or leaves that record behind for recovery to redo the batch.
+
+pub mod records;
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::codes::{FileReason, MessageStatus};
+use crate::crypto::{Keyring, SealError, TenantKeys};
+use records::*;
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// batch id → tenant-prefixed sealed [`BatchRecord`].
+const BATCHES: TableDefinition<u64, &[u8]> = TableDefinition::new("batches");
+/// Batches the dispatcher still has work in: batch id → ().
+const ACTIVE: TableDefinition<u64, ()> = TableDefinition::new("active");
+/// (batch id, chunk number) → sealed `Vec<StoredMessage>`.
+const CHUNKS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("chunks");
+/// message id → sealed [`StatusRecord`]; absent means queued.
+const STATUSES: TableDefinition<u64, &[u8]> = TableDefinition::new("statuses");
+/// (due unix seconds, message id) → (): messages whose `send_at` has not come yet.
+const SCHEDULED: TableDefinition<(u64, u64), ()> = TableDefinition::new("scheduled");
+/// tenant ‖ 0 ‖ keyed file hash → sealed [`SeenFile`].
+const SEEN_FILES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("seen_files");
+/// tenant ‖ 0 ‖ keyed phone hash → sealed [`BlockEntry`].
+const BLOCKLIST: TableDefinition<&[u8], &[u8]> = TableDefinition::new("blocklist");
+/// spool file name → batch id, while a claimed file is in the spool.
+const CLAIMS: TableDefinition<&str, u64> = TableDefinition::new("claims");
+
+/// The database file inside `state_dir`.
+pub const DB_FILE: &str = "smsdrop.redb";
+/// Page cache; redb's default of 1 GiB would dwarf the rest of the daemon.
+const CACHE_BYTES: usize = 64 << 20;
+
+/// Why the store could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Database(#[from] redb::Error),
+    #[error("the database is in use by another process (is `smsdrop serve` running?)")]
+    Locked,
+    #[error("record {table}/{key} does not open: {source}")]
+    Sealed {
+        table: &'static str,
+        key: String,
+        source: SealError,
+    },
+    #[error("record {table}/{key} does not decode: {source}")]
+    Decode {
+        table: &'static str,
+        key: String,
+        source: postcard::Error,
+    },
+    #[error("no batch {0}")]
+    NoBatch(u64),
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self { StoreError::Database(e.into()) }
+        }
+    )*};
+}
+from_redb!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+impl From<redb::DatabaseError> for StoreError {
+    fn from(e: redb::DatabaseError) -> Self {
+        match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked,
+            e => StoreError::Database(e.into()),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// The queue and everything around it. Cheap to clone; safe to share between threads.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Database>,
+    keys: Arc<Keyring>,
+}
+
+/// What one dispatcher step changes, applied in one durable transaction.
+#[derive(Debug, Default)]
+pub struct DispatchCommit {
+    /// New dispatch cursors: batch id → next index not yet taken.
+    pub cursors: Vec<(u64, u64)>,
+    /// New statuses: message id → status.
+    pub outcomes: Vec<(u64, StatusRecord)>,
+    /// Messages set aside until their `send_at`: (due unix seconds, message id).
+    pub schedule: Vec<(i64, u64)>,
+    /// Scheduled entries taken.
+    pub unschedule: Vec<(i64, u64)>,
+}
+
+fn key_text(key: &[u8]) -> String {
+    key.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // postcard only fails on types serde cannot describe or on a full fixed buffer: neither
+    // applies to our records written into a growable Vec.
+    postcard::to_stdvec(value).unwrap_or_default()
+}
+
+fn open_record<T: DeserializeOwned>(keys: &TenantKeys, table: &'static str, key: &[u8], sealed: &[u8]) -> Result<T> {
+    let plain = keys.open(table, key, sealed).map_err(|source| StoreError::Sealed {
+        table,
+        key: key_text(key),
+        source,
+    })?;
+    postcard::from_bytes(&plain).map_err(|source| StoreError::Decode {
+        table,
+        key: key_text(key),
+        source,
+    })
+}
+
+fn tenant_key(tenant: &str, hash: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(tenant.len() + 1 + hash.len());
+    k.extend_from_slice(tenant.as_bytes());
+    k.push(0);
+    k.extend_from_slice(hash);
+    k
+}
+
+fn chunk_key(batch: u64, chunk: u32) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..8].copy_from_slice(&batch.to_be_bytes());
+    k[8..].copy_from_slice(&chunk.to_be_bytes());
+    k
+}
+
+impl Store {
+    /// Opens (or creates) the database in `state_dir`, repairing it after a crash.
+    pub fn open(state_dir: &Path, keys: Arc<Keyring>) -> Result<Store> {
+        let mut builder = Database::builder();
+        builder.set_cache_size(CACHE_BYTES);
+        let db = builder.create(state_dir.join(DB_FILE))?;
+        let tx = db.begin_write()?;
+        tx.open_table(META)?;
+        tx.open_table(BATCHES)?;
+        tx.open_table(ACTIVE)?;
+        tx.open_table(CHUNKS)?;
+        tx.open_table(STATUSES)?;
+        tx.open_table(SCHEDULED)?;
+        tx.open_table(SEEN_FILES)?;
+        tx.open_table(BLOCKLIST)?;
+        tx.open_table(CLAIMS)?;
+        tx.commit()?;
+        Ok(Store { db: Arc::new(db), keys })
+    }
+
+    pub fn keys(&self) -> &Arc<Keyring> {
+        &self.keys
+    }
+
+    fn write(&self, durability: Durability) -> Result<WriteTransaction> {
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(durability)?;
+        tx.set_quick_repair(true);
+        Ok(tx)
+    }
+
+    fn put_batch(tx: &WriteTransaction, keys: &TenantKeys, batch: &BatchRecord) -> Result<()> {
+        let key = batch.id.to_be_bytes();
+        let sealed = keys.seal("batches", &key, &encode(batch));
+        let mut value = Vec::with_capacity(1 + batch.tenant.len() + sealed.len());
+        value.push(batch.tenant.len() as u8);
+        value.extend_from_slice(batch.tenant.as_bytes());
+        value.extend_from_slice(&sealed);
+        tx.open_table(BATCHES)?.insert(batch.id, value.as_slice())?;
+        Ok(())
+    }
+
+    fn decode_batch(&self, id: u64, value: &[u8]) -> Result<BatchRecord> {
+        let bad = |source| StoreError::Sealed {
+            table: "batches",
+            key: id.to_string(),
+            source,
+        };
+        let len = *value.first().ok_or(bad(SealError::Truncated))? as usize;
+        let tenant = value
+            .get(1..1 + len)
+            .and_then(|t| std::str::from_utf8(t).ok())
+            .ok_or(bad(SealError::Truncated))?;
+        let keys = self.keys.tenant(tenant);
+        open_record(&keys, "batches", &id.to_be_bytes(), &value[1 + len..])
+    }
+
+    /// A batch by id.
+    pub fn batch(&self, id: u64) -> Result<Option<BatchRecord>> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(BATCHES)?;
+        match table.get(id)? {
+            Some(v) => Ok(Some(self.decode_batch(id, v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every batch, oldest first, optionally of one tenant only.
+    pub fn batches(&self, tenant: Option<&str>) -> Result<Vec<BatchRecord>> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(BATCHES)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (k, v) = entry?;
+            let value = v.value();
+            let len = value.first().copied().unwrap_or(0) as usize;
+            if let Some(t) = tenant {
+                if value.get(1..1 + len) != Some(t.as_bytes()) {
+                    continue;
+                }
+            }
+            out.push(self.decode_batch(k.value(), value)?);
+        }
+        Ok(out)
+    }
+
+    /// Batches that still have messages to dispatch or to finish.
+    pub fn active_batches(&self) -> Result<Vec<BatchRecord>> {
+        let ids: Vec<u64> = {
+            let tx = self.db.begin_read()?;
+            let table = tx.open_table(ACTIVE)?;
+            table
+                .iter()?
+                .map(|e| e.map(|(k, _)| k.value()))
+                .collect::<std::result::Result<_, _>>()?
+        };
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(b) = self.batch(id)? {
+                out.push(b);
+            }
+        }
+        Ok(out)
+    }
+
+    // ---- ingest ------------------------------------------------------------------------
+
+    /// Records a claimed file as a batch being ingested and returns the new batch.
+    pub fn begin_batch(
+        &self,
+        tenant: &str,
+        file_name: &str,
+        claim: &str,
+        format: ReplyFormat,
+        received_at: i64,
+    ) -> Result<BatchRecord> {
+        let tx = self.write(Durability::None)?;
+        let id = {
+            let mut meta = tx.open_table(META)?;
+            let next = meta.get("next_batch")?.map(|v| v.value()).unwrap_or(1);
+            meta.insert("next_batch", next + 1)?;
+            next
+        };
+        let batch = BatchRecord {
+            id,
+            tenant: tenant.to_string(),
+            file_name: file_name.to_string(),
+            claim: claim.to_string(),
+            received_at,
+            state: BatchState::Ingesting,
+            file_reason: None,
+            format,
+            lines: 0,
+            accepted: 0,
+            rejected: 0,
+            cursor: 0,
+            counts: [0; 9],
+            report_final: false,
+            updated_at: received_at,
+        };
+        Self::put_batch(&tx, &self.keys.tenant(tenant), &batch)?;
+        tx.open_table(CLAIMS)?.insert(claim, id)?;
+        tx.commit()?;
+        Ok(batch)
+    }
+
+    /// Seals and writes chunks of a batch being ingested, without waiting for the disk.
+    /// `chunks` are (chunk number, messages).
+    pub fn write_chunks(&self, batch: &BatchRecord, chunks: &[(u32, Vec<StoredMessage>)]) -> Result<()> {
+        let keys = self.keys.tenant(&batch.tenant);
+        let sealed: Vec<(u32, Vec<u8>)> = chunks
+            .iter()
+            .map(|(n, msgs)| (*n, keys.seal("chunks", &chunk_key(batch.id, *n), &encode(msgs))))
+            .collect();
+        let tx = self.write(Durability::None)?;
+        {
+            let mut table = tx.open_table(CHUNKS)?;
+            for (n, value) in &sealed {
+                table.insert((batch.id, *n), value.as_slice())?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Makes a batch durable and visible to the dispatcher (state `Queued`, or `Done` when it has
+    /// no message), and remembers the file for `duplicate_file`. Returns after fdatasync.
+    pub fn finish_batch(&self, batch: &mut BatchRecord, file_hash: Option<[u8; 32]>, now: i64) -> Result<()> {
+        let keys = self.keys.tenant(&batch.tenant);
+        batch.counts = [0; 9];
+        batch.counts[MessageStatus::Queued as usize] = batch.accepted;
+        batch.state = if batch.accepted > 0 {
+            BatchState::Queued
+        } else {
+            BatchState::Done
+        };
+        batch.updated_at = now;
+        let tx = self.write(Durability::Immediate)?;
+        Self::put_batch(&tx, &keys, batch)?;
+        if batch.accepted > 0 {
+            tx.open_table(ACTIVE)?.insert(batch.id, ())?;
+        }
+        if let Some(hash) = file_hash {
+            let key = tenant_key(&batch.tenant, &hash);
+            let seen = SeenFile {
+                batch: batch.id,
+                seen_at: now,
+            };
+            let sealed = keys.seal("seen_files", &key, &encode(&seen));
+            tx.open_table(SEEN_FILES)?.insert(key.as_slice(), sealed.as_slice())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Refuses a whole batch: drops any chunk already written and records the reason, durably.
+    pub fn reject_batch(&self, batch: &mut BatchRecord, reason: FileReason, now: i64) -> Result<()> {
+        let keys = self.keys.tenant(&batch.tenant);
+        batch.state = BatchState::Rejected;
+        batch.file_reason = Some(reason);
+        batch.accepted = 0;
+        batch.counts = [0; 9];
+        batch.updated_at = now;
+        let tx = self.write(Durability::Immediate)?;
+        tx.open_table(CHUNKS)?
+            .extract_from_if((batch.id, 0)..=(batch.id, u32::MAX), |_, _| true)?
+            .for_each(drop);
+        Self::put_batch(&tx, &keys, batch)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Forgets a batch cut short by a crash (state `Ingesting`), so that it can be ingested anew.
+    pub fn discard_batch(&self, batch: &BatchRecord) -> Result<()> {
+        let tx = self.write(Durability::Immediate)?;
+        tx.open_table(CHUNKS)?
+            .extract_from_if((batch.id, 0)..=(batch.id, u32::MAX), |_, _| true)?
+            .for_each(drop);
+        tx.open_table(BATCHES)?.remove(batch.id)?;
+        tx.open_table(CLAIMS)?.remove(batch.claim.as_str())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The batch a spool file was claimed as, if it got that far.
+    pub fn batch_by_claim(&self, claim: &str) -> Result<Option<BatchRecord>> {
+        let id = {
+            let tx = self.db.begin_read()?;
+            let table = tx.open_table(CLAIMS)?;
+            table.get(claim)?.map(|v| v.value())
+        };
+        match id {
+            Some(id) => self.batch(id),
+            None => Ok(None),
+        }
+    }
+
+    /// Drops the claim entry once the spool file is gone.
+    pub fn forget_claim(&self, claim: &str) -> Result<()> {
+        let tx = self.write(Durability::None)?;
+        tx.open_table(CLAIMS)?.remove(claim)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Spool claims recorded in the store.
+    pub fn claims(&self) -> Result<Vec<String>> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(CLAIMS)?;
+        let mut out = Vec::new();
+        for e in table.iter()? {
+            out.push(e?.0.value().to_string());
+        }
+        Ok(out)
+    }
+
+    /// The batch that last had this content, if within `window_secs` of `now`.
+    pub fn seen_file(&self, tenant: &str, hash: &[u8; 32], now: i64, window_secs: i64) -> Result<Option<SeenFile>> {
+        let key = tenant_key(tenant, hash);
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(SEEN_FILES)?;
+        let Some(v) = table.get(key.as_slice())? else {
+            return Ok(None);
+        };
+        let seen: SeenFile = open_record(&self.keys.tenant(tenant), "seen_files", &key, v.value())?;
+        Ok((now - seen.seen_at <= window_secs).then_some(seen))
+    }
+
+    /// The keyed hashes of a tenant's blocklisted numbers.
+    pub fn blocklist_hashes(&self, tenant: &str) -> Result<HashSet<[u8; 16]>> {
+        let start = tenant_key(tenant, &[]);
+        let mut end = start.clone();
+        end.push(0xff);
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(BLOCKLIST)?;
+        let mut out = HashSet::new();
+        for e in table.range(start.as_slice()..end.as_slice())? {
+            let (k, _) = e?;
+            if let Ok(h) = <[u8; 16]>::try_from(&k.value()[start.len()..]) {
+                out.insert(h);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Puts an E.164 number on a tenant's blocklist.
+    pub fn blocklist_add(&self, tenant: &str, e164: &str, source: &str, now: i64) -> Result<()> {
+        let keys = self.keys.tenant(tenant);
+        let key = tenant_key(tenant, &keys.phone_hash(e164));
+        let entry = BlockEntry {
+            added_at: now,
+            source: source.to_string(),
+        };
+        let sealed = keys.seal("blocklist", &key, &encode(&entry));
+        let tx = self.write(Durability::Immediate)?;
+        tx.open_table(BLOCKLIST)?.insert(key.as_slice(), sealed.as_slice())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    // ---- dispatch and reports ----------------------------------------------------------
+
+    /// The messages of one chunk of a batch.
+    pub fn load_chunk(&self, tenant: &str, batch: u64, chunk: u32) -> Result<Vec<StoredMessage>> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(CHUNKS)?;
+        match table.get((batch, chunk))? {
+            Some(v) => open_record(&self.keys.tenant(tenant), "chunks", &chunk_key(batch, chunk), v.value()),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Statuses recorded for message indexes `from..to` of a batch, by index.
+    pub fn statuses(&self, batch: &BatchRecord, from: u64, to: u64) -> Result<HashMap<u64, StatusRecord>> {
+        let keys = self.keys.tenant(&batch.tenant);
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(STATUSES)?;
+        let mut out = HashMap::new();
+        for e in table.range(message_id(batch.id, from)..message_id(batch.id, to))? {
+            let (k, v) = e?;
+            let id = k.value();
+            let rec: StatusRecord = open_record(&keys, "statuses", &id.to_be_bytes(), v.value())?;
+            out.insert(split_message_id(id).1, rec);
+        }
+        Ok(out)
+    }
+
+    /// Scheduled messages due at `now` or before, oldest first.
+    pub fn due_scheduled(&self, now: i64, limit: usize) -> Result<Vec<(i64, u64)>> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(SCHEDULED)?;
+        let mut out = Vec::new();
+        for e in table.range((0, 0)..=(now.max(0) as u64, u64::MAX))?.take(limit) {
+            let (due, id) = e?.0.value();
+            out.push((due as i64, id));
+        }
+        Ok(out)
+    }
+
+    /// When the next scheduled message is due.
+    pub fn next_scheduled(&self) -> Result<Option<i64>> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(SCHEDULED)?;
+        Ok(table.first()?.map(|(k, _)| k.value().0 as i64))
+    }
+
+    /// Applies one dispatcher step durably. Returns the batches whose every message is now final.
+    pub fn commit_dispatch(&self, step: &DispatchCommit, now: i64) -> Result<Vec<BatchRecord>> {
+        let tx = self.write(Durability::Immediate)?;
+        let mut touched: HashMap<u64, BatchRecord> = HashMap::new();
+        let load = |touched: &mut HashMap<u64, BatchRecord>, id: u64| -> Result<()> {
+            if let std::collections::hash_map::Entry::Vacant(e) = touched.entry(id) {
+                let table = tx.open_table(BATCHES)?;
+                let value = table.get(id)?.ok_or(StoreError::NoBatch(id))?;
+                e.insert(self.decode_batch(id, value.value())?);
+            }
+            Ok(())
+        };
+        for (batch, cursor) in &step.cursors {
+            load(&mut touched, *batch)?;
+            if let Some(b) = touched.get_mut(batch) {
+                b.cursor = b.cursor.max(*cursor);
+            }
+        }
+        {
+            let mut statuses = tx.open_table(STATUSES)?;
+            for (id, status) in &step.outcomes {
+                let (batch_id, _) = split_message_id(*id);
+                load(&mut touched, batch_id)?;
+                let Some(batch) = touched.get_mut(&batch_id) else {
+                    continue;
+                };
+                let keys = self.keys.tenant(&batch.tenant);
+                let key = id.to_be_bytes();
+                let previous = match statuses.get(*id)? {
+                    Some(v) => open_record::<StatusRecord>(&keys, "statuses", &key, v.value())?.status,
+                    None => MessageStatus::Queued,
+                };
+                if previous.is_final() {
+                    continue; // a final status never changes
+                }
+                batch.counts[previous as usize] = batch.counts[previous as usize].saturating_sub(1);
+                batch.counts[status.status as usize] += 1;
+                let sealed = keys.seal("statuses", &key, &encode(status));
+                statuses.insert(*id, sealed.as_slice())?;
+            }
+        }
+        {
+            let mut scheduled = tx.open_table(SCHEDULED)?;
+            for (due, id) in &step.schedule {
+                scheduled.insert((due.max(&0).to_owned() as u64, *id), ())?;
+            }
+            for (due, id) in &step.unschedule {
+                scheduled.remove((due.max(&0).to_owned() as u64, *id))?;
+            }
+        }
+        let mut done = Vec::new();
+        {
+            let mut active = tx.open_table(ACTIVE)?;
+            for batch in touched.values_mut() {
+                batch.updated_at = now;
+                if batch.state == BatchState::Queued && batch.finished() >= batch.accepted {
+                    batch.state = BatchState::Done;
+                    active.remove(batch.id)?;
+                    done.push(batch.clone());
+                }
+                Self::put_batch(&tx, &self.keys.tenant(&batch.tenant), batch)?;
+            }
+        }
+        tx.commit()?;
+        Ok(done)
+    }
+
+    /// Records that a batch's last report has been written.
+    pub fn mark_report_final(&self, batch_id: u64) -> Result<()> {
+        let tx = self.write(Durability::Immediate)?;
+        let batch = {
+            let table = tx.open_table(BATCHES)?;
+            let v = table.get(batch_id)?.ok_or(StoreError::NoBatch(batch_id))?;
+            self.decode_batch(batch_id, v.value())?
+        };
+        let mut batch = batch;
+        batch.report_final = true;
+        Self::put_batch(&tx, &self.keys.tenant(&batch.tenant), &batch)?;
+        tx.commit()?;
+        Ok(())
+    }
+}

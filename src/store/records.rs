@@ -1,0 +1,226 @@
+//! What the store keeps, as plain Rust types. Each is encoded with postcard and then sealed;
+//! none of these bytes reach the disk in clear.
+
+use serde::{Deserialize, Serialize};
+
+use crate::codes::{FileReason, MessageStatus};
+
+/// Messages of one batch are stored this many to a record: one seal and one B-tree entry per
+/// chunk instead of per message is what lets ingest outrun a per-record store.
+pub const CHUNK_MESSAGES: u64 = 256;
+
+/// A message id is its batch id and its index among the batch's accepted messages.
+pub const INDEX_BITS: u32 = 24;
+
+/// The message id of the `index`-th accepted message of batch `batch`.
+pub fn message_id(batch: u64, index: u64) -> u64 {
+    (batch << INDEX_BITS) | index
+}
+
+/// Splits a message id into its batch id and index.
+pub fn split_message_id(id: u64) -> (u64, u64) {
+    (id >> INDEX_BITS, id & ((1 << INDEX_BITS) - 1))
+}
+
+/// Where a batch stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BatchState {
+    /// Lines are being sealed into the store; not visible to the dispatcher. A batch found in
+    /// this state at start-up was cut short by a crash and is ingested again from its spool file.
+    Ingesting,
+    /// Durable and acknowledged; its messages are being dispatched.
+    Queued,
+    /// Every message has reached a final status.
+    Done,
+    /// The whole file was refused; it has no messages.
+    Rejected,
+}
+
+impl BatchState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BatchState::Ingesting => "ingesting",
+            BatchState::Queued => "queued",
+            BatchState::Done => "done",
+            BatchState::Rejected => "rejected",
+        }
+    }
+}
+
+/// How a batch's reply files are written: the same way the batch came in (SPEC §4).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplyFormat {
+    pub delimiter: u8,
+    /// The WHATWG name of the batch's encoding.
+    pub encoding: String,
+    /// Whether the batch started with a byte-order mark (the reply files then do too).
+    pub bom: bool,
+}
+
+impl Default for ReplyFormat {
+    fn default() -> Self {
+        ReplyFormat {
+            delimiter: b';',
+            encoding: "UTF-8".into(),
+            bom: false,
+        }
+    }
+}
+
+/// One uploaded file and what became of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchRecord {
+    pub id: u64,
+    pub tenant: String,
+    /// The name the file had in the inbox.
+    pub file_name: String,
+    /// The name of its spool file, which identifies the claim across a crash.
+    pub claim: String,
+    pub received_at: i64,
+    pub state: BatchState,
+    pub file_reason: Option<FileReason>,
+    pub format: ReplyFormat,
+    /// Data lines read (the header is not counted).
+    pub lines: u64,
+    /// Messages queued, numbered 0..accepted.
+    pub accepted: u64,
+    pub rejected: u64,
+    /// The next message index the dispatcher has not yet taken.
+    pub cursor: u64,
+    /// Messages by status, indexed by `MessageStatus as usize`.
+    pub counts: [u64; 9],
+    pub report_final: bool,
+    pub updated_at: i64,
+}
+
+impl BatchRecord {
+    /// The reply files' stem: the file name without its last extension (SPEC §4).
+    pub fn stem(&self) -> &str {
+        match self.file_name.rfind('.') {
+            Some(i) if i > 0 => &self.file_name[..i],
+            _ => &self.file_name,
+        }
+    }
+
+    pub fn count(&self, status: MessageStatus) -> u64 {
+        self.counts[status as usize]
+    }
+
+    /// Messages in a final status.
+    pub fn finished(&self) -> u64 {
+        MessageStatus::ALL
+            .iter()
+            .filter(|s| s.is_final())
+            .map(|s| self.count(*s))
+            .sum()
+    }
+}
+
+/// How a message's text is coded on the air interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TextCoding {
+    Gsm7,
+    Ucs2,
+}
+
+impl TextCoding {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TextCoding::Gsm7 => "gsm7",
+            TextCoding::Ucs2 => "ucs2",
+        }
+    }
+}
+
+/// One accepted message, as stored inside its batch's chunk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    /// Line of the batch where its record starts.
+    pub line: u64,
+    pub reference: String,
+    /// E.164.
+    pub phone: String,
+    pub sender: String,
+    pub text: String,
+    pub coding: TextCoding,
+    pub parts: u8,
+    /// Unix seconds; `None` sends at once.
+    pub send_at: Option<i64>,
+}
+
+/// What happened to one message after it was queued. Absent means `queued`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusRecord {
+    pub status: MessageStatus,
+    pub partner: String,
+    /// The partner's id for the message, once submitted.
+    pub partner_id: String,
+    pub submitted_at: Option<i64>,
+    pub done_at: Option<i64>,
+    pub error: String,
+    pub attempts: u32,
+}
+
+impl StatusRecord {
+    pub fn queued() -> StatusRecord {
+        StatusRecord {
+            status: MessageStatus::Queued,
+            partner: String::new(),
+            partner_id: String::new(),
+            submitted_at: None,
+            done_at: None,
+            error: String::new(),
+            attempts: 0,
+        }
+    }
+}
+
+/// A file already taken, for `duplicate_file`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeenFile {
+    pub batch: u64,
+    pub seen_at: i64,
+}
+
+/// An opt-out list entry; the number itself is only in the key, as its keyed hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockEntry {
+    pub added_at: i64,
+    pub source: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_ids_split_back() {
+        let id = message_id(77, 1_000_000);
+        assert_eq!(split_message_id(id), (77, 1_000_000));
+        assert!(message_id(1, 0) > message_id(0, (1 << INDEX_BITS) - 1));
+    }
+
+    #[test]
+    fn stem_drops_last_extension() {
+        let mut b = BatchRecord {
+            id: 1,
+            tenant: "t".into(),
+            file_name: "june.batch.csv".into(),
+            claim: String::new(),
+            received_at: 0,
+            state: BatchState::Queued,
+            file_reason: None,
+            format: ReplyFormat::default(),
+            lines: 0,
+            accepted: 0,
+            rejected: 0,
+            cursor: 0,
+            counts: [0; 9],
+            report_final: false,
+            updated_at: 0,
+        };
+        assert_eq!(b.stem(), "june.batch");
+        b.file_name = "noext".into();
+        assert_eq!(b.stem(), "noext");
+    }
+}

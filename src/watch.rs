@@ -1,0 +1,375 @@
+//! The way in from folders (SPEC §2): watches every tenant's inbox, decides when a file is
+//! complete, and claims it by an atomic rename into the spool under `state_dir`.
+//!
+//! A file is complete when no writer has it open (a close-after-write event was seen, or no write
+//! was ever seen) and its size and modification time have not changed for the tenant's `settle`;
+//! or, for a tenant with `require_trigger`, when `<name>.ok` exists beside it. inotify events make
+//! this quick; a periodic rescan finds files present at start-up and events that were missed.
+//! Hidden names and `.part`, `.tmp`, `.ok` names are never taken, nor anything but regular files.
+//!
+//! This module hands claimed files on; it never reads their content.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use notify::{EventKind, RecursiveMode, Watcher as _};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Tenant};
+
+/// A file moved into the spool, waiting for ingest.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub tenant: String,
+    pub spool: PathBuf,
+    pub claim: String,
+    pub file_name: String,
+    /// Found in the spool at start-up: it may have been half processed before a stop.
+    pub recovered: bool,
+}
+
+/// Names that are never batches.
+pub fn is_ignored_name(name: &str) -> bool {
+    name.starts_with('.') || name.ends_with(".part") || name.ends_with(".tmp") || name.ends_with(".ok")
+}
+
+/// A spool file's name: `<claim>~<original name>`.
+fn spool_name(claim: &str, file_name: &str) -> String {
+    format!("{claim}~{file_name}")
+}
+
+/// Splits a spool file name back into claim and original name.
+pub fn parse_spool_name(name: &str) -> Option<(&str, &str)> {
+    let (claim, file) = name.split_once('~')?;
+    (claim.starts_with('c') && !file.is_empty()).then_some((claim, file))
+}
+
+fn new_claim() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let mut r = [0u8; 4];
+    let _ = getrandom::fill(&mut r);
+    format!("c{nanos:x}{}", r.iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+/// The spool folder of a tenant.
+pub fn spool_dir(state_dir: &Path, tenant: &str) -> PathBuf {
+    state_dir.join("spool").join(tenant)
+}
+
+/// Moves `path` into the tenant's spool atomically. Falls back to copy, sync and remove when the
+/// inbox is on another file system.
+fn claim(path: &Path, tenant: &Tenant, spool: &Path) -> io::Result<Claimed> {
+    let file_name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| io::Error::other("file name is not UTF-8"))?
+        .to_string();
+    let claim = new_claim();
+    let target = spool.join(spool_name(&claim, &file_name));
+    match fs::rename(path, &target) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            // Hide it first so that a crash mid-copy does not make it a batch twice.
+            let hidden = path.with_file_name(format!(".smsdrop-claim-{}", spool_name(&claim, &file_name)));
+            fs::rename(path, &hidden)?;
+            copy_into_spool(&hidden, &target)?;
+        }
+        Err(e) => return Err(e),
+    }
+    fs::File::open(spool)?.sync_all()?;
+    if tenant.require_trigger {
+        let _ = fs::remove_file(trigger_path(path));
+    }
+    Ok(Claimed {
+        tenant: tenant.id.clone(),
+        spool: target,
+        claim,
+        file_name,
+        recovered: false,
+    })
+}
+
+fn copy_into_spool(hidden: &Path, target: &Path) -> io::Result<()> {
+    let part = target.with_extension("part-copy");
+    fs::copy(hidden, &part)?;
+    fs::File::open(&part)?.sync_all()?;
+    fs::rename(&part, target)?;
+    fs::remove_file(hidden)
+}
+
+fn trigger_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".ok");
+    path.with_file_name(name)
+}
+
+/// What the watcher knows of a file it has seen in an inbox.
+struct Candidate {
+    tenant: String,
+    size: u64,
+    modified: Option<SystemTime>,
+    changed_at: Instant,
+    /// A write was seen and no close-after-write since.
+    writing: bool,
+}
+
+/// Files with no close event are still taken after this many `settle` periods of quiet.
+const QUIET_FACTOR: u32 = 10;
+
+/// Watches all inboxes and sends claimed files to `claimed`.
+pub struct InboxWatcher {
+    pub config: Arc<Config>,
+    pub claimed: mpsc::UnboundedSender<Claimed>,
+}
+
+impl InboxWatcher {
+    /// Lists the spool for files claimed before a stop; they go first.
+    pub fn recover(&self) -> Vec<Claimed> {
+        let mut out = Vec::new();
+        for tenant in self.config.tenants.values() {
+            let dir = spool_dir(&self.config.state_dir, &tenant.id);
+            // Half-finished copies from another file system are done again from the inbox copy.
+            if let Ok(entries) = fs::read_dir(&tenant.inbox) {
+                for e in entries.flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if let Some(spooled) = name.strip_prefix(".smsdrop-claim-") {
+                        let target = dir.join(spooled);
+                        let res = if target.exists() {
+                            fs::remove_file(e.path())
+                        } else {
+                            copy_into_spool(&e.path(), &target)
+                        };
+                        if let Err(err) = res {
+                            tracing::error!(file = %e.path().display(), error = %err, "cannot finish an interrupted claim");
+                        }
+                    }
+                }
+            }
+            let Ok(entries) = fs::read_dir(&dir) else { continue };
+            let mut found: Vec<Claimed> = entries
+                .flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().to_str()?.to_string();
+                    let (claim, file_name) = parse_spool_name(&name)?;
+                    Some(Claimed {
+                        tenant: tenant.id.clone(),
+                        spool: e.path(),
+                        claim: claim.to_string(),
+                        file_name: file_name.to_string(),
+                        recovered: true,
+                    })
+                })
+                .collect();
+            found.sort_by(|a, b| a.claim.cmp(&b.claim));
+            out.extend(found);
+        }
+        out
+    }
+
+    /// Runs until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let (event_tx, mut events) = mpsc::unbounded_channel::<notify::Event>();
+        let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+            Ok(event) => {
+                let _ = event_tx.send(event);
+            }
+            Err(e) => tracing::warn!(error = %e, "inbox watcher error; the periodic rescan covers it"),
+        });
+        let mut watcher = match watcher {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "no file-system events; relying on the periodic rescan");
+                None
+            }
+        };
+        let mut by_dir: HashMap<PathBuf, String> = HashMap::new();
+        for t in self.config.tenants.values() {
+            by_dir.insert(t.inbox.clone(), t.id.clone());
+            if let Ok(real) = fs::canonicalize(&t.inbox) {
+                by_dir.insert(real, t.id.clone());
+            }
+            if let Some(w) = &mut watcher {
+                if let Err(e) = w.watch(&t.inbox, RecursiveMode::NonRecursive) {
+                    tracing::warn!(tenant = %t.id, inbox = %t.inbox.display(), error = %e, "cannot watch the inbox; relying on the periodic rescan");
+                }
+            }
+        }
+        let mut candidates: HashMap<PathBuf, Candidate> = HashMap::new();
+        let mut rescan = tokio::time::interval(self.config.rescan_interval);
+        let mut check = tokio::time::interval(Duration::from_millis(200));
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(event) = events.recv() => self.on_event(event, &by_dir, &mut candidates),
+                _ = rescan.tick() => self.rescan(&mut candidates),
+                _ = check.tick() => self.take_ready(&mut candidates),
+            }
+        }
+        drop(watcher);
+    }
+
+    fn on_event(
+        &self,
+        event: notify::Event,
+        by_dir: &HashMap<PathBuf, String>,
+        candidates: &mut HashMap<PathBuf, Candidate>,
+    ) {
+        tracing::trace!(kind = ?event.kind, paths = ?event.paths, "inbox event");
+        for path in event.paths {
+            let Some(dir) = path.parent() else { continue };
+            let tenant = match by_dir.get(dir) {
+                Some(t) => t,
+                None => match fs::canonicalize(dir).ok().and_then(|d| by_dir.get(&d)) {
+                    Some(t) => t,
+                    None => continue,
+                },
+            };
+            let writing = match event.kind {
+                EventKind::Access(notify::event::AccessKind::Close(notify::event::AccessMode::Write)) => Some(false),
+                EventKind::Modify(notify::event::ModifyKind::Data(_)) | EventKind::Create(_) => Some(true),
+                _ => None,
+            };
+            self.observe(&path, tenant, writing, candidates);
+        }
+    }
+
+    /// Notes a file's current size and time; `writing` is what an event said about writers.
+    fn observe(&self, path: &Path, tenant: &str, writing: Option<bool>, candidates: &mut HashMap<PathBuf, Candidate>) {
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            return;
+        };
+        let path = match name.strip_suffix(".ok") {
+            // A trigger file: look at the file it announces.
+            Some(base) => path.with_file_name(base),
+            None => path.to_path_buf(),
+        };
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            return;
+        };
+        if is_ignored_name(name) {
+            return;
+        }
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            candidates.remove(&path);
+            return;
+        };
+        if !meta.file_type().is_file() {
+            return;
+        }
+        let modified = meta.modified().ok();
+        let now = Instant::now();
+        let c = candidates.entry(path).or_insert_with(|| Candidate {
+            tenant: tenant.to_string(),
+            size: meta.len(),
+            modified,
+            changed_at: now,
+            writing: false,
+        });
+        if c.size != meta.len() || c.modified != modified {
+            c.size = meta.len();
+            c.modified = modified;
+            c.changed_at = now;
+        }
+        if let Some(w) = writing {
+            c.writing = w;
+            if w {
+                c.changed_at = now;
+            }
+        }
+    }
+
+    fn rescan(&self, candidates: &mut HashMap<PathBuf, Candidate>) {
+        for t in self.config.tenants.values() {
+            let entries = match fs::read_dir(&t.inbox) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(tenant = %t.id, inbox = %t.inbox.display(), error = %e, "cannot list the inbox");
+                    continue;
+                }
+            };
+            for e in entries.flatten() {
+                self.observe(&e.path(), &t.id, None, candidates);
+            }
+        }
+    }
+
+    fn take_ready(&self, candidates: &mut HashMap<PathBuf, Candidate>) {
+        let now = Instant::now();
+        let mut ready = Vec::new();
+        for (path, c) in candidates.iter_mut() {
+            let Some(tenant) = self.config.tenants.get(&c.tenant) else {
+                continue;
+            };
+            // Refresh: a write with no event (network file systems) still counts as a change.
+            match fs::symlink_metadata(path) {
+                Ok(meta) if meta.len() != c.size || meta.modified().ok() != c.modified => {
+                    c.size = meta.len();
+                    c.modified = meta.modified().ok();
+                    c.changed_at = now;
+                    continue;
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    ready.push((path.clone(), None));
+                    continue;
+                }
+            }
+            let quiet = now.duration_since(c.changed_at);
+            let complete = if tenant.require_trigger {
+                trigger_path(path).exists()
+            } else {
+                quiet >= tenant.settle
+                    && (!c.writing || quiet >= tenant.settle.max(Duration::from_secs(3)) * QUIET_FACTOR)
+            };
+            if complete {
+                ready.push((path.clone(), Some(tenant.clone())));
+            }
+        }
+        for (path, tenant) in ready {
+            candidates.remove(&path);
+            let Some(tenant) = tenant else { continue };
+            let spool = spool_dir(&self.config.state_dir, &tenant.id);
+            match claim(&path, &tenant, &spool) {
+                Ok(claimed) => {
+                    tracing::info!(tenant = %tenant.id, file = %claimed.file_name, claim = %claimed.claim, "file taken");
+                    let _ = self.claimed.send(claimed);
+                }
+                Err(e) => {
+                    tracing::error!(tenant = %tenant.id, file = %path.display(), error = %e, "cannot take the file; it stays in the inbox")
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ignored_names() {
+        for n in [".hidden.csv", "a.csv.part", "a.tmp", "a.csv.ok", ".smsdrop-claim-x"] {
+            assert!(is_ignored_name(n), "{n}");
+        }
+        for n in ["a.csv", "batch", "ok.csv", "part.csv"] {
+            assert!(!is_ignored_name(n), "{n}");
+        }
+    }
+
+    #[test]
+    fn spool_names_round_trip() {
+        let c = new_claim();
+        let name = spool_name(&c, "june~1.csv");
+        assert_eq!(parse_spool_name(&name), Some((c.as_str(), "june~1.csv")));
+        assert_eq!(parse_spool_name("garbage"), None);
+    }
+}

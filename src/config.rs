@@ -51,7 +51,7 @@ pub struct Tenant {
     pub name: String,
     pub inbox: PathBuf,
     pub outbox: PathBuf,
-    pub default_region: Option<phonenumber::country::Id>,
+    pub default_region: Option<rlibphonenumber::Region>,
     pub timezone: jiff::tz::TimeZone,
     pub sender: Option<String>,
     pub senders: Vec<String>,
@@ -483,9 +483,15 @@ impl Validator<'_> {
             .unwrap_or_else(|| drop.join("outbox"));
 
         let default_region = t.default_region.as_ref().and_then(|r| {
-            match r.get_ref().to_ascii_uppercase().parse::<phonenumber::country::Id>() {
-                Ok(id) => Some(id),
-                Err(_) => {
+            let region = r.get_ref().to_ascii_uppercase().parse::<rlibphonenumber::Region>().ok();
+            let supported = region.filter(|reg| {
+                rlibphonenumber::PHONE_NUMBER_UTIL
+                    .get_country_code_for_region(*reg)
+                    .is_some()
+            });
+            match supported {
+                Some(id) => Some(id),
+                None => {
                     self.problem(
                         &r.span(),
                         &key("default_region"),

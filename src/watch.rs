@@ -204,7 +204,7 @@ impl InboxWatcher {
         }
         let mut candidates: HashMap<PathBuf, Candidate> = HashMap::new();
         let mut rescan = tokio::time::interval(self.config.rescan_interval);
-        let mut check = tokio::time::interval(Duration::from_millis(200));
+        let mut check = tokio::time::interval(Duration::from_millis(100));
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {

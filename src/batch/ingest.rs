@@ -185,7 +185,12 @@ pub fn process(path: &Path, ctx: &Context<'_>, sink: &mut dyn LineSink) -> Resul
         now: jiff::Timestamp::now(),
     };
     let max_lines = tenant.max_lines;
-    let mut dedupe: HashSet<u64, BuildNoHashHasher<u64>> = HashSet::default();
+    // The one structure that grows with the file: 8-byte fingerprints of accepted lines, for
+    // `duplicate_recipient`. Sized once from the file's line count (at most `max_lines`) so it
+    // never rehashes into twice its size.
+    let expected = scan.newlines.saturating_add(1).min(max_lines) as usize;
+    let mut dedupe: HashSet<u64, BuildNoHashHasher<u64>> =
+        HashSet::with_capacity_and_hasher(expected, Default::default());
     let mut outcome: Result<(), IngestError> = Ok(());
     let mut strict_failure = None;
 

@@ -26,6 +26,8 @@ pub struct Scan {
     pub is_utf8: bool,
     pub has_nul: bool,
     pub bom: Option<&'static Encoding>,
+    /// Line feeds in the file: an upper bound on its records.
+    pub newlines: u64,
 }
 
 /// Reads the whole file once: keyed hash, UTF-8 validity, NUL bytes, byte-order mark.
@@ -35,6 +37,7 @@ pub fn scan(path: &Path, mut hasher: blake3::Hasher) -> io::Result<Scan> {
     let mut size = 0u64;
     let mut is_utf8 = true;
     let mut has_nul = false;
+    let mut newlines = 0u64;
     let mut head = Vec::new();
     // up to 3 bytes of a UTF-8 sequence cut by the buffer's end
     let mut carry: Vec<u8> = Vec::new();
@@ -50,6 +53,7 @@ pub fn scan(path: &Path, mut hasher: blake3::Hasher) -> io::Result<Scan> {
         }
         size += n as u64;
         has_nul |= memchr_nul(data);
+        newlines += memchr::memchr_iter(b'\n', data).count() as u64;
         if is_utf8 {
             let mut joined;
             let slice = if carry.is_empty() {
@@ -76,6 +80,7 @@ pub fn scan(path: &Path, mut hasher: blake3::Hasher) -> io::Result<Scan> {
         is_utf8,
         has_nul,
         bom,
+        newlines,
     })
 }
 

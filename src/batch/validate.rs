@@ -64,7 +64,7 @@ pub fn is_valid_sender(s: &str) -> bool {
 
 /// Normalises a phone number to E.164 with the tenant's region; `None` if it is not a valid
 /// number.
-pub fn normalize_phone(raw: &str, region: Option<phonenumber::country::Id>) -> Option<String> {
+pub fn normalize_phone(raw: &str, region: Option<rlibphonenumber::Region>) -> Option<String> {
     let trimmed = raw.trim();
     if trimmed.is_empty() || trimmed.len() > 40 {
         return None;
@@ -78,11 +78,11 @@ pub fn normalize_phone(raw: &str, region: Option<phonenumber::country::Id>) -> O
         }
         _ => trimmed,
     };
-    let number = phonenumber::parse(region, input).ok()?;
-    if !phonenumber::is_valid(&number) {
+    let number = rlibphonenumber::PhoneNumber::parse(input, region).ok()?;
+    if !number.is_valid() {
         return None;
     }
-    Some(number.format().mode(phonenumber::Mode::E164).to_string())
+    Some(number.format_as(rlibphonenumber::PhoneNumberFormat::E164).into_owned())
 }
 
 impl LineRules<'_> {
@@ -215,7 +215,7 @@ impl LineRules<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use phonenumber::country::Id;
+    use rlibphonenumber::Region as Id;
 
     #[test]
     fn french_number_forms_are_one_number() {

@@ -45,7 +45,7 @@ const CLAIMS: TableDefinition<&str, u64> = TableDefinition::new("claims");
 /// The database file inside `state_dir`.
 pub const DB_FILE: &str = "smsdrop.redb";
 /// Page cache; redb's default of 1 GiB would dwarf the rest of the daemon.
-const CACHE_BYTES: usize = 64 << 20;
+const CACHE_BYTES: usize = 16 << 20;
 
 /// Why the store could not do what was asked.
 #[derive(Debug, thiserror::Error)]

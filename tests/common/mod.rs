@@ -1,0 +1,290 @@
+//! The test harness: a temporary appliance driven through the real `smsdrop` binary.
+//!
+//! Each test gets its own folder (state, key, inboxes, outboxes, sink) and its own `serve`
+//! process; nothing is shared between tests and no fixed port is used.
+
+#![allow(dead_code)]
+
+pub mod batches;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub fn bin() -> PathBuf {
+    std::env::var_os("SMSDROP_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_smsdrop")))
+}
+
+/// One appliance: its folder, configuration and (when started) its `serve` process.
+pub struct Appliance {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    child: Option<Child>,
+    starts: u32,
+}
+
+/// The base of every test configuration; `tenants` is appended (tenant tables, partners...).
+pub fn base_config(dir: &Path) -> String {
+    format!(
+        r#"
+state_dir = "{d}/state"
+key_file = "{d}/master.key"
+rescan_interval = "500ms"
+
+[partner.sink]
+kind = "sink"
+path = "{d}/sink.jsonl"
+
+[[route]]
+prefix = ""
+partners = ["sink"]
+"#,
+        d = dir.display()
+    )
+}
+
+/// A plain tenant table with a short settle time.
+pub fn tenant(id: &str, extra: &str) -> String {
+    format!(
+        "\n[tenant.{id}]\ndefault_region = \"FR\"\ntimezone = \"Europe/Paris\"\nsender = \"ACME\"\nsenders = [\"PROMO\"]\nsettle = \"200ms\"\nreport_interval = \"1s\"\n{extra}\n"
+    )
+}
+
+impl Appliance {
+    /// A new appliance with `tables` (tenants and anything else) after the base configuration,
+    /// and a fresh master key.
+    pub fn new(tables: &str) -> Appliance {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = dir.path().join("smsdrop.toml");
+        std::fs::write(&config, format!("{}{}", base_config(dir.path()), tables)).expect("write config");
+        let app = Appliance {
+            dir,
+            config,
+            child: None,
+            starts: 0,
+        };
+        let out = app.cli(&["keygen"]);
+        assert!(out.status.success(), "keygen: {}", String::from_utf8_lossy(&out.stderr));
+        app
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.path("state")
+    }
+
+    pub fn inbox(&self, tenant: &str) -> PathBuf {
+        self.state_dir().join("drop").join(tenant).join("inbox")
+    }
+
+    pub fn outbox(&self, tenant: &str) -> PathBuf {
+        self.state_dir().join("drop").join(tenant).join("outbox")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.path(&format!("serve-{}.log", self.starts))
+    }
+
+    /// Every log line of every start so far.
+    pub fn log(&self) -> String {
+        (1..=self.starts)
+            .map(|i| std::fs::read_to_string(self.path(&format!("serve-{i}.log"))).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("")
+    }
+
+    /// Runs a command of the CLI against this appliance's configuration.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin())
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .expect("run smsdrop")
+    }
+
+    /// Starts `serve` and waits until its admin socket answers.
+    pub fn start(&mut self) {
+        self.start_with_env(&[]);
+    }
+
+    pub fn start_with_env(&mut self, env: &[(&str, &str)]) {
+        assert!(self.child.is_none(), "already started");
+        self.starts += 1;
+        let log = std::fs::File::create(self.log_path()).expect("log file");
+        let child = Command::new(bin())
+            .arg("--config")
+            .arg(&self.config)
+            .arg("serve")
+            .envs(env.iter().copied())
+            .env(
+                "RUST_LOG",
+                std::env::var("SMSDROP_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn smsdrop serve");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.log().contains("smsdrop is serving") {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("serve exited with {status} at start:\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "serve did not start:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).expect("not started")
+    }
+
+    fn signal(&mut self, sig: i32) -> ExitStatus {
+        let mut child = self.child.take().expect("not started");
+        unsafe {
+            libc::kill(child.id() as i32, sig);
+        }
+        child.wait().expect("wait for serve")
+    }
+
+    /// SIGTERM, and the exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM)
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill(&mut self) {
+        self.signal(libc::SIGKILL);
+    }
+
+    /// Writes a file beside the inbox, then renames it in, as an ERP's mover would.
+    pub fn drop_file(&self, tenant: &str, name: &str, content: &[u8]) -> PathBuf {
+        let inbox = self.inbox(tenant);
+        std::fs::create_dir_all(&inbox).expect("inbox");
+        let staging = self.path(&format!("staging-{name}"));
+        std::fs::write(&staging, content).expect("write staging file");
+        let target = inbox.join(name);
+        std::fs::rename(&staging, &target).expect("rename into inbox");
+        target
+    }
+
+    /// Waits for a file to exist, then returns its bytes.
+    pub fn wait_file(&self, path: &Path, timeout: Duration) -> Vec<u8> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(bytes) = std::fs::read(path) {
+                return bytes;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not appear in {timeout:?}; log:\n{}",
+                path.display(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for a batch's result file and parses it (`;`-separated UTF-8 unless told otherwise).
+    pub fn result(&self, tenant: &str, stem: &str) -> Vec<Vec<String>> {
+        let bytes = self.wait_file(
+            &self.outbox(tenant).join(format!("{stem}.result.csv")),
+            Duration::from_secs(30),
+        );
+        parse_csv(&bytes, b';')
+    }
+
+    /// Waits until the final report says every message is final, then returns its rows.
+    pub fn final_report(&self, tenant: &str, stem: &str, expected: usize) -> Vec<Vec<String>> {
+        let path = self.outbox(tenant).join(format!("{stem}.report.csv"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(bytes) = std::fs::read(&path) {
+                let rows = parse_csv(&bytes, b';');
+                let finals = rows
+                    .iter()
+                    .skip(1)
+                    .filter(|r| r.get(4).is_some_and(|s| s != "queued" && s != "submitted"))
+                    .count();
+                if rows.len() == expected + 1 && finals == expected {
+                    return rows;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no final report for {stem}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// What the sink partner wrote, one JSON object per message.
+    pub fn sink(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.path("sink.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("sink line is JSON"))
+            .collect()
+    }
+
+    /// Waits until the sink holds at least `n` messages.
+    pub fn wait_sink(&self, n: usize, timeout: Duration) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let lines = self.sink();
+            if lines.len() >= n {
+                return lines;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sink has {} of {n} messages; log:\n{}",
+                lines.len(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Appliance {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Parses CSV bytes (UTF-8) into rows of fields.
+pub fn parse_csv(bytes: &[u8], delimiter: u8) -> Vec<Vec<String>> {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .delimiter(delimiter)
+        .from_reader(bytes);
+    reader
+        .records()
+        .map(|r| r.expect("valid CSV").iter().map(str::to_string).collect())
+        .collect()
+}
+
+/// Peak resident memory of a process, in KiB (VmHWM).
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}

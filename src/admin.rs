@@ -31,6 +31,9 @@ const MAX_REQUEST: usize = 64 << 10;
 pub enum Request {
     Status,
     Validate { tenant: String, path: PathBuf },
+    BlocklistAdd { tenant: String, phone: String },
+    BlocklistRemove { tenant: String, phone: String },
+    BlocklistList { tenant: String },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -49,6 +52,8 @@ pub enum AdminError {
     NoTenant(String),
     #[error("{0}")]
     Ingest(#[from] ingest::IngestError),
+    #[error("`{0}` is not a valid phone number for this tenant")]
+    InvalidPhone(String),
     #[error("admin socket: {0}")]
     Io(#[from] io::Error),
     #[error("serve answered: {0}")]
@@ -60,7 +65,48 @@ pub fn handle(store: &Store, config: &Config, request: &Request) -> Result<Vec<u
     match request {
         Request::Status => Ok(status_text(store, config)?.into_bytes()),
         Request::Validate { tenant, path } => validate(store, config, tenant, path),
+        Request::BlocklistAdd { tenant, phone } => {
+            let (tenant, e164) = tenant_phone(config, tenant, phone)?;
+            store.blocklist_add(&tenant.id, &e164, "cli", jiff::Timestamp::now().as_second())?;
+            Ok(format!("{e164} added to the blocklist of {}\n", tenant.id).into_bytes())
+        }
+        Request::BlocklistRemove { tenant, phone } => {
+            let (tenant, e164) = tenant_phone(config, tenant, phone)?;
+            let removed = store.blocklist_remove(&tenant.id, &e164)?;
+            let what = if removed { "removed from" } else { "was not on" };
+            Ok(format!("{e164} {what} the blocklist of {}\n", tenant.id).into_bytes())
+        }
+        Request::BlocklistList { tenant } => {
+            let tenant = config
+                .tenants
+                .get(tenant)
+                .ok_or_else(|| AdminError::NoTenant(tenant.clone()))?;
+            let mut out = String::from("number_hash;added_at;source\n");
+            for (hash, entry) in store.blocklist_entries(&tenant.id)? {
+                let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+                let at = jiff::Timestamp::from_second(entry.added_at)
+                    .map(|t| t.to_string())
+                    .unwrap_or_default();
+                let _ = writeln!(out, "{hex};{at};{}", entry.source);
+            }
+            Ok(out.into_bytes())
+        }
     }
+}
+
+/// A configured tenant and a number normalised with its region.
+fn tenant_phone<'c>(
+    config: &'c Config,
+    tenant: &str,
+    phone: &str,
+) -> Result<(&'c crate::config::Tenant, String), AdminError> {
+    let tenant = config
+        .tenants
+        .get(tenant)
+        .ok_or_else(|| AdminError::NoTenant(tenant.to_string()))?;
+    let e164 = crate::batch::validate::normalize_phone(phone, tenant.default_region)
+        .ok_or_else(|| AdminError::InvalidPhone(phone.to_string()))?;
+    Ok((tenant, e164))
 }
 
 /// `smsdrop validate`: the result file a batch would get; nothing is queued.

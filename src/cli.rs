@@ -48,6 +48,34 @@ pub enum Command {
     },
     /// Queue depth by tenant and status.
     Status,
+    /// Opt-out lists: numbers that are never sent to.
+    Blocklist {
+        #[command(subcommand)]
+        action: BlocklistAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BlocklistAction {
+    /// Put a number on a tenant's blocklist (stored as a keyed hash only).
+    Add {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        phone: String,
+    },
+    /// Take a number off a tenant's blocklist.
+    Remove {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        phone: String,
+    },
+    /// List a tenant's entries (number hashes; the numbers themselves are not stored).
+    List {
+        #[arg(long)]
+        tenant: String,
+    },
 }
 
 /// Runs the parsed command; the process exit code follows the result.
@@ -92,6 +120,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status => {
             let config = Config::load(&cli.config)?;
             let out = with_store(&config, Request::Status)?;
+            std::io::stdout().write_all(&out)?;
+            Ok(())
+        }
+        Command::Blocklist { action } => {
+            let config = Config::load(&cli.config)?;
+            let request = match action {
+                BlocklistAction::Add { tenant, phone } => Request::BlocklistAdd { tenant, phone },
+                BlocklistAction::Remove { tenant, phone } => Request::BlocklistRemove { tenant, phone },
+                BlocklistAction::List { tenant } => Request::BlocklistList { tenant },
+            };
+            let out = with_store(&config, request)?;
             std::io::stdout().write_all(&out)?;
             Ok(())
         }

@@ -131,6 +131,10 @@ mod tests {
             ("a".repeat(918), (Gsm7, 6)),
             ("a".repeat(919), (Gsm7, 7)),
             ("€".repeat(80), (Gsm7, 1)),
+            ("€".repeat(456), (Gsm7, 6)),
+            ("€".repeat(457), (Gsm7, 7)),
+            (format!("{}€", "a".repeat(916)), (Gsm7, 6)),
+            (format!("{}€", "a".repeat(917)), (Gsm7, 7)),
             (format!("{}€", "a".repeat(159)), (Gsm7, 2)),
             // an escape pair is never split: 152 + € does not fit in 153
             (format!("{}€{}", "a".repeat(152), "a".repeat(10)), (Gsm7, 2)),

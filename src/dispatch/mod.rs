@@ -30,7 +30,7 @@ use partner::{Outbound, Partner, PartnerError, Submitted};
 /// Messages one batch may send per turn.
 pub const QUANTUM: u64 = 32;
 /// Messages per dispatcher step (one durable commit).
-const STEP: usize = 256;
+const STEP: usize = 1024;
 /// Transient failures are retried this many times, with growing delays, before `failed`.
 const MAX_ATTEMPTS: u32 = 12;
 
@@ -197,7 +197,7 @@ impl Dispatcher {
     /// Sends one step's worth of messages. Returns whether there was anything to send.
     async fn step(&self, rotation: &mut Rotation) -> Result<bool, StoreError> {
         let t = now();
-        let due = self.blocking(move |s| s.due_scheduled(t, STEP / 2)).await?;
+        let due = self.blocking(move |s| s.due_scheduled(t, STEP / 4)).await?;
         let budget = STEP - due.len();
         let fresh = rotation.take(budget);
         if due.is_empty() && fresh.is_empty() {

@@ -454,6 +454,36 @@ impl Store {
         Ok(())
     }
 
+    /// Takes an E.164 number off a tenant's blocklist. Returns whether it was there.
+    pub fn blocklist_remove(&self, tenant: &str, e164: &str) -> Result<bool> {
+        let keys = self.keys.tenant(tenant);
+        let key = tenant_key(tenant, &keys.phone_hash(e164));
+        let tx = self.write(Durability::Immediate)?;
+        let removed = tx.open_table(BLOCKLIST)?.remove(key.as_slice())?.is_some();
+        tx.commit()?;
+        Ok(removed)
+    }
+
+    /// A tenant's blocklist entries: (keyed hash of the number, entry). The numbers themselves
+    /// are not stored.
+    pub fn blocklist_entries(&self, tenant: &str) -> Result<Vec<([u8; 16], BlockEntry)>> {
+        let keys = self.keys.tenant(tenant);
+        let start = tenant_key(tenant, &[]);
+        let mut end = start.clone();
+        end.push(0xff);
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(BLOCKLIST)?;
+        let mut out = Vec::new();
+        for e in table.range(start.as_slice()..end.as_slice())? {
+            let (k, v) = e?;
+            let key = k.value();
+            if let Ok(h) = <[u8; 16]>::try_from(&key[start.len()..]) {
+                out.push((h, open_record(&keys, "blocklist", key, v.value())?));
+            }
+        }
+        Ok(out)
+    }
+
     // ---- dispatch and reports ----------------------------------------------------------
 
     /// The messages of one chunk of a batch.

@@ -71,7 +71,7 @@ pub fn write_batch(path: &Path, lines: u64, invalid_every: u64) -> std::io::Resu
     let mut valid = 0;
     for i in 0..lines {
         if invalid_every > 0 && i % invalid_every == invalid_every - 1 {
-            if i % 2 == 0 {
+            if (i / invalid_every) % 2 == 0 {
                 writeln!(out, "12345;{};r{i}", text(i))?;
             } else {
                 writeln!(out, "{};;r{i}", written_phone(i))?;

@@ -1,0 +1,231 @@
+//! Crashes, stops and commands, through the real binary: nothing acknowledged is lost, nothing is
+//! answered or sent twice, and the CLI works with and without a running `serve`.
+
+mod common;
+
+use std::collections::HashSet;
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+use common::{Appliance, batches, parse_csv, tenant};
+
+/// Waits until the log of the current start contains `needle`.
+fn wait_log(app: &Appliance, needle: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !app.log().contains(needle) {
+        assert!(Instant::now() < deadline, "`{needle}` not logged:\n{}", app.log());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn message_ids(sent: &[serde_json::Value]) -> Vec<String> {
+    sent.iter()
+        .map(|v| v["message_id"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[test]
+fn sigkill_during_a_large_ingest_answers_every_line_once() {
+    let mut app = Appliance::new(&tenant("acme", ""));
+    let lines = 300_000;
+    let staging = app.path("big.csv");
+    let valid = batches::write_batch(&staging, lines, 20).expect("generate") as usize;
+    app.start();
+    std::fs::rename(&staging, app.inbox("acme").join("big.csv")).expect("drop");
+    wait_log(&app, "file taken", Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(250));
+    app.kill();
+    let acknowledged_before_kill = app.outbox("acme").join("big.result.csv").exists();
+
+    app.start();
+    let rows = app.result("acme", "big");
+    assert_eq!(rows.len() as u64, lines + 1, "one row per line");
+    let numbers: HashSet<&str> = rows[1..].iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(numbers.len() as u64, lines, "every line answered exactly once");
+    assert!((2..=lines + 1).all(|l| numbers.contains(l.to_string().as_str())));
+    assert_eq!(rows[1..].iter().filter(|r| r[3] == "queued").count(), valid);
+    if !acknowledged_before_kill {
+        assert!(
+            app.log().contains("resuming files claimed before the last stop"),
+            "the second start took the spool file:\n{}",
+            app.log()
+        );
+    }
+
+    let sent = app.wait_sink(valid, Duration::from_secs(120));
+    let ids: HashSet<String> = message_ids(&sent).into_iter().collect();
+    assert_eq!(ids.len(), valid, "every accepted message sent");
+    assert_eq!(
+        sent.len(),
+        valid,
+        "nothing sent twice: the kill came before any dispatch"
+    );
+    let queued_ids: HashSet<String> = rows[1..]
+        .iter()
+        .filter(|r| r[3] == "queued")
+        .map(|r| r[5].clone())
+        .collect();
+    assert_eq!(
+        ids, queued_ids,
+        "the sink got exactly the message ids of the result file"
+    );
+    let report = app.final_report("acme", "big", valid);
+    assert!(report[1..].iter().all(|r| r[4] == "delivered"));
+}
+
+#[test]
+fn sigterm_during_dispatch_loses_nothing_and_sends_nothing_twice() {
+    let mut app = Appliance::new(&tenant("acme", ""));
+    let staging = app.path("run.csv");
+    let valid = batches::write_batch(&staging, 200_000, 0).expect("generate") as usize;
+    app.start();
+    std::fs::rename(&staging, app.inbox("acme").join("run.csv")).expect("drop");
+    app.result("acme", "run");
+    let partial = app.wait_sink(1, Duration::from_secs(60)).len();
+    let status = app.stop();
+    assert!(status.success(), "SIGTERM is a clean stop: {status}");
+    let at_stop = app.sink().len();
+    assert!(
+        at_stop < valid,
+        "the stop came mid-dispatch ({partial} then {at_stop} of {valid})"
+    );
+    assert!(app.log().contains("stopped"));
+
+    app.start();
+    let sent = app.wait_sink(valid, Duration::from_secs(120));
+    std::thread::sleep(Duration::from_millis(500));
+    let sent_after = app.sink();
+    assert_eq!(sent_after.len(), sent.len());
+    let ids: HashSet<String> = message_ids(&sent_after).into_iter().collect();
+    assert_eq!(ids.len(), valid, "every message sent");
+    assert_eq!(sent_after.len(), valid, "none sent twice after a clean stop");
+    let report = app.final_report("acme", "run", valid);
+    assert!(report[1..].iter().all(|r| r[4] == "delivered" && r[5] == "sink"));
+}
+
+#[test]
+fn sigkill_during_dispatch_resends_at_most_the_step_in_flight() {
+    let mut app = Appliance::new(&tenant("acme", ""));
+    let staging = app.path("run.csv");
+    let valid = batches::write_batch(&staging, 100_000, 0).expect("generate") as usize;
+    app.start();
+    std::fs::rename(&staging, app.inbox("acme").join("run.csv")).expect("drop");
+    app.result("acme", "run");
+    app.wait_sink(1, Duration::from_secs(60));
+    app.kill();
+    app.start();
+    app.final_report("acme", "run", valid);
+    let sent = app.sink();
+    let ids: HashSet<String> = message_ids(&sent).into_iter().collect();
+    assert_eq!(ids.len(), valid, "every message sent");
+    assert!(
+        sent.len() - valid <= 1024,
+        "duplicates only within the step in flight: {}",
+        sent.len() - valid
+    );
+}
+
+#[test]
+fn commands_work_with_and_without_serve() {
+    let mut app = Appliance::new(&tenant("acme", ""));
+    let file = app.path("check.csv");
+    std::fs::write(&file, "phone;message;ref\n0612345678;Hello;a\nbad;Hello;b\n").expect("write");
+    let path = file.to_str().expect("utf-8 path");
+
+    // without serve: the store is opened directly
+    let out = app.cli(&["validate", "--tenant", "acme", path]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows = parse_csv(&out.stdout, b';');
+    assert_eq!(rows[1][..5], ["2", "a", "+33612345678", "queued", ""]);
+    assert_eq!(rows[2][..5], ["3", "b", "bad", "rejected", "invalid_phone"]);
+    let status = app.cli(&["status"]);
+    assert!(status.status.success());
+    assert!(String::from_utf8_lossy(&status.stdout).contains("acme"));
+
+    // with serve: the same answers come through the admin socket
+    app.start();
+    let out = app.cli(&["validate", "--tenant", "acme", path]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(parse_csv(&out.stdout, b';'), rows);
+    let mode = std::fs::metadata(app.state_dir().join("admin.sock"))
+        .expect("socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    app.drop_file("acme", "real.csv", b"phone;message\n0612345678;Hello\n0612345679;Hi\n");
+    app.final_report("acme", "real", 2);
+    let status = String::from_utf8_lossy(&app.cli(&["status"]).stdout).into_owned();
+    let row: Vec<&str> = status
+        .lines()
+        .find(|l| l.starts_with("acme"))
+        .expect("acme row")
+        .split_whitespace()
+        .collect();
+    assert_eq!(row[1..4], ["0/1", "0", "0"], "one batch, none open, depth 0: {status}");
+    assert_eq!(row[6], "2", "two delivered: {status}");
+    assert_eq!(app.sink().len(), 2, "validate queued nothing");
+    let out = app.cli(&["validate", "--tenant", "nobody", path]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no tenant `nobody`"));
+    assert!(app.stop().success());
+}
+
+#[test]
+fn keys_and_configuration_are_checked() {
+    let mut app = Appliance::new(&tenant("acme", ""));
+    let again = app.cli(&["keygen"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("never overwrites"));
+
+    let ok = app.cli(&["check-config"]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+
+    let key = app.path("master.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = app.cli(&["serve"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("chmod 600"), "{err}");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+
+    let text = std::fs::read_to_string(&app.config).expect("config");
+    std::fs::write(&app.config, text.replace("settle = \"200ms\"", "setle = \"200ms\"")).expect("typo");
+    let out = app.cli(&["check-config"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("smsdrop.toml:") && err.contains("setle"), "{err}");
+    std::fs::write(
+        &app.config,
+        text.replace("default_region = \"FR\"", "default_region = \"ZZ\""),
+    )
+    .expect("bad value");
+    let out = app.cli(&["check-config"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tenant.acme.default_region"), "{err}");
+
+    std::fs::write(&app.config, text).expect("restore");
+    app.start();
+    assert!(app.stop().success());
+}
+
+#[test]
+fn blocklist_commands() {
+    let mut app = Appliance::new(&tenant("acme", ""));
+    app.start();
+    let add = app.cli(&["blocklist", "add", "--tenant", "acme", "--phone", "+33 6 12 34 56 78"]);
+    assert!(add.status.success(), "{}", String::from_utf8_lossy(&add.stderr));
+    let list = String::from_utf8_lossy(&app.cli(&["blocklist", "list", "--tenant", "acme"]).stdout).into_owned();
+    assert_eq!(list.lines().count(), 2, "{list}");
+    assert!(
+        !list.contains("612345678"),
+        "the list holds hashes, not numbers: {list}"
+    );
+    app.drop_file("acme", "one.csv", b"phone;message\n06 12 34 56 78;Hello\n");
+    assert_eq!(app.result("acme", "one")[1][4], "blocklisted");
+    let remove = app.cli(&["blocklist", "remove", "--tenant", "acme", "--phone", "0612345678"]);
+    assert!(String::from_utf8_lossy(&remove.stdout).contains("removed"));
+    app.drop_file("acme", "two.csv", b"phone;message\n06 12 34 56 78;Hello again\n");
+    assert_eq!(app.result("acme", "two")[1][3], "queued");
+    let bad = app.cli(&["blocklist", "add", "--tenant", "acme", "--phone", "nope"]);
+    assert!(!bad.status.success());
+}

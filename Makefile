@@ -14,7 +14,7 @@ run: build
 	@test -f var/master.key || $(BIN) --config $(DEMO) keygen
 	@echo
 	@echo "  smsdrop demo: drop a CSV file into $(CURDIR)/var/drop/demo/inbox"
-	@echo "  e.g.  printf 'phone;message\n06 12 34 56 78;Bonjour\n' > /tmp/june.csv && mv /tmp/june.csv var/drop/demo/inbox/"
+	@printf '%s\n' "  e.g.  printf 'phone;message\\n06 12 34 56 78;Bonjour\\n' > /tmp/june.csv && mv /tmp/june.csv var/drop/demo/inbox/"
 	@echo "  replies appear in $(CURDIR)/var/drop/demo/outbox, sent messages in var/sink.jsonl"
 	@echo "  status: $(BIN) --config $(DEMO) status      stop: Ctrl-C"
 	@echo

@@ -101,6 +101,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         claimed: claimed_tx,
     };
     let recovered = watcher.recover();
+    forget_stale_claims(&store, &recovered);
     if !recovered.is_empty() {
         tracing::info!(files = recovered.len(), "resuming files claimed before the last stop");
     }
@@ -168,6 +169,20 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     drop(store);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Claims whose spool file is gone: the batch finished (or a partial one was abandoned by hand).
+fn forget_stale_claims(store: &Store, recovered: &[Claimed]) {
+    let Ok(claims) = store.claims() else { return };
+    for claim in claims.iter().filter(|c| !recovered.iter().any(|r| &r.claim == *c)) {
+        let result = store.batch_by_claim(claim).and_then(|batch| match batch {
+            Some(b) if b.state == crate::store::records::BatchState::Ingesting => store.discard_batch(&b),
+            _ => store.forget_claim(claim),
+        });
+        if let Err(e) = result {
+            tracing::warn!(claim = %claim, error = %e, "cannot forget a stale claim");
+        }
+    }
 }
 
 fn ingest_one(ingestor: &Ingestor<'_>, config: &Config, claimed: &Claimed) {

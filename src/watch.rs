@@ -33,9 +33,16 @@ pub struct Claimed {
     pub recovered: bool,
 }
 
+/// Longest file name taken: the reply files add up to 11 bytes to the name's stem.
+const MAX_NAME_BYTES: usize = 200;
+
 /// Names that are never batches.
 pub fn is_ignored_name(name: &str) -> bool {
-    name.starts_with('.') || name.ends_with(".part") || name.ends_with(".tmp") || name.ends_with(".ok")
+    name.starts_with('.')
+        || name.ends_with(".part")
+        || name.ends_with(".tmp")
+        || name.ends_with(".ok")
+        || name.len() > MAX_NAME_BYTES
 }
 
 /// A spool file's name: `<claim>~<original name>`.
@@ -360,6 +367,7 @@ mod tests {
         for n in [".hidden.csv", "a.csv.part", "a.tmp", "a.csv.ok", ".smsdrop-claim-x"] {
             assert!(is_ignored_name(n), "{n}");
         }
+        assert!(is_ignored_name(&"x".repeat(201)));
         for n in ["a.csv", "batch", "ok.csv", "part.csv"] {
             assert!(!is_ignored_name(n), "{n}");
         }

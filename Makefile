@@ -28,10 +28,10 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets --locked -- -D warnings
 
-## Installs what the tests need, then runs every test once against the release binary.
+## Installs what the tests need, then runs every test once (nextest builds the release binary
+## the integration tests drive).
 test: test-deps lint
-	$(CARGO) build --release --locked
-	SMSDROP_BIN=$(CURDIR)/$(BIN) $(CARGO) nextest run --release --locked --no-fail-fast
+	$(CARGO) nextest run --release --locked --no-fail-fast
 
 ## Benchmarks (release build): ingest of generated batches, beside a bare CSV read of the same file.
 bench:

@@ -229,3 +229,26 @@ fn blocklist_commands() {
     let bad = app.cli(&["blocklist", "add", "--tenant", "acme", "--phone", "nope"]);
     assert!(!bad.status.success());
 }
+
+#[test]
+fn json_logs_hold_no_number_or_text() {
+    let mut app = Appliance::new_with("log_format = \"json\"", &tenant("acme", ""));
+    app.start();
+    app.drop_file(
+        "acme",
+        "j.csv",
+        b"phone;message\n0612345678;Secret words\nbad;Other words\n",
+    );
+    app.result("acme", "j");
+    app.final_report("acme", "j", 1);
+    assert!(app.stop().success());
+    let log = app.log();
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+    }
+    assert!(log.contains("\"file\":\"j.csv\""), "{log}");
+    for secret in ["612345678", "Secret words", "Other words"] {
+        assert!(!log.contains(secret), "{secret} in the log:\n{log}");
+    }
+}

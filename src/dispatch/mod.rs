@@ -372,23 +372,10 @@ mod tests {
     use super::*;
 
     fn batch(id: u64, tenant: &str, accepted: u64) -> BatchRecord {
-        BatchRecord {
-            id,
-            tenant: tenant.into(),
-            file_name: "f.csv".into(),
-            claim: String::new(),
-            received_at: 0,
-            state: crate::store::records::BatchState::Queued,
-            file_reason: None,
-            format: Default::default(),
-            lines: accepted,
-            accepted,
-            rejected: 0,
-            cursor: 0,
-            counts: [0; 9],
-            report_final: false,
-            updated_at: 0,
-        }
+        let mut b = BatchRecord::new(id, tenant, "f.csv", "", 0, Default::default());
+        b.state = crate::store::records::BatchState::Queued;
+        b.accepted = accepted;
+        b
     }
 
     #[test]

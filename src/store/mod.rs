@@ -147,6 +147,16 @@ fn tenant_key(tenant: &str, hash: &[u8]) -> Vec<u8> {
     k
 }
 
+/// The key range of one tenant's entries in a table keyed by `tenant_key`.
+fn tenant_range(tenant: &str) -> (Vec<u8>, Vec<u8>) {
+    let start = tenant_key(tenant, &[]);
+    let mut end = start.clone();
+    if let Some(last) = end.last_mut() {
+        *last = 1; // the byte after the 0 separator
+    }
+    (start, end)
+}
+
 fn chunk_key(batch: u64, chunk: u32) -> [u8; 12] {
     let mut k = [0u8; 12];
     k[..8].copy_from_slice(&batch.to_be_bytes());
@@ -277,23 +287,7 @@ impl Store {
             meta.insert("next_batch", next + 1)?;
             next
         };
-        let batch = BatchRecord {
-            id,
-            tenant: tenant.to_string(),
-            file_name: file_name.to_string(),
-            claim: claim.to_string(),
-            received_at,
-            state: BatchState::Ingesting,
-            file_reason: None,
-            format,
-            lines: 0,
-            accepted: 0,
-            rejected: 0,
-            cursor: 0,
-            counts: [0; 9],
-            report_final: false,
-            updated_at: received_at,
-        };
+        let batch = BatchRecord::new(id, tenant, file_name, claim, received_at, format);
         Self::put_batch(&tx, &self.keys.tenant(tenant), &batch)?;
         tx.open_table(CLAIMS)?.insert(claim, id)?;
         tx.commit()?;
@@ -424,9 +418,7 @@ impl Store {
 
     /// The keyed hashes of a tenant's blocklisted numbers.
     pub fn blocklist_hashes(&self, tenant: &str) -> Result<HashSet<[u8; 16]>> {
-        let start = tenant_key(tenant, &[]);
-        let mut end = start.clone();
-        end.push(0xff);
+        let (start, end) = tenant_range(tenant);
         let tx = self.db.begin_read()?;
         let table = tx.open_table(BLOCKLIST)?;
         let mut out = HashSet::new();
@@ -468,9 +460,7 @@ impl Store {
     /// are not stored.
     pub fn blocklist_entries(&self, tenant: &str) -> Result<Vec<([u8; 16], BlockEntry)>> {
         let keys = self.keys.tenant(tenant);
-        let start = tenant_key(tenant, &[]);
-        let mut end = start.clone();
-        end.push(0xff);
+        let (start, end) = tenant_range(tenant);
         let tx = self.db.begin_read()?;
         let table = tx.open_table(BLOCKLIST)?;
         let mut out = Vec::new();

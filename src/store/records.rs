@@ -94,6 +94,27 @@ pub struct BatchRecord {
 }
 
 impl BatchRecord {
+    /// A batch just claimed, about to be ingested.
+    pub fn new(id: u64, tenant: &str, file_name: &str, claim: &str, received_at: i64, format: ReplyFormat) -> Self {
+        BatchRecord {
+            id,
+            tenant: tenant.to_string(),
+            file_name: file_name.to_string(),
+            claim: claim.to_string(),
+            received_at,
+            state: BatchState::Ingesting,
+            file_reason: None,
+            format,
+            lines: 0,
+            accepted: 0,
+            rejected: 0,
+            cursor: 0,
+            counts: [0; 9],
+            report_final: false,
+            updated_at: received_at,
+        }
+    }
+
     /// The reply files' stem: the file name without its last extension (SPEC §4).
     pub fn stem(&self) -> &str {
         match self.file_name.rfind('.') {
@@ -202,23 +223,7 @@ mod tests {
 
     #[test]
     fn stem_drops_last_extension() {
-        let mut b = BatchRecord {
-            id: 1,
-            tenant: "t".into(),
-            file_name: "june.batch.csv".into(),
-            claim: String::new(),
-            received_at: 0,
-            state: BatchState::Queued,
-            file_reason: None,
-            format: ReplyFormat::default(),
-            lines: 0,
-            accepted: 0,
-            rejected: 0,
-            cursor: 0,
-            counts: [0; 9],
-            report_final: false,
-            updated_at: 0,
-        };
+        let mut b = BatchRecord::new(1, "t", "june.batch.csv", "", 0, ReplyFormat::default());
         assert_eq!(b.stem(), "june.batch");
         b.file_name = "noext".into();
         assert_eq!(b.stem(), "noext");

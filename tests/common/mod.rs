@@ -57,9 +57,14 @@ impl Appliance {
     /// A new appliance with `tables` (tenants and anything else) after the base configuration,
     /// and a fresh master key.
     pub fn new(tables: &str) -> Appliance {
+        Appliance::new_with("", tables)
+    }
+
+    /// Like [`Appliance::new`], with top-level keys `top` before every table.
+    pub fn new_with(top: &str, tables: &str) -> Appliance {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = dir.path().join("smsdrop.toml");
-        std::fs::write(&config, format!("{}{}", base_config(dir.path()), tables)).expect("write config");
+        std::fs::write(&config, format!("{top}\n{}{}", base_config(dir.path()), tables)).expect("write config");
         let app = Appliance {
             dir,
             config,

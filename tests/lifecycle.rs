@@ -252,3 +252,41 @@ fn json_logs_hold_no_number_or_text() {
         assert!(!log.contains(secret), "{secret} in the log:\n{log}");
     }
 }
+
+#[test]
+fn sigkill_during_ingest_while_another_batch_dispatches() {
+    let mut app = Appliance::new(&tenant("acme", ""));
+    let first = app.path("first.csv");
+    let second = app.path("second.csv");
+    let valid_first = batches::write_batch(&first, 100_000, 0).expect("generate") as usize;
+    let valid_second = batches::write_batch(&second, 300_000, 20).expect("generate") as usize;
+    app.start();
+    std::fs::rename(&first, app.inbox("acme").join("first.csv")).expect("drop");
+    app.result("acme", "first");
+    std::fs::rename(&second, app.inbox("acme").join("second.csv")).expect("drop");
+    wait_log(&app, "file=second.csv claim=", Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(300));
+    app.kill();
+
+    app.start();
+    let rows = app.result("acme", "second");
+    assert_eq!(rows.len(), 300_001, "every line of the cut batch answered once");
+    let lines: HashSet<&str> = rows[1..].iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(lines.len(), 300_000);
+    app.final_report("acme", "first", valid_first);
+    app.final_report("acme", "second", valid_second);
+    let sent = app.sink();
+    let ids: HashSet<String> = message_ids(&sent).into_iter().collect();
+    assert_eq!(ids.len(), valid_first + valid_second, "every message sent");
+    assert!(
+        sent.len() - ids.len() <= 1024,
+        "duplicates only within the step in flight"
+    );
+    let status = String::from_utf8_lossy(&app.cli(&["status"]).stdout).into_owned();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("acme") && l.split_whitespace().nth(1) == Some("0/2")),
+        "{status}"
+    );
+}

@@ -550,3 +550,96 @@ fn finish_claim(store: &Store, spool: &Path, claim: &str) {
         tracing::warn!(error = %e, "cannot forget a finished claim; it is dropped at next start");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::crypto::{Keyring, MasterKey};
+    use std::sync::Arc;
+
+    fn setup(dir: &Path) -> (Store, Arc<Tenant>) {
+        let key = dir.join("master.key");
+        MasterKey::generate(&key).unwrap();
+        let src = format!(
+            "state_dir = \"{d}\"\nkey_file = \"{d}/master.key\"\n[tenant.acme]\ndefault_region = \"FR\"\nsender = \"ACME\"\n",
+            d = dir.display()
+        );
+        let config = Config::parse(&dir.join("c.toml"), &src).unwrap();
+        let tenant = config.tenants["acme"].clone();
+        fs::create_dir_all(&tenant.outbox).unwrap();
+        let store = Store::open(dir, Arc::new(Keyring::new(MasterKey::load(&key).unwrap()))).unwrap();
+        (store, tenant)
+    }
+
+    #[test]
+    fn a_batch_cut_short_is_discarded_and_ingested_anew() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, tenant) = setup(dir.path());
+        let spool = dir.path().join("c1~june.csv");
+        fs::write(&spool, "phone;message\n0612345678;a\n0612345679;b\n").unwrap();
+        // What a crash mid-ingest leaves when a later durable commit carried the partial batch:
+        let partial = store
+            .begin_batch("acme", "june.csv", "c1", ReplyFormat::default(), 0)
+            .unwrap();
+        let stray = StoredMessage {
+            line: 2,
+            reference: String::new(),
+            phone: "+33612345678".into(),
+            sender: "ACME".into(),
+            text: "a".into(),
+            coding: crate::store::records::TextCoding::Gsm7,
+            parts: 1,
+            send_at: None,
+        };
+        store.write_chunks(&partial, &[(0, vec![stray])]).unwrap();
+        let cancel = AtomicBool::new(false);
+        let ingestor = Ingestor {
+            store: &store,
+            cancel: &cancel,
+        };
+        let batch = ingestor.recover_claim(&tenant, &spool, "c1", "june.csv").unwrap();
+        assert_ne!(batch.id, partial.id);
+        assert_eq!((batch.state, batch.accepted), (BatchState::Queued, 2));
+        let all = store.batches(None).unwrap();
+        assert_eq!(all.len(), 1, "the partial batch is gone");
+        assert!(
+            store.load_chunk("acme", partial.id, 0).unwrap().is_empty(),
+            "its chunks too"
+        );
+        assert!(!spool.exists());
+        assert!(store.claims().unwrap().is_empty());
+        let result = fs::read_to_string(tenant.outbox.join("june.result.csv")).unwrap();
+        assert_eq!(result.lines().count(), 3);
+    }
+
+    #[test]
+    fn a_committed_batch_is_only_published_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, tenant) = setup(dir.path());
+        // The state between the durable commit and the rename: claim recorded, batch queued,
+        // synced temporary result in the outbox, spool file still there.
+        let spool = dir.path().join("c2~july.csv");
+        fs::write(&spool, "phone;message\n0612345678;a\n").unwrap();
+        let mut batch = store
+            .begin_batch("acme", "july.csv", "c2", ReplyFormat::default(), 0)
+            .unwrap();
+        batch.accepted = 1;
+        store.finish_batch(&mut batch, Some([9; 32]), 0).unwrap();
+        let temp = reply::temp_path(&tenant.outbox, "july.result.csv", "c2");
+        fs::write(&temp, "the result written before the crash").unwrap();
+
+        let cancel = AtomicBool::new(false);
+        let ingestor = Ingestor {
+            store: &store,
+            cancel: &cancel,
+        };
+        let recovered = ingestor.recover_claim(&tenant, &spool, "c2", "july.csv").unwrap();
+        assert_eq!(recovered.id, batch.id, "not queued a second time");
+        assert_eq!(store.batches(None).unwrap().len(), 1);
+        let published = fs::read_to_string(tenant.outbox.join("july.result.csv")).unwrap();
+        assert_eq!(published, "the result written before the crash");
+        assert!(!temp.exists() && !spool.exists());
+        assert!(store.claims().unwrap().is_empty());
+    }
+}

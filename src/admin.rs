@@ -34,6 +34,19 @@ pub enum Request {
     BlocklistAdd { tenant: String, phone: String },
     BlocklistRemove { tenant: String, phone: String },
     BlocklistList { tenant: String },
+    BatchList { tenant: Option<String> },
+    BatchShow { id: u64 },
+    BatchRelease { id: u64 },
+    BatchCancel { id: u64 },
+}
+
+/// What commands work on: the store, the configuration, and (inside `serve`) the dispatcher.
+pub struct AdminContext {
+    pub store: Store,
+    pub config: Arc<Config>,
+    pub dispatch: Option<Arc<crate::dispatch::Signal>>,
+    /// Asks for a batch's final report (a cancel can finish a batch).
+    pub reports: Option<crate::reply::ReportRequests>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -61,8 +74,42 @@ pub enum AdminError {
 }
 
 /// Answers a request against the store.
-pub fn handle(store: &Store, config: &Config, request: &Request) -> Result<Vec<u8>, AdminError> {
+pub fn handle(ctx: &AdminContext, request: &Request) -> Result<Vec<u8>, AdminError> {
+    let (store, config) = (&ctx.store, ctx.config.as_ref());
+    let now = jiff::Timestamp::now().as_second();
     match request {
+        Request::BatchList { tenant } => {
+            if let Some(t) = tenant {
+                config.tenants.get(t).ok_or_else(|| AdminError::NoTenant(t.clone()))?;
+            }
+            Ok(batch_list(&store.batches(tenant.as_deref())?).into_bytes())
+        }
+        Request::BatchShow { id } => {
+            let batch = store.batch(*id)?.ok_or(StoreError::NoBatch(*id))?;
+            Ok(batch_show(&batch).into_bytes())
+        }
+        Request::BatchRelease { id } => {
+            let batch = store.release_batch(*id, now)?;
+            if let Some(d) = &ctx.dispatch {
+                d.poke();
+            }
+            tracing::info!(batch = id, tenant = %batch.tenant, "held batch released by an operator");
+            Ok(format!("batch {id} released: {} messages queued\n", batch.accepted).into_bytes())
+        }
+        Request::BatchCancel { id } => {
+            let batch = store.cancel_batch(*id, now)?;
+            if let Some(d) = &ctx.dispatch {
+                d.poke();
+            }
+            if batch.state == BatchState::Done {
+                if let Some(r) = &ctx.reports {
+                    let _ = r.send(batch.id);
+                }
+            }
+            let canceled = batch.count(MessageStatus::Canceled);
+            tracing::info!(batch = id, tenant = %batch.tenant, canceled, "batch canceled by an operator");
+            Ok(format!("batch {id} canceled: {canceled} messages will not be sent\n").into_bytes())
+        }
         Request::Status => Ok(status_text(store, config)?.into_bytes()),
         Request::Validate { tenant, path } => validate(store, config, tenant, path),
         Request::BlocklistAdd { tenant, phone } => {
@@ -133,6 +180,80 @@ pub fn validate(store: &Store, config: &Config, tenant: &str, path: &Path) -> Re
     Ok(sink.finish(&summary)?)
 }
 
+fn time_text(t: i64) -> String {
+    jiff::Timestamp::from_second(t)
+        .map(|ts| ts.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .unwrap_or_default()
+}
+
+/// `smsdrop batch list`.
+pub fn batch_list(batches: &[crate::store::records::BatchRecord]) -> String {
+    let mut out = format!(
+        "{:>8} {:<16} {:<9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  {:<20}  {}\n",
+        "id",
+        "tenant",
+        "state",
+        "lines",
+        "accepted",
+        "rejected",
+        "pending",
+        "delivered",
+        "failed",
+        "received_at",
+        "file"
+    );
+    for b in batches {
+        let pending = b.count(MessageStatus::Queued) + b.count(MessageStatus::Held) + b.count(MessageStatus::Submitted);
+        let failed = b.finished() - b.count(MessageStatus::Delivered);
+        let state = match b.file_reason {
+            Some(r) => format!("{}:{r}", b.state.as_str()),
+            None => b.state.as_str().to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "{:>8} {:<16} {:<9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  {:<20}  {}",
+            b.id,
+            b.tenant,
+            state,
+            b.lines,
+            b.accepted,
+            b.rejected,
+            pending,
+            b.count(MessageStatus::Delivered),
+            failed,
+            time_text(b.received_at),
+            b.file_name
+        );
+    }
+    out
+}
+
+/// `smsdrop batch show`.
+pub fn batch_show(b: &crate::store::records::BatchRecord) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "batch        {}", b.id);
+    let _ = writeln!(out, "tenant       {}", b.tenant);
+    let _ = writeln!(out, "file         {}", b.file_name);
+    let _ = writeln!(out, "received_at  {}", time_text(b.received_at));
+    let _ = writeln!(out, "updated_at   {}", time_text(b.updated_at));
+    let _ = writeln!(out, "state        {}", b.state.as_str());
+    if let Some(r) = b.file_reason {
+        let _ = writeln!(out, "file_reason  {r}");
+    }
+    let _ = writeln!(out, "lines        {}", b.lines);
+    let _ = writeln!(out, "accepted     {}", b.accepted);
+    let _ = writeln!(out, "rejected     {}", b.rejected);
+    for (reason, n) in &b.reasons {
+        let _ = writeln!(out, "  {reason:<24}{n}");
+    }
+    let _ = writeln!(out, "countries    {}", b.countries.join(" "));
+    let _ = writeln!(out, "messages");
+    for s in MessageStatus::ALL {
+        let _ = writeln!(out, "  {:<24}{}", s.as_str(), b.count(*s));
+    }
+    out
+}
+
 /// `smsdrop status`: queue depth by tenant and status.
 pub fn status_text(store: &Store, config: &Config) -> Result<String, StoreError> {
     let mut out = String::new();
@@ -173,7 +294,7 @@ pub fn status_text(store: &Store, config: &Config) -> Result<String, StoreError>
 }
 
 /// Serves the admin socket until `shutdown`.
-pub async fn serve(path: PathBuf, store: Store, config: Arc<Config>, shutdown: CancellationToken) -> io::Result<()> {
+pub async fn serve(path: PathBuf, ctx: Arc<AdminContext>, shutdown: CancellationToken) -> io::Result<()> {
     let listener = bind(&path)?;
     loop {
         tokio::select! {
@@ -186,10 +307,9 @@ pub async fn serve(path: PathBuf, store: Store, config: Arc<Config>, shutdown: C
                         continue;
                     }
                 };
-                let store = store.clone();
-                let config = config.clone();
+                let ctx = ctx.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = connection(stream, store, config).await {
+                    if let Err(e) = connection(stream, ctx).await {
                         tracing::warn!(error = %e, "admin connection failed");
                     }
                 });
@@ -216,13 +336,13 @@ fn bind(path: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
-async fn connection(stream: UnixStream, store: Store, config: Arc<Config>) -> io::Result<()> {
+async fn connection(stream: UnixStream, ctx: Arc<AdminContext>) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read).take(MAX_REQUEST as u64);
     let mut line = String::new();
     reader.read_line(&mut line).await?;
     let result = match serde_json::from_str::<Request>(&line) {
-        Ok(request) => tokio::task::spawn_blocking(move || handle(&store, &config, &request))
+        Ok(request) => tokio::task::spawn_blocking(move || handle(&ctx, &request))
             .await
             .map_err(|e| AdminError::Io(io::Error::other(e)))
             .and_then(|r| r),

@@ -48,11 +48,31 @@ pub enum Command {
     },
     /// Queue depth by tenant and status.
     Status,
+    /// Batches: list, show, release a held one, cancel what is not sent.
+    Batch {
+        #[command(subcommand)]
+        action: BatchAction,
+    },
     /// Opt-out lists: numbers that are never sent to.
     Blocklist {
         #[command(subcommand)]
         action: BlocklistAction,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BatchAction {
+    /// Every batch, or one tenant's.
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// One batch in detail: counts by reason and by status.
+    Show { id: u64 },
+    /// Queue a held batch's messages for sending.
+    Release { id: u64 },
+    /// Cancel what a batch has not sent yet.
+    Cancel { id: u64 },
 }
 
 #[derive(Debug, Subcommand)]
@@ -113,13 +133,25 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Validate { tenant, file } => {
             let config = Config::load(&cli.config)?;
             let file = std::fs::canonicalize(&file).with_context(|| format!("{}", file.display()))?;
-            let out = with_store(&config, Request::Validate { tenant, path: file })?;
+            let out = with_store(config, Request::Validate { tenant, path: file })?;
             std::io::stdout().write_all(&out)?;
             Ok(())
         }
         Command::Status => {
             let config = Config::load(&cli.config)?;
-            let out = with_store(&config, Request::Status)?;
+            let out = with_store(config, Request::Status)?;
+            std::io::stdout().write_all(&out)?;
+            Ok(())
+        }
+        Command::Batch { action } => {
+            let config = Config::load(&cli.config)?;
+            let request = match action {
+                BatchAction::List { tenant } => Request::BatchList { tenant },
+                BatchAction::Show { id } => Request::BatchShow { id },
+                BatchAction::Release { id } => Request::BatchRelease { id },
+                BatchAction::Cancel { id } => Request::BatchCancel { id },
+            };
+            let out = with_store(config, request)?;
             std::io::stdout().write_all(&out)?;
             Ok(())
         }
@@ -130,7 +162,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 BlocklistAction::Remove { tenant, phone } => Request::BlocklistRemove { tenant, phone },
                 BlocklistAction::List { tenant } => Request::BlocklistList { tenant },
             };
-            let out = with_store(&config, request)?;
+            let out = with_store(config, request)?;
             std::io::stdout().write_all(&out)?;
             Ok(())
         }
@@ -138,11 +170,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// Runs a request through a running `serve`, or against the store directly when none runs.
-fn with_store(config: &Config, request: Request) -> anyhow::Result<Vec<u8>> {
+fn with_store(config: Config, request: Request) -> anyhow::Result<Vec<u8>> {
     if let Some(out) = admin::ask(&config.admin_socket, &request)? {
         return Ok(out);
     }
-    let store = match server::open_store(config) {
+    let store = match server::open_store(&config) {
         Ok(s) => s,
         Err(server::ServeError::Store(StoreError::Locked)) => {
             bail!(
@@ -152,7 +184,13 @@ fn with_store(config: &Config, request: Request) -> anyhow::Result<Vec<u8>> {
         }
         Err(e) => return Err(e.into()),
     };
-    Ok(admin::handle(&store, config, &request)?)
+    let ctx = admin::AdminContext {
+        store,
+        config: Arc::new(config),
+        dispatch: None,
+        reports: None,
+    };
+    Ok(admin::handle(&ctx, &request)?)
 }
 
 fn init_logging(format: LogFormat) {

@@ -67,6 +67,14 @@ pub struct Tenant {
     pub settle: Duration,
     pub dedupe_window: Duration,
     pub report_interval: Duration,
+    /// Destination countries allowed (`None`: every country).
+    pub allowed_countries: Option<Vec<rlibphonenumber::Region>>,
+    /// Domains links may point to, subdomains included (`None`: any link).
+    pub url_allowlist: Option<Vec<String>>,
+    /// Messages queued per day, in the tenant's time zone (`None`: no limit).
+    pub max_per_day: Option<u64>,
+    /// A batch with more accepted messages than this is held until released (`None`: never).
+    pub hold_above: Option<u64>,
 }
 
 impl Tenant {
@@ -223,6 +231,10 @@ struct RawTenant {
     settle: Option<Spanned<String>>,
     dedupe_window: Option<Spanned<String>>,
     report_interval: Option<Spanned<String>>,
+    allowed_countries: Option<Vec<Spanned<String>>>,
+    url_allowlist: Option<Vec<Spanned<String>>>,
+    max_per_day: Option<Spanned<i64>>,
+    hold_above: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -482,23 +494,15 @@ impl Validator<'_> {
             .map(|p| self.path(p.get_ref()))
             .unwrap_or_else(|| drop.join("outbox"));
 
-        let default_region = t.default_region.as_ref().and_then(|r| {
-            let region = r.get_ref().to_ascii_uppercase().parse::<rlibphonenumber::Region>().ok();
-            let supported = region.filter(|reg| {
-                rlibphonenumber::PHONE_NUMBER_UTIL
-                    .get_country_code_for_region(*reg)
-                    .is_some()
-            });
-            match supported {
-                Some(id) => Some(id),
-                None => {
-                    self.problem(
-                        &r.span(),
-                        &key("default_region"),
-                        format!("`{}` is not a two-letter ISO 3166 region", r.get_ref()),
-                    );
-                    None
-                }
+        let default_region = t.default_region.as_ref().and_then(|r| match parse_region(r.get_ref()) {
+            Some(id) => Some(id),
+            None => {
+                self.problem(
+                    &r.span(),
+                    &key("default_region"),
+                    format!("`{}` is not a two-letter ISO 3166 region", r.get_ref()),
+                );
+                None
             }
         });
         let timezone = match &t.timezone {
@@ -624,6 +628,56 @@ impl Validator<'_> {
             (Duration::from_secs(1), Duration::from_secs(7 * 86400)),
         );
 
+        let allowed_countries = t.allowed_countries.as_ref().map(|list| {
+            list.iter()
+                .filter_map(|c| match parse_region(c.get_ref()) {
+                    Some(r) => Some(r),
+                    None => {
+                        self.problem(
+                            &c.span(),
+                            &key("allowed_countries"),
+                            format!("`{}` is not a two-letter ISO 3166 region", c.get_ref()),
+                        );
+                        None
+                    }
+                })
+                .collect()
+        });
+        let url_allowlist = t.url_allowlist.as_ref().map(|list| {
+            list.iter()
+                .filter_map(|d| {
+                    let domain = d
+                        .get_ref()
+                        .trim()
+                        .trim_start_matches("*.")
+                        .trim_end_matches('.')
+                        .to_ascii_lowercase();
+                    let valid = domain.contains('.')
+                        && domain
+                            .split('.')
+                            .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+                    if valid {
+                        Some(domain)
+                    } else {
+                        self.problem(
+                            &d.span(),
+                            &key("url_allowlist"),
+                            format!("`{}` is not a domain name", d.get_ref()),
+                        );
+                        None
+                    }
+                })
+                .collect()
+        });
+        let max_per_day = t
+            .max_per_day
+            .as_ref()
+            .map(|v| self.int(Some(v), &key("max_per_day"), 0, (1, i64::MAX)) as u64);
+        let hold_above = t
+            .hold_above
+            .as_ref()
+            .map(|v| self.int(Some(v), &key("hold_above"), 0, (0, i64::MAX)) as u64);
+
         Some(Tenant {
             id: id.to_string(),
             name: t.name.clone().unwrap_or_else(|| id.to_string()),
@@ -645,6 +699,10 @@ impl Validator<'_> {
             settle,
             dedupe_window,
             report_interval,
+            allowed_countries,
+            url_allowlist,
+            max_per_day,
+            hold_above,
         })
     }
 
@@ -678,6 +736,18 @@ impl Validator<'_> {
 }
 
 const SENDER_RULE: &str = "a sender is 1 to 11 letters, digits, spaces or `.-_&` (alphanumeric), or up to 15 digits with an optional leading `+`";
+
+/// A region (ISO 3166 alpha-2) that has phone numbers.
+pub fn parse_region(code: &str) -> Option<rlibphonenumber::Region> {
+    let region = code
+        .trim()
+        .to_ascii_uppercase()
+        .parse::<rlibphonenumber::Region>()
+        .ok()?;
+    rlibphonenumber::PHONE_NUMBER_UTIL
+        .get_country_code_for_region(region)
+        .map(|_| region)
+}
 
 /// Tenant and partner ids: short, safe as folder names and SFTP user names.
 pub fn is_valid_id(id: &str) -> bool {

@@ -15,7 +15,6 @@ use encoding_rs::{Encoding, UTF_8, UTF_16BE, UTF_16LE};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::codes::MessageStatus;
 use crate::config::Config;
 use crate::store::records::{BatchRecord, CHUNK_MESSAGES, ReplyFormat, message_id};
 use crate::store::{Store, StoreError};
@@ -235,7 +234,7 @@ pub fn write_report(store: &Store, outbox: &Path, batch: &BatchRecord) -> Result
         for (i, m) in messages.iter().enumerate() {
             let index = from + i as u64;
             let status = statuses.get(&index);
-            let state = status.map(|s| s.status).unwrap_or(MessageStatus::Queued);
+            let state = status.map(|s| s.status).unwrap_or_else(|| batch.implicit_status(index));
             csv.row([
                 m.line.to_string().as_str(),
                 &m.reference,

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -82,15 +82,21 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     let tracker = TaskTracker::new();
     let workers = CancellationToken::new();
     let cancel_ingest = Arc::new(AtomicBool::new(false));
-    let wake = Arc::new(Notify::new());
+    let wake = Arc::new(dispatch::Signal::default());
     let (claimed_tx, claimed_rx) = mpsc::unbounded_channel::<Claimed>();
     let (reports_tx, reports_rx) = mpsc::unbounded_channel::<u64>();
 
     {
         let path = config.admin_socket.clone();
-        let (store, config, stop) = (store.clone(), config.clone(), workers.clone());
+        let ctx = crate::admin::AdminContext {
+            store: store.clone(),
+            config: config.clone(),
+            dispatch: Some(wake.clone()),
+            reports: Some(reports_tx.clone()),
+        };
+        let stop = workers.clone();
         tracker.spawn(async move {
-            if let Err(e) = crate::admin::serve(path, store, config, stop).await {
+            if let Err(e) = crate::admin::serve(path, Arc::new(ctx), stop).await {
                 tracing::error!(error = %e, "admin socket failed; commands will not reach this serve");
             }
         });
@@ -127,7 +133,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
                     break;
                 }
                 ingest_one(&ingestor, &config, &next);
-                wake.notify_one();
+                wake.poke();
             }
         });
     }

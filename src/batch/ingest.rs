@@ -10,7 +10,7 @@
 //!
 //! What this module does not do: find files (`watch`) or send messages (`dispatch`).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs;
 use std::io::{self, Write};
 use std::path::Path;
@@ -28,7 +28,7 @@ use crate::config::Tenant;
 use crate::crypto::TenantKeys;
 use crate::reply::{self, AtomicFile, RESULT_HEADER, ReplyCsv};
 use crate::store::records::{BatchRecord, BatchState, CHUNK_MESSAGES, ReplyFormat, StoredMessage, message_id};
-use crate::store::{Store, StoreError};
+use crate::store::{Admission, Admitted, Store, StoreError};
 
 /// Chunks of messages written to the store per transaction.
 const CHUNKS_PER_WRITE: usize = 64;
@@ -53,6 +53,8 @@ pub struct Summary {
     pub accepted: u64,
     pub rejected: u64,
     pub reasons: BTreeMap<LineReason, u64>,
+    /// Destination regions of accepted lines.
+    pub countries: BTreeSet<String>,
     /// The whole file was refused, with a detail for the log.
     pub rejection: Option<(FileReason, String)>,
 }
@@ -191,6 +193,7 @@ pub fn process(path: &Path, ctx: &Context<'_>, sink: &mut dyn LineSink) -> Resul
     let expected = scan.newlines.saturating_add(1).min(max_lines) as usize;
     let mut dedupe: HashSet<u64, BuildNoHashHasher<u64>> =
         HashSet::with_capacity_and_hasher(expected, Default::default());
+    let mut countries: HashSet<rlibphonenumber::Region> = HashSet::new();
     let mut outcome: Result<(), IngestError> = Ok(());
     let mut strict_failure = None;
 
@@ -244,7 +247,12 @@ pub fn process(path: &Path, ctx: &Context<'_>, sink: &mut dyn LineSink) -> Resul
                     }
                 }
                 let index = match &checked.outcome {
-                    Ok(_) => {
+                    Ok(acc) => {
+                        if let Some(c) = acc.country {
+                            if countries.insert(c) {
+                                summary.countries.insert(c.to_string());
+                            }
+                        }
                         summary.accepted += 1;
                         Some(summary.accepted - 1)
                     }
@@ -475,19 +483,52 @@ impl Ingestor<'_> {
         batch.format = summary.format.clone();
         batch.lines = summary.lines;
         batch.rejected = summary.rejected;
-        if let Some((reason, detail)) = &summary.rejection {
+        batch.reasons = summary.reasons.iter().map(|(r, n)| (*r, *n)).collect();
+        batch.countries = summary.countries.iter().cloned().collect();
+        let mut rejection = summary.rejection.clone();
+        let mut admitted = None;
+        if let (None, Some(prepared)) = (&rejection, prepared) {
+            batch.accepted = summary.accepted;
+            let admission = Admission {
+                day: jiff::Timestamp::now()
+                    .to_zoned_datetime(tenant.timezone.clone())
+                    .date()
+                    .to_string(),
+                max_per_day: tenant.max_per_day,
+                hold: tenant.hold_above.is_some_and(|limit| summary.accepted > limit),
+            };
+            match self.store.finish_batch(&mut batch, summary.hash, now, &admission)? {
+                Admitted::OverQuota { used } => {
+                    let _ = fs::remove_file(&prepared.temp);
+                    let detail = format!(
+                        "{} messages would pass max_per_day {} ({used} already queued on {})",
+                        summary.accepted,
+                        tenant.max_per_day.unwrap_or(0),
+                        admission.day
+                    );
+                    rejection = Some((FileReason::QuotaExceeded, detail));
+                }
+                state => {
+                    prepared.publish().map_err(IngestError::Reply)?;
+                    admitted = Some(state);
+                }
+            }
+        }
+        if let Some((reason, detail)) = &rejection {
             self.store.reject_batch(&mut batch, *reason, now)?;
             tracing::warn!(tenant = %tenant.id, batch = batch.id, file = %file_name, reason = %reason, "file rejected: {detail}");
             publish_rejection(tenant, &batch)?;
-        } else if let Some(prepared) = prepared {
-            batch.accepted = summary.accepted;
-            self.store.finish_batch(&mut batch, summary.hash, now)?;
-            prepared.publish().map_err(IngestError::Reply)?;
+        } else {
+            let state = if admitted == Some(Admitted::Held) {
+                "held"
+            } else {
+                "queued"
+            };
             tracing::info!(
                 tenant = %tenant.id, batch = batch.id, file = %file_name,
                 lines = summary.lines, queued = summary.accepted, rejected = summary.rejected,
                 reasons = ?summary.reasons.iter().map(|(r, n)| format!("{r}={n}")).collect::<Vec<_>>(),
-                "batch queued"
+                "batch {state}"
             );
         }
         finish_claim(self.store, spool, claim);
@@ -625,7 +666,9 @@ mod tests {
             .begin_batch("acme", "july.csv", "c2", ReplyFormat::default(), 0)
             .unwrap();
         batch.accepted = 1;
-        store.finish_batch(&mut batch, Some([9; 32]), 0).unwrap();
+        store
+            .finish_batch(&mut batch, Some([9; 32]), 0, &Admission::default())
+            .unwrap();
         let temp = reply::temp_path(&tenant.outbox, "july.result.csv", "c2");
         fs::write(&temp, "the result written before the crash").unwrap();
 

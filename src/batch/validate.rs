@@ -30,6 +30,8 @@ pub struct Accepted {
     pub phone_hash: [u8; 16],
     /// Same number and same text give the same value (for `duplicate_recipient`).
     pub dedupe: u64,
+    /// The destination's region (ISO 3166 alpha-2), when the number has one.
+    pub country: Option<rlibphonenumber::Region>,
 }
 
 /// What one line came to.
@@ -65,6 +67,14 @@ pub fn is_valid_sender(s: &str) -> bool {
 /// Normalises a phone number to E.164 with the tenant's region; `None` if it is not a valid
 /// number.
 pub fn normalize_phone(raw: &str, region: Option<rlibphonenumber::Region>) -> Option<String> {
+    parse_phone(raw, region).map(|(e164, _)| e164)
+}
+
+/// Like [`normalize_phone`], with the region the number belongs to.
+pub fn parse_phone(
+    raw: &str,
+    region: Option<rlibphonenumber::Region>,
+) -> Option<(String, Option<rlibphonenumber::Region>)> {
     let trimmed = raw.trim();
     if trimmed.is_empty() || trimmed.len() > 40 {
         return None;
@@ -82,7 +92,38 @@ pub fn normalize_phone(raw: &str, region: Option<rlibphonenumber::Region>) -> Op
     if !number.is_valid() {
         return None;
     }
-    Some(number.format_as(rlibphonenumber::PhoneNumberFormat::E164).into_owned())
+    let e164 = number.format_as(rlibphonenumber::PhoneNumberFormat::E164).into_owned();
+    Some((e164, number.get_region_code()))
+}
+
+/// The hosts of the links in `text`: with a scheme, or a bare domain whose suffix is a known
+/// top-level domain (so `10h.Merci` or `file.txt` are not links, `bit.ly/x` and `shop.fr` are).
+pub fn link_hosts(text: &str) -> Vec<String> {
+    let mut finder = linkify::LinkFinder::new();
+    finder.url_must_have_scheme(false);
+    finder.kinds(&[linkify::LinkKind::Url]);
+    finder
+        .links(text)
+        .filter_map(|link| {
+            let lower = link.as_str().to_ascii_lowercase();
+            let (has_scheme, rest) = match lower.split_once("://") {
+                Some((_, rest)) => (true, rest.to_string()),
+                None => (false, lower.clone()),
+            };
+            let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+            let host = authority.rsplit('@').next().unwrap_or("");
+            let host = host.split(':').next().unwrap_or("").trim_end_matches('.').to_string();
+            let known = psl::suffix(host.as_bytes()).is_some_and(|s| s.is_known());
+            (!host.is_empty() && (has_scheme || known)).then_some(host)
+        })
+        .collect()
+}
+
+/// Whether `host` is one of `domains` or below one of them.
+pub fn is_host_allowed(host: &str, domains: &[String]) -> bool {
+    domains
+        .iter()
+        .any(|d| host == d || host.strip_suffix(d.as_str()).is_some_and(|p| p.ends_with('.')))
 }
 
 impl LineRules<'_> {
@@ -127,8 +168,13 @@ impl LineRules<'_> {
         let send_at_raw = self.field(record, self.columns.send_at)?;
         let reference = self.field(record, self.columns.reference)?;
 
-        let phone = normalize_phone(&phone_raw, self.tenant.default_region).ok_or(LineReason::InvalidPhone)?;
+        let (phone, region) = parse_phone(&phone_raw, self.tenant.default_region).ok_or(LineReason::InvalidPhone)?;
         phone_shown.clone_from(&phone);
+        if let Some(allowed) = &self.tenant.allowed_countries {
+            if !region.is_some_and(|r| allowed.contains(&r)) {
+                return Err(LineReason::CountryNotAllowed);
+            }
+        }
 
         let text = match &self.tenant.template {
             Some(template) => {
@@ -149,6 +195,11 @@ impl LineRules<'_> {
         };
         if text.trim().is_empty() {
             return Err(LineReason::EmptyMessage);
+        }
+        if let Some(domains) = &self.tenant.url_allowlist {
+            if link_hosts(&text).iter().any(|h| !is_host_allowed(h, domains)) {
+                return Err(LineReason::UrlNotAllowed);
+            }
         }
         let encoded = encode::encode(&text);
         if encoded.parts > usize::from(self.tenant.max_parts) {
@@ -188,6 +239,7 @@ impl LineRules<'_> {
             },
             phone_hash,
             dedupe,
+            country: region,
         })
     }
 
@@ -252,6 +304,26 @@ mod tests {
             }
             assert!(normalize_phone(bad, Some(Id::FR)).is_none(), "{bad}");
         }
+    }
+
+    #[test]
+    fn links_and_their_hosts() {
+        let cases: &[(&str, &[&str])] = &[
+            ("Visit bit.ly/abc now", &["bit.ly"]),
+            ("See https://user@Shop.Example.com:8443/x?y", &["shop.example.com"]),
+            ("www.acme.fr.", &["www.acme.fr"]),
+            ("Rdv demain 10h.Merci, file.txt", &[]),
+            ("Total 5.50€, version 2.0", &[]),
+            ("http://intranet/x", &["intranet"]),
+        ];
+        for (text, hosts) in cases {
+            assert_eq!(link_hosts(text), *hosts, "{text}");
+        }
+        let allow = vec!["acme.fr".to_string()];
+        assert!(is_host_allowed("acme.fr", &allow));
+        assert!(is_host_allowed("www.acme.fr", &allow));
+        assert!(!is_host_allowed("evilacme.fr", &allow));
+        assert!(!is_host_allowed("bit.ly", &allow), "a shortener is its own domain");
     }
 
     #[test]

@@ -17,6 +17,8 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -119,13 +121,28 @@ impl Rotation {
     }
 }
 
+/// Tells the dispatcher that batches changed (queued, released, canceled).
+#[derive(Debug, Default)]
+pub struct Signal {
+    notify: Notify,
+    refresh: AtomicBool,
+}
+
+impl Signal {
+    /// The dispatcher re-reads the active batches before its next step.
+    pub fn poke(&self) {
+        self.refresh.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+}
+
 /// Sends queued messages through partners.
 pub struct Dispatcher {
     pub store: Store,
     pub config: Arc<Config>,
     pub partners: HashMap<String, Arc<dyn Partner>>,
-    /// Notified when a batch was queued.
-    pub wake: Arc<Notify>,
+    /// Poked when batches change.
+    pub wake: Arc<Signal>,
     pub reports: ReportRequests,
 }
 
@@ -151,6 +168,9 @@ impl Dispatcher {
         loop {
             if shutdown.is_cancelled() {
                 break;
+            }
+            if self.wake.refresh.swap(false, Ordering::AcqRel) {
+                refresh = true;
             }
             if refresh {
                 match self.blocking(|s| s.active_batches()).await {
@@ -178,7 +198,7 @@ impl Dispatcher {
                 .unwrap_or(Duration::from_secs(5));
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = self.wake.notified() => refresh = true,
+                _ = self.wake.notify.notified() => refresh = true,
                 _ = tokio::time::sleep(wait) => refresh = true,
             }
         }

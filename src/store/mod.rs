@@ -41,6 +41,8 @@ const SEEN_FILES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("seen_fil
 const BLOCKLIST: TableDefinition<&[u8], &[u8]> = TableDefinition::new("blocklist");
 /// spool file name → batch id, while a claimed file is in the spool.
 const CLAIMS: TableDefinition<&str, u64> = TableDefinition::new("claims");
+/// tenant ‖ 0 ‖ day (YYYY-MM-DD, tenant's time zone) → sealed count of messages queued that day.
+const DAILY: TableDefinition<&[u8], &[u8]> = TableDefinition::new("daily");
 
 /// The database file inside `state_dir`.
 pub const DB_FILE: &str = "smsdrop.redb";
@@ -68,6 +70,13 @@ pub enum StoreError {
     },
     #[error("no batch {0}")]
     NoBatch(u64),
+    #[error("batch {id} is {state}: {action} applies only to {wanted} batches")]
+    WrongState {
+        id: u64,
+        state: &'static str,
+        action: &'static str,
+        wanted: &'static str,
+    },
 }
 
 macro_rules! from_redb {
@@ -101,6 +110,27 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 pub struct Store {
     db: Arc<Database>,
     keys: Arc<Keyring>,
+}
+
+/// The tenant's policies a batch meets when it is committed.
+#[derive(Debug, Clone, Default)]
+pub struct Admission {
+    /// Today in the tenant's time zone, `YYYY-MM-DD`.
+    pub day: String,
+    pub max_per_day: Option<u64>,
+    /// Hold the batch instead of queueing it.
+    pub hold: bool,
+}
+
+/// What became of a batch at commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admitted {
+    Queued,
+    Held,
+    /// Queueing it would pass `max_per_day`; nothing was written.
+    OverQuota {
+        used: u64,
+    },
 }
 
 /// What one dispatcher step changes, applied in one durable transaction.
@@ -180,6 +210,7 @@ impl Store {
         tx.open_table(SEEN_FILES)?;
         tx.open_table(BLOCKLIST)?;
         tx.open_table(CLAIMS)?;
+        tx.open_table(DAILY)?;
         tx.commit()?;
         Ok(Store { db: Arc::new(db), keys })
     }
@@ -314,21 +345,48 @@ impl Store {
     }
 
     /// Makes a batch durable and visible to the dispatcher (state `Queued`, or `Done` when it has
-    /// no message), and remembers the file for `duplicate_file`. Returns after fdatasync.
-    pub fn finish_batch(&self, batch: &mut BatchRecord, file_hash: Option<[u8; 32]>, now: i64) -> Result<()> {
+    /// no message), or `Held` by policy, and remembers the file for `duplicate_file`. Returns
+    /// after fdatasync. A batch over the tenant's daily quota is not written at all.
+    pub fn finish_batch(
+        &self,
+        batch: &mut BatchRecord,
+        file_hash: Option<[u8; 32]>,
+        now: i64,
+        admission: &Admission,
+    ) -> Result<Admitted> {
         let keys = self.keys.tenant(&batch.tenant);
+        let tx = self.write(Durability::Immediate)?;
+        let day_key = tenant_key(&batch.tenant, admission.day.as_bytes());
+        let used: u64 = match tx.open_table(DAILY)?.get(day_key.as_slice())? {
+            Some(v) => open_record(&keys, "daily", &day_key, v.value())?,
+            None => 0,
+        };
+        if let Some(max) = admission.max_per_day {
+            if batch.accepted > 0 && used + batch.accepted > max {
+                return Ok(Admitted::OverQuota { used });
+            }
+        }
+        let held = admission.hold && batch.accepted > 0;
         batch.counts = [0; 9];
-        batch.counts[MessageStatus::Queued as usize] = batch.accepted;
-        batch.state = if batch.accepted > 0 {
-            BatchState::Queued
+        let initial = if held {
+            MessageStatus::Held
         } else {
-            BatchState::Done
+            MessageStatus::Queued
+        };
+        batch.counts[initial as usize] = batch.accepted;
+        batch.state = match (batch.accepted, held) {
+            (0, _) => BatchState::Done,
+            (_, true) => BatchState::Held,
+            _ => BatchState::Queued,
         };
         batch.updated_at = now;
-        let tx = self.write(Durability::Immediate)?;
         Self::put_batch(&tx, &keys, batch)?;
-        if batch.accepted > 0 {
+        if batch.state == BatchState::Queued {
             tx.open_table(ACTIVE)?.insert(batch.id, ())?;
+        }
+        if batch.accepted > 0 {
+            let sealed = keys.seal("daily", &day_key, &encode(&(used + batch.accepted)));
+            tx.open_table(DAILY)?.insert(day_key.as_slice(), sealed.as_slice())?;
         }
         if let Some(hash) = file_hash {
             let key = tenant_key(&batch.tenant, &hash);
@@ -340,7 +398,100 @@ impl Store {
             tx.open_table(SEEN_FILES)?.insert(key.as_slice(), sealed.as_slice())?;
         }
         tx.commit()?;
-        Ok(())
+        Ok(if held { Admitted::Held } else { Admitted::Queued })
+    }
+
+    /// Releases a held batch: its messages are queued for dispatch.
+    pub fn release_batch(&self, id: u64, now: i64) -> Result<BatchRecord> {
+        let tx = self.write(Durability::Immediate)?;
+        let mut batch = self.batch_in(&tx, id)?;
+        if batch.state != BatchState::Held {
+            return Err(StoreError::WrongState {
+                id,
+                state: batch.state.as_str(),
+                action: "release",
+                wanted: "held",
+            });
+        }
+        batch.state = BatchState::Queued;
+        let held = std::mem::take(&mut batch.counts[MessageStatus::Held as usize]);
+        batch.counts[MessageStatus::Queued as usize] += held;
+        batch.updated_at = now;
+        Self::put_batch(&tx, &self.keys.tenant(&batch.tenant), &batch)?;
+        tx.open_table(ACTIVE)?.insert(id, ())?;
+        tx.commit()?;
+        Ok(batch)
+    }
+
+    /// Cancels what a batch has not sent yet: held or queued messages, scheduled ones and
+    /// retries. Messages already with a partner keep their outcome.
+    pub fn cancel_batch(&self, id: u64, now: i64) -> Result<BatchRecord> {
+        let tx = self.write(Durability::Immediate)?;
+        let mut batch = self.batch_in(&tx, id)?;
+        if !matches!(batch.state, BatchState::Queued | BatchState::Held) {
+            return Err(StoreError::WrongState {
+                id,
+                state: batch.state.as_str(),
+                action: "cancel",
+                wanted: "queued or held",
+            });
+        }
+        let keys = self.keys.tenant(&batch.tenant);
+        let untaken = batch.accepted - batch.cursor;
+        let from_status = if batch.state == BatchState::Held {
+            MessageStatus::Held
+        } else {
+            MessageStatus::Queued
+        };
+        batch.counts[from_status as usize] = batch.counts[from_status as usize].saturating_sub(untaken);
+        batch.counts[MessageStatus::Canceled as usize] += untaken;
+        batch.canceled_from = Some(batch.cursor);
+        batch.cursor = batch.accepted;
+        if batch.state == BatchState::Held {
+            batch.state = BatchState::Queued;
+        }
+        // Scheduled messages and retries of this batch: canceled too.
+        let first = message_id(id, 0);
+        let last = message_id(id + 1, 0);
+        let scheduled: Vec<(u64, u64)> = tx
+            .open_table(SCHEDULED)?
+            .iter()?
+            .filter_map(|e| e.ok().map(|(k, _)| k.value()))
+            .filter(|(_, m)| (first..last).contains(m))
+            .collect();
+        {
+            let mut table = tx.open_table(SCHEDULED)?;
+            let mut statuses = tx.open_table(STATUSES)?;
+            for (due, m) in scheduled {
+                table.remove((due, m))?;
+                let key = m.to_be_bytes();
+                let previous = match statuses.get(m)? {
+                    Some(v) => open_record::<StatusRecord>(&keys, "statuses", &key, v.value())?.status,
+                    None => MessageStatus::Queued,
+                };
+                batch.counts[previous as usize] = batch.counts[previous as usize].saturating_sub(1);
+                batch.counts[MessageStatus::Canceled as usize] += 1;
+                let mut status = StatusRecord::queued();
+                status.status = MessageStatus::Canceled;
+                status.done_at = Some(now);
+                status.error = "canceled by operator".into();
+                statuses.insert(m, keys.seal("statuses", &key, &encode(&status)).as_slice())?;
+            }
+        }
+        batch.updated_at = now;
+        if batch.finished() >= batch.accepted {
+            batch.state = BatchState::Done;
+            tx.open_table(ACTIVE)?.remove(id)?;
+        }
+        Self::put_batch(&tx, &keys, &batch)?;
+        tx.commit()?;
+        Ok(batch)
+    }
+
+    fn batch_in(&self, tx: &WriteTransaction, id: u64) -> Result<BatchRecord> {
+        let table = tx.open_table(BATCHES)?;
+        let value = table.get(id)?.ok_or(StoreError::NoBatch(id))?;
+        self.decode_batch(id, value.value())
     }
 
     /// Refuses a whole batch: drops any chunk already written and records the reason, durably.
@@ -526,9 +677,7 @@ impl Store {
         let mut touched: HashMap<u64, BatchRecord> = HashMap::new();
         let load = |touched: &mut HashMap<u64, BatchRecord>, id: u64| -> Result<()> {
             if let std::collections::hash_map::Entry::Vacant(e) = touched.entry(id) {
-                let table = tx.open_table(BATCHES)?;
-                let value = table.get(id)?.ok_or(StoreError::NoBatch(id))?;
-                e.insert(self.decode_batch(id, value.value())?);
+                e.insert(self.batch_in(&tx, id)?);
             }
             Ok(())
         };
@@ -548,12 +697,17 @@ impl Store {
                 };
                 let keys = self.keys.tenant(&batch.tenant);
                 let key = id.to_be_bytes();
-                let previous = match statuses.get(*id)? {
-                    Some(v) => open_record::<StatusRecord>(&keys, "statuses", &key, v.value())?.status,
-                    None => MessageStatus::Queued,
+                let (previous, recorded) = match statuses.get(*id)? {
+                    Some(v) => (
+                        open_record::<StatusRecord>(&keys, "statuses", &key, v.value())?.status,
+                        true,
+                    ),
+                    None => (batch.implicit_status(split_message_id(*id).1), false),
                 };
-                if previous.is_final() {
-                    continue; // a final status never changes
+                // A final status never changes, except an implicit `canceled` for a message that
+                // was already with a partner when the batch was canceled: its outcome is the truth.
+                if previous.is_final() && recorded {
+                    continue;
                 }
                 batch.counts[previous as usize] = batch.counts[previous as usize].saturating_sub(1);
                 batch.counts[status.status as usize] += 1;
@@ -590,12 +744,7 @@ impl Store {
     /// Records that a batch's last report has been written.
     pub fn mark_report_final(&self, batch_id: u64) -> Result<()> {
         let tx = self.write(Durability::Immediate)?;
-        let batch = {
-            let table = tx.open_table(BATCHES)?;
-            let v = table.get(batch_id)?.ok_or(StoreError::NoBatch(batch_id))?;
-            self.decode_batch(batch_id, v.value())?
-        };
-        let mut batch = batch;
+        let mut batch = self.batch_in(&tx, batch_id)?;
         batch.report_final = true;
         Self::put_batch(&tx, &self.keys.tenant(&batch.tenant), &batch)?;
         tx.commit()?;

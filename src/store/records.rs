@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::codes::{FileReason, MessageStatus};
+use crate::codes::{FileReason, LineReason, MessageStatus};
 
 /// Messages of one batch are stored this many to a record: one seal and one B-tree entry per
 /// chunk instead of per message is what lets ingest outrun a per-record store.
@@ -30,6 +30,9 @@ pub enum BatchState {
     Ingesting,
     /// Durable and acknowledged; its messages are being dispatched.
     Queued,
+    /// Durable and acknowledged, but above the tenant's `hold_above`: nothing is sent until an
+    /// operator releases (or cancels) it.
+    Held,
     /// Every message has reached a final status.
     Done,
     /// The whole file was refused; it has no messages.
@@ -41,6 +44,7 @@ impl BatchState {
         match self {
             BatchState::Ingesting => "ingesting",
             BatchState::Queued => "queued",
+            BatchState::Held => "held",
             BatchState::Done => "done",
             BatchState::Rejected => "rejected",
         }
@@ -91,6 +95,12 @@ pub struct BatchRecord {
     pub counts: [u64; 9],
     pub report_final: bool,
     pub updated_at: i64,
+    /// Rejected lines by reason.
+    pub reasons: Vec<(LineReason, u64)>,
+    /// Destination regions of the accepted messages (ISO 3166 alpha-2).
+    pub countries: Vec<String>,
+    /// Set by a cancel: messages from this index on that were never taken are `canceled`.
+    pub canceled_from: Option<u64>,
 }
 
 impl BatchRecord {
@@ -112,6 +122,18 @@ impl BatchRecord {
             counts: [0; 9],
             report_final: false,
             updated_at: received_at,
+            reasons: Vec::new(),
+            countries: Vec::new(),
+            canceled_from: None,
+        }
+    }
+
+    /// The status of a message that has no status record of its own.
+    pub fn implicit_status(&self, index: u64) -> MessageStatus {
+        match (self.state, self.canceled_from) {
+            (_, Some(from)) if index >= from => MessageStatus::Canceled,
+            (BatchState::Held, _) => MessageStatus::Held,
+            _ => MessageStatus::Queued,
         }
     }
 

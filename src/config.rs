@@ -36,6 +36,38 @@ pub struct Config {
     pub partners: BTreeMap<String, Partner>,
     /// Routes, longest prefix first.
     pub routes: Vec<Route>,
+    /// Mail out; `None` without an `[email]` table.
+    pub email: Option<Email>,
+}
+
+/// How alerts and reports leave by mail (`[email]`).
+#[derive(Debug, Clone)]
+pub struct Email {
+    pub security: SmtpSecurity,
+    pub host: String,
+    pub port: u16,
+    pub user: Option<String>,
+    /// Read at start; refused when group or others may read it.
+    pub password_file: Option<PathBuf>,
+    pub from: lettre::message::Mailbox,
+    pub admin_to: Vec<lettre::message::Mailbox>,
+    /// At most one mail per alert kind and recipient per this interval; the rest is digested.
+    pub min_interval: Duration,
+    /// When the daily report goes out, in each tenant's time zone (`None`: no daily report).
+    pub daily_report_at: Option<jiff::civil::Time>,
+    /// Bound on one whole SMTP exchange.
+    pub timeout: Duration,
+    /// Extra trusted root certificate (PEM), for a relay with a private CA.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// `smtp://` (plain, for loopback or a trusted relay), `smtp+starttls://` (STARTTLS required),
+/// `smtps://` (implicit TLS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmtpSecurity {
+    Plain,
+    StartTls,
+    Tls,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +107,14 @@ pub struct Tenant {
     pub max_per_day: Option<u64>,
     /// A batch with more accepted messages than this is held until released (`None`: never).
     pub hold_above: Option<u64>,
+    /// Who gets this tenant's alerts (the admin gets them too).
+    pub alert_to: Vec<lettre::message::Mailbox>,
+    /// A batch with at least this share of rejected lines raises `batch_rejected`.
+    pub alert_rejected_percent: u8,
+    /// An hour with more than this many times the tenant's usual hourly volume is an anomaly...
+    pub anomaly_factor: u32,
+    /// ...once it is also above this many messages.
+    pub anomaly_min_messages: u64,
 }
 
 impl Tenant {
@@ -198,6 +238,22 @@ struct RawConfig {
     partner: BTreeMap<String, Spanned<RawPartner>>,
     #[serde(default)]
     route: Vec<Spanned<RawRoute>>,
+    email: Option<Spanned<RawEmail>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEmail {
+    smtp_url: Spanned<String>,
+    user: Option<String>,
+    password_file: Option<Spanned<String>>,
+    from: Spanned<String>,
+    #[serde(default)]
+    admin_to: Vec<Spanned<String>>,
+    min_interval: Option<Spanned<String>>,
+    daily_report_at: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    ca_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -235,6 +291,11 @@ struct RawTenant {
     url_allowlist: Option<Vec<Spanned<String>>>,
     max_per_day: Option<Spanned<i64>>,
     hold_above: Option<Spanned<i64>>,
+    #[serde(default)]
+    alert_to: Vec<Spanned<String>>,
+    alert_rejected_percent: Option<Spanned<i64>>,
+    anomaly_factor: Option<Spanned<i64>>,
+    anomaly_min_messages: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -422,6 +483,8 @@ impl Validator<'_> {
         }
         self.check_folders(&raw, &tenants);
 
+        let email = raw.email.as_ref().and_then(|e| self.email(e));
+
         Config {
             path: self.file.clone(),
             state_dir,
@@ -432,7 +495,110 @@ impl Validator<'_> {
             tenants,
             partners,
             routes,
+            email,
         }
+    }
+
+    fn mailbox(&mut self, raw: &Spanned<String>, key: &str) -> Option<lettre::message::Mailbox> {
+        match raw.get_ref().parse::<lettre::message::Mailbox>() {
+            Ok(m) => Some(m),
+            Err(e) => {
+                self.problem(
+                    &raw.span(),
+                    key,
+                    format!("`{}` is not a mail address ({e})", raw.get_ref()),
+                );
+                None
+            }
+        }
+    }
+
+    fn email(&mut self, raw: &Spanned<RawEmail>) -> Option<Email> {
+        let e = raw.get_ref();
+        let url = match url::Url::parse(e.smtp_url.get_ref()) {
+            Ok(u) => u,
+            Err(err) => {
+                self.problem(&e.smtp_url.span(), "email.smtp_url", format!("not a URL: {err}"));
+                return None;
+            }
+        };
+        let security = match url.scheme() {
+            "smtp" => SmtpSecurity::Plain,
+            "smtp+starttls" => SmtpSecurity::StartTls,
+            "smtps" => SmtpSecurity::Tls,
+            other => {
+                self.problem(
+                    &e.smtp_url.span(),
+                    "email.smtp_url",
+                    format!("scheme `{other}` is not smtp://, smtp+starttls:// or smtps://"),
+                );
+                return None;
+            }
+        };
+        if !url.username().is_empty() || url.password().is_some() {
+            self.problem(
+                &e.smtp_url.span(),
+                "email.smtp_url",
+                "put the user in `user` and the password in `password_file`, not in the URL",
+            );
+        }
+        let Some(host) = url
+            .host_str()
+            .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string())
+        else {
+            self.problem(&e.smtp_url.span(), "email.smtp_url", "no host");
+            return None;
+        };
+        let port = url.port().unwrap_or(match security {
+            SmtpSecurity::Plain => 25,
+            SmtpSecurity::StartTls => 587,
+            SmtpSecurity::Tls => 465,
+        });
+        let from = self.mailbox(&e.from, "email.from");
+        let admin_to = e
+            .admin_to
+            .iter()
+            .filter_map(|a| self.mailbox(a, "email.admin_to"))
+            .collect();
+        let min_interval = self.duration(
+            e.min_interval.as_ref(),
+            "email.min_interval",
+            Duration::from_secs(15 * 60),
+            (Duration::ZERO, Duration::from_secs(7 * 86400)),
+        );
+        let timeout = self.duration(
+            e.timeout.as_ref(),
+            "email.timeout",
+            Duration::from_secs(30),
+            (Duration::from_secs(1), Duration::from_secs(600)),
+        );
+        let daily_report_at = e
+            .daily_report_at
+            .as_ref()
+            .and_then(|t| match t.get_ref().parse::<jiff::civil::Time>() {
+                Ok(time) => Some(time),
+                Err(_) => {
+                    self.problem(
+                        &t.span(),
+                        "email.daily_report_at",
+                        format!("`{}` is not a time of day like \"07:30\"", t.get_ref()),
+                    );
+                    None
+                }
+            });
+        Some(Email {
+            security,
+            host,
+            port,
+            user: e.user.clone(),
+            password_file: e.password_file.as_ref().map(|p| self.path(p.get_ref())),
+            from: from?,
+            admin_to,
+            min_interval,
+            daily_report_at,
+            timeout,
+            ca_file: e.ca_file.as_ref().map(|p| self.path(p.get_ref())),
+        })
     }
 
     fn partner(&mut self, id: &str, raw: &Spanned<RawPartner>) -> Option<Partner> {
@@ -678,6 +844,25 @@ impl Validator<'_> {
             .as_ref()
             .map(|v| self.int(Some(v), &key("hold_above"), 0, (0, i64::MAX)) as u64);
 
+        let alert_to = t
+            .alert_to
+            .iter()
+            .filter_map(|a| self.mailbox(a, &key("alert_to")))
+            .collect();
+        let alert_rejected_percent = self.int(
+            t.alert_rejected_percent.as_ref(),
+            &key("alert_rejected_percent"),
+            10,
+            (1, 100),
+        ) as u8;
+        let anomaly_factor = self.int(t.anomaly_factor.as_ref(), &key("anomaly_factor"), 10, (2, 1000)) as u32;
+        let anomaly_min_messages = self.int(
+            t.anomaly_min_messages.as_ref(),
+            &key("anomaly_min_messages"),
+            1000,
+            (1, i64::MAX),
+        ) as u64;
+
         Some(Tenant {
             id: id.to_string(),
             name: t.name.clone().unwrap_or_else(|| id.to_string()),
@@ -703,6 +888,10 @@ impl Validator<'_> {
             url_allowlist,
             max_per_day,
             hold_above,
+            alert_to,
+            alert_rejected_percent,
+            anomaly_factor,
+            anomaly_min_messages,
         })
     }
 
@@ -847,6 +1036,27 @@ partners = ["sink"]
     fn tables_of_later_capabilities_are_refused_not_ignored() {
         let p = problems("[sftp]\nlisten = \"0.0.0.0:22\"\n");
         assert!(p[0].contains("sftp"), "{p:?}");
+    }
+
+    #[test]
+    fn email_table() {
+        let c = parse(
+            "[email]\nsmtp_url = \"smtp+starttls://mail.example.net\"\nfrom = \"smsdrop <noreply@example.net>\"\nadmin_to = [\"ops@example.net\"]\ndaily_report_at = \"07:30\"\n",
+        )
+        .unwrap();
+        let e = c.email.unwrap();
+        assert_eq!(
+            (e.security, e.host.as_str(), e.port),
+            (SmtpSecurity::StartTls, "mail.example.net", 587)
+        );
+        assert_eq!(e.admin_to.len(), 1);
+        assert_eq!(e.min_interval, Duration::from_secs(900));
+        let p = problems("[email]\nsmtp_url = \"smtp://u:pw@mail:25\"\nfrom = \"not an address\"\n");
+        assert!(
+            p.iter().any(|p| p.contains(":2: email.smtp_url: put the user")),
+            "{p:?}"
+        );
+        assert!(p.iter().any(|p| p.contains(":3: email.from")), "{p:?}");
     }
 
     #[test]

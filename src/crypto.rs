@@ -218,7 +218,12 @@ impl TenantKeys {
 
     /// The keyed hash that stands for a phone number in lookups (blocklist, subject requests).
     pub fn phone_hash(&self, e164: &str) -> [u8; 16] {
-        let full = blake3::keyed_hash(&self.phone_key, e164.as_bytes());
+        self.lookup_hash(e164)
+    }
+
+    /// A keyed hash for finding a record by something that must not be stored in clear.
+    pub fn lookup_hash(&self, value: &str) -> [u8; 16] {
+        let full = blake3::keyed_hash(&self.phone_key, value.as_bytes());
         let mut out = [0u8; 16];
         out.copy_from_slice(&full.as_bytes()[..16]);
         out
@@ -242,6 +247,11 @@ impl Keyring {
             master,
             tenants: RwLock::new(HashMap::new()),
         }
+    }
+
+    /// The keys of records that belong to no tenant (the mail queue).
+    pub fn system(&self) -> Arc<TenantKeys> {
+        self.tenant("@system")
     }
 
     /// The keys of `tenant`, derived on first use.

@@ -19,6 +19,7 @@
 //! the commands it serves), [`server`] (starting and stopping everything) and [`cli`].
 
 pub mod admin;
+pub mod alert;
 pub mod batch;
 pub mod cli;
 pub mod codes;

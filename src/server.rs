@@ -17,6 +17,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::alert::Alerter;
+use crate::alert::mailer::{Mailer, MailerError};
 use crate::batch::ingest::{IngestError, Ingestor};
 use crate::config::Config;
 use crate::crypto::{KeyError, Keyring, MasterKey};
@@ -43,6 +45,8 @@ pub enum ServeError {
     },
     #[error("admin socket: {0}")]
     Admin(io::Error),
+    #[error("mail: {0}")]
+    Mailer(#[from] MailerError),
 }
 
 fn make_dir(path: &Path, mode: u32, what: &'static str) -> Result<(), ServeError> {
@@ -111,14 +115,22 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     if !recovered.is_empty() {
         tracing::info!(files = recovered.len(), "resuming files claimed before the last stop");
     }
+    let mail_wake = Arc::new(tokio::sync::Notify::new());
+    let alerter = Alerter::new(store.clone(), config.clone(), mail_wake.clone());
+    if let Some(email) = &config.email {
+        let mailer = Mailer::new(store.clone(), email.clone(), alerter.clone(), mail_wake.clone())?;
+        tracker.spawn(mailer.run(workers.clone()));
+    }
     // The ingest worker: one batch at a time, on a blocking thread.
     {
         let (store, config, cancel, wake) = (store.clone(), config.clone(), cancel_ingest.clone(), wake.clone());
+        let alerter = alerter.clone();
         let mut claimed_rx = claimed_rx;
         tracker.spawn_blocking(move || {
             let ingestor = Ingestor {
                 store: &store,
                 cancel: &cancel,
+                alerts: &alerter,
             };
             let mut queue: std::collections::VecDeque<Claimed> = recovered.into();
             loop {

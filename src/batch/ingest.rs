@@ -20,6 +20,7 @@ use std::sync::mpsc::sync_channel;
 use nohash_hasher::BuildNoHashHasher;
 use rayon::prelude::*;
 
+use crate::alert::{Alert, AlertKind, Alerter};
 use crate::batch::columns::{Column, ColumnMap};
 use crate::batch::parse::{self, CHUNK_RECORDS, RawRecord, Records};
 use crate::batch::validate::{Checked, LineRules};
@@ -418,6 +419,30 @@ impl LineSink for QueueSink<'_> {
 pub struct Ingestor<'a> {
     pub store: &'a Store,
     pub cancel: &'a AtomicBool,
+    pub alerts: &'a Alerter,
+}
+
+/// What a customer can do about a rejected file.
+fn advice(reason: FileReason) -> &'static str {
+    match reason {
+        FileReason::DuplicateFile => {
+            "The same content was already received within dedupe_window and was not queued again. If it must be sent again, change the file (for example a new reference)."
+        }
+        FileReason::Unreadable => {
+            "The file could not be read as text (empty, binary, or not in the tenant's encoding). Export it again as CSV."
+        }
+        FileReason::MissingColumn => {
+            "The header must name a phone column (phone, to, msisdn...) and a message column (message, text...) unless the tenant has a template using only existing columns."
+        }
+        FileReason::TooLarge => "Split the file below the tenant's max_file_bytes, or have the operator raise it.",
+        FileReason::TooManyLines => "Split the file below the tenant's max_lines, or have the operator raise it.",
+        FileReason::Strict => {
+            "The tenant is strict: one bad line rejects the whole file. `smsdrop validate` lists the bad lines; fix them and send the file again."
+        }
+        FileReason::QuotaExceeded => {
+            "Nothing of the file was queued. Send it again tomorrow, split it, or have the operator raise max_per_day."
+        }
+    }
 }
 
 impl Ingestor<'_> {
@@ -516,9 +541,28 @@ impl Ingestor<'_> {
         }
         if let Some((reason, detail)) = &rejection {
             self.store.reject_batch(&mut batch, *reason, now)?;
+            let kind = if *reason == FileReason::QuotaExceeded {
+                AlertKind::QuotaExceeded
+            } else {
+                AlertKind::BatchRejected
+            };
+            self.alerts.raise(
+                Alert::new(
+                    kind,
+                    Some(&tenant.id),
+                    format!("file {file_name} of tenant {} rejected as a whole: {reason}", tenant.id),
+                )
+                .detail("file", file_name)
+                .detail("batch", batch.id)
+                .detail("reason", reason)
+                .detail("detail", detail)
+                .detail("lines read", summary.lines)
+                .action(advice(*reason)),
+            );
             tracing::warn!(tenant = %tenant.id, batch = batch.id, file = %file_name, reason = %reason, "file rejected: {detail}");
             publish_rejection(tenant, &batch)?;
         } else {
+            self.alert_accepted(tenant, &batch, file_name, admitted == Some(Admitted::Held), now);
             let state = if admitted == Some(Admitted::Held) {
                 "held"
             } else {
@@ -533,6 +577,97 @@ impl Ingestor<'_> {
         }
         finish_claim(self.store, spool, claim);
         Ok(batch)
+    }
+
+    /// Alerts about a batch that was queued or held: many rejected lines, held, unusual traffic.
+    fn alert_accepted(&self, tenant: &Tenant, batch: &BatchRecord, file_name: &str, held: bool, now: i64) {
+        let reasons = batch
+            .reasons
+            .iter()
+            .map(|(r, n)| format!("{r}={n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if batch.rejected > 0 && batch.rejected * 100 >= u64::from(tenant.alert_rejected_percent) * batch.lines.max(1) {
+            self.alerts.raise(
+                Alert::new(
+                    AlertKind::BatchRejected,
+                    Some(&tenant.id),
+                    format!("{} of {} lines of {file_name} rejected", batch.rejected, batch.lines),
+                )
+                .detail("file", file_name)
+                .detail("batch", batch.id)
+                .detail("queued", batch.accepted)
+                .detail("rejected by reason", &reasons)
+                .action(format!(
+                    "The other lines are queued. {}.result.csv names each rejected line and its reason; fix them and send those lines again.",
+                    batch.stem()
+                )),
+            );
+        }
+        if held {
+            self.alerts.raise(
+                Alert::new(
+                    AlertKind::BatchHeld,
+                    Some(&tenant.id),
+                    format!("batch {} ({file_name}, {} messages) held above hold_above", batch.id, batch.accepted),
+                )
+                .detail("file", file_name)
+                .detail("batch", batch.id)
+                .detail("messages", batch.accepted)
+                .detail("hold_above", tenant.hold_above.unwrap_or(0))
+                .action(format!(
+                    "Nothing is sent until an operator runs `smsdrop batch release {id}`, or `smsdrop batch cancel {id}` to drop it.",
+                    id = batch.id
+                )),
+            );
+        }
+        if batch.accepted == 0 {
+            return;
+        }
+        match self
+            .store
+            .note_traffic(&tenant.id, &batch.countries, batch.accepted, now)
+        {
+            Ok(traffic) => {
+                if !traffic.new_countries.is_empty() {
+                    self.alerts.raise(
+                        Alert::new(
+                            AlertKind::Anomaly,
+                            Some(&tenant.id),
+                            format!(
+                                "batch {} sends to a country tenant {} never sent to: {}",
+                                batch.id,
+                                tenant.id,
+                                traffic.new_countries.join(", ")
+                            ),
+                        )
+                        .detail("file", file_name)
+                        .detail("batch", batch.id)
+                        .detail("new countries", traffic.new_countries.join(", "))
+                        .action("If this traffic is unexpected, cancel it with `smsdrop batch cancel ID` and check the account; allowed_countries restricts destinations."),
+                    );
+                }
+                if traffic.is_volume_anomaly(tenant.anomaly_factor, tenant.anomaly_min_messages) {
+                    self.alerts.raise(
+                        Alert::new(
+                            AlertKind::Anomaly,
+                            Some(&tenant.id),
+                            format!(
+                                "tenant {} queued {} messages this hour, {:.0} per hour is usual",
+                                tenant.id,
+                                traffic.hour_count,
+                                traffic.usual_per_hour.unwrap_or(0.0)
+                            ),
+                        )
+                        .detail("file", file_name)
+                        .detail("batch", batch.id)
+                        .detail("anomaly_factor", tenant.anomaly_factor)
+                        .action("If this volume is unexpected, cancel the batch with `smsdrop batch cancel ID` and check the account."),
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(tenant = %tenant.id, error = %e, "cannot record traffic for anomaly detection"),
+        }
     }
 
     /// Brings a spool file left by a crash to its end, exactly once: a batch already committed
@@ -599,6 +734,12 @@ mod tests {
     use crate::crypto::{Keyring, MasterKey};
     use std::sync::Arc;
 
+    fn alerter(store: &Store, tenant: &Tenant) -> Alerter {
+        let src = format!("[tenant.{}]\n", tenant.id);
+        let config = Arc::new(Config::parse(Path::new("/x.toml"), &src).unwrap());
+        Alerter::new(store.clone(), config, Arc::new(tokio::sync::Notify::new()))
+    }
+
     fn setup(dir: &Path) -> (Store, Arc<Tenant>) {
         let key = dir.join("master.key");
         MasterKey::generate(&key).unwrap();
@@ -635,9 +776,11 @@ mod tests {
         };
         store.write_chunks(&partial, &[(0, vec![stray])]).unwrap();
         let cancel = AtomicBool::new(false);
+        let alerts = alerter(&store, &tenant);
         let ingestor = Ingestor {
             store: &store,
             cancel: &cancel,
+            alerts: &alerts,
         };
         let batch = ingestor.recover_claim(&tenant, &spool, "c1", "june.csv").unwrap();
         assert_ne!(batch.id, partial.id);
@@ -673,9 +816,11 @@ mod tests {
         fs::write(&temp, "the result written before the crash").unwrap();
 
         let cancel = AtomicBool::new(false);
+        let alerts = alerter(&store, &tenant);
         let ingestor = Ingestor {
             store: &store,
             cancel: &cancel,
+            alerts: &alerts,
         };
         let recovered = ingestor.recover_claim(&tenant, &spool, "c2", "july.csv").unwrap();
         assert_eq!(recovered.id, batch.id, "not queued a second time");

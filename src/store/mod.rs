@@ -10,7 +10,11 @@
 //! Chunks written before that are committed without sync; a crash loses them together with the
 //! batch's `Ingesting` record, or leaves that record behind for recovery to redo the batch.
 
+mod mail;
 pub mod records;
+mod traffic;
+
+pub use traffic::Traffic;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -24,7 +28,7 @@ use crate::codes::{FileReason, MessageStatus};
 use crate::crypto::{Keyring, SealError, TenantKeys};
 use records::*;
 
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// batch id → tenant-prefixed sealed [`BatchRecord`].
 const BATCHES: TableDefinition<u64, &[u8]> = TableDefinition::new("batches");
 /// Batches the dispatcher still has work in: batch id → ().
@@ -108,8 +112,8 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 /// The queue and everything around it. Cheap to clone; safe to share between threads.
 #[derive(Clone)]
 pub struct Store {
-    db: Arc<Database>,
-    keys: Arc<Keyring>,
+    pub(crate) db: Arc<Database>,
+    pub(crate) keys: Arc<Keyring>,
 }
 
 /// The tenant's policies a batch meets when it is committed.
@@ -150,13 +154,18 @@ fn key_text(key: &[u8]) -> String {
     key.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // postcard only fails on types serde cannot describe or on a full fixed buffer: neither
     // applies to our records written into a growable Vec.
     postcard::to_stdvec(value).unwrap_or_default()
 }
 
-fn open_record<T: DeserializeOwned>(keys: &TenantKeys, table: &'static str, key: &[u8], sealed: &[u8]) -> Result<T> {
+pub(crate) fn open_record<T: DeserializeOwned>(
+    keys: &TenantKeys,
+    table: &'static str,
+    key: &[u8],
+    sealed: &[u8],
+) -> Result<T> {
     let plain = keys.open(table, key, sealed).map_err(|source| StoreError::Sealed {
         table,
         key: key_text(key),
@@ -169,7 +178,7 @@ fn open_record<T: DeserializeOwned>(keys: &TenantKeys, table: &'static str, key:
     })
 }
 
-fn tenant_key(tenant: &str, hash: &[u8]) -> Vec<u8> {
+pub(crate) fn tenant_key(tenant: &str, hash: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(tenant.len() + 1 + hash.len());
     k.extend_from_slice(tenant.as_bytes());
     k.push(0);
@@ -178,7 +187,7 @@ fn tenant_key(tenant: &str, hash: &[u8]) -> Vec<u8> {
 }
 
 /// The key range of one tenant's entries in a table keyed by `tenant_key`.
-fn tenant_range(tenant: &str) -> (Vec<u8>, Vec<u8>) {
+pub(crate) fn tenant_range(tenant: &str) -> (Vec<u8>, Vec<u8>) {
     let start = tenant_key(tenant, &[]);
     let mut end = start.clone();
     if let Some(last) = end.last_mut() {
@@ -211,6 +220,8 @@ impl Store {
         tx.open_table(BLOCKLIST)?;
         tx.open_table(CLAIMS)?;
         tx.open_table(DAILY)?;
+        mail::create_tables(&tx)?;
+        traffic::create_tables(&tx)?;
         tx.commit()?;
         Ok(Store { db: Arc::new(db), keys })
     }
@@ -219,7 +230,7 @@ impl Store {
         &self.keys
     }
 
-    fn write(&self, durability: Durability) -> Result<WriteTransaction> {
+    pub(crate) fn write(&self, durability: Durability) -> Result<WriteTransaction> {
         let mut tx = self.db.begin_write()?;
         tx.set_durability(durability)?;
         tx.set_quick_repair(true);

@@ -251,3 +251,29 @@ mod tests {
         assert_eq!(b.stem(), "noext");
     }
 }
+
+/// A mail waiting to be sent. Recipients, subjects and bodies are sealed like everything else.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MailRecord {
+    pub kind: String,
+    pub to: String,
+    pub subject: String,
+    pub body: String,
+    pub attempts: u32,
+    pub next_at: i64,
+    pub created_at: i64,
+}
+
+/// Alerts of one kind for one recipient held back by `min_interval`, for the next digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DigestRecord {
+    pub kind: String,
+    pub to: String,
+    /// When the last mail of this kind went to this recipient.
+    pub last_sent: i64,
+    /// Alerts held back since then.
+    pub pending: u64,
+    pub since: i64,
+    /// The first few held-back alerts, one line each.
+    pub details: Vec<String>,
+}

@@ -293,3 +293,179 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// The project's Python (tests/peers/install.sh makes it).
+pub fn venv_python() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python")
+}
+
+/// A loopback port nobody listens on (yet).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A real SMTP server (aiosmtpd) storing every mail in a Maildir.
+pub struct SmtpServer {
+    pub port: u16,
+    pub maildir: PathBuf,
+    child: Child,
+}
+
+/// One mail as the SMTP server stored it.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Mail {
+    pub to: String,
+    pub from: String,
+    pub subject: String,
+    pub body: String,
+}
+
+impl SmtpServer {
+    /// Starts aiosmtpd on `port`; with `tls` = (cert, key), STARTTLS is required.
+    pub fn start(port: u16, maildir: &Path, tls: Option<(&Path, &Path)>) -> SmtpServer {
+        // aiosmtpd's Mailbox makes the Maildir (cur, new, tmp) only if the folder does not exist.
+        let mut cmd = Command::new(venv_python());
+        cmd.args([
+            "-m",
+            "aiosmtpd",
+            "-n",
+            "-l",
+            &format!("127.0.0.1:{port}"),
+            "-c",
+            "aiosmtpd.handlers.Mailbox",
+        ]);
+        if let Some((cert, key)) = tls {
+            cmd.arg("--tlscert").arg(cert).arg("--tlskey").arg(key);
+        }
+        cmd.arg(maildir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = cmd.spawn().expect("start aiosmtpd (run tests/peers/install.sh)");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "aiosmtpd did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        SmtpServer {
+            port,
+            maildir: maildir.to_path_buf(),
+            child,
+        }
+    }
+
+    /// Every mail received so far, oldest first.
+    pub fn mails(&self) -> Vec<Mail> {
+        if !self.maildir.join("new").exists() {
+            return Vec::new();
+        }
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/peers/read_maildir.py");
+        let out = Command::new(venv_python())
+            .arg(script)
+            .arg(&self.maildir)
+            .output()
+            .expect("read maildir");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("mail JSON"))
+            .collect()
+    }
+
+    /// Waits until at least `n` mails arrived.
+    pub fn wait_mails(&self, n: usize, timeout: Duration) -> Vec<Mail> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mails = self.mails();
+            if mails.len() >= n {
+                return mails;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} of {n} mails arrived: {mails:#?}",
+                mails.len()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for SmtpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A test CA and a server certificate for 127.0.0.1 signed by it: (ca.pem, cert.pem, key.pem).
+pub fn test_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=smsdrop test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("ext");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+    (dir.join("ca.pem"), dir.join("server.pem"), dir.join("server.key"))
+}

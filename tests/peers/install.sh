@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Installs the peers the integration tests drive. Idempotent; safe to run on every `make test`.
-# The file-drop tests need nothing beyond the Rust toolchain and cargo-nextest; later borders
-# (OpenSSH, paramiko, ssh-audit, the npm smpp SMSC, aiosmtpd) are added here as they land.
+# Installs the peers the integration tests drive, into ignored folders of the project where
+# possible. Idempotent; runs on every `make test`.
+#   - cargo-nextest (the test runner)
+#   - .venv/ with the Python peers of tests/peers/requirements.txt (aiosmtpd: a real SMTP server)
+#   - openssl (Debian) for the test CA of the STARTTLS tests
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -9,4 +11,21 @@ if ! command -v cargo-nextest >/dev/null 2>&1; then
   echo "installing cargo-nextest"
   cargo install --locked cargo-nextest
 fi
-echo "test peers: ready"
+
+need_apt=()
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "installing Debian packages: ${need_apt[*]}"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+stamp=.venv/.requirements.installed
+if [ ! -f "$stamp" ] || ! cmp -s tests/peers/requirements.txt "$stamp"; then
+  .venv/bin/pip install --quiet --disable-pip-version-check -r tests/peers/requirements.txt
+  cp tests/peers/requirements.txt "$stamp"
+fi
+echo "test peers: ready ($(.venv/bin/python -c 'import aiosmtpd; print("aiosmtpd", aiosmtpd.__version__)'))"

@@ -1,0 +1,202 @@
+//! Sends the mail queue with lettre (SPEC §7 `[email]`).
+//!
+//! Every send is bounded by `timeout` as a whole (lettre's own timeout covers connecting only, and
+//! a server that accepts and then says nothing would hang it). A 4xx answer, a refused
+//! connection, a time-out or a TLS failure leave the mail queued, retried with growing delays; a
+//! permanent 5xx drops it with a log line. Mail already queued survives restarts.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lettre::message::header::ContentType;
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::Alerter;
+use crate::config::{Email, SmtpSecurity};
+use crate::store::records::MailRecord;
+use crate::store::{Store, StoreError};
+
+/// First retry delay; it doubles up to [`MAX_RETRY_SECS`].
+const FIRST_RETRY_SECS: i64 = 5;
+const MAX_RETRY_SECS: i64 = 15 * 60;
+
+/// Why the mailer could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum MailerError {
+    #[error("{}: {source}", path.display())]
+    Secret { path: PathBuf, source: std::io::Error },
+    #[error("{}: the SMTP password file is readable by group or others; run `chmod 600 {}`", path.display(), path.display())]
+    SecretPermissions { path: PathBuf },
+    #[error("email.ca_file {}: {detail}", path.display())]
+    Ca { path: PathBuf, detail: String },
+    #[error("SMTP transport: {0}")]
+    Transport(#[from] lettre::transport::smtp::Error),
+}
+
+/// What became of one attempt.
+enum Sent {
+    Done,
+    Retry(String),
+    Refused(String),
+}
+
+pub struct Mailer {
+    store: Store,
+    email: Email,
+    transport: AsyncSmtpTransport<Tokio1Executor>,
+    alerter: Alerter,
+    wake: Arc<Notify>,
+}
+
+fn read_secret(path: &std::path::Path) -> Result<String, MailerError> {
+    let meta = std::fs::metadata(path).map_err(|source| MailerError::Secret {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(MailerError::SecretPermissions {
+            path: path.to_path_buf(),
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| MailerError::Secret {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(text.trim_end_matches(['\n', '\r']).to_string())
+}
+
+impl Mailer {
+    pub fn new(store: Store, email: Email, alerter: Alerter, wake: Arc<Notify>) -> Result<Mailer, MailerError> {
+        let tls = || -> Result<TlsParameters, MailerError> {
+            let mut builder = TlsParameters::builder(email.host.clone());
+            if let Some(path) = &email.ca_file {
+                let pem = std::fs::read(path).map_err(|e| MailerError::Ca {
+                    path: path.clone(),
+                    detail: e.to_string(),
+                })?;
+                let cert = Certificate::from_pem(&pem).map_err(|e| MailerError::Ca {
+                    path: path.clone(),
+                    detail: e.to_string(),
+                })?;
+                builder = builder.add_root_certificate(cert);
+            }
+            Ok(builder.build_rustls()?)
+        };
+        let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(email.host.clone())
+            .port(email.port)
+            .timeout(Some(email.timeout));
+        builder = match email.security {
+            SmtpSecurity::Plain => builder.tls(Tls::None),
+            SmtpSecurity::StartTls => builder.tls(Tls::Required(tls()?)),
+            SmtpSecurity::Tls => builder.tls(Tls::Wrapper(tls()?)),
+        };
+        if let Some(user) = &email.user {
+            let password = match &email.password_file {
+                Some(path) => read_secret(path)?,
+                None => std::env::var("CREDENTIALS_DIRECTORY")
+                    .ok()
+                    .map(|dir| read_secret(&PathBuf::from(dir).join("smtp-password")))
+                    .transpose()?
+                    .unwrap_or_default(),
+            };
+            builder = builder.credentials(Credentials::new(user.clone(), password));
+        }
+        Ok(Mailer {
+            store,
+            email,
+            transport: builder.build(),
+            alerter,
+            wake,
+        })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Database(redb::Error::Io(std::io::Error::other(e)))))
+    }
+
+    /// Runs until `shutdown`; a send under way is bounded by the timeout.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let pending = self.blocking(|s| s.pending_mails()).await.unwrap_or(0);
+        if pending > 0 {
+            tracing::info!(mails = pending, "mail queued before the last stop will be sent");
+        }
+        loop {
+            if let Err(e) = self.round().await {
+                tracing::error!(error = %e, "mail queue");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// Digests whose time has come, then every due mail.
+    async fn round(&self) -> Result<(), StoreError> {
+        let now = jiff::Timestamp::now().as_second();
+        let min_interval = self.email.min_interval.as_secs() as i64;
+        let alerter = self.alerter.clone();
+        self.blocking(move |s| s.flush_digests(now, min_interval, |d| alerter.render_digest(d, now)))
+            .await?;
+        let due = self.blocking(move |s| s.due_mails(now, 50)).await?;
+        for (id, mut mail) in due {
+            match self.send(&mail).await {
+                Sent::Done => {
+                    tracing::info!(kind = %mail.kind, mail = id, "mail sent");
+                    self.blocking(move |s| s.mail_done(id)).await?;
+                }
+                Sent::Refused(why) => {
+                    tracing::error!(kind = %mail.kind, mail = id, "mail refused for good and dropped: {why}");
+                    self.blocking(move |s| s.mail_done(id)).await?;
+                }
+                Sent::Retry(why) => {
+                    mail.attempts += 1;
+                    let delay = (FIRST_RETRY_SECS << mail.attempts.min(10)).min(MAX_RETRY_SECS);
+                    mail.next_at = jiff::Timestamp::now().as_second() + delay;
+                    tracing::warn!(kind = %mail.kind, mail = id, attempts = mail.attempts, retry_in_s = delay, "mail not sent, will retry: {why}");
+                    self.blocking(move |s| s.mail_retry(id, &mail)).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn send(&self, mail: &MailRecord) -> Sent {
+        let to = match mail.to.parse() {
+            Ok(to) => to,
+            Err(e) => return Sent::Refused(format!("bad recipient: {e}")),
+        };
+        let message = match Message::builder()
+            .from(self.email.from.clone())
+            .to(to)
+            .subject(mail.subject.clone())
+            .header(ContentType::TEXT_PLAIN)
+            .body(mail.body.clone())
+        {
+            Ok(m) => m,
+            Err(e) => return Sent::Refused(format!("cannot build the mail: {e}")),
+        };
+        match tokio::time::timeout(self.email.timeout, self.transport.send(message)).await {
+            Ok(Ok(_)) => Sent::Done,
+            Ok(Err(e)) if e.is_permanent() => Sent::Refused(e.to_string()),
+            Ok(Err(e)) => Sent::Retry(e.to_string()),
+            Err(_) => Sent::Retry(format!(
+                "no answer within {}",
+                humantime::format_duration(self.email.timeout)
+            )),
+        }
+    }
+}

@@ -117,8 +117,8 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     }
     let mail_wake = Arc::new(tokio::sync::Notify::new());
     let alerter = Alerter::new(store.clone(), config.clone(), mail_wake.clone());
-    if let Some(email) = &config.email {
-        let mailer = Mailer::new(store.clone(), email.clone(), alerter.clone(), mail_wake.clone())?;
+    if config.email.is_some() {
+        let mailer = Mailer::new(store.clone(), config.clone(), alerter.clone(), mail_wake.clone())?;
         tracker.spawn(mailer.run(workers.clone()));
     }
     // The ingest worker: one batch at a time, on a blocking thread.

@@ -284,3 +284,73 @@ fn starttls_with_a_test_ca_and_plain_text_refused_cleanly() {
     app.drop_file("acme", "after.csv", b"phone;message\n0612345678;Hi\n");
     assert_eq!(app.result("acme", "after")[1][3], "queued", "the service carries on");
 }
+
+#[test]
+fn daily_report_per_tenant_and_summary_for_the_admin_once() {
+    let port = free_port();
+    let at = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(6);
+    let local = at
+        .to_zoned_datetime(jiff::tz::TimeZone::get("Europe/Paris").expect("tz"))
+        .strftime("%H:%M:%S")
+        .to_string();
+    let mut app = Appliance::new(&format!(
+        "{}{}",
+        acme(""),
+        email_table(
+            &format!("smtp://127.0.0.1:{port}"),
+            &format!("daily_report_at = \"{local}\"")
+        )
+    ));
+    let smtp = SmtpServer::start(port, &app.path("maildir"), None);
+    app.start();
+    app.drop_file("acme", "day.csv", b"phone;message\n0612345678;Hello\nbad;x\n");
+    app.drop_file("acme", "broken.csv", b"x;y\n1;2\n");
+    app.final_report("acme", "day", 1);
+    app.result("acme", "broken");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let reports = loop {
+        let reports: Vec<_> = smtp
+            .mails()
+            .into_iter()
+            .filter(|m| m.subject.contains("daily_report"))
+            .collect();
+        if reports.len() >= 2 {
+            break reports;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no daily report: {reports:#?}\n{}",
+            app.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let tenant = reports.iter().find(|m| m.to.contains(ERP)).expect("tenant report");
+    assert!(
+        tenant.subject.contains("tenant acme, 2 files, 1 messages"),
+        "{}",
+        tenant.subject
+    );
+    for needle in [
+        "Files received:     2",
+        "rejected missing_column: 1",
+        "Lines accepted:     1",
+        "invalid_phone: 1",
+        "delivered: 1",
+        "Delivery rate:      100.0%",
+        "Median delivery:",
+    ] {
+        assert!(tenant.body.contains(needle), "{needle} missing:\n{}", tenant.body);
+    }
+    let admin = reports.iter().find(|m| m.to.contains(ADMIN)).expect("admin summary");
+    assert!(admin.subject.contains("summary of every tenant"));
+    assert!(admin.body.contains("== acme (acme) =="), "{}", admin.body);
+    assert!(app.stop().success());
+    app.start();
+    std::thread::sleep(Duration::from_secs(3));
+    let again = smtp
+        .mails()
+        .into_iter()
+        .filter(|m| m.subject.contains("daily_report"))
+        .count();
+    assert_eq!(again, 2, "a restart does not send the day's report again");
+}

@@ -35,6 +35,8 @@ pub enum MailerError {
     SecretPermissions { path: PathBuf },
     #[error("email.ca_file {}: {detail}", path.display())]
     Ca { path: PathBuf, detail: String },
+    #[error("no [email] table in the configuration")]
+    NoEmail,
     #[error("SMTP transport: {0}")]
     Transport(#[from] lettre::transport::smtp::Error),
 }
@@ -48,6 +50,7 @@ enum Sent {
 
 pub struct Mailer {
     store: Store,
+    config: Arc<crate::config::Config>,
     email: Email,
     transport: AsyncSmtpTransport<Tokio1Executor>,
     alerter: Alerter,
@@ -72,7 +75,15 @@ fn read_secret(path: &std::path::Path) -> Result<String, MailerError> {
 }
 
 impl Mailer {
-    pub fn new(store: Store, email: Email, alerter: Alerter, wake: Arc<Notify>) -> Result<Mailer, MailerError> {
+    pub fn new(
+        store: Store,
+        config: Arc<crate::config::Config>,
+        alerter: Alerter,
+        wake: Arc<Notify>,
+    ) -> Result<Mailer, MailerError> {
+        let Some(email) = config.email.clone() else {
+            return Err(MailerError::NoEmail);
+        };
         let tls = || -> Result<TlsParameters, MailerError> {
             let mut builder = TlsParameters::builder(email.host.clone());
             if let Some(path) = &email.ca_file {
@@ -109,6 +120,7 @@ impl Mailer {
         }
         Ok(Mailer {
             store,
+            config,
             email,
             transport: builder.build(),
             alerter,
@@ -151,6 +163,11 @@ impl Mailer {
         let alerter = self.alerter.clone();
         self.blocking(move |s| s.flush_digests(now, min_interval, |d| alerter.render_digest(d, now)))
             .await?;
+        if self.email.daily_report_at.is_some() {
+            let (alerter, config) = (self.alerter.clone(), self.config.clone());
+            self.blocking(move |s| super::daily::send_due(s, &config, &alerter))
+                .await?;
+        }
         let due = self.blocking(move |s| s.due_mails(now, 50)).await?;
         for (id, mut mail) in due {
             match self.send(&mail).await {

@@ -7,6 +7,7 @@
 //! goes out per `min_interval`; what comes in between is gathered into one digest mail with the
 //! count and the first details. The [`mailer::Mailer`] sends the queue.
 
+pub mod daily;
 pub mod mailer;
 
 use std::collections::BTreeSet;
@@ -97,7 +98,7 @@ pub struct Alerter {
     store: Store,
     config: Arc<Config>,
     wake: Arc<Notify>,
-    host: String,
+    pub(crate) host: String,
 }
 
 impl Alerter {

@@ -752,6 +752,36 @@ impl Store {
         Ok(done)
     }
 
+    /// Seconds from submission to delivery of every delivered message of a batch.
+    pub fn delivery_seconds(&self, batch: &BatchRecord) -> Result<Vec<u32>> {
+        let keys = self.keys.tenant(&batch.tenant);
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(STATUSES)?;
+        let mut out = Vec::new();
+        for e in table.range(message_id(batch.id, 0)..message_id(batch.id + 1, 0))? {
+            let (k, v) = e?;
+            let rec: StatusRecord = open_record(&keys, "statuses", &k.value().to_be_bytes(), v.value())?;
+            if let (MessageStatus::Delivered, Some(sent), Some(done)) = (rec.status, rec.submitted_at, rec.done_at) {
+                out.push(u32::try_from(done - sent).unwrap_or(0));
+            }
+        }
+        Ok(out)
+    }
+
+    /// A counter or mark kept under `name` (not personal data: times, ids).
+    pub fn mark(&self, name: &str) -> Result<Option<u64>> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(META)?;
+        Ok(table.get(name)?.map(|v| v.value()))
+    }
+
+    pub fn set_mark(&self, name: &str, value: u64) -> Result<()> {
+        let tx = self.write(Durability::Immediate)?;
+        tx.open_table(META)?.insert(name, value)?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Records that a batch's last report has been written.
     pub fn mark_report_final(&self, batch_id: u64) -> Result<()> {
         let tx = self.write(Durability::Immediate)?;

@@ -354,3 +354,24 @@ fn daily_report_per_tenant_and_summary_for_the_admin_once() {
         .count();
     assert_eq!(again, 2, "a restart does not send the day's report again");
 }
+
+#[test]
+fn implicit_tls_with_a_test_ca() {
+    let port = free_port();
+    let certs = tempfile::tempdir().expect("dir");
+    let (ca, cert, key) = common::test_ca(certs.path());
+    let mut app = Appliance::new(&format!(
+        "{}{}",
+        acme(""),
+        email_table(
+            &format!("smtps://127.0.0.1:{port}"),
+            &format!("ca_file = \"{}\"", ca.display())
+        )
+    ));
+    let smtp = SmtpServer::start_with(port, &app.path("maildir"), Some((&cert, &key)), true);
+    app.start();
+    app.drop_file("acme", "smtps.csv", b"x;y\n1;2\n");
+    app.result("acme", "smtps");
+    let mails = smtp.wait_mails(2, Duration::from_secs(30));
+    assert!(mails.iter().all(|m| m.subject.contains("smtps.csv")));
+}

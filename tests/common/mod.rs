@@ -326,6 +326,11 @@ pub struct Mail {
 impl SmtpServer {
     /// Starts aiosmtpd on `port`; with `tls` = (cert, key), STARTTLS is required.
     pub fn start(port: u16, maildir: &Path, tls: Option<(&Path, &Path)>) -> SmtpServer {
+        SmtpServer::start_with(port, maildir, tls, false)
+    }
+
+    /// Like [`SmtpServer::start`]; with `implicit`, the certificate serves SMTPS instead.
+    pub fn start_with(port: u16, maildir: &Path, tls: Option<(&Path, &Path)>, implicit: bool) -> SmtpServer {
         // aiosmtpd's Mailbox makes the Maildir (cur, new, tmp) only if the folder does not exist.
         let mut cmd = Command::new(venv_python());
         cmd.args([
@@ -338,7 +343,12 @@ impl SmtpServer {
             "aiosmtpd.handlers.Mailbox",
         ]);
         if let Some((cert, key)) = tls {
-            cmd.arg("--tlscert").arg(cert).arg("--tlskey").arg(key);
+            let (c, k) = if implicit {
+                ("--smtpscert", "--smtpskey")
+            } else {
+                ("--tlscert", "--tlskey")
+            };
+            cmd.arg(c).arg(cert).arg(k).arg(key);
         }
         cmd.arg(maildir)
             .stdin(Stdio::null())

@@ -258,11 +258,23 @@ pub fn batch_show(b: &crate::store::records::BatchRecord) -> String {
 pub fn status_text(store: &Store, config: &Config) -> Result<String, StoreError> {
     let mut out = String::new();
     let statuses = MessageStatus::ALL;
-    let _ = write!(out, "{:<16} {:>8} {:>8}", "tenant", "batches", "depth");
-    for s in statuses {
-        let _ = write!(out, " {:>13}", s.as_str());
+    if let Some(sftp) = &config.sftp {
+        let key = russh::keys::load_secret_key(&sftp.host_key, None)
+            .map(|k| crate::sftp::fingerprint(k.public_key()))
+            .unwrap_or_else(|_| "not created yet".into());
+        let _ = writeln!(out, "sftp: {} host key {key}\n", sftp.listen);
     }
-    out.push('\n');
+    let _ = writeln!(
+        out,
+        "{:<16} {:>8} {:>8}{}",
+        "tenant",
+        "batches",
+        "depth",
+        statuses
+            .iter()
+            .map(|s| format!(" {:>13}", s.as_str()))
+            .collect::<String>()
+    );
     for tenant in config.tenants.keys() {
         let batches = store.batches(Some(tenant))?;
         let mut counts = [0u64; 9];

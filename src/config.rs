@@ -38,6 +38,22 @@ pub struct Config {
     pub routes: Vec<Route>,
     /// Mail out; `None` without an `[email]` table.
     pub email: Option<Email>,
+    /// The SFTP server; `None` without an `[sftp]` table.
+    pub sftp: Option<Sftp>,
+}
+
+/// The embedded SFTP server (`[sftp]`, SPEC §5).
+#[derive(Debug, Clone)]
+pub struct Sftp {
+    pub listen: std::net::SocketAddr,
+    /// Ed25519 host key (OpenSSH format), made on first start with mode 0600.
+    pub host_key: PathBuf,
+    /// A connection that has not authenticated by then is dropped.
+    pub login_deadline: Duration,
+    /// An authenticated session silent for this long is closed.
+    pub idle_timeout: Duration,
+    /// Connections not yet authenticated, at most, across all clients.
+    pub max_unauthenticated: usize,
 }
 
 /// How alerts and reports leave by mail (`[email]`).
@@ -115,6 +131,12 @@ pub struct Tenant {
     pub anomaly_factor: u32,
     /// ...once it is also above this many messages.
     pub anomaly_min_messages: u64,
+    /// SFTP client keys (Ed25519 only).
+    pub keys: Vec<russh::keys::PublicKey>,
+    /// Where SFTP logins may come from (empty: anywhere).
+    pub allow_ips: Vec<ipnet::IpNet>,
+    /// SFTP sessions at once.
+    pub max_sessions: usize,
 }
 
 impl Tenant {
@@ -239,6 +261,17 @@ struct RawConfig {
     #[serde(default)]
     route: Vec<Spanned<RawRoute>>,
     email: Option<Spanned<RawEmail>>,
+    sftp: Option<Spanned<RawSftp>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSftp {
+    listen: Spanned<String>,
+    host_key: Option<Spanned<String>>,
+    login_deadline: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
+    max_unauthenticated: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -296,6 +329,11 @@ struct RawTenant {
     alert_rejected_percent: Option<Spanned<i64>>,
     anomaly_factor: Option<Spanned<i64>>,
     anomaly_min_messages: Option<Spanned<i64>>,
+    #[serde(default)]
+    keys: Vec<Spanned<String>>,
+    #[serde(default)]
+    allow_ips: Vec<Spanned<String>>,
+    max_sessions: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -484,6 +522,7 @@ impl Validator<'_> {
         self.check_folders(&raw, &tenants);
 
         let email = raw.email.as_ref().and_then(|e| self.email(e));
+        let sftp = raw.sftp.as_ref().and_then(|s| self.sftp(s, &state_dir));
 
         Config {
             path: self.file.clone(),
@@ -496,7 +535,52 @@ impl Validator<'_> {
             partners,
             routes,
             email,
+            sftp,
         }
+    }
+
+    fn sftp(&mut self, raw: &Spanned<RawSftp>, state_dir: &Path) -> Option<Sftp> {
+        let r = raw.get_ref();
+        let listen = match r.listen.get_ref().parse::<std::net::SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                self.problem(
+                    &r.listen.span(),
+                    "sftp.listen",
+                    format!("`{}` is not an address:port like \"0.0.0.0:2222\"", r.listen.get_ref()),
+                );
+                return None;
+            }
+        };
+        let login_deadline = self.duration(
+            r.login_deadline.as_ref(),
+            "sftp.login_deadline",
+            Duration::from_secs(30),
+            (Duration::from_secs(1), Duration::from_secs(600)),
+        );
+        let idle_timeout = self.duration(
+            r.idle_timeout.as_ref(),
+            "sftp.idle_timeout",
+            Duration::from_secs(600),
+            (Duration::from_secs(5), Duration::from_secs(86400)),
+        );
+        let max_unauthenticated = self.int(
+            r.max_unauthenticated.as_ref(),
+            "sftp.max_unauthenticated",
+            64,
+            (1, 100_000),
+        ) as usize;
+        Some(Sftp {
+            listen,
+            host_key: r
+                .host_key
+                .as_ref()
+                .map(|p| self.path(p.get_ref()))
+                .unwrap_or_else(|| state_dir.join("ssh_host_ed25519_key")),
+            login_deadline,
+            idle_timeout,
+            max_unauthenticated,
+        })
     }
 
     fn mailbox(&mut self, raw: &Spanned<String>, key: &str) -> Option<lettre::message::Mailbox> {
@@ -863,6 +947,48 @@ impl Validator<'_> {
             (1, i64::MAX),
         ) as u64;
 
+        let keys = t
+            .keys
+            .iter()
+            .filter_map(|k| match russh::keys::PublicKey::from_openssh(k.get_ref().trim()) {
+                Ok(public) if public.algorithm() == russh::keys::Algorithm::Ed25519 => Some(public),
+                Ok(public) => {
+                    self.problem(
+                        &k.span(),
+                        &key("keys"),
+                        format!("only ssh-ed25519 keys are accepted, this one is {}", public.algorithm()),
+                    );
+                    None
+                }
+                Err(e) => {
+                    self.problem(&k.span(), &key("keys"), format!("not an OpenSSH public key line: {e}"));
+                    None
+                }
+            })
+            .collect();
+        let allow_ips = t
+            .allow_ips
+            .iter()
+            .filter_map(|a| {
+                let text = a.get_ref().trim();
+                let net = text
+                    .parse::<ipnet::IpNet>()
+                    .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+                match net {
+                    Ok(n) => Some(n.trunc()),
+                    Err(_) => {
+                        self.problem(
+                            &a.span(),
+                            &key("allow_ips"),
+                            format!("`{text}` is not an IP address or CIDR"),
+                        );
+                        None
+                    }
+                }
+            })
+            .collect();
+        let max_sessions = self.int(t.max_sessions.as_ref(), &key("max_sessions"), 4, (1, 1000)) as usize;
+
         Some(Tenant {
             id: id.to_string(),
             name: t.name.clone().unwrap_or_else(|| id.to_string()),
@@ -892,6 +1018,9 @@ impl Validator<'_> {
             alert_rejected_percent,
             anomaly_factor,
             anomaly_min_messages,
+            keys,
+            allow_ips,
+            max_sessions,
         })
     }
 
@@ -1034,8 +1163,29 @@ partners = ["sink"]
 
     #[test]
     fn tables_of_later_capabilities_are_refused_not_ignored() {
-        let p = problems("[sftp]\nlisten = \"0.0.0.0:22\"\n");
-        assert!(p[0].contains("sftp"), "{p:?}");
+        let p = problems("[metrics]\nlisten = \"0.0.0.0:9100\"\n");
+        assert!(p[0].contains("metrics"), "{p:?}");
+    }
+
+    #[test]
+    fn sftp_keys_and_ips() {
+        let p = problems(
+            "[tenant.acme]\nkeys = [\"ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQDYj0pQ8SVjqLgWd1n8WksB1A3L7aXgKL8Yf0n4tMD8vzp1x8N8g3gX6Dq0m2j3N3u2hN4cQ3m5wq8vJcQ0nJ5o3fQnq3d5y0m8q1L3kX0bq2c4V1J2wM9F6y8g0F7j3mKp4k0n1v9G1yX3a2x5N0c9R0Y8k3h2u4B5f0G6q7e8Q== x\"]\nallow_ips = [\"10.0.0.0/8\", \"nope\"]\n",
+        );
+        assert!(p.iter().any(|p| p.contains(":2: tenant.acme.keys:")), "{p:?}");
+        assert!(
+            p.iter().any(|p| p.contains(":3: tenant.acme.allow_ips: `nope`")),
+            "{p:?}"
+        );
+        let c = parse(
+            "[sftp]\nlisten = \"127.0.0.1:2222\"\n[tenant.acme]\nallow_ips = [\"192.0.2.7\", \"2001:db8::/32\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.sftp.unwrap().host_key,
+            PathBuf::from("/var/lib/smsdrop/ssh_host_ed25519_key")
+        );
+        assert_eq!(c.tenants["acme"].allow_ips.len(), 2);
     }
 
     #[test]

@@ -28,5 +28,6 @@ pub mod crypto;
 pub mod dispatch;
 pub mod reply;
 pub mod server;
+pub mod sftp;
 pub mod store;
 pub mod watch;

@@ -47,6 +47,8 @@ pub enum ServeError {
     Admin(io::Error),
     #[error("mail: {0}")]
     Mailer(#[from] MailerError),
+    #[error("SFTP: {0}")]
+    Sftp(#[from] crate::sftp::SftpError),
 }
 
 fn make_dir(path: &Path, mode: u32, what: &'static str) -> Result<(), ServeError> {
@@ -168,6 +170,10 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     }
     let intake = CancellationToken::new();
     tracker.spawn(watcher.run(intake.clone()));
+    if let Some(sftp) = crate::sftp::SftpServer::new(config.clone())? {
+        let listener = sftp.bind().await?;
+        tracker.spawn(sftp.run(listener, intake.clone()));
+    }
     tracker.close();
     tracing::info!(
         tenants = config.tenants.len(),

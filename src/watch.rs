@@ -42,6 +42,8 @@ pub fn is_ignored_name(name: &str) -> bool {
         || name.ends_with(".part")
         || name.ends_with(".tmp")
         || name.ends_with(".ok")
+        // WinSCP uploads as `name.filepart` and renames when done.
+        || name.ends_with(".filepart")
         || name.len() > MAX_NAME_BYTES
 }
 
@@ -364,7 +366,14 @@ mod tests {
 
     #[test]
     fn ignored_names() {
-        for n in [".hidden.csv", "a.csv.part", "a.tmp", "a.csv.ok", ".smsdrop-claim-x"] {
+        for n in [
+            ".hidden.csv",
+            "a.csv.part",
+            "a.tmp",
+            "a.csv.ok",
+            ".smsdrop-claim-x",
+            "a.csv.filepart",
+        ] {
             assert!(is_ignored_name(n), "{n}");
         }
         assert!(is_ignored_name(&"x".repeat(201)));

@@ -174,7 +174,7 @@ impl Appliance {
     pub fn drop_file(&self, tenant: &str, name: &str, content: &[u8]) -> PathBuf {
         let inbox = self.inbox(tenant);
         std::fs::create_dir_all(&inbox).expect("inbox");
-        let staging = self.path(&format!("staging-{name}"));
+        let staging = self.path(&format!("staging-{}", name.replace('/', "_")));
         std::fs::write(&staging, content).expect("write staging file");
         let target = inbox.join(name);
         std::fs::rename(&staging, &target).expect("rename into inbox");
@@ -478,4 +478,47 @@ pub fn test_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         "san.ext",
     ]);
     (dir.join("ca.pem"), dir.join("server.pem"), dir.join("server.key"))
+}
+
+/// A client key made by OpenSSH's ssh-keygen: (private key path, public key line).
+pub fn client_key(dir: &Path, name: &str, kind: &str) -> (PathBuf, String) {
+    let path = dir.join(name);
+    let mut cmd = Command::new("ssh-keygen");
+    cmd.args(["-q", "-t", kind, "-N", "", "-C", name, "-f"]).arg(&path);
+    if kind == "rsa" {
+        cmd.args(["-b", "2048"]);
+    }
+    let out = cmd.output().expect("ssh-keygen");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let public = std::fs::read_to_string(path.with_extension("pub")).expect("public key");
+    (path, public.trim().to_string())
+}
+
+/// Runs OpenSSH's `sftp` in batch mode against `user@127.0.0.1:port`.
+pub fn sftp_batch(port: u16, key: &Path, user: &str, commands: &str) -> Output {
+    let dir = tempfile::tempdir().expect("dir");
+    let batch = dir.path().join("batch");
+    std::fs::write(&batch, commands).expect("batch file");
+    Command::new("sftp")
+        .arg("-b")
+        .arg(&batch)
+        .arg("-P")
+        .arg(port.to_string())
+        .arg("-i")
+        .arg(key)
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "ConnectTimeout=10",
+        ])
+        .arg(format!("{user}@127.0.0.1"))
+        .output()
+        .expect("run sftp")
 }

@@ -4,6 +4,7 @@
 #   - cargo-nextest (the test runner)
 #   - .venv/ with the Python peers of tests/peers/requirements.txt (aiosmtpd: a real SMTP server)
 #   - openssl (Debian) for the test CA of the STARTTLS tests
+#   - openssh-client (Debian): sftp, scp, ssh-keygen, the SFTP clients of the SFTP tests
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -14,6 +15,7 @@ fi
 
 need_apt=()
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+command -v sftp >/dev/null 2>&1 && command -v ssh-keygen >/dev/null 2>&1 || need_apt+=(openssh-client)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing Debian packages: ${need_apt[*]}"

@@ -1,0 +1,405 @@
+//! The way in over SFTP (SPEC §5): an embedded SSH server (russh) that lets tenants upload
+//! batches into their inbox and fetch reply files from their outbox, and nothing else.
+//!
+//! Only Ed25519: the host key is Ed25519 (so key exchange offers only that), and client keys are
+//! checked to be `ssh-ed25519` before and after their signature (russh's preferred list does not
+//! limit client keys). Password, keyboard-interactive and `none` are refused. Key exchange offers
+//! `mlkem768x25519-sha256` first, then curve25519 for clients older than OpenSSH 9.9; ciphers are
+//! chacha20-poly1305 and AES-GCM only. Connections are accepted by our own loop, so limits on
+//! unauthenticated connections and a login deadline apply before russh sees a byte.
+//!
+//! What a session may do in its two folders is [`world`]'s business.
+
+pub mod world;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use russh::keys::{Algorithm, HashAlg, PrivateKey, PublicKey};
+use russh::server::{Auth, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
+use russh::{Channel, ChannelId, MethodSet, Preferred};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Sftp, Tenant};
+
+/// Why the SFTP server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SftpError {
+    #[error("host key {}: {detail}", path.display())]
+    HostKey { path: std::path::PathBuf, detail: String },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+}
+
+/// Loads the Ed25519 host key, or makes one (mode 0600) on first start.
+pub fn host_key(path: &Path) -> Result<PrivateKey, SftpError> {
+    let err = |detail: String| SftpError::HostKey {
+        path: path.to_path_buf(),
+        detail,
+    };
+    if path.exists() {
+        let mode = std::fs::metadata(path)
+            .map_err(|e| err(e.to_string()))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(err(format!(
+                "readable by group or others (mode {:o}); run `chmod 600 {}`",
+                mode & 0o777,
+                path.display()
+            )));
+        }
+        let key = russh::keys::load_secret_key(path, None).map_err(|e| err(e.to_string()))?;
+        if key.algorithm() != Algorithm::Ed25519 {
+            return Err(err(format!("is {}, smsdrop uses only ssh-ed25519", key.algorithm())));
+        }
+        return Ok(key);
+    }
+    let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+    getrandom::fill(seed.as_mut()).map_err(|e| err(e.to_string()))?;
+    let pair = russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&seed);
+    let key = PrivateKey::from(pair);
+    let text = key
+        .to_openssh(russh::keys::ssh_key::LineEnding::LF)
+        .map_err(|e| err(e.to_string()))?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| err(e.to_string()))?;
+    file.write_all(text.as_bytes())
+        .and_then(|_| file.sync_all())
+        .map_err(|e| err(e.to_string()))?;
+    tracing::info!(path = %path.display(), "SFTP host key created");
+    Ok(key)
+}
+
+/// The SHA-256 fingerprint of a key, as OpenSSH prints it.
+pub fn fingerprint(key: &PublicKey) -> String {
+    key.fingerprint(HashAlg::Sha256).to_string()
+}
+
+fn ssh_config(sftp: &Sftp, key: PrivateKey) -> russh::server::Config {
+    russh::server::Config {
+        methods: MethodSet::from(&[russh::MethodKind::PublicKey][..]),
+        auth_rejection_time: Duration::from_millis(500),
+        // OpenSSH's first probe is `none`: answer it at once.
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        keys: vec![key],
+        preferred: Preferred {
+            kex: std::borrow::Cow::Borrowed(&[
+                russh::kex::MLKEM768X25519_SHA256,
+                russh::kex::CURVE25519,
+                russh::kex::CURVE25519_PRE_RFC_8731,
+                russh::kex::EXTENSION_SUPPORT_AS_SERVER,
+                russh::kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER,
+            ]),
+            key: std::borrow::Cow::Borrowed(&[Algorithm::Ed25519]),
+            cipher: std::borrow::Cow::Borrowed(&[
+                russh::cipher::CHACHA20_POLY1305,
+                russh::cipher::AES_256_GCM,
+                russh::cipher::AES_128_GCM,
+            ]),
+            mac: std::borrow::Cow::Borrowed(&[russh::mac::HMAC_SHA512_ETM, russh::mac::HMAC_SHA256_ETM]),
+            compression: std::borrow::Cow::Borrowed(&[russh::compression::NONE]),
+            ..Preferred::DEFAULT
+        },
+        max_auth_attempts: 6,
+        inactivity_timeout: Some(sftp.idle_timeout),
+        window_size: 8 << 20,
+        nodelay: true,
+        ..Default::default()
+    }
+}
+
+/// Sessions per tenant, shared by all connections.
+type Sessions = Arc<Mutex<HashMap<String, usize>>>;
+
+/// The SFTP server of `serve`.
+pub struct SftpServer {
+    config: Arc<Config>,
+    sftp: Sftp,
+    ssh: Arc<russh::server::Config>,
+    pub fingerprint: String,
+}
+
+impl SftpServer {
+    pub fn new(config: Arc<Config>) -> Result<Option<SftpServer>, SftpError> {
+        let Some(sftp) = config.sftp.clone() else {
+            return Ok(None);
+        };
+        let key = host_key(&sftp.host_key)?;
+        let fingerprint = fingerprint(key.public_key());
+        let ssh = Arc::new(ssh_config(&sftp, key));
+        Ok(Some(SftpServer {
+            config,
+            sftp,
+            ssh,
+            fingerprint,
+        }))
+    }
+
+    pub async fn bind(&self) -> Result<TcpListener, SftpError> {
+        TcpListener::bind(self.sftp.listen)
+            .await
+            .map_err(|source| SftpError::Listen {
+                addr: self.sftp.listen,
+                source,
+            })
+    }
+
+    /// Accepts connections until `shutdown`.
+    pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) {
+        let unauthenticated = Arc::new(Semaphore::new(self.sftp.max_unauthenticated));
+        let sessions: Sessions = Arc::default();
+        tracing::info!(listen = %self.sftp.listen, host_key = %self.fingerprint, "SFTP server listening");
+        loop {
+            let (socket, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "SFTP accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = unauthenticated.clone().try_acquire_owned() else {
+                tracing::warn!(peer = %peer, "SFTP connection dropped: too many unauthenticated connections");
+                continue;
+            };
+            let _ = socket.set_nodelay(true);
+            let authenticated = Arc::new(AtomicBool::new(false));
+            let handler = SshSession {
+                config: self.config.clone(),
+                peer,
+                tenant: None,
+                authenticated: authenticated.clone(),
+                permit: Some(permit),
+                sessions: sessions.clone(),
+                channels: HashMap::new(),
+            };
+            let ssh = self.ssh.clone();
+            let deadline = self.sftp.login_deadline;
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                let running =
+                    match tokio::time::timeout(deadline, russh::server::run_stream(ssh, socket, handler)).await {
+                        Ok(Ok(r)) => r,
+                        Ok(Err(e)) => {
+                            tracing::debug!(peer = %peer, error = %e, "SSH handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::info!(peer = %peer, "SFTP login deadline passed during the handshake");
+                            return;
+                        }
+                    };
+                let handle = running.handle();
+                let login = async {
+                    tokio::time::sleep(deadline).await;
+                    if !authenticated.load(Ordering::Acquire) {
+                        tracing::info!(peer = %peer, "SFTP login deadline passed; connection dropped");
+                        let _ = handle
+                            .disconnect(
+                                russh::Disconnect::ByApplication,
+                                "login deadline passed".into(),
+                                "en".into(),
+                            )
+                            .await;
+                    }
+                    std::future::pending::<()>().await
+                };
+                tokio::select! {
+                    res = running => {
+                        if let Err(e) = res {
+                            tracing::debug!(peer = %peer, error = %e, "SSH session ended with an error");
+                        }
+                    }
+                    _ = login => {}
+                    _ = stop.cancelled() => {}
+                }
+            });
+        }
+    }
+}
+
+/// One SSH connection.
+struct SshSession {
+    config: Arc<Config>,
+    peer: SocketAddr,
+    /// The tenant once authenticated.
+    tenant: Option<Arc<Tenant>>,
+    authenticated: Arc<AtomicBool>,
+    /// Held until authentication: counts against `max_unauthenticated`.
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    sessions: Sessions,
+    channels: HashMap<ChannelId, Channel<Msg>>,
+}
+
+impl SshSession {
+    /// The refusal, logged with what is known. Never logs a key or a password.
+    fn refuse(&self, user: &str, method: &str, key: Option<&PublicKey>, reason: &str) -> Auth {
+        tracing::warn!(
+            peer = %self.peer,
+            user = %user,
+            method,
+            key_type = key.map(|k| k.algorithm().to_string()).unwrap_or_default(),
+            fingerprint = key.map(fingerprint).unwrap_or_default(),
+            reason,
+            "SFTP login refused"
+        );
+        Auth::reject()
+    }
+
+    /// Checks user, source address and key; `Ok(tenant)` when they fit.
+    fn check(&self, user: &str, key: &PublicKey) -> Result<Arc<Tenant>, &'static str> {
+        let tenant = self.config.tenants.get(user).ok_or("unknown user")?;
+        if !tenant.allow_ips.is_empty() && !tenant.allow_ips.iter().any(|n| n.contains(&self.peer.ip())) {
+            return Err("IP not allowed");
+        }
+        if key.algorithm() != Algorithm::Ed25519 {
+            return Err("key type not allowed");
+        }
+        // Compare key data, not the whole key: the comment is not part of the key.
+        if !tenant.keys.iter().any(|k| k.key_data() == key.key_data()) {
+            return Err("unknown key");
+        }
+        Ok(tenant.clone())
+    }
+}
+
+impl russh::server::Handler for SshSession {
+    type Error = russh::Error;
+
+    async fn auth_none(&mut self, _user: &str) -> Result<Auth, Self::Error> {
+        Ok(Auth::reject())
+    }
+
+    async fn auth_password(&mut self, user: &str, _password: &str) -> Result<Auth, Self::Error> {
+        Ok(self.refuse(user, "password", None, "password authentication is not allowed"))
+    }
+
+    async fn auth_keyboard_interactive<'a>(
+        &'a mut self,
+        user: &str,
+        _submethods: &str,
+        _response: Option<russh::server::Response<'a>>,
+    ) -> Result<Auth, Self::Error> {
+        Ok(self.refuse(
+            user,
+            "keyboard-interactive",
+            None,
+            "keyboard-interactive authentication is not allowed",
+        ))
+    }
+
+    async fn auth_publickey_offered(&mut self, user: &str, offer: PublicKeyOffer<'_>) -> Result<Auth, Self::Error> {
+        match self.check(user, offer.public_key) {
+            Ok(_) => Ok(Auth::Accept),
+            Err(reason) => Ok(self.refuse(user, "publickey", Some(offer.public_key), reason)),
+        }
+    }
+
+    async fn auth_publickey(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
+        let tenant = match self.check(user, key.public_key) {
+            Ok(t) => t,
+            Err(reason) => return Ok(self.refuse(user, "publickey", Some(key.public_key), reason)),
+        };
+        {
+            let mut sessions = self.sessions.lock().map_err(|_| russh::Error::Disconnect)?;
+            let count = sessions.entry(tenant.id.clone()).or_default();
+            if *count >= tenant.max_sessions {
+                drop(sessions);
+                return Ok(self.refuse(user, "publickey", Some(key.public_key), "too many sessions"));
+            }
+            *count += 1;
+        }
+        tracing::info!(peer = %self.peer, tenant = %tenant.id, fingerprint = %fingerprint(key.public_key), "SFTP login");
+        self.tenant = Some(tenant);
+        self.authenticated.store(true, Ordering::Release);
+        self.permit = None;
+        Ok(Auth::Accept)
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: russh::server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if self.tenant.is_some() && self.channels.len() < 4 {
+            self.channels.insert(channel.id(), channel);
+            reply.accept().await;
+        }
+        Ok(())
+    }
+
+    async fn channel_eof(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), Self::Error> {
+        // `scp -s` waits for an exit status before it calls the transfer a success.
+        let _ = session.exit_status_request(channel, 0);
+        session.close(channel)?;
+        Ok(())
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel_id: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let (Some(tenant), Some(channel)) = (self.tenant.clone(), self.channels.remove(&channel_id)) else {
+            session.channel_failure(channel_id)?;
+            return Ok(());
+        };
+        if name != "sftp" {
+            session.channel_failure(channel_id)?;
+            return Ok(());
+        }
+        session.channel_success(channel_id)?;
+        let world = world::World::new(tenant);
+        let config = russh_sftp::server::Config {
+            max_client_packet_len: 512 * 1024,
+        };
+        russh_sftp::server::run_with_config(channel.into_stream(), world, config).await;
+        Ok(())
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        _data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_failure(channel)?;
+        Ok(())
+    }
+
+    async fn shell_request(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), Self::Error> {
+        session.channel_failure(channel)?;
+        Ok(())
+    }
+}
+
+impl Drop for SshSession {
+    fn drop(&mut self) {
+        if let Some(t) = &self.tenant {
+            if let Ok(mut sessions) = self.sessions.lock() {
+                if let Some(n) = sessions.get_mut(&t.id) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+            tracing::info!(peer = %self.peer, tenant = %t.id, "SFTP session closed");
+        }
+    }
+}

@@ -1,0 +1,307 @@
+//! The SFTP front door through the real binary and OpenSSH's own clients (`sftp`, `scp -s`).
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Appliance, client_key, free_port, sftp_batch, tenant};
+
+struct Door {
+    app: Appliance,
+    port: u16,
+    key: std::path::PathBuf,
+}
+
+/// An appliance with `[sftp]` and tenant acme holding one Ed25519 key.
+fn door(extra_tenant: &str) -> Door {
+    let port = free_port();
+    let keys = tempfile::tempdir().expect("dir");
+    let (key_in_temp, public) = client_key(keys.path(), "id_acme", "ed25519");
+    let app = Appliance::new_with(
+        "",
+        &format!(
+            "{}\n[sftp]\nlisten = \"127.0.0.1:{port}\"\nlogin_deadline = \"3s\"\n",
+            tenant("acme", &format!("keys = [\"{public}\"]\n{extra_tenant}"))
+        ),
+    );
+    // Keep the key beside the appliance, which outlives this function.
+    let key = app.path("id_acme");
+    std::fs::copy(&key_in_temp, &key).expect("copy key");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+    Door { app, port, key }
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn upload_then_download_and_delete_the_result() {
+    let mut d = door("");
+    d.app.start();
+    let host_key = std::fs::read_to_string(d.app.state_dir().join("ssh_host_ed25519_key")).expect("host key made");
+    assert!(host_key.contains("OPENSSH PRIVATE KEY"));
+    let local = d.app.path("june.csv");
+    std::fs::write(&local, "phone;message\n0612345678;Hello over SFTP\n").expect("write");
+    let out = sftp_batch(
+        d.port,
+        &d.key,
+        "acme",
+        &format!("ls /\nput {} /inbox/june.csv\n", local.display()),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("/outbox"));
+    let result = d.app.result("acme", "june");
+    assert_eq!(result[1][3], "queued");
+    let got = d.app.path("got.csv");
+    let out = sftp_batch(
+        d.port,
+        &d.key,
+        "acme",
+        &format!(
+            "get /outbox/june.result.csv {}\nrm /outbox/june.result.csv\nls /outbox\n",
+            got.display()
+        ),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&std::fs::read(&got).expect("downloaded")).contains("+33612345678;queued"));
+    assert!(
+        !d.app.outbox("acme").join("june.result.csv").exists(),
+        "deleted over SFTP"
+    );
+    d.app.wait_sink(1, Duration::from_secs(20));
+    let status = String::from_utf8_lossy(&d.app.cli(&["status"]).stdout).into_owned();
+    assert!(status.contains("host key SHA256:"), "{status}");
+}
+
+#[test]
+fn only_known_ed25519_keys_of_known_users_get_in() {
+    let mut d = door("");
+    d.app.start();
+    let keys = tempfile::tempdir().expect("dir");
+    let (rsa, _) = client_key(keys.path(), "id_rsa", "rsa");
+    let (ecdsa, _) = client_key(keys.path(), "id_ecdsa", "ecdsa");
+    let (other, _) = client_key(keys.path(), "id_other", "ed25519");
+    for key in [&rsa, &ecdsa, &other] {
+        let out = sftp_batch(d.port, key, "acme", "ls /\n");
+        assert!(!out.status.success(), "{} got in", key.display());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = sftp_batch(d.port, &d.key, "nobody", "ls /\n");
+    assert!(!out.status.success());
+    wait_for("refusals logged", Duration::from_secs(10), || {
+        let log = d.app.log();
+        log.contains("reason=\"unknown key\"") && log.contains("reason=\"unknown user\"")
+    });
+    assert!(sftp_batch(d.port, &d.key, "acme", "ls /\n").status.success());
+}
+
+#[test]
+fn ips_outside_allow_ips_are_refused() {
+    let mut d = door("allow_ips = [\"192.0.2.0/24\"]");
+    d.app.start();
+    let out = sftp_batch(d.port, &d.key, "acme", "ls /\n");
+    assert!(!out.status.success());
+    wait_for("IP refusal logged", Duration::from_secs(10), || {
+        d.app.log().contains("reason=\"IP not allowed\"")
+    });
+}
+
+#[test]
+fn no_path_leads_outside_the_two_folders() {
+    let mut d = door("");
+    d.app.start();
+    let local = d.app.path("x.csv");
+    std::fs::write(&local, "phone;message\n").expect("write");
+    let l = local.display();
+    let secret = d.app.path("secret.txt");
+    std::fs::write(&secret, "secret").expect("write");
+    let attempts = format!(
+        "-put {l} /inbox/../outbox/evil.csv\n\
+         -put {l} /outbox/evil.csv\n\
+         -put {l} /evil.csv\n\
+         -put {l} /inbox/.hidden\n\
+         -get {s} stolen1\n\
+         -get /inbox/../../secret.txt stolen2\n\
+         -get /etc/passwd stolen3\n\
+         -mkdir /inbox/sub\n\
+         -rmdir /inbox\n\
+         -symlink /etc/passwd /inbox/link\n\
+         -rm /inbox/x.csv\n\
+         -rename /outbox/a /inbox/b\n\
+         -cd /inbox/..\n\
+         -ls /etc\n",
+        s = secret.display()
+    );
+    let out = sftp_batch(d.port, &d.key, "acme", &attempts);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let refused = stderr
+        .lines()
+        .filter(|l| {
+            ["Permission denied", "No such file", "not found", "Can't", "Couldn't"]
+                .iter()
+                .any(|p| l.contains(p))
+        })
+        .count();
+    assert_eq!(refused, 14, "every attempt refused:\n{stderr}");
+    for stolen in ["stolen1", "stolen2", "stolen3"] {
+        assert!(!std::path::Path::new(stolen).exists());
+    }
+    let outbox: Vec<_> = std::fs::read_dir(d.app.outbox("acme"))
+        .map(|r| r.flatten().count())
+        .into_iter()
+        .collect();
+    assert_eq!(outbox, [0], "nothing written to the outbox");
+    let inbox: Vec<String> = std::fs::read_dir(d.app.inbox("acme"))
+        .expect("inbox")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(inbox.is_empty(), "{inbox:?}");
+}
+
+#[test]
+fn oversize_uploads_are_cut_off_and_leave_nothing() {
+    let mut d = door("max_file_bytes = 1000");
+    d.app.start();
+    let local = d.app.path("big.csv");
+    std::fs::write(&local, format!("phone;message\n{}", "0612345678;Hello\n".repeat(400))).expect("write");
+    let out = sftp_batch(
+        d.port,
+        &d.key,
+        "acme",
+        &format!("put {} /inbox/big.csv\n", local.display()),
+    );
+    assert!(!out.status.success(), "an oversize upload fails");
+    std::thread::sleep(Duration::from_millis(500));
+    let inbox: Vec<_> = std::fs::read_dir(d.app.inbox("acme"))
+        .expect("inbox")
+        .flatten()
+        .collect();
+    assert!(
+        inbox.is_empty(),
+        "{:?}",
+        inbox.iter().map(|e| e.file_name()).collect::<Vec<_>>()
+    );
+    assert!(!d.app.outbox("acme").join("big.result.csv").exists());
+}
+
+#[test]
+fn a_dropped_connection_leaves_nothing_to_take() {
+    let mut d = door("max_file_bytes = \"1 GiB\"");
+    d.app.start();
+    let local = d.app.path("huge.csv");
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&local).expect("create"));
+        std::io::Write::write_all(&mut f, b"phone;message\n").expect("write");
+        for _ in 0..400_000 {
+            std::io::Write::write_all(&mut f, b"0612345678;Hello there, this line pads the file out\n").expect("write");
+        }
+    }
+    let batch = d.app.path("batch");
+    std::fs::write(&batch, format!("put {} /inbox/huge.csv\n", local.display())).expect("batch");
+    let mut child = Command::new("sftp")
+        .arg("-b")
+        .arg(&batch)
+        .args(["-B", "32768", "-P", &d.port.to_string(), "-i"])
+        .arg(&d.key)
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+        ])
+        .arg("acme@127.0.0.1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("sftp");
+    wait_for("upload started", Duration::from_secs(20), || {
+        std::fs::read_dir(d.app.inbox("acme"))
+            .map(|r| r.flatten().any(|e| e.file_name().to_string_lossy().ends_with(".part")))
+            .unwrap_or(false)
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    wait_for("temporary removed", Duration::from_secs(20), || {
+        std::fs::read_dir(d.app.inbox("acme"))
+            .map(|r| r.flatten().count() == 0)
+            .unwrap_or(false)
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        !d.app.outbox("acme").join("huge.result.csv").exists(),
+        "nothing was taken"
+    );
+}
+
+#[test]
+fn twenty_sessions_upload_at_once_and_scp_works() {
+    let mut d = door("max_sessions = 20");
+    d.app.start();
+    let mut children = Vec::new();
+    for i in 0..20 {
+        let local = d.app.path(&format!("f{i}.csv"));
+        std::fs::write(&local, format!("phone;message\n06123456{:02};Hello {i}\n", 10 + i)).expect("write");
+        let batch = d.app.path(&format!("b{i}"));
+        std::fs::write(&batch, format!("put {} /inbox/f{i}.csv\n", local.display())).expect("batch");
+        children.push(
+            Command::new("sftp")
+                .arg("-b")
+                .arg(&batch)
+                .args(["-P", &d.port.to_string(), "-i"])
+                .arg(&d.key)
+                .args([
+                    "-o",
+                    "StrictHostKeyChecking=no",
+                    "-o",
+                    "UserKnownHostsFile=/dev/null",
+                    "-o",
+                    "BatchMode=yes",
+                ])
+                .arg("acme@127.0.0.1")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("sftp"),
+        );
+    }
+    for c in children {
+        let out = c.wait_with_output().expect("wait");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    for i in 0..20 {
+        assert_eq!(d.app.result("acme", &format!("f{i}"))[1][3], "queued");
+    }
+    // scp in SFTP mode: opens without truncate, then truncates with fsetstat
+    let local = d.app.path("scp.csv");
+    std::fs::write(&local, "phone;message\n0612345699;Hello scp\n").expect("write");
+    let out = Command::new("scp")
+        .args(["-s", "-P", &d.port.to_string(), "-i"])
+        .arg(&d.key)
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+        ])
+        .arg(&local)
+        .arg("acme@127.0.0.1:/inbox/scp.csv")
+        .output()
+        .expect("scp");
+    assert!(out.status.success(), "scp -s: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(d.app.result("acme", "scp")[1][3], "queued");
+}

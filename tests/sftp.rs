@@ -305,3 +305,133 @@ fn twenty_sessions_upload_at_once_and_scp_works() {
     assert!(out.status.success(), "scp -s: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(d.app.result("acme", "scp")[1][3], "queued");
 }
+
+fn python(args: &[&str]) -> std::process::Output {
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/peers/paramiko_client.py");
+    Command::new(common::venv_python())
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("paramiko client")
+}
+
+#[test]
+fn paramiko_uploads_and_cannot_escape_or_use_a_password() {
+    let mut d = door("");
+    d.app.start();
+    let port = d.port.to_string();
+    let local = d.app.path("pm.csv");
+    std::fs::write(&local, "phone;message\n0612345678;Hello paramiko\n").expect("write");
+    let key = d.key.to_str().expect("path").to_string();
+    let out = python(&[
+        &port,
+        "acme",
+        "upload",
+        &key,
+        local.to_str().expect("path"),
+        "/inbox/pm.csv",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(d.app.result("acme", "pm")[1][3], "queued");
+    let out = python(&[&port, "acme", "escape", &key]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).matches("refused").count(), 12);
+    let out = python(&[&port, "acme", "password", "hunter2"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("password refusal logged", Duration::from_secs(10), || {
+        d.app.log().contains("method=\"password\"")
+    });
+    assert!(!d.app.log().contains("hunter2"), "a password is never logged");
+}
+
+#[test]
+fn ssh_audit_finds_no_failure_and_warns_only_on_curve25519() {
+    let mut d = door("");
+    d.app.start();
+    let out = Command::new(common::venv_python())
+        .args(["-m", "ssh_audit", "-n", "-p", &d.port.to_string(), "127.0.0.1"])
+        .output()
+        .expect("ssh-audit");
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(report.contains("mlkem768x25519-sha256"), "{report}");
+    assert!(!report.contains("[fail]"), "{report}");
+    let mut current = String::new();
+    for line in report.lines() {
+        if line.starts_with('(') {
+            current = line.to_string();
+        }
+        if line.contains("[warn]") {
+            assert!(
+                current.starts_with("(kex) curve25519-sha256"),
+                "unexpected warning on {current}:\n{report}"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_refusal_is_mailed() {
+    let smtp_port = free_port();
+    let mut d = door("alert_to = [\"erp@acme.example\"]");
+    let text = std::fs::read_to_string(&d.app.config).expect("config");
+    std::fs::write(
+        &d.app.config,
+        format!(
+            "{text}\n[email]\nsmtp_url = \"smtp://127.0.0.1:{smtp_port}\"\nfrom = \"smsdrop@example.net\"\nadmin_to = [\"ops@example.net\"]\nmin_interval = \"0s\"\n"
+        ),
+    )
+    .expect("config");
+    let smtp = common::SmtpServer::start(smtp_port, &d.app.path("maildir"), None);
+    d.app.start();
+    let port = d.port.to_string();
+    assert!(python(&[&port, "acme", "password", "secret"]).status.success());
+    assert!(!sftp_batch(d.port, &d.key, "mallory", "ls /\n").status.success());
+    let mails = smtp.wait_mails(3, Duration::from_secs(30));
+    let password = mails
+        .iter()
+        .find(|m| m.to.contains("erp@acme.example") && m.body.contains("method: password"))
+        .unwrap_or_else(|| panic!("no password refusal mail to the tenant: {mails:#?}"));
+    for needle in [
+        "auth_rejected",
+        "source: 127.0.0.1:",
+        "user: acme",
+        "reason: password authentication is not allowed",
+    ] {
+        assert!(
+            password.subject.contains(needle) || password.body.contains(needle),
+            "{needle}:\n{}",
+            password.body
+        );
+    }
+    let unknown = mails
+        .iter()
+        .find(|m| m.to.contains("ops@example.net") && m.body.contains("reason: unknown user"))
+        .unwrap_or_else(|| panic!("no unknown-user mail to the admin: {mails:#?}"));
+    assert!(
+        unknown.body.contains("user: mallory") && unknown.body.contains("key type: ssh-ed25519"),
+        "{}",
+        unknown.body
+    );
+    assert!(unknown.body.contains("key fingerprint: SHA256:"), "{}", unknown.body);
+    assert!(
+        !mails
+            .iter()
+            .any(|m| m.to.contains("erp@acme.example") && m.body.contains("mallory")),
+        "not the tenant's business"
+    );
+}

@@ -28,6 +28,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::alert::{Alert, AlertKind, Alerter};
 use crate::config::{Config, Sftp, Tenant};
 
 /// Why the SFTP server could not start.
@@ -127,13 +128,14 @@ type Sessions = Arc<Mutex<HashMap<String, usize>>>;
 /// The SFTP server of `serve`.
 pub struct SftpServer {
     config: Arc<Config>,
+    alerts: Alerter,
     sftp: Sftp,
     ssh: Arc<russh::server::Config>,
     pub fingerprint: String,
 }
 
 impl SftpServer {
-    pub fn new(config: Arc<Config>) -> Result<Option<SftpServer>, SftpError> {
+    pub fn new(config: Arc<Config>, alerts: Alerter) -> Result<Option<SftpServer>, SftpError> {
         let Some(sftp) = config.sftp.clone() else {
             return Ok(None);
         };
@@ -142,6 +144,7 @@ impl SftpServer {
         let ssh = Arc::new(ssh_config(&sftp, key));
         Ok(Some(SftpServer {
             config,
+            alerts,
             sftp,
             ssh,
             fingerprint,
@@ -182,6 +185,7 @@ impl SftpServer {
             let authenticated = Arc::new(AtomicBool::new(false));
             let handler = SshSession {
                 config: self.config.clone(),
+                alerts: self.alerts.clone(),
                 peer,
                 tenant: None,
                 authenticated: authenticated.clone(),
@@ -190,6 +194,7 @@ impl SftpServer {
                 channels: HashMap::new(),
             };
             let ssh = self.ssh.clone();
+            let alerts = self.alerts.clone();
             let deadline = self.sftp.login_deadline;
             let stop = shutdown.clone();
             tokio::spawn(async move {
@@ -209,7 +214,17 @@ impl SftpServer {
                 let login = async {
                     tokio::time::sleep(deadline).await;
                     if !authenticated.load(Ordering::Acquire) {
-                        tracing::info!(peer = %peer, "SFTP login deadline passed; connection dropped");
+                        tracing::warn!(peer = %peer, reason = "login deadline passed", "SFTP login refused");
+                        alerts.raise(
+                            Alert::new(
+                                AlertKind::AuthRejected,
+                                None,
+                                format!("SFTP connection from {} dropped: login deadline passed", peer.ip()),
+                            )
+                            .detail("source", peer)
+                            .detail("reason", "login deadline passed")
+                            .action("A client that connects and does not log in within login_deadline is dropped. Repeated, it is someone probing the door."),
+                        );
                         let _ = handle
                             .disconnect(
                                 russh::Disconnect::ByApplication,
@@ -237,6 +252,7 @@ impl SftpServer {
 /// One SSH connection.
 struct SshSession {
     config: Arc<Config>,
+    alerts: Alerter,
     peer: SocketAddr,
     /// The tenant once authenticated.
     tenant: Option<Arc<Tenant>>,
@@ -248,16 +264,38 @@ struct SshSession {
 }
 
 impl SshSession {
-    /// The refusal, logged with what is known. Never logs a key or a password.
+    /// The refusal, logged and raised as an `auth_rejected` alert with what is known. Never
+    /// logs a key or a password.
     fn refuse(&self, user: &str, method: &str, key: Option<&PublicKey>, reason: &str) -> Auth {
+        let key_type = key.map(|k| k.algorithm().to_string()).unwrap_or_default();
+        let print = key.map(fingerprint).unwrap_or_default();
         tracing::warn!(
             peer = %self.peer,
             user = %user,
             method,
-            key_type = key.map(|k| k.algorithm().to_string()).unwrap_or_default(),
-            fingerprint = key.map(fingerprint).unwrap_or_default(),
+            key_type = %key_type,
+            fingerprint = %print,
             reason,
             "SFTP login refused"
+        );
+        // A user name is shown as tried, cut short and without control characters.
+        let shown: String = user.chars().filter(|c| !c.is_control()).take(64).collect();
+        let tenant = self.config.tenants.contains_key(user).then_some(user);
+        self.alerts.raise(
+            Alert::new(
+                AlertKind::AuthRejected,
+                tenant,
+                format!("SFTP login refused for user {shown:?} from {}: {reason}", self.peer.ip()),
+            )
+            .detail("source", self.peer)
+            .detail("user", &shown)
+            .detail("method", method)
+            .detail("key type", if key_type.is_empty() { "-" } else { &key_type })
+            .detail("key fingerprint", if print.is_empty() { "-" } else { &print })
+            .detail("reason", reason)
+            .action(
+                "If this was your ERP, check its user name (the tenant id), its key (ssh-ed25519, listed in the tenant's `keys`) and its address (`allow_ips`). Otherwise someone is trying the door: no action is needed unless it goes on.",
+            ),
         );
         Auth::reject()
     }

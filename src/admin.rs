@@ -262,7 +262,18 @@ pub fn status_text(store: &Store, config: &Config) -> Result<String, StoreError>
         let key = russh::keys::load_secret_key(&sftp.host_key, None)
             .map(|k| crate::sftp::fingerprint(k.public_key()))
             .unwrap_or_else(|_| "not created yet".into());
-        let _ = writeln!(out, "sftp: {} host key {key}\n", sftp.listen);
+        let _ = writeln!(out, "sftp: {} host key {key}", sftp.listen);
+        for ban in crate::sftp::defender::active_bans(store) {
+            let until = jiff::Timestamp::from_second(ban.until)
+                .map(|t| t.to_string())
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "banned: {} until {until} (ban {} of this address; {})",
+                ban.ip, ban.count, ban.reason
+            );
+        }
+        out.push('\n');
     }
     let _ = writeln!(
         out,

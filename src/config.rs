@@ -54,6 +54,18 @@ pub struct Sftp {
     pub idle_timeout: Duration,
     /// Connections not yet authenticated, at most, across all clients.
     pub max_unauthenticated: usize,
+    /// The defender (`[defender]`; on with its defaults whenever SFTP is).
+    pub defender: Defender,
+}
+
+/// Scores refused attempts per source address and bans the worst (`[defender]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Defender {
+    /// Points within `window` that ban an address.
+    pub score_limit: u32,
+    pub window: Duration,
+    /// First ban; each later ban of the same address lasts twice as long (at most 30 days).
+    pub ban: Duration,
 }
 
 /// How alerts and reports leave by mail (`[email]`).
@@ -262,6 +274,15 @@ struct RawConfig {
     route: Vec<Spanned<RawRoute>>,
     email: Option<Spanned<RawEmail>>,
     sftp: Option<Spanned<RawSftp>>,
+    defender: Option<Spanned<RawDefender>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDefender {
+    score_limit: Option<Spanned<i64>>,
+    window: Option<Spanned<String>>,
+    ban: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -522,7 +543,8 @@ impl Validator<'_> {
         self.check_folders(&raw, &tenants);
 
         let email = raw.email.as_ref().and_then(|e| self.email(e));
-        let sftp = raw.sftp.as_ref().and_then(|s| self.sftp(s, &state_dir));
+        let defender = self.defender(raw.defender.as_ref());
+        let sftp = raw.sftp.as_ref().and_then(|s| self.sftp(s, &state_dir, defender));
 
         Config {
             path: self.file.clone(),
@@ -539,7 +561,31 @@ impl Validator<'_> {
         }
     }
 
-    fn sftp(&mut self, raw: &Spanned<RawSftp>, state_dir: &Path) -> Option<Sftp> {
+    fn defender(&mut self, raw: Option<&Spanned<RawDefender>>) -> Defender {
+        let d = raw.map(|r| r.get_ref());
+        Defender {
+            score_limit: self.int(
+                d.and_then(|d| d.score_limit.as_ref()),
+                "defender.score_limit",
+                10,
+                (1, 10_000),
+            ) as u32,
+            window: self.duration(
+                d.and_then(|d| d.window.as_ref()),
+                "defender.window",
+                Duration::from_secs(600),
+                (Duration::from_secs(1), Duration::from_secs(7 * 86400)),
+            ),
+            ban: self.duration(
+                d.and_then(|d| d.ban.as_ref()),
+                "defender.ban",
+                Duration::from_secs(1800),
+                (Duration::from_secs(1), Duration::from_secs(30 * 86400)),
+            ),
+        }
+    }
+
+    fn sftp(&mut self, raw: &Spanned<RawSftp>, state_dir: &Path, defender: Defender) -> Option<Sftp> {
         let r = raw.get_ref();
         let listen = match r.listen.get_ref().parse::<std::net::SocketAddr>() {
             Ok(a) => a,
@@ -580,6 +626,7 @@ impl Validator<'_> {
             login_deadline,
             idle_timeout,
             max_unauthenticated,
+            defender,
         })
     }
 

@@ -170,7 +170,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     }
     let intake = CancellationToken::new();
     tracker.spawn(watcher.run(intake.clone()));
-    if let Some(sftp) = crate::sftp::SftpServer::new(config.clone(), alerter.clone())? {
+    if let Some(sftp) = crate::sftp::SftpServer::new(config.clone(), store.clone(), alerter.clone())? {
         let listener = sftp.bind().await?;
         tracker.spawn(sftp.run(listener, intake.clone()));
     }

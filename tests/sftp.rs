@@ -435,3 +435,45 @@ fn every_refusal_is_mailed() {
         "not the tenant's business"
     );
 }
+
+#[test]
+fn a_ban_after_the_limit_survives_a_restart_and_lifts_after_ban() {
+    let mut d = door("");
+    let text = std::fs::read_to_string(&d.app.config).expect("config");
+    std::fs::write(
+        &d.app.config,
+        format!("{text}\n[defender]\nscore_limit = 3\nwindow = \"1m\"\nban = \"8s\"\n"),
+    )
+    .expect("config");
+    d.app.start();
+    let keys = tempfile::tempdir().expect("dir");
+    let (stranger, _) = client_key(keys.path(), "id_stranger", "ed25519");
+    for _ in 0..3 {
+        assert!(!sftp_batch(d.port, &stranger, "acme", "ls /\n").status.success());
+    }
+    wait_for("ban logged", Duration::from_secs(10), || {
+        d.app.log().contains("SFTP source address banned")
+    });
+    let banned_at = Instant::now();
+    let out = sftp_batch(d.port, &d.key, "acme", "ls /\n");
+    assert!(!out.status.success(), "even the right key is dropped while banned");
+    assert!(d.app.log().contains("reason=\"banned IP\""));
+    let status = String::from_utf8_lossy(&d.app.cli(&["status"]).stdout).into_owned();
+    assert!(status.contains("banned: 127.0.0.1 until"), "{status}");
+
+    assert!(d.app.stop().success());
+    d.app.start();
+    assert!(
+        !sftp_batch(d.port, &d.key, "acme", "ls /\n").status.success(),
+        "the ban survives a restart"
+    );
+    wait_for("ban lifted", Duration::from_secs(30), || {
+        banned_at.elapsed() > Duration::from_secs(9)
+    });
+    let out = sftp_batch(d.port, &d.key, "acme", "ls /\n");
+    assert!(
+        out.status.success(),
+        "lifted after `ban`: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -10,6 +10,7 @@
 //!
 //! What a session may do in its two folders is [`world`]'s business.
 
+pub mod defender;
 pub mod world;
 
 use std::collections::HashMap;
@@ -129,22 +130,29 @@ type Sessions = Arc<Mutex<HashMap<String, usize>>>;
 pub struct SftpServer {
     config: Arc<Config>,
     alerts: Alerter,
+    defender: Arc<defender::Defender>,
     sftp: Sftp,
     ssh: Arc<russh::server::Config>,
     pub fingerprint: String,
 }
 
 impl SftpServer {
-    pub fn new(config: Arc<Config>, alerts: Alerter) -> Result<Option<SftpServer>, SftpError> {
+    pub fn new(
+        config: Arc<Config>,
+        store: crate::store::Store,
+        alerts: Alerter,
+    ) -> Result<Option<SftpServer>, SftpError> {
         let Some(sftp) = config.sftp.clone() else {
             return Ok(None);
         };
         let key = host_key(&sftp.host_key)?;
         let fingerprint = fingerprint(key.public_key());
         let ssh = Arc::new(ssh_config(&sftp, key));
+        let defender = Arc::new(defender::Defender::load(sftp.defender.clone(), store, alerts.clone()));
         Ok(Some(SftpServer {
             config,
             alerts,
+            defender,
             sftp,
             ssh,
             fingerprint,
@@ -177,6 +185,9 @@ impl SftpServer {
                     }
                 },
             };
+            if self.defender.is_banned(peer.ip(), peer.port()) {
+                continue; // dropped before the handshake
+            }
             let Ok(permit) = unauthenticated.clone().try_acquire_owned() else {
                 tracing::warn!(peer = %peer, "SFTP connection dropped: too many unauthenticated connections");
                 continue;
@@ -186,6 +197,7 @@ impl SftpServer {
             let handler = SshSession {
                 config: self.config.clone(),
                 alerts: self.alerts.clone(),
+                defender: self.defender.clone(),
                 peer,
                 tenant: None,
                 authenticated: authenticated.clone(),
@@ -195,6 +207,7 @@ impl SftpServer {
             };
             let ssh = self.ssh.clone();
             let alerts = self.alerts.clone();
+            let defender = self.defender.clone();
             let deadline = self.sftp.login_deadline;
             let stop = shutdown.clone();
             tokio::spawn(async move {
@@ -215,6 +228,7 @@ impl SftpServer {
                     tokio::time::sleep(deadline).await;
                     if !authenticated.load(Ordering::Acquire) {
                         tracing::warn!(peer = %peer, reason = "login deadline passed", "SFTP login refused");
+                        defender.score(peer.ip(), "login deadline passed");
                         alerts.raise(
                             Alert::new(
                                 AlertKind::AuthRejected,
@@ -253,6 +267,7 @@ impl SftpServer {
 struct SshSession {
     config: Arc<Config>,
     alerts: Alerter,
+    defender: Arc<defender::Defender>,
     peer: SocketAddr,
     /// The tenant once authenticated.
     tenant: Option<Arc<Tenant>>,
@@ -278,6 +293,7 @@ impl SshSession {
             reason,
             "SFTP login refused"
         );
+        self.defender.score(self.peer.ip(), reason);
         // A user name is shown as tried, cut short and without control characters.
         let shown: String = user.chars().filter(|c| !c.is_control()).take(64).collect();
         let tenant = self.config.tenants.contains_key(user).then_some(user);

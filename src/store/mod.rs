@@ -10,10 +10,12 @@
 //! Chunks written before that are committed without sync; a crash loses them together with the
 //! batch's `Ingesting` record, or leaves that record behind for recovery to redo the batch.
 
+mod bans;
 mod mail;
 pub mod records;
 mod traffic;
 
+pub use bans::Ban;
 pub use traffic::Traffic;
 
 use std::collections::{HashMap, HashSet};
@@ -222,6 +224,7 @@ impl Store {
         tx.open_table(DAILY)?;
         mail::create_tables(&tx)?;
         traffic::create_tables(&tx)?;
+        bans::create_tables(&tx)?;
         tx.commit()?;
         Ok(Store { db: Arc::new(db), keys })
     }

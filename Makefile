@@ -33,9 +33,11 @@ lint:
 test: test-deps lint
 	$(CARGO) nextest run --release --locked --no-fail-fast
 
-## Benchmarks (release build): ingest of generated batches, beside a bare CSV read of the same file.
-bench:
+## Benchmarks (release build): ingest beside a bare CSV read of the same file; SFTP uploads beside
+## OpenSSH's own sshd.
+bench: test-deps
 	$(CARGO) bench --locked --bench ingest
+	$(CARGO) bench --locked --bench sftp
 
 clean-demo:
 	rm -rf var

@@ -5,6 +5,7 @@
 #   - .venv/ with the Python peers of tests/peers/requirements.txt (aiosmtpd: a real SMTP server)
 #   - openssl (Debian) for the test CA of the STARTTLS tests
 #   - openssh-client (Debian): sftp, scp, ssh-keygen, the SFTP clients of the SFTP tests
+#   - openssh-server (Debian): sshd, run as a plain process by the SFTP benchmark (not as a service)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -16,6 +17,7 @@ fi
 need_apt=()
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v sftp >/dev/null 2>&1 && command -v ssh-keygen >/dev/null 2>&1 || need_apt+=(openssh-client)
+[ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)   # the yardstick of the SFTP benchmark
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing Debian packages: ${need_apt[*]}"

@@ -338,6 +338,30 @@ fn paramiko_uploads_and_cannot_escape_or_use_a_password() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(d.app.result("acme", "pm")[1][3], "queued");
+    let out = python(&[
+        &port,
+        "acme",
+        "filepart",
+        &key,
+        local.to_str().expect("path"),
+        "/inbox/winscp.csv",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(d.app.result("acme", "winscp").len(), 2, "taken under its final name");
+    assert!(
+        !d.app.outbox("acme").join("winscp.csv.result.csv").exists(),
+        "the .filepart was never taken"
+    );
+    assert!(
+        d.app.log().contains("SFTP upload landed in the inbox"),
+        "{}",
+        d.app.log()
+    );
     let out = python(&[&port, "acme", "escape", &key]);
     assert!(
         out.status.success(),

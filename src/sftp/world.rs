@@ -83,8 +83,6 @@ pub struct World {
     tenant: Arc<Tenant>,
     handles: HashMap<String, Open>,
     next: u64,
-    /// Set when an upload landed, for the log.
-    pub uploads: Vec<(String, u64)>,
 }
 
 fn status(id: u32, code: StatusCode, message: &str) -> Status {
@@ -123,7 +121,6 @@ impl World {
             tenant,
             handles: HashMap::new(),
             next: 0,
-            uploads: Vec::new(),
         }
     }
 
@@ -369,7 +366,12 @@ impl russh_sftp::server::Handler for World {
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                self.uploads.push((name, size));
+                tracing::info!(tenant = %self.tenant.id, file = %name, bytes = size, "SFTP upload landed in the inbox");
+                Ok(status(id, StatusCode::Ok, "Ok"))
+            }
+            Some(Open::Read { file }) => {
+                let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
+                tracing::info!(tenant = %self.tenant.id, bytes, "SFTP download from the outbox");
                 Ok(status(id, StatusCode::Ok, "Ok"))
             }
             Some(_) => Ok(status(id, StatusCode::Ok, "Ok")),
@@ -411,6 +413,7 @@ impl russh_sftp::server::Handler for World {
                     return Err(StatusCode::NoSuchFile);
                 }
                 fs::remove_file(&path).map_err(|e| io_code(&e))?;
+                tracing::info!(tenant = %self.tenant.id, file = %name, "SFTP delete in the outbox");
                 Ok(status(id, StatusCode::Ok, "Ok"))
             }
             _ => Err(StatusCode::PermissionDenied),

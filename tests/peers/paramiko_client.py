@@ -39,6 +39,13 @@ sftp = paramiko.SFTPClient.from_transport(t)
 if mode == "upload":
     sftp.put(sys.argv[5], sys.argv[6])
     sys.exit(0)
+if mode == "filepart":
+    # WinSCP's way: upload as NAME.filepart, set times, rename when done
+    remote = sys.argv[6]
+    sftp.put(sys.argv[5], remote + ".filepart")
+    sftp.utime(remote + ".filepart", (1700000000, 1700000000))
+    sftp.rename(remote + ".filepart", remote)
+    sys.exit(0)
 if mode == "escape":
     attempts = [
         ("open", "/inbox/../../etc/passwd", "r"),

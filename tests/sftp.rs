@@ -501,3 +501,69 @@ fn a_ban_after_the_limit_survives_a_restart_and_lifts_after_ban() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn silent_connections_meet_the_login_deadline() {
+    let mut d = door("");
+    d.app.start();
+    let started = Instant::now();
+    let mut socket = std::net::TcpStream::connect(("127.0.0.1", d.port)).expect("connect");
+    socket.set_read_timeout(Some(Duration::from_secs(15))).expect("timeout");
+    let mut buf = [0u8; 256];
+    // read the server's banner, say nothing, and wait to be dropped
+    loop {
+        match std::io::Read::read(&mut socket, &mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => continue,
+        }
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(10),
+        "dropped after {waited:?}"
+    );
+    wait_for("deadline logged", Duration::from_secs(5), || {
+        d.app.log().contains("reason=\"login deadline passed\"")
+    });
+}
+
+#[test]
+fn sessions_beyond_max_sessions_are_refused() {
+    let mut d = door("max_sessions = 1");
+    d.app.start();
+    // an interactive session held open by a stdin that stays open
+    let mut held = Command::new("sftp")
+        .args(["-P", &d.port.to_string(), "-i"])
+        .arg(&d.key)
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+        ])
+        .arg("acme@127.0.0.1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("sftp");
+    wait_for("first session in", Duration::from_secs(10), || {
+        d.app.log().contains("SFTP login peer")
+    });
+    let out = sftp_batch(d.port, &d.key, "acme", "ls /\n");
+    assert!(!out.status.success(), "a second session is refused");
+    wait_for("refusal logged", Duration::from_secs(5), || {
+        d.app.log().contains("reason=\"too many sessions\"")
+    });
+    drop(held.stdin.take());
+    let _ = held.wait();
+    wait_for("session closed", Duration::from_secs(10), || {
+        d.app.log().contains("SFTP session closed")
+    });
+    assert!(
+        sftp_batch(d.port, &d.key, "acme", "ls /\n").status.success(),
+        "a slot is free again"
+    );
+}

@@ -219,7 +219,7 @@ impl SftpServer {
                             return;
                         }
                         Err(_) => {
-                            tracing::info!(peer = %peer, "SFTP login deadline passed during the handshake");
+                            deadline_passed(&alerts, &defender, peer);
                             return;
                         }
                     };
@@ -227,18 +227,7 @@ impl SftpServer {
                 let login = async {
                     tokio::time::sleep(deadline).await;
                     if !authenticated.load(Ordering::Acquire) {
-                        tracing::warn!(peer = %peer, reason = "login deadline passed", "SFTP login refused");
-                        defender.score(peer.ip(), "login deadline passed");
-                        alerts.raise(
-                            Alert::new(
-                                AlertKind::AuthRejected,
-                                None,
-                                format!("SFTP connection from {} dropped: login deadline passed", peer.ip()),
-                            )
-                            .detail("source", peer)
-                            .detail("reason", "login deadline passed")
-                            .action("A client that connects and does not log in within login_deadline is dropped. Repeated, it is someone probing the door."),
-                        );
+                        deadline_passed(&alerts, &defender, peer);
                         let _ = handle
                             .disconnect(
                                 russh::Disconnect::ByApplication,
@@ -261,6 +250,18 @@ impl SftpServer {
             });
         }
     }
+}
+
+/// A connection that did not log in within `login_deadline`: logged, scored, alerted.
+fn deadline_passed(alerts: &Alerter, defender: &defender::Defender, peer: SocketAddr) {
+    tracing::warn!(peer = %peer, reason = "login deadline passed", "SFTP login refused");
+    defender.score(peer.ip(), "login deadline passed");
+    alerts.raise(
+        Alert::new(AlertKind::AuthRejected, None, format!("SFTP connection from {} dropped: login deadline passed", peer.ip()))
+            .detail("source", peer)
+            .detail("reason", "login deadline passed")
+            .action("A client that connects and does not log in within login_deadline is dropped. Repeated, it is someone probing the door."),
+    );
 }
 
 /// One SSH connection.

@@ -17,22 +17,7 @@ fn upload(port: u16, key: &Path, user: &str, local: &Path, remote: &str) -> Dura
     let batch = local.with_extension("batch");
     std::fs::write(&batch, format!("put {} {remote}\n", local.display())).expect("batch");
     let start = Instant::now();
-    let out = Command::new("sftp")
-        .arg("-b")
-        .arg(&batch)
-        .args(["-B", "261120", "-R", "64", "-P", &port.to_string(), "-i"])
-        .arg(key)
-        .args([
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-        ])
-        .arg(format!("{user}@127.0.0.1"))
+    let out = common::sftp_command(port, key, user, Some(&batch), &["-B", "261120", "-R", "64"])
         .output()
         .expect("sftp");
     let took = start.elapsed();

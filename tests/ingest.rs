@@ -383,6 +383,8 @@ fn trigger_files_and_names_never_taken() {
         !app.inbox("trig").join("waiting.csv.ok").exists(),
         "the trigger goes with the file"
     );
+    app.wait_sink(2, Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(500));
     assert_eq!(app.sink().len(), 2, "only marker and waiting were sent");
 }
 

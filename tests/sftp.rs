@@ -209,20 +209,7 @@ fn a_dropped_connection_leaves_nothing_to_take() {
     }
     let batch = d.app.path("batch");
     std::fs::write(&batch, format!("put {} /inbox/huge.csv\n", local.display())).expect("batch");
-    let mut child = Command::new("sftp")
-        .arg("-b")
-        .arg(&batch)
-        .args(["-B", "32768", "-P", &d.port.to_string(), "-i"])
-        .arg(&d.key)
-        .args([
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-        ])
-        .arg("acme@127.0.0.1")
+    let mut child = common::sftp_command(d.port, &d.key, "acme", Some(&batch), &["-B", "32768"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -257,20 +244,7 @@ fn twenty_sessions_upload_at_once_and_scp_works() {
         let batch = d.app.path(&format!("b{i}"));
         std::fs::write(&batch, format!("put {} /inbox/f{i}.csv\n", local.display())).expect("batch");
         children.push(
-            Command::new("sftp")
-                .arg("-b")
-                .arg(&batch)
-                .args(["-P", &d.port.to_string(), "-i"])
-                .arg(&d.key)
-                .args([
-                    "-o",
-                    "StrictHostKeyChecking=no",
-                    "-o",
-                    "UserKnownHostsFile=/dev/null",
-                    "-o",
-                    "BatchMode=yes",
-                ])
-                .arg("acme@127.0.0.1")
+            common::sftp_command(d.port, &d.key, "acme", Some(&batch), &[])
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -532,18 +506,7 @@ fn sessions_beyond_max_sessions_are_refused() {
     let mut d = door("max_sessions = 1");
     d.app.start();
     // an interactive session held open by a stdin that stays open
-    let mut held = Command::new("sftp")
-        .args(["-P", &d.port.to_string(), "-i"])
-        .arg(&d.key)
-        .args([
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-        ])
-        .arg("acme@127.0.0.1")
+    let mut held = common::sftp_command(d.port, &d.key, "acme", None, &[])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -121,6 +121,20 @@ fn utc(t: i64) -> String {
         .unwrap_or_default()
 }
 
+/// Queues one report mail; reports bypass `min_interval` (they come once a day anyway).
+fn queue_report(store: &Store, to: &str, subject: &str, body: &str, now: i64) -> Result<(), StoreError> {
+    let mail = MailRecord {
+        kind: AlertKind::DailyReport.as_str().into(),
+        to: to.to_string(),
+        subject: subject.to_string(),
+        body: body.to_string(),
+        attempts: 0,
+        next_at: now,
+        created_at: now,
+    };
+    store.raise_mail(&mail, subject, now, 0, 0).map(drop)
+}
+
 /// Sends every report that is due. Returns how many mails were queued.
 pub fn send_due(store: &Store, config: &Config, alerter: &Alerter) -> Result<usize, StoreError> {
     let Some(email) = &config.email else { return Ok(0) };
@@ -156,16 +170,7 @@ pub fn send_due(store: &Store, config: &Config, alerter: &Alerter) -> Result<usi
             tenant.id, totals.files, totals.lines_accepted
         );
         for to in &tenant.alert_to {
-            let mail = MailRecord {
-                kind: AlertKind::DailyReport.as_str().into(),
-                to: to.to_string(),
-                subject: subject.clone(),
-                body: body.clone(),
-                attempts: 0,
-                next_at: now_s,
-                created_at: now_s,
-            };
-            store.raise_mail(&mail, &subject, now_s, 0, 0)?;
+            queue_report(store, &to.to_string(), &subject, &body, now_s)?;
             queued += 1;
         }
         let _ = writeln!(summary, "== {} ({}) ==", tenant.id, tenant.name);
@@ -183,16 +188,7 @@ pub fn send_due(store: &Store, config: &Config, alerter: &Alerter) -> Result<usi
             alerter.host
         );
         for to in &email.admin_to {
-            let mail = MailRecord {
-                kind: AlertKind::DailyReport.as_str().into(),
-                to: to.to_string(),
-                subject: subject.clone(),
-                body: body.clone(),
-                attempts: 0,
-                next_at: now_s,
-                created_at: now_s,
-            };
-            store.raise_mail(&mail, &subject, now_s, 0, 0)?;
+            queue_report(store, &to.to_string(), &subject, &body, now_s)?;
             queued += 1;
         }
     }

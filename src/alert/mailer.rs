@@ -132,10 +132,7 @@ impl Mailer {
         &self,
         f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || f(&store))
-            .await
-            .unwrap_or_else(|e| Err(StoreError::Database(redb::Error::Io(std::io::Error::other(e)))))
+        self.store.blocking(f).await
     }
 
     /// Runs until `shutdown`; a send under way is bounded by the timeout.

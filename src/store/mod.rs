@@ -233,6 +233,14 @@ impl Store {
         &self.keys
     }
 
+    /// Runs `f` on the store on a blocking thread, for async callers (redb is synchronous).
+    pub async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&Store) -> Result<T> + Send + 'static) -> Result<T> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Database(redb::Error::Io(std::io::Error::other(e)))))
+    }
+
     pub(crate) fn write(&self, durability: Durability) -> Result<WriteTransaction> {
         let mut tx = self.db.begin_write()?;
         tx.set_durability(durability)?;

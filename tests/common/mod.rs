@@ -494,23 +494,19 @@ pub fn client_key(dir: &Path, name: &str, kind: &str) -> (PathBuf, String) {
     (path, public.trim().to_string())
 }
 
-/// Runs OpenSSH's `sftp` in batch mode against `user@127.0.0.1:port`.
-pub fn sftp_batch(port: u16, key: &Path, user: &str, commands: &str) -> Output {
-    let dir = tempfile::tempdir().expect("dir");
-    let batch = dir.path().join("batch");
-    std::fs::write(&batch, commands).expect("batch file");
-    Command::new("sftp")
-        .arg("-b")
-        .arg(&batch)
-        .arg("-P")
-        .arg(port.to_string())
-        .arg("-i")
+/// OpenSSH's `sftp` for `user@127.0.0.1:port` with `key`: host keys not checked, no prompts.
+/// With `batch`, it runs that batch file; without, commands come on standard input. `extra`
+/// options go before the destination.
+pub fn sftp_command(port: u16, key: &Path, user: &str, batch: Option<&Path>, extra: &[&str]) -> Command {
+    let mut cmd = Command::new("sftp");
+    if let Some(b) = batch {
+        cmd.arg("-b").arg(b);
+    }
+    cmd.args(extra)
+        .args(["-P", &port.to_string(), "-i"])
         .arg(key)
+        .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
         .args([
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
             "-o",
             "BatchMode=yes",
             "-o",
@@ -518,7 +514,16 @@ pub fn sftp_batch(port: u16, key: &Path, user: &str, commands: &str) -> Output {
             "-o",
             "ConnectTimeout=10",
         ])
-        .arg(format!("{user}@127.0.0.1"))
+        .arg(format!("{user}@127.0.0.1"));
+    cmd
+}
+
+/// Runs OpenSSH's `sftp` in batch mode against `user@127.0.0.1:port`.
+pub fn sftp_batch(port: u16, key: &Path, user: &str, commands: &str) -> Output {
+    let dir = tempfile::tempdir().expect("dir");
+    let batch = dir.path().join("batch");
+    std::fs::write(&batch, commands).expect("batch file");
+    sftp_command(port, key, user, Some(&batch), &[])
         .output()
         .expect("run sftp")
 }

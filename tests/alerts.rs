@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Appliance, SmtpServer, free_port, tenant};
+use common::{Appliance, SmtpServer, free_port, tenant, wait_log};
 
 const ADMIN: &str = "ops@example.net";
 const ERP: &str = "erp@acme.example";
@@ -19,14 +19,6 @@ fn email_table(url: &str, extra: &str) -> String {
 
 fn acme(extra: &str) -> String {
     tenant("acme", &format!("alert_to = [\"{ERP}\"]\n{extra}"))
-}
-
-fn wait_log(app: &Appliance, needle: &str, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while !app.log().contains(needle) {
-        assert!(Instant::now() < deadline, "`{needle}` not logged:\n{}", app.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

@@ -5,19 +5,11 @@ mod common;
 
 use std::collections::HashSet;
 use std::os::unix::fs::PermissionsExt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Appliance, batches, parse_csv, tenant};
+use common::{Appliance, batches, parse_csv, tenant, wait_log};
 
 /// Waits until the log of the current start contains `needle`.
-fn wait_log(app: &Appliance, needle: &str, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while !app.log().contains(needle) {
-        assert!(Instant::now() < deadline, "`{needle}` not logged:\n{}", app.log());
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 fn message_ids(sent: &[serde_json::Value]) -> Vec<String> {
     sent.iter()
         .map(|v| v["message_id"].as_str().unwrap_or_default().to_string())

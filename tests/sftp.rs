@@ -5,7 +5,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Appliance, client_key, free_port, sftp_batch, tenant};
+use common::{Appliance, client_key, free_port, sftp_batch, tenant, wait_for};
 
 struct Door {
     app: Appliance,
@@ -30,14 +30,6 @@ fn door(extra_tenant: &str) -> Door {
     std::fs::copy(&key_in_temp, &key).expect("copy key");
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
     Door { app, port, key }
-}
-
-fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "{what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

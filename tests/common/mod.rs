@@ -269,6 +269,24 @@ impl Drop for Appliance {
     }
 }
 
+/// Polls `done` every few milliseconds until it holds; fails the test with `what` after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits until the appliance's log holds `needle`.
+pub fn wait_log(app: &Appliance, needle: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !app.log().contains(needle) {
+        assert!(Instant::now() < deadline, "`{needle}` not logged:\n{}", app.log());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Parses CSV bytes (UTF-8) into rows of fields.
 pub fn parse_csv(bytes: &[u8], delimiter: u8) -> Vec<Vec<String>> {
     let mut reader = csv::ReaderBuilder::new()

@@ -17,11 +17,12 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::{Audit, Event};
 use crate::batch::ingest::{self, DryRunSink};
 use crate::codes::MessageStatus;
 use crate::config::Config;
 use crate::store::records::BatchState;
-use crate::store::{Store, StoreError};
+use crate::store::{ChainCheck, Store, StoreError};
 
 /// Longest request line accepted.
 const MAX_REQUEST: usize = 64 << 10;
@@ -30,14 +31,58 @@ const MAX_REQUEST: usize = 64 << 10;
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum Request {
     Status,
-    Validate { tenant: String, path: PathBuf },
-    BlocklistAdd { tenant: String, phone: String },
-    BlocklistRemove { tenant: String, phone: String },
-    BlocklistList { tenant: String },
-    BatchList { tenant: Option<String> },
-    BatchShow { id: u64 },
-    BatchRelease { id: u64 },
-    BatchCancel { id: u64 },
+    Validate {
+        tenant: String,
+        path: PathBuf,
+    },
+    BlocklistAdd {
+        tenant: String,
+        phone: String,
+    },
+    BlocklistRemove {
+        tenant: String,
+        phone: String,
+    },
+    BlocklistList {
+        tenant: String,
+    },
+    BatchList {
+        tenant: Option<String>,
+    },
+    BatchShow {
+        id: u64,
+    },
+    BatchRelease {
+        id: u64,
+    },
+    BatchCancel {
+        id: u64,
+    },
+    AuditVerify,
+    /// Entries from `since` (unix milliseconds), of one tenant or all.
+    AuditExport {
+        since: i64,
+        tenant: Option<String>,
+    },
+}
+
+impl Request {
+    /// The command's name in the audit log.
+    fn name(&self) -> &'static str {
+        match self {
+            Request::Status => "status",
+            Request::Validate { .. } => "validate",
+            Request::BlocklistAdd { .. } => "blocklist-add",
+            Request::BlocklistRemove { .. } => "blocklist-remove",
+            Request::BlocklistList { .. } => "blocklist-list",
+            Request::BatchList { .. } => "batch-list",
+            Request::BatchShow { .. } => "batch-show",
+            Request::BatchRelease { .. } => "batch-release",
+            Request::BatchCancel { .. } => "batch-cancel",
+            Request::AuditVerify => "audit-verify",
+            Request::AuditExport { .. } => "audit-export",
+        }
+    }
 }
 
 /// What commands work on: the store, the configuration, and (inside `serve`) the dispatcher.
@@ -47,6 +92,7 @@ pub struct AdminContext {
     pub dispatch: Option<Arc<crate::dispatch::Signal>>,
     /// Asks for a batch's final report (a cancel can finish a batch).
     pub reports: Option<crate::reply::ReportRequests>,
+    pub audit: Audit,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -71,11 +117,45 @@ pub enum AdminError {
     Io(#[from] io::Error),
     #[error("serve answered: {0}")]
     Remote(String),
+    #[error("the audit log is broken at entry {seq}: {reason}")]
+    ChainBroken { seq: u64, reason: String },
 }
 
-/// Answers a request against the store.
-pub fn handle(ctx: &AdminContext, request: &Request) -> Result<Vec<u8>, AdminError> {
+/// Answers a request against the store, and puts it on the audit log: who (`actor`), what, on
+/// which tenant, batch or number (as its keyed hash), and whether it worked.
+pub fn handle(ctx: &AdminContext, request: &Request, actor: &str) -> Result<Vec<u8>, AdminError> {
+    let mut event = Event::new(&format!("admin.{}", request.name()), actor);
+    let result = answer(ctx, request, &mut event);
+    event
+        .detail("result", if result.is_ok() { "ok" } else { "failed" })
+        .record(&ctx.audit);
+    result
+}
+
+fn answer(ctx: &AdminContext, request: &Request, event: &mut Event) -> Result<Vec<u8>, AdminError> {
     let (store, config) = (&ctx.store, ctx.config.as_ref());
+    match request {
+        Request::Validate { tenant, .. }
+        | Request::BlocklistAdd { tenant, .. }
+        | Request::BlocklistRemove { tenant, .. }
+        | Request::BlocklistList { tenant } => {
+            event.set_tenant(tenant);
+            if let Request::Validate { path, .. } = request {
+                event.push("file", path.display());
+            }
+        }
+        Request::BatchList { tenant: Some(t) } => event.set_tenant(t),
+        Request::BatchShow { id } | Request::BatchRelease { id } | Request::BatchCancel { id } => {
+            event.push("batch", id)
+        }
+        Request::AuditExport { since, tenant } => {
+            event.push("since", since);
+            if let Some(t) = tenant {
+                event.set_tenant(t);
+            }
+        }
+        _ => {}
+    }
     let now = jiff::Timestamp::now().as_second();
     match request {
         Request::BatchList { tenant } => {
@@ -114,11 +194,13 @@ pub fn handle(ctx: &AdminContext, request: &Request) -> Result<Vec<u8>, AdminErr
         Request::Validate { tenant, path } => validate(store, config, tenant, path),
         Request::BlocklistAdd { tenant, phone } => {
             let (tenant, e164) = tenant_phone(config, tenant, phone)?;
+            event.push("number_hash", number_hash(store, &tenant.id, &e164));
             store.blocklist_add(&tenant.id, &e164, "cli", jiff::Timestamp::now().as_second())?;
             Ok(format!("{e164} added to the blocklist of {}\n", tenant.id).into_bytes())
         }
         Request::BlocklistRemove { tenant, phone } => {
             let (tenant, e164) = tenant_phone(config, tenant, phone)?;
+            event.push("number_hash", number_hash(store, &tenant.id, &e164));
             let removed = store.blocklist_remove(&tenant.id, &e164)?;
             let what = if removed { "removed from" } else { "was not on" };
             Ok(format!("{e164} {what} the blocklist of {}\n", tenant.id).into_bytes())
@@ -138,7 +220,36 @@ pub fn handle(ctx: &AdminContext, request: &Request) -> Result<Vec<u8>, AdminErr
             }
             Ok(out.into_bytes())
         }
+        Request::AuditVerify => match store.audit_verify()? {
+            ChainCheck::Intact { entries } => {
+                Ok(format!("audit log intact: {entries} entries, chain unbroken\n").into_bytes())
+            }
+            ChainCheck::Broken { seq, reason } => Err(AdminError::ChainBroken { seq, reason }),
+        },
+        Request::AuditExport { since, tenant } => {
+            let mut out = String::new();
+            for entry in store.audit_entries(*since, tenant.as_deref())? {
+                let line = match entry {
+                    Ok(entry) => crate::audit::entry_json(&entry),
+                    Err((seq, error)) => serde_json::json!({ "seq": seq, "damaged": error }).to_string(),
+                };
+                out.push_str(&line);
+                out.push('\n');
+            }
+            Ok(out.into_bytes())
+        }
     }
+}
+
+/// A number as the audit log shows it: the tenant's keyed hash, hex.
+fn number_hash(store: &Store, tenant: &str, e164: &str) -> String {
+    store
+        .keys()
+        .tenant(tenant)
+        .phone_hash(e164)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// A configured tenant and a number normalised with its region.
@@ -360,12 +471,16 @@ fn bind(path: &Path) -> io::Result<UnixListener> {
 }
 
 async fn connection(stream: UnixStream, ctx: Arc<AdminContext>) -> io::Result<()> {
+    let actor = match stream.peer_cred() {
+        Ok(cred) => format!("admin uid {}", cred.uid()),
+        Err(_) => "admin uid ?".to_string(),
+    };
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read).take(MAX_REQUEST as u64);
     let mut line = String::new();
     reader.read_line(&mut line).await?;
     let result = match serde_json::from_str::<Request>(&line) {
-        Ok(request) => tokio::task::spawn_blocking(move || handle(&ctx, &request))
+        Ok(request) => tokio::task::spawn_blocking(move || handle(&ctx, &request, &actor))
             .await
             .map_err(|e| AdminError::Io(io::Error::other(e)))
             .and_then(|r| r),

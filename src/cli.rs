@@ -58,6 +58,46 @@ pub enum Command {
         #[command(subcommand)]
         action: BlocklistAction,
     },
+    /// The audit log: check its hash chain, or export it.
+    Audit {
+        #[command(subcommand)]
+        action: AuditAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditAction {
+    /// Check that no entry was changed, removed or reordered; exits non-zero naming the first bad one.
+    Verify,
+    /// Print entries as JSON lines, oldest first.
+    Export {
+        /// From when: an RFC 3339 time (`2026-11-25T08:00:00Z`), a date (`2026-11-25`, UTC) or a
+        /// duration back from now (`24h`, `30d`). Default: everything.
+        #[arg(long, value_parser = parse_since)]
+        since: Option<i64>,
+        /// Only this tenant's entries.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+}
+
+/// `--since` as unix milliseconds.
+fn parse_since(s: &str) -> Result<i64, String> {
+    if let Ok(t) = s.parse::<jiff::Timestamp>() {
+        return Ok(t.as_millisecond());
+    }
+    if let Ok(d) = s.parse::<jiff::civil::Date>() {
+        return jiff::tz::TimeZone::UTC
+            .to_timestamp(d.to_datetime(jiff::civil::Time::midnight()))
+            .map(|t| t.as_millisecond())
+            .map_err(|e| e.to_string());
+    }
+    match humantime::parse_duration(s) {
+        Ok(d) => Ok(jiff::Timestamp::now().as_millisecond() - d.as_millis().min(i64::MAX as u128) as i64),
+        Err(_) => Err(format!(
+            "`{s}` is neither a time (2026-11-25T08:00:00Z), a date (2026-11-25) nor a duration (24h)"
+        )),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -166,6 +206,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             std::io::stdout().write_all(&out)?;
             Ok(())
         }
+        Command::Audit { action } => {
+            let config = Config::load(&cli.config)?;
+            let request = match action {
+                AuditAction::Verify => Request::AuditVerify,
+                AuditAction::Export { since, tenant } => Request::AuditExport {
+                    since: since.unwrap_or(i64::MIN),
+                    tenant,
+                },
+            };
+            let out = with_store(config, request)?;
+            std::io::stdout().write_all(&out)?;
+            Ok(())
+        }
     }
 }
 
@@ -184,13 +237,15 @@ fn with_store(config: Config, request: Request) -> anyhow::Result<Vec<u8>> {
         }
         Err(e) => return Err(e.into()),
     };
+    let uid = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self")?);
     let ctx = admin::AdminContext {
+        audit: crate::audit::Audit::direct(store.clone()),
         store,
         config: Arc::new(config),
         dispatch: None,
         reports: None,
     };
-    Ok(admin::handle(&ctx, &request)?)
+    Ok(admin::handle(&ctx, &request, &format!("cli uid {uid}"))?)
 }
 
 fn init_logging(format: LogFormat) {

@@ -20,6 +20,7 @@
 
 pub mod admin;
 pub mod alert;
+pub mod audit;
 pub mod batch;
 pub mod cli;
 pub mod codes;

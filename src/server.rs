@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::alert::Alerter;
 use crate::alert::mailer::{Mailer, MailerError};
+use crate::audit::{Audit, Event};
 use crate::batch::ingest::{IngestError, Ingestor};
 use crate::config::Config;
 use crate::crypto::{KeyError, Keyring, MasterKey};
@@ -85,6 +86,11 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         make_dir(&watch::spool_dir(&config.state_dir, &t.id), 0o700, "spool")?;
     }
 
+    let (audit, audit_writer) = Audit::queued(store.clone());
+    let audit_stop = CancellationToken::new();
+    let audit_task = tokio::spawn(audit_writer.run(audit_stop.clone()));
+    audit.record(Event::new("service.start", "smsdrop").detail("version", env!("CARGO_PKG_VERSION")));
+
     let tracker = TaskTracker::new();
     let workers = CancellationToken::new();
     let cancel_ingest = Arc::new(AtomicBool::new(false));
@@ -99,6 +105,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
             config: config.clone(),
             dispatch: Some(wake.clone()),
             reports: Some(reports_tx.clone()),
+            audit: audit.clone(),
         };
         let stop = workers.clone();
         tracker.spawn(async move {
@@ -127,12 +134,14 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     {
         let (store, config, cancel, wake) = (store.clone(), config.clone(), cancel_ingest.clone(), wake.clone());
         let alerter = alerter.clone();
+        let audit = audit.clone();
         let mut claimed_rx = claimed_rx;
         tracker.spawn_blocking(move || {
             let ingestor = Ingestor {
                 store: &store,
                 cancel: &cancel,
                 alerts: &alerter,
+                audit: &audit,
             };
             let mut queue: std::collections::VecDeque<Claimed> = recovered.into();
             loop {
@@ -170,7 +179,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     }
     let intake = CancellationToken::new();
     tracker.spawn(watcher.run(intake.clone()));
-    if let Some(sftp) = crate::sftp::SftpServer::new(config.clone(), store.clone(), alerter.clone())? {
+    if let Some(sftp) = crate::sftp::SftpServer::new(config.clone(), store.clone(), alerter.clone(), audit.clone())? {
         let listener = sftp.bind().await?;
         tracker.spawn(sftp.run(listener, intake.clone()));
     }
@@ -190,6 +199,11 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     if tokio::time::timeout(STOP_DEADLINE, tracker.wait()).await.is_err() {
         tracing::warn!("some workers did not stop in time; what they had not committed is redone at next start");
     }
+    // Last: the audit writer appends what the others recorded on their way out.
+    audit.record(Event::new("service.stop", "smsdrop"));
+    drop(audit);
+    audit_stop.cancel();
+    let _ = audit_task.await;
     drop(store);
     tracing::info!("stopped");
     Ok(())

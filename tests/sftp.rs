@@ -69,6 +69,41 @@ fn upload_then_download_and_delete_the_result() {
     d.app.wait_sink(1, Duration::from_secs(20));
     let status = String::from_utf8_lossy(&d.app.cli(&["status"]).stdout).into_owned();
     assert!(status.contains("host key SHA256:"), "{status}");
+
+    // Each step is on the audit log: who, from where, which file.
+    let login = d.app.wait_audit("sftp.login", &[]);
+    assert_eq!(login["tenant"], "acme");
+    assert!(
+        login["actor"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("sftp 127.0.0.1:")),
+        "{login}"
+    );
+    assert!(
+        login["details"]["fingerprint"]
+            .as_str()
+            .is_some_and(|f| f.starts_with("SHA256:"))
+    );
+    let upload = d.app.wait_audit("sftp.upload", &[("file", "june.csv")]);
+    assert_eq!(upload["details"]["bytes"], "41");
+    d.app.wait_audit(
+        "batch.taken",
+        &[("file", "june.csv"), ("state", "queued"), ("accepted", "1")],
+    );
+    d.app.wait_audit("sftp.download", &[("file", "june.result.csv")]);
+    d.app.wait_audit("sftp.delete", &[("file", "june.result.csv")]);
+    d.app.wait_audit("sftp.logout", &[]);
+    d.app.wait_audit("admin.status", &[("result", "ok")]);
+    let audit = d.app.audit();
+    assert!(
+        audit
+            .windows(2)
+            .all(|w| w[1]["seq"].as_u64() == w[0]["seq"].as_u64().map(|s| s + 1)),
+        "numbered without gaps"
+    );
+    let verify = d.app.cli(&["audit", "verify"]);
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+    assert!(String::from_utf8_lossy(&verify.stdout).contains("chain unbroken"));
 }
 
 #[test]
@@ -90,10 +125,27 @@ fn only_known_ed25519_keys_of_known_users_get_in() {
     }
     let out = sftp_batch(d.port, &d.key, "nobody", "ls /\n");
     assert!(!out.status.success());
-    wait_for("refusals logged", Duration::from_secs(10), || {
-        let log = d.app.log();
-        log.contains("reason=\"unknown key\"") && log.contains("reason=\"unknown user\"")
-    });
+    let unknown_key = d
+        .app
+        .wait_audit("sftp.refused", &[("reason", "unknown key"), ("user", "acme")]);
+    assert_eq!(unknown_key["tenant"], "acme");
+    assert_eq!(unknown_key["details"]["key_type"], "ssh-ed25519");
+    assert!(
+        unknown_key["details"]["fingerprint"]
+            .as_str()
+            .is_some_and(|f| f.starts_with("SHA256:"))
+    );
+    let unknown_user = d
+        .app
+        .wait_audit("sftp.refused", &[("reason", "unknown user"), ("user", "nobody")]);
+    assert!(unknown_user["tenant"].is_null(), "an unknown user is no tenant's");
+    assert!(
+        unknown_user["actor"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("sftp 127.0.0.1:"))
+    );
+    let log = d.app.log();
+    assert!(log.contains("reason=\"unknown key\"") && log.contains("reason=\"unknown user\""));
     assert!(sftp_batch(d.port, &d.key, "acme", "ls /\n").status.success());
 }
 
@@ -103,9 +155,9 @@ fn ips_outside_allow_ips_are_refused() {
     d.app.start();
     let out = sftp_batch(d.port, &d.key, "acme", "ls /\n");
     assert!(!out.status.success());
-    wait_for("IP refusal logged", Duration::from_secs(10), || {
-        d.app.log().contains("reason=\"IP not allowed\"")
-    });
+    d.app
+        .wait_audit("sftp.refused", &[("reason", "IP not allowed"), ("user", "acme")]);
+    assert!(d.app.log().contains("reason=\"IP not allowed\""));
 }
 
 #[test]
@@ -174,7 +226,10 @@ fn oversize_uploads_are_cut_off_and_leave_nothing() {
         &format!("put {} /inbox/big.csv\n", local.display()),
     );
     assert!(!out.status.success(), "an oversize upload fails");
-    std::thread::sleep(Duration::from_millis(500));
+    d.app.wait_audit(
+        "sftp.upload-refused",
+        &[("file", "big.csv"), ("reason", "max_file_bytes"), ("limit", "1000")],
+    );
     let inbox: Vec<_> = std::fs::read_dir(d.app.inbox("acme"))
         .expect("inbox")
         .flatten()
@@ -218,6 +273,7 @@ fn a_dropped_connection_leaves_nothing_to_take() {
             .map(|r| r.flatten().count() == 0)
             .unwrap_or(false)
     });
+    d.app.wait_audit("sftp.upload-abandoned", &[("file", "huge.csv")]);
     std::thread::sleep(Duration::from_millis(800));
     assert!(
         !d.app.outbox("acme").join("huge.result.csv").exists(),
@@ -343,10 +399,19 @@ fn paramiko_uploads_and_cannot_escape_or_use_a_password() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    wait_for("password refusal logged", Duration::from_secs(10), || {
-        d.app.log().contains("method=\"password\"")
-    });
+    d.app.wait_audit(
+        "sftp.refused",
+        &[
+            ("method", "password"),
+            ("reason", "password authentication is not allowed"),
+        ],
+    );
+    assert!(d.app.log().contains("method=\"password\""));
     assert!(!d.app.log().contains("hunter2"), "a password is never logged");
+    d.app.wait_audit(
+        "sftp.rename",
+        &[("file", "winscp.csv"), ("from", "winscp.csv.filepart")],
+    );
 }
 
 #[test]
@@ -448,6 +513,8 @@ fn a_ban_after_the_limit_survives_a_restart_and_lifts_after_ban() {
     let out = sftp_batch(d.port, &d.key, "acme", "ls /\n");
     assert!(!out.status.success(), "even the right key is dropped while banned");
     assert!(d.app.log().contains("reason=\"banned IP\""));
+    d.app.wait_audit("sftp.ban", &[("source", "127.0.0.1"), ("bans", "1")]);
+    d.app.wait_audit("sftp.refused", &[("reason", "banned IP")]);
     let status = String::from_utf8_lossy(&d.app.cli(&["status"]).stdout).into_owned();
     assert!(status.contains("banned: 127.0.0.1 until"), "{status}");
 
@@ -488,9 +555,8 @@ fn silent_connections_meet_the_login_deadline() {
         waited >= Duration::from_secs(2) && waited < Duration::from_secs(10),
         "dropped after {waited:?}"
     );
-    wait_for("deadline logged", Duration::from_secs(5), || {
-        d.app.log().contains("reason=\"login deadline passed\"")
-    });
+    d.app.wait_audit("sftp.refused", &[("reason", "login deadline passed")]);
+    assert!(d.app.log().contains("reason=\"login deadline passed\""));
 }
 
 #[test]
@@ -509,9 +575,9 @@ fn sessions_beyond_max_sessions_are_refused() {
     });
     let out = sftp_batch(d.port, &d.key, "acme", "ls /\n");
     assert!(!out.status.success(), "a second session is refused");
-    wait_for("refusal logged", Duration::from_secs(5), || {
-        d.app.log().contains("reason=\"too many sessions\"")
-    });
+    d.app
+        .wait_audit("sftp.refused", &[("reason", "too many sessions"), ("user", "acme")]);
+    assert!(d.app.log().contains("reason=\"too many sessions\""));
     drop(held.stdin.take());
     let _ = held.wait();
     wait_for("session closed", Duration::from_secs(10), || {

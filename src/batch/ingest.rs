@@ -21,6 +21,7 @@ use nohash_hasher::BuildNoHashHasher;
 use rayon::prelude::*;
 
 use crate::alert::{Alert, AlertKind, Alerter};
+use crate::audit::Event;
 use crate::batch::columns::{Column, ColumnMap};
 use crate::batch::parse::{self, CHUNK_RECORDS, RawRecord, Records};
 use crate::batch::validate::{Checked, LineRules};
@@ -420,6 +421,7 @@ pub struct Ingestor<'a> {
     pub store: &'a Store,
     pub cancel: &'a AtomicBool,
     pub alerts: &'a Alerter,
+    pub audit: &'a crate::audit::Audit,
 }
 
 /// What a customer can do about a rejected file.
@@ -560,6 +562,13 @@ impl Ingestor<'_> {
                 .action(advice(*reason)),
             );
             tracing::warn!(tenant = %tenant.id, batch = batch.id, file = %file_name, reason = %reason, "file rejected: {detail}");
+            Event::new("batch.rejected", "ingest")
+                .tenant(&tenant.id)
+                .detail("batch", batch.id)
+                .detail("file", file_name)
+                .detail("reason", reason)
+                .detail("lines", summary.lines)
+                .record(self.audit);
             publish_rejection(tenant, &batch)?;
         } else {
             self.alert_accepted(tenant, &batch, file_name, admitted == Some(Admitted::Held), now);
@@ -574,6 +583,15 @@ impl Ingestor<'_> {
                 reasons = ?summary.reasons.iter().map(|(r, n)| format!("{r}={n}")).collect::<Vec<_>>(),
                 "batch {state}"
             );
+            Event::new("batch.taken", "ingest")
+                .tenant(&tenant.id)
+                .detail("batch", batch.id)
+                .detail("file", file_name)
+                .detail("state", state)
+                .detail("lines", summary.lines)
+                .detail("accepted", summary.accepted)
+                .detail("rejected", summary.rejected)
+                .record(self.audit);
         }
         finish_claim(self.store, spool, claim);
         Ok(batch)
@@ -781,6 +799,7 @@ mod tests {
             store: &store,
             cancel: &cancel,
             alerts: &alerts,
+            audit: &crate::audit::Audit::direct(store.clone()),
         };
         let batch = ingestor.recover_claim(&tenant, &spool, "c1", "june.csv").unwrap();
         assert_ne!(batch.id, partial.id);
@@ -821,6 +840,7 @@ mod tests {
             store: &store,
             cancel: &cancel,
             alerts: &alerts,
+            audit: &crate::audit::Audit::direct(store.clone()),
         };
         let recovered = ingestor.recover_claim(&tenant, &spool, "c2", "july.csv").unwrap();
         assert_eq!(recovered.id, batch.id, "not queued a second time");

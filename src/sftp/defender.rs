@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::alert::{Alert, AlertKind, Alerter};
+use crate::audit::{Audit, Event};
 use crate::config;
 use crate::store::{Ban, Store};
 
@@ -38,6 +39,7 @@ pub struct Defender {
     cfg: config::Defender,
     store: Store,
     alerts: Alerter,
+    audit: Audit,
     state: Mutex<HashMap<IpAddr, Record>>,
 }
 
@@ -47,7 +49,7 @@ fn now() -> i64 {
 
 impl Defender {
     /// Starts with the bans on record.
-    pub fn load(cfg: config::Defender, store: Store, alerts: Alerter) -> Defender {
+    pub fn load(cfg: config::Defender, store: Store, alerts: Alerter, audit: Audit) -> Defender {
         let mut state = HashMap::new();
         match store.bans() {
             Ok(bans) => {
@@ -70,6 +72,7 @@ impl Defender {
             cfg,
             store,
             alerts,
+            audit,
             state: Mutex::new(state),
         }
     }
@@ -89,6 +92,11 @@ impl Defender {
         let until = r.until;
         drop(state);
         tracing::info!(peer = %ip, reason = "banned IP", "SFTP connection dropped");
+        self.audit.record(
+            Event::new("sftp.refused", crate::audit::sftp_actor((ip, port).into()))
+                .detail("reason", "banned IP")
+                .detail("banned_until", until),
+        );
         if alert {
             self.alerts.raise(
                 Alert::new(AlertKind::AuthRejected, None, format!("SFTP connection from banned address {ip} dropped"))
@@ -139,6 +147,13 @@ impl Defender {
             tracing::error!(error = %e, "cannot record a ban; it holds until the next restart");
         }
         tracing::warn!(peer = %ip, ban_s = secs, bans = ban.count, "SFTP source address banned");
+        self.audit.record(
+            Event::new("sftp.ban", "defender")
+                .detail("source", ip)
+                .detail("seconds", secs)
+                .detail("bans", ban.count)
+                .detail("last_reason", reason),
+        );
         self.alerts.raise(
             Alert::new(AlertKind::IpBanned, None, format!("address {ip} banned from SFTP for {}", humantime::format_duration(std::time::Duration::from_secs(secs as u64))))
                 .detail("source", ip)

@@ -30,6 +30,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::alert::{Alert, AlertKind, Alerter};
+use crate::audit::{self, Audit, Event};
 use crate::config::{Config, Sftp, Tenant};
 
 /// Why the SFTP server could not start.
@@ -130,6 +131,7 @@ type Sessions = Arc<Mutex<HashMap<String, usize>>>;
 pub struct SftpServer {
     config: Arc<Config>,
     alerts: Alerter,
+    audit: Audit,
     defender: Arc<defender::Defender>,
     sftp: Sftp,
     ssh: Arc<russh::server::Config>,
@@ -141,6 +143,7 @@ impl SftpServer {
         config: Arc<Config>,
         store: crate::store::Store,
         alerts: Alerter,
+        audit: Audit,
     ) -> Result<Option<SftpServer>, SftpError> {
         let Some(sftp) = config.sftp.clone() else {
             return Ok(None);
@@ -148,10 +151,16 @@ impl SftpServer {
         let key = host_key(&sftp.host_key)?;
         let fingerprint = fingerprint(key.public_key());
         let ssh = Arc::new(ssh_config(&sftp, key));
-        let defender = Arc::new(defender::Defender::load(sftp.defender.clone(), store, alerts.clone()));
+        let defender = Arc::new(defender::Defender::load(
+            sftp.defender.clone(),
+            store,
+            alerts.clone(),
+            audit.clone(),
+        ));
         Ok(Some(SftpServer {
             config,
             alerts,
+            audit,
             defender,
             sftp,
             ssh,
@@ -190,6 +199,10 @@ impl SftpServer {
             }
             let Ok(permit) = unauthenticated.clone().try_acquire_owned() else {
                 tracing::warn!(peer = %peer, "SFTP connection dropped: too many unauthenticated connections");
+                self.audit.record(
+                    Event::new("sftp.refused", audit::sftp_actor(peer))
+                        .detail("reason", "too many unauthenticated connections"),
+                );
                 continue;
             };
             let _ = socket.set_nodelay(true);
@@ -197,6 +210,7 @@ impl SftpServer {
             let handler = SshSession {
                 config: self.config.clone(),
                 alerts: self.alerts.clone(),
+                audit: self.audit.clone(),
                 defender: self.defender.clone(),
                 peer,
                 tenant: None,
@@ -207,6 +221,7 @@ impl SftpServer {
             };
             let ssh = self.ssh.clone();
             let alerts = self.alerts.clone();
+            let audit = self.audit.clone();
             let defender = self.defender.clone();
             let deadline = self.sftp.login_deadline;
             let stop = shutdown.clone();
@@ -219,7 +234,7 @@ impl SftpServer {
                             return;
                         }
                         Err(_) => {
-                            deadline_passed(&alerts, &defender, peer);
+                            deadline_passed(&alerts, &audit, &defender, peer);
                             return;
                         }
                     };
@@ -227,7 +242,7 @@ impl SftpServer {
                 let login = async {
                     tokio::time::sleep(deadline).await;
                     if !authenticated.load(Ordering::Acquire) {
-                        deadline_passed(&alerts, &defender, peer);
+                        deadline_passed(&alerts, &audit, &defender, peer);
                         let _ = handle
                             .disconnect(
                                 russh::Disconnect::ByApplication,
@@ -253,8 +268,9 @@ impl SftpServer {
 }
 
 /// A connection that did not log in within `login_deadline`: logged, scored, alerted.
-fn deadline_passed(alerts: &Alerter, defender: &defender::Defender, peer: SocketAddr) {
+fn deadline_passed(alerts: &Alerter, audit: &Audit, defender: &defender::Defender, peer: SocketAddr) {
     tracing::warn!(peer = %peer, reason = "login deadline passed", "SFTP login refused");
+    audit.record(Event::new("sftp.refused", audit::sftp_actor(peer)).detail("reason", "login deadline passed"));
     defender.score(peer.ip(), "login deadline passed");
     alerts.raise(
         Alert::new(AlertKind::AuthRejected, None, format!("SFTP connection from {} dropped: login deadline passed", peer.ip()))
@@ -268,6 +284,7 @@ fn deadline_passed(alerts: &Alerter, defender: &defender::Defender, peer: Socket
 struct SshSession {
     config: Arc<Config>,
     alerts: Alerter,
+    audit: Audit,
     defender: Arc<defender::Defender>,
     peer: SocketAddr,
     /// The tenant once authenticated.
@@ -294,10 +311,20 @@ impl SshSession {
             reason,
             "SFTP login refused"
         );
-        self.defender.score(self.peer.ip(), reason);
         // A user name is shown as tried, cut short and without control characters.
         let shown: String = user.chars().filter(|c| !c.is_control()).take(64).collect();
         let tenant = self.config.tenants.contains_key(user).then_some(user);
+        let mut event = Event::new("sftp.refused", audit::sftp_actor(self.peer))
+            .detail("user", &shown)
+            .detail("method", method)
+            .detail("key_type", &key_type)
+            .detail("fingerprint", &print)
+            .detail("reason", reason);
+        if let Some(t) = tenant {
+            event = event.tenant(t);
+        }
+        self.audit.record(event);
+        self.defender.score(self.peer.ip(), reason);
         self.alerts.raise(
             Alert::new(
                 AlertKind::AuthRejected,
@@ -380,7 +407,13 @@ impl russh::server::Handler for SshSession {
             }
             *count += 1;
         }
-        tracing::info!(peer = %self.peer, tenant = %tenant.id, fingerprint = %fingerprint(key.public_key), "SFTP login");
+        let print = fingerprint(key.public_key);
+        tracing::info!(peer = %self.peer, tenant = %tenant.id, fingerprint = %print, "SFTP login");
+        self.audit.record(
+            Event::new("sftp.login", audit::sftp_actor(self.peer))
+                .tenant(&tenant.id)
+                .detail("fingerprint", print),
+        );
         self.tenant = Some(tenant);
         self.authenticated.store(true, Ordering::Release);
         self.permit = None;
@@ -422,7 +455,7 @@ impl russh::server::Handler for SshSession {
             return Ok(());
         }
         session.channel_success(channel_id)?;
-        let world = world::World::new(tenant);
+        let world = world::World::new(tenant, self.audit.clone(), self.peer);
         let config = russh_sftp::server::Config {
             max_client_packet_len: 512 * 1024,
         };
@@ -455,6 +488,8 @@ impl Drop for SshSession {
                 }
             }
             tracing::info!(peer = %self.peer, tenant = %t.id, "SFTP session closed");
+            self.audit
+                .record(Event::new("sftp.logout", audit::sftp_actor(self.peer)).tenant(&t.id));
         }
     }
 }

@@ -17,6 +17,7 @@ use russh_sftp::protocol::{
     Version,
 };
 
+use crate::audit::{Audit, Event, sftp_actor};
 use crate::config::Tenant;
 
 /// Longest path accepted.
@@ -71,6 +72,7 @@ enum Open {
     },
     Read {
         file: File,
+        name: String,
     },
     Dir {
         place: Place,
@@ -81,6 +83,8 @@ enum Open {
 /// One SFTP session of one tenant.
 pub struct World {
     tenant: Arc<Tenant>,
+    audit: Audit,
+    actor: String,
     handles: HashMap<String, Open>,
     next: u64,
 }
@@ -116,12 +120,22 @@ fn io_code(e: &std::io::Error) -> StatusCode {
 }
 
 impl World {
-    pub fn new(tenant: Arc<Tenant>) -> World {
+    pub fn new(tenant: Arc<Tenant>, audit: Audit, peer: std::net::SocketAddr) -> World {
         World {
             tenant,
+            audit,
+            actor: sftp_actor(peer),
             handles: HashMap::new(),
             next: 0,
         }
+    }
+
+    /// An event about `file` of this session's tenant.
+    fn event(&self, action: &str, file: &Path) -> Event {
+        Event::new(action, self.actor.as_str()).tenant(&self.tenant.id).detail(
+            "file",
+            file.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+        )
     }
 
     fn add(&mut self, open: Open) -> Result<String, StatusCode> {
@@ -167,9 +181,11 @@ impl World {
 impl Drop for World {
     fn drop(&mut self) {
         // A connection that ends mid-upload leaves nothing to take.
-        for (_, open) in self.handles.drain() {
-            if let Open::Upload { temp, .. } = open {
+        let handles: Vec<Open> = self.handles.drain().map(|(_, open)| open).collect();
+        for open in handles {
+            if let Open::Upload { temp, target, .. } = open {
                 let _ = fs::remove_file(temp);
+                self.event("sftp.upload-abandoned", &target).record(&self.audit);
             }
         }
     }
@@ -235,7 +251,7 @@ impl russh_sftp::server::Handler for World {
 
     async fn fstat(&mut self, id: u32, handle: String) -> Result<Attrs, Self::Error> {
         let attrs = match self.handles.get(&handle).ok_or(StatusCode::Failure)? {
-            Open::Upload { file, .. } | Open::Read { file } => {
+            Open::Upload { file, .. } | Open::Read { file, .. } => {
                 FileAttributes::from(&file.metadata().map_err(|e| io_code(&e))?)
             }
             Open::Dir { .. } => dir_attrs(),
@@ -275,12 +291,12 @@ impl russh_sftp::server::Handler for World {
                 let file = OpenOptions::new()
                     .read(true)
                     .custom_flags(libc::O_NOFOLLOW)
-                    .open(self.tenant.outbox.join(name))
+                    .open(self.tenant.outbox.join(&name))
                     .map_err(|e| io_code(&e))?;
                 if !file.metadata().map(|m| m.is_file()).unwrap_or(false) {
                     return Err(StatusCode::NoSuchFile);
                 }
-                Open::Read { file }
+                Open::Read { file, name }
             }
             (Place::InboxFile(_), false) | (Place::OutboxFile(_), true) => return Err(StatusCode::PermissionDenied),
             _ => return Err(StatusCode::PermissionDenied),
@@ -309,7 +325,7 @@ impl russh_sftp::server::Handler for World {
 
     async fn read(&mut self, id: u32, handle: String, offset: u64, len: u32) -> Result<Data, Self::Error> {
         match self.handles.get(&handle) {
-            Some(Open::Read { file }) => {
+            Some(Open::Read { file, .. }) => {
                 let mut buf = vec![0u8; len.min(MAX_READ) as usize];
                 let n = file.read_at(&mut buf, offset).map_err(|e| io_code(&e))?;
                 if n == 0 {
@@ -350,6 +366,10 @@ impl russh_sftp::server::Handler for World {
             }) => {
                 if too_large {
                     let _ = fs::remove_file(&temp);
+                    self.event("sftp.upload-refused", &target)
+                        .detail("reason", "max_file_bytes")
+                        .detail("limit", self.tenant.max_file_bytes)
+                        .record(&self.audit);
                     return Err(StatusCode::Failure);
                 }
                 // Durable before it is visible: sync the data, rename, sync the folder.
@@ -367,11 +387,19 @@ impl russh_sftp::server::Handler for World {
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default();
                 tracing::info!(tenant = %self.tenant.id, file = %name, bytes = size, "SFTP upload landed in the inbox");
+                self.event("sftp.upload", &target)
+                    .detail("bytes", size)
+                    .record(&self.audit);
                 Ok(status(id, StatusCode::Ok, "Ok"))
             }
-            Some(Open::Read { file }) => {
+            Some(Open::Read { file, name }) => {
                 let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
-                tracing::info!(tenant = %self.tenant.id, bytes, "SFTP download from the outbox");
+                tracing::info!(tenant = %self.tenant.id, file = %name, bytes, "SFTP download from the outbox");
+                Event::new("sftp.download", self.actor.as_str())
+                    .tenant(&self.tenant.id)
+                    .detail("file", &name)
+                    .detail("bytes", bytes)
+                    .record(&self.audit);
                 Ok(status(id, StatusCode::Ok, "Ok"))
             }
             Some(_) => Ok(status(id, StatusCode::Ok, "Ok")),
@@ -414,6 +442,7 @@ impl russh_sftp::server::Handler for World {
                 }
                 fs::remove_file(&path).map_err(|e| io_code(&e))?;
                 tracing::info!(tenant = %self.tenant.id, file = %name, "SFTP delete in the outbox");
+                self.event("sftp.delete", &path).record(&self.audit);
                 Ok(status(id, StatusCode::Ok, "Ok"))
             }
             _ => Err(StatusCode::PermissionDenied),
@@ -428,7 +457,14 @@ impl russh_sftp::server::Handler for World {
                 if file_attrs(&from).is_none() {
                     return Err(StatusCode::NoSuchFile);
                 }
-                fs::rename(&from, self.tenant.inbox.join(to)).map_err(|e| io_code(&e))?;
+                let target = self.tenant.inbox.join(to);
+                fs::rename(&from, &target).map_err(|e| io_code(&e))?;
+                self.event("sftp.rename", &target)
+                    .detail(
+                        "from",
+                        from.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+                    )
+                    .record(&self.audit);
                 Ok(status(id, StatusCode::Ok, "Ok"))
             }
             _ => Err(StatusCode::PermissionDenied),

@@ -10,11 +10,13 @@
 //! Chunks written before that are committed without sync; a crash loses them together with the
 //! batch's `Ingesting` record, or leaves that record behind for recovery to redo the batch.
 
+mod audit;
 mod bans;
 mod mail;
 pub mod records;
 mod traffic;
 
+pub use audit::{AuditEntry, AuditEvent, ChainCheck};
 pub use bans::Ban;
 pub use traffic::Traffic;
 
@@ -225,6 +227,7 @@ impl Store {
         mail::create_tables(&tx)?;
         traffic::create_tables(&tx)?;
         bans::create_tables(&tx)?;
+        audit::create_tables(&tx)?;
         tx.commit()?;
         Ok(Store { db: Arc::new(db), keys })
     }

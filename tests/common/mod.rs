@@ -137,15 +137,19 @@ impl Appliance {
             .stderr(log)
             .spawn()
             .expect("spawn smsdrop serve");
+        let mut child = child;
+        let this = &*self;
+        poll(
+            Duration::from_secs(20),
+            || {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("serve exited with {status} at start:\n{}", this.log());
+                }
+                this.log().contains("smsdrop is serving").then_some(())
+            },
+            || format!("serve did not start:\n{}", this.log()),
+        );
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.log().contains("smsdrop is serving") {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("serve exited with {status} at start:\n{}", self.log());
-            }
-            assert!(Instant::now() < deadline, "serve did not start:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -183,19 +187,11 @@ impl Appliance {
 
     /// Waits for a file to exist, then returns its bytes.
     pub fn wait_file(&self, path: &Path, timeout: Duration) -> Vec<u8> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(bytes) = std::fs::read(path) {
-                return bytes;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not appear in {timeout:?}; log:\n{}",
-                path.display(),
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        poll(
+            timeout,
+            || std::fs::read(path).ok(),
+            || format!("{} did not appear in {timeout:?}; log:\n{}", path.display(), self.log()),
+        )
     }
 
     /// Waits for a batch's result file and parses it (`;`-separated UTF-8 unless told otherwise).
@@ -210,26 +206,19 @@ impl Appliance {
     /// Waits until the final report says every message is final, then returns its rows.
     pub fn final_report(&self, tenant: &str, stem: &str, expected: usize) -> Vec<Vec<String>> {
         let path = self.outbox(tenant).join(format!("{stem}.report.csv"));
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(bytes) = std::fs::read(&path) {
-                let rows = parse_csv(&bytes, b';');
+        poll(
+            Duration::from_secs(60),
+            || {
+                let rows = parse_csv(&std::fs::read(&path).ok()?, b';');
                 let finals = rows
                     .iter()
                     .skip(1)
                     .filter(|r| r.get(4).is_some_and(|s| s != "queued" && s != "submitted"))
                     .count();
-                if rows.len() == expected + 1 && finals == expected {
-                    return rows;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no final report for {stem}; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+                (rows.len() == expected + 1 && finals == expected).then_some(rows)
+            },
+            || format!("no final report for {stem}; log:\n{}", self.log()),
+        )
     }
 
     /// What the sink partner wrote, one JSON object per message.
@@ -243,20 +232,35 @@ impl Appliance {
 
     /// Waits until the sink holds at least `n` messages.
     pub fn wait_sink(&self, n: usize, timeout: Duration) -> Vec<serde_json::Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let lines = self.sink();
-            if lines.len() >= n {
-                return lines;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "sink has {} of {n} messages; log:\n{}",
-                lines.len(),
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        poll(
+            timeout,
+            || Some(self.sink()).filter(|l| l.len() >= n),
+            || format!("sink has {} of {n} messages; log:\n{}", self.sink().len(), self.log()),
+        )
+    }
+
+    /// The audit log as `smsdrop audit export` prints it.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        let out = self.cli(&["audit", "export"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("audit entry is JSON"))
+            .collect()
+    }
+
+    /// Waits for an audit entry with `action` whose details hold every `(key, value)` given,
+    /// and returns it.
+    pub fn wait_audit(&self, action: &str, details: &[(&str, &str)]) -> serde_json::Value {
+        poll(
+            Duration::from_secs(20),
+            || {
+                self.audit().into_iter().find(|e| {
+                    e["action"] == action && details.iter().all(|(k, v)| e["details"][*k].as_str() == Some(*v))
+                })
+            },
+            || format!("no audit entry {action} {details:?} in:\n{:#?}", self.audit()),
+        )
     }
 }
 
@@ -269,22 +273,31 @@ impl Drop for Appliance {
     }
 }
 
-/// Polls `done` every few milliseconds until it holds; fails the test with `what` after `timeout`.
-pub fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+/// Polls `ready` every few milliseconds until it gives a value; fails the test with `why()`
+/// after `timeout`.
+pub fn poll<T>(timeout: Duration, mut ready: impl FnMut() -> Option<T>, why: impl FnOnce() -> String) -> T {
     let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "{what}");
-        std::thread::sleep(Duration::from_millis(5));
+    loop {
+        if let Some(v) = ready() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{}", why());
+        std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Polls `done` until it holds; fails the test with `what` after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    poll(timeout, || done().then_some(()), || what.to_string())
 }
 
 /// Waits until the appliance's log holds `needle`.
 pub fn wait_log(app: &Appliance, needle: &str, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while !app.log().contains(needle) {
-        assert!(Instant::now() < deadline, "`{needle}` not logged:\n{}", app.log());
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    poll(
+        timeout,
+        || app.log().contains(needle).then_some(()),
+        || format!("`{needle}` not logged:\n{}", app.log()),
+    )
 }
 
 /// Parses CSV bytes (UTF-8) into rows of fields.
@@ -405,19 +418,11 @@ impl SmtpServer {
 
     /// Waits until at least `n` mails arrived.
     pub fn wait_mails(&self, n: usize, timeout: Duration) -> Vec<Mail> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let mails = self.mails();
-            if mails.len() >= n {
-                return mails;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} of {n} mails arrived: {mails:#?}",
-                mails.len()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        poll(
+            timeout,
+            || Some(self.mails()).filter(|m| m.len() >= n),
+            || format!("fewer than {n} mails arrived: {:#?}", self.mails()),
+        )
     }
 }
 

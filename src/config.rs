@@ -352,6 +352,7 @@ struct RawTenant {
     anomaly_min_messages: Option<Spanned<i64>>,
     #[serde(default)]
     keys: Vec<Spanned<String>>,
+    authorized_keys_file: Option<Spanned<String>>,
     #[serde(default)]
     allow_ips: Vec<Spanned<String>>,
     max_sessions: Option<Spanned<i64>>,
@@ -379,6 +380,94 @@ struct RawRoute {
 }
 
 // ---- stage two: validation ----------------------------------------------------------------
+
+/// Options of an `authorized_keys` line that only narrow what a key may do; smsdrop allows no
+/// more than they do anyway. Any other option (`from=`, `command=`, …) is refused rather than
+/// silently ignored: use the tenant's `allow_ips` instead of `from=`.
+const HARMLESS_KEY_OPTIONS: &[&str] = &[
+    "restrict",
+    "no-pty",
+    "no-port-forwarding",
+    "no-agent-forwarding",
+    "no-x11-forwarding",
+    "no-user-rc",
+];
+
+/// Splits an `authorized_keys` line into its options (names only) and the key part.
+fn key_options(line: &str) -> (Vec<&str>, &str) {
+    const KEY_TYPES: &[&str] = &["ssh-", "ecdsa-", "sk-"];
+    if KEY_TYPES.iter().any(|t| line.starts_with(t)) {
+        return (Vec::new(), line);
+    }
+    // Options run to the first space outside double quotes.
+    let mut quoted = false;
+    let mut end = line.len();
+    for (i, c) in line.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            ' ' | '\t' if !quoted => {
+                end = i;
+                break;
+            }
+            _ => {}
+        }
+    }
+    let mut names = Vec::new();
+    let mut quoted = false;
+    let mut from = 0;
+    for (i, c) in line[..end].char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                names.push(&line[from..i]);
+                from = i + 1;
+            }
+            _ => {}
+        }
+    }
+    names.push(&line[from..end]);
+    let names = names.into_iter().map(|o| o.split('=').next().unwrap_or(o)).collect();
+    (names, line[end..].trim_start())
+}
+
+/// The Ed25519 keys of an OpenSSH `authorized_keys` file; every problem named with its line.
+fn authorized_keys(path: &Path) -> Result<Vec<russh::keys::PublicKey>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut keys = Vec::new();
+    let mut problems = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let at = format!("{}:{}", path.display(), n + 1);
+        let (options, key) = key_options(line);
+        let odd: Vec<&str> = options
+            .into_iter()
+            .filter(|o| !HARMLESS_KEY_OPTIONS.iter().any(|h| o.eq_ignore_ascii_case(h)))
+            .collect();
+        if !odd.is_empty() {
+            problems.push(format!(
+                "{at}: key options {} are not supported (use allow_ips for from=)",
+                odd.join(",")
+            ));
+            continue;
+        }
+        match russh::keys::PublicKey::from_openssh(key) {
+            Ok(public) if public.algorithm() == russh::keys::Algorithm::Ed25519 => keys.push(public),
+            Ok(public) => problems.push(format!(
+                "{at}: only ssh-ed25519 keys are accepted, this one is {}",
+                public.algorithm()
+            )),
+            Err(e) => problems.push(format!("{at}: not an OpenSSH public key: {e}")),
+        }
+    }
+    if problems.is_empty() {
+        Ok(keys)
+    } else {
+        Err(problems.join("; "))
+    }
+}
 
 /// Limits on tenant keys, so that a typo cannot make a limit useless.
 const MAX_PARTS_LIMIT: i64 = 16;
@@ -994,7 +1083,7 @@ impl Validator<'_> {
             (1, i64::MAX),
         ) as u64;
 
-        let keys = t
+        let mut keys: Vec<russh::keys::PublicKey> = t
             .keys
             .iter()
             .filter_map(|k| match russh::keys::PublicKey::from_openssh(k.get_ref().trim()) {
@@ -1013,6 +1102,13 @@ impl Validator<'_> {
                 }
             })
             .collect();
+        if let Some(file) = &t.authorized_keys_file {
+            let path = self.path(file.get_ref());
+            match authorized_keys(&path) {
+                Ok(found) => keys.extend(found),
+                Err(e) => self.problem(&file.span(), &key("authorized_keys_file"), e),
+            }
+        }
         let allow_ips = t
             .allow_ips
             .iter()
@@ -1233,6 +1329,29 @@ partners = ["sink"]
             PathBuf::from("/var/lib/smsdrop/ssh_host_ed25519_key")
         );
         assert_eq!(c.tenants["acme"].allow_ips.len(), 2);
+    }
+
+    #[test]
+    fn authorized_keys_files_add_keys_and_name_bad_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("acme.keys");
+        let ed = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
+        std::fs::write(&file, format!("# the ERP\n\nrestrict,no-pty {ed} erp@host\n")).unwrap();
+        let src = format!("[tenant.acme]\nauthorized_keys_file = \"{}\"\n", file.display());
+        let c = Config::parse(&dir.path().join("c.toml"), &src).unwrap();
+        assert_eq!(c.tenants["acme"].keys.len(), 1);
+
+        std::fs::write(&file, format!("from=\"10.0.0.1\" {ed}\nssh-dss AAAA\n")).unwrap();
+        let p = match Config::parse(&dir.path().join("c.toml"), &src) {
+            Err(ConfigError::Invalid(p)) => p.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+            other => panic!("{other:?}"),
+        };
+        assert!(p[0].contains(":2: tenant.acme.authorized_keys_file:"), "{p:?}");
+        assert!(
+            p[0].contains("acme.keys:1: key options from are not supported"),
+            "{p:?}"
+        );
+        assert!(p[0].contains("acme.keys:2: not an OpenSSH public key"), "{p:?}");
     }
 
     #[test]

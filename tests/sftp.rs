@@ -439,24 +439,130 @@ fn ssh_audit_finds_no_failure_and_warns_only_on_curve25519() {
     }
 }
 
+/// Every kind of refusal, each with its audit event and its mail, ending in a ban. Tenant
+/// `filed` takes its key from an `authorized_keys` file.
 #[test]
-fn every_refusal_is_mailed() {
+fn every_refusal_is_an_audit_event_and_a_mail() {
     let smtp_port = free_port();
-    let mut d = door("alert_to = [\"erp@acme.example\"]");
+    let mut d = door("alert_to = [\"erp@acme.example\"]\nmax_sessions = 1");
+    let keys = tempfile::tempdir().expect("dir");
+    let (filed_key, filed_public) = client_key(keys.path(), "id_filed", "ed25519");
+    let (ecdsa, _) = client_key(keys.path(), "id_ecdsa", "ecdsa");
+    let (stranger, _) = client_key(keys.path(), "id_stranger", "ed25519");
+    std::fs::write(
+        d.app.path("filed.keys"),
+        format!("# filed's ERP\nrestrict {filed_public}\n"),
+    )
+    .expect("authorized_keys");
     let text = std::fs::read_to_string(&d.app.config).expect("config");
     std::fs::write(
         &d.app.config,
         format!(
-            "{text}\n[email]\nsmtp_url = \"smtp://127.0.0.1:{smtp_port}\"\nfrom = \"smsdrop@example.net\"\nadmin_to = [\"ops@example.net\"]\nmin_interval = \"0s\"\n"
+            "{text}\n{}{}[defender]\nscore_limit = 16\nwindow = \"10m\"\nban = \"5m\"\n[email]\nsmtp_url = \"smtp://127.0.0.1:{smtp_port}\"\nfrom = \"smsdrop@example.net\"\nadmin_to = [\"ops@example.net\"]\nmin_interval = \"0s\"\n",
+            tenant("filed", "authorized_keys_file = \"filed.keys\""),
+            tenant("locked", &format!("keys = [\"{filed_public}\"]\nallow_ips = [\"192.0.2.0/24\"]")),
         ),
     )
     .expect("config");
     let smtp = common::SmtpServer::start(smtp_port, &d.app.path("maildir"), None);
     d.app.start();
     let port = d.port.to_string();
-    assert!(python(&[&port, "acme", "password", "secret"]).status.success());
+
+    assert!(
+        sftp_batch(d.port, &filed_key, "filed", "ls /\n").status.success(),
+        "a key from authorized_keys_file gets in"
+    );
+    assert!(!sftp_batch(d.port, &stranger, "acme", "ls /\n").status.success());
     assert!(!sftp_batch(d.port, &d.key, "mallory", "ls /\n").status.success());
-    let mails = smtp.wait_mails(3, Duration::from_secs(30));
+    assert!(python(&[&port, "acme", "password", "secret"]).status.success());
+    assert!(
+        python(&[&port, "acme", "trykey", ecdsa.to_str().expect("path")])
+            .status
+            .success()
+    );
+    assert!(!sftp_batch(d.port, &filed_key, "locked", "ls /\n").status.success());
+    let mut held = common::sftp_command(d.port, &d.key, "acme", None, &[])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("sftp");
+    d.app.wait_audit("sftp.login", &[]);
+    assert!(
+        !sftp_batch(d.port, &d.key, "acme", "ls /\n").status.success(),
+        "max_sessions = 1"
+    );
+    drop(held.stdin.take());
+    let _ = held.wait();
+    {
+        // says nothing after the banner until the deadline passes
+        let mut silent = std::net::TcpStream::connect(("127.0.0.1", d.port)).expect("connect");
+        silent.set_read_timeout(Some(Duration::from_secs(15))).expect("timeout");
+        let mut buf = [0u8; 256];
+        while matches!(std::io::Read::read(&mut silent, &mut buf), Ok(n) if n > 0) {}
+    }
+    // So far 10 points; two more unknown users (3 each) pass 16.
+    for _ in 0..2 {
+        assert!(!sftp_batch(d.port, &d.key, "mallory", "ls /\n").status.success());
+    }
+    d.app.wait_audit("sftp.ban", &[("source", "127.0.0.1"), ("bans", "1")]);
+    assert!(!sftp_batch(d.port, &d.key, "acme", "ls /\n").status.success(), "banned");
+
+    let refusals = [
+        ("unknown key", "acme", "publickey"),
+        ("unknown user", "mallory", "publickey"),
+        ("password authentication is not allowed", "acme", "password"),
+        ("key type not allowed", "acme", "publickey"),
+        ("IP not allowed", "locked", "publickey"),
+        ("too many sessions", "acme", "publickey"),
+    ];
+    for (reason, user, method) in refusals {
+        let e = d.app.wait_audit(
+            "sftp.refused",
+            &[("reason", reason), ("user", user), ("method", method)],
+        );
+        assert!(
+            e["actor"].as_str().is_some_and(|a| a.starts_with("sftp 127.0.0.1:")),
+            "{e}"
+        );
+    }
+    let ecdsa_event = d.app.wait_audit("sftp.refused", &[("reason", "key type not allowed")]);
+    assert!(
+        ecdsa_event["details"]["key_type"]
+            .as_str()
+            .is_some_and(|k| k.starts_with("ecdsa-sha2-")),
+        "{ecdsa_event}"
+    );
+    d.app.wait_audit("sftp.refused", &[("reason", "login deadline passed")]);
+    d.app.wait_audit("sftp.refused", &[("reason", "banned IP")]);
+
+    let mails = common::poll(
+        Duration::from_secs(60),
+        || {
+            let mails = smtp.mails();
+            let all = [
+                "unknown key",
+                "unknown user",
+                "password authentication is not allowed",
+                "key type not allowed",
+                "IP not allowed",
+                "too many sessions",
+                "login deadline passed",
+                "banned IP",
+            ]
+            .iter()
+            .all(|r| {
+                mails
+                    .iter()
+                    .any(|m| m.to.contains("ops@example.net") && m.body.contains(&format!("reason: {r}")))
+            });
+            let banned = mails
+                .iter()
+                .any(|m| m.subject.contains("ip_banned") || m.body.contains("ip_banned"));
+            (all && banned).then_some(mails)
+        },
+        || format!("not every refusal was mailed: {:#?}", smtp.mails()),
+    );
     let password = mails
         .iter()
         .find(|m| m.to.contains("erp@acme.example") && m.body.contains("method: password"))

@@ -2,6 +2,7 @@
 
 usage: paramiko_client.py PORT USER MODE [ARGS...]
   password PASSWORD              try password authentication; exit 0 if refused, 1 if let in
+  trykey KEYFILE                 try to log in with a key of any type; exit 0 if refused, 1 if let in
   upload KEYFILE LOCAL REMOTE    upload with an Ed25519 key; exit 0 on success
   escape KEYFILE                 try to leave the two folders; prints one line per attempt, exit 0
                                  if every attempt was refused
@@ -28,6 +29,17 @@ if mode == "password":
         print(f"refused: {e}")
         sys.exit(0)
     except paramiko.SSHException as e:
+        print(f"refused: {e}")
+        sys.exit(0)
+    print("let in")
+    sys.exit(1)
+
+if mode == "trykey":
+    try:
+        t = paramiko.Transport(("127.0.0.1", port))
+        t.start_client(timeout=10)
+        t.auth_publickey(user, paramiko.PKey.from_path(sys.argv[4]))
+    except (paramiko.AuthenticationException, paramiko.SSHException) as e:
         print(f"refused: {e}")
         sys.exit(0)
     print("let in")

@@ -110,6 +110,53 @@ fn segments(costs: impl Iterator<Item = u8> + Clone, single: usize, part: usize)
     parts
 }
 
+/// The payload of each segment of `text` as it goes on the wire: GSM 03.38 septets unpacked one
+/// per byte (SMPP `data_coding` 0), or UCS-2 big-endian (`data_coding` 8). One segment when it
+/// fits in 160 septets or 70 units, else segments of 153 septets or 67 units (room for the
+/// concatenation header), never splitting an escape pair or a surrogate pair. The number of
+/// segments is the one [`encode`] counted.
+pub fn segment_payloads(text: &str, coding: TextCoding) -> Vec<Vec<u8>> {
+    let units: Vec<Vec<u8>> = match coding {
+        TextCoding::Gsm7 => text
+            .chars()
+            .map(|c| to_gsm7(c.encode_utf8(&mut [0u8; 4])).unwrap_or_else(|| vec![0x3f]))
+            .collect(),
+        TextCoding::Ucs2 => text
+            .chars()
+            .map(|c| {
+                let mut buf = [0u16; 2];
+                c.encode_utf16(&mut buf).iter().flat_map(|u| u.to_be_bytes()).collect()
+            })
+            .collect(),
+    };
+    // Sizes in septets (GSM) or 16-bit units (UCS-2).
+    let size = |u: &Vec<u8>| match coding {
+        TextCoding::Gsm7 => u.len(),
+        TextCoding::Ucs2 => u.len() / 2,
+    };
+    let (single, part) = match coding {
+        TextCoding::Gsm7 => (160, 153),
+        TextCoding::Ucs2 => (70, 67),
+    };
+    let total: usize = units.iter().map(size).sum();
+    if total <= single {
+        return vec![units.concat()];
+    }
+    let mut out = vec![Vec::new()];
+    let mut used = 0;
+    for u in &units {
+        if used + size(u) > part {
+            out.push(Vec::new());
+            used = 0;
+        }
+        used += size(u);
+        if let Some(last) = out.last_mut() {
+            last.extend_from_slice(u);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,6 +164,37 @@ mod tests {
     fn parts(text: &str) -> (TextCoding, usize) {
         let e = encode(text);
         (e.coding, e.parts)
+    }
+
+    #[test]
+    fn segment_payloads_match_the_count_and_the_text() {
+        for text in [
+            "a".repeat(160),
+            "a".repeat(161),
+            format!("{}€{}", "a".repeat(152), "a".repeat(10)),
+            "€".repeat(457),
+            "é".repeat(71),
+            format!("{}😀{}", "й".repeat(66), "й".repeat(10)),
+        ] {
+            let e = encode(&text);
+            let parts = segment_payloads(&text, e.coding);
+            assert_eq!(parts.len(), e.parts, "{text}");
+            match e.coding {
+                TextCoding::Gsm7 => {
+                    assert!(parts.iter().all(|p| p.len() <= if e.parts == 1 { 160 } else { 153 }));
+                    assert!(parts.iter().all(|p| p.last() != Some(&0x1b)), "an escape is never cut");
+                    assert_eq!(parts.concat(), to_gsm7(&text).unwrap());
+                }
+                TextCoding::Ucs2 => {
+                    let units: Vec<u16> = parts.concat().chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect();
+                    assert_eq!(String::from_utf16(&units).unwrap(), text);
+                    for p in &parts {
+                        let p: Vec<u16> = p.chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect();
+                        assert!(String::from_utf16(&p).is_ok(), "a surrogate pair is never cut");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! the partner answered: a crash can resend at most the step that was in flight, never lose one.
 
 pub mod partner;
+pub mod receipt;
 pub mod sink;
 
 use std::collections::{HashMap, VecDeque};

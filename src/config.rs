@@ -149,6 +149,8 @@ pub struct Tenant {
     pub allow_ips: Vec<ipnet::IpNet>,
     /// SFTP sessions at once.
     pub max_sessions: usize,
+    /// How long a message is worth delivering after its send time: SMPP `validity_period`.
+    pub validity: Duration,
 }
 
 impl Tenant {
@@ -170,7 +172,37 @@ pub enum EncodingChoice {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Partner {
     /// Writes each message as one JSON line to `path` and marks it delivered.
-    Sink { path: PathBuf },
+    Sink {
+        path: PathBuf,
+    },
+    Smpp(Smpp),
+}
+
+/// An SMPP 3.4 partner (SMSC).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Smpp {
+    /// `host:port`.
+    pub address: String,
+    pub tls: bool,
+    pub system_id: String,
+    /// Read when binding, never kept in the configuration.
+    pub password_file: Option<PathBuf>,
+    pub system_type: String,
+    /// One `bind_transceiver`, or a transmitter and a receiver.
+    pub bind_pair: bool,
+    /// Binds (connections) kept open at once.
+    pub binds: usize,
+    /// Outstanding `submit_sm` per partner.
+    pub window: usize,
+    /// Most `submit_sm` per second over all binds.
+    pub tps: Option<u32>,
+    pub enquire_link: Duration,
+    /// A `submit_sm` unanswered this long counts as lost (transient).
+    pub response_timeout: Duration,
+    /// Ask for delivery receipts.
+    pub registered_delivery: bool,
+    /// Long messages: UDH (default) or the SAR TLVs.
+    pub sar: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -356,6 +388,7 @@ struct RawTenant {
     #[serde(default)]
     allow_ips: Vec<Spanned<String>>,
     max_sessions: Option<Spanned<i64>>,
+    validity: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -370,6 +403,19 @@ enum RawSize {
 struct RawPartner {
     kind: Spanned<String>,
     path: Option<Spanned<String>>,
+    address: Option<Spanned<String>>,
+    tls: Option<bool>,
+    system_id: Option<Spanned<String>>,
+    password_file: Option<Spanned<String>>,
+    system_type: Option<Spanned<String>>,
+    bind: Option<Spanned<String>>,
+    binds: Option<Spanned<i64>>,
+    window: Option<Spanned<i64>>,
+    tps: Option<Spanned<i64>>,
+    enquire_link: Option<Spanned<String>>,
+    response_timeout: Option<Spanned<String>>,
+    registered_delivery: Option<bool>,
+    concatenation: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -827,7 +873,35 @@ impl Validator<'_> {
             self.problem(&raw.span(), &key, "an id is 1 to 32 of a-z, 0-9, `_` and `-`");
         }
         let p = raw.get_ref();
-        match p.kind.get_ref().as_str() {
+        let smpp_keys = [
+            ("address", p.address.is_some()),
+            ("tls", p.tls.is_some()),
+            ("system_id", p.system_id.is_some()),
+            ("password_file", p.password_file.is_some()),
+            ("system_type", p.system_type.is_some()),
+            ("bind", p.bind.is_some()),
+            ("binds", p.binds.is_some()),
+            ("window", p.window.is_some()),
+            ("tps", p.tps.is_some()),
+            ("enquire_link", p.enquire_link.is_some()),
+            ("response_timeout", p.response_timeout.is_some()),
+            ("registered_delivery", p.registered_delivery.is_some()),
+            ("concatenation", p.concatenation.is_some()),
+        ];
+        let kind = p.kind.get_ref().as_str();
+        let foreign: Vec<&str> = match kind {
+            "sink" => smpp_keys.iter().filter(|(_, set)| *set).map(|(k, _)| *k).collect(),
+            "smpp" => p.path.iter().map(|_| "path").collect(),
+            _ => Vec::new(),
+        };
+        for name in foreign {
+            self.problem(
+                &raw.span(),
+                &format!("{key}.{name}"),
+                format!("not a key of a {kind} partner"),
+            );
+        }
+        match kind {
             "sink" => match &p.path {
                 Some(path) => Some(Partner::Sink {
                     path: self.path(path.get_ref()),
@@ -837,11 +911,12 @@ impl Validator<'_> {
                     None
                 }
             },
-            kind @ ("smpp" | "http") => {
+            "smpp" => self.smpp(&key, raw).map(Partner::Smpp),
+            kind @ "http" => {
                 self.problem(
                     &p.kind.span(),
                     &format!("{key}.kind"),
-                    format!("partner kind `{kind}` is not available in this version of smsdrop (only `sink` is)"),
+                    format!("partner kind `{kind}` is not available in this version of smsdrop (smpp and sink are)"),
                 );
                 None
             }
@@ -854,6 +929,92 @@ impl Validator<'_> {
                 None
             }
         }
+    }
+
+    fn smpp(&mut self, key: &str, raw: &Spanned<RawPartner>) -> Option<Smpp> {
+        let p = raw.get_ref();
+        let k = |name: &str| format!("{key}.{name}");
+        let Some(address) = &p.address else {
+            self.problem(
+                &raw.span(),
+                &k("address"),
+                "an smpp partner needs `address` (host:port)",
+            );
+            return None;
+        };
+        let text = address.get_ref().trim();
+        let port_ok = text
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+        if !port_ok {
+            self.problem(&address.span(), &k("address"), format!("`{text}` is not host:port"));
+        }
+        let Some(system_id) = &p.system_id else {
+            self.problem(&raw.span(), &k("system_id"), "an smpp partner needs `system_id`");
+            return None;
+        };
+        if system_id.get_ref().len() > 15 {
+            self.problem(&system_id.span(), &k("system_id"), "at most 15 characters (SMPP 3.4)");
+        }
+        let system_type = p.system_type.as_ref().map(|s| s.get_ref().clone()).unwrap_or_default();
+        if system_type.len() > 12 {
+            if let Some(s) = &p.system_type {
+                self.problem(&s.span(), &k("system_type"), "at most 12 characters (SMPP 3.4)");
+            }
+        }
+        let bind_pair = match p.bind.as_ref().map(|b| (b.get_ref().as_str(), b.span())) {
+            None | Some(("transceiver", _)) => false,
+            Some(("transmitter+receiver", _)) => true,
+            Some((other, span)) => {
+                self.problem(
+                    &span,
+                    &k("bind"),
+                    format!("`{other}` is not a bind mode (\"transceiver\" or \"transmitter+receiver\")"),
+                );
+                false
+            }
+        };
+        let sar = match p.concatenation.as_ref().map(|c| (c.get_ref().as_str(), c.span())) {
+            None | Some(("udh", _)) => false,
+            Some(("sar", _)) => true,
+            Some((other, span)) => {
+                self.problem(
+                    &span,
+                    &k("concatenation"),
+                    format!("`{other}` is not \"udh\" or \"sar\""),
+                );
+                false
+            }
+        };
+        let tps = p
+            .tps
+            .as_ref()
+            .map(|_| self.int(p.tps.as_ref(), &k("tps"), 100, (1, 100_000)) as u32);
+        Some(Smpp {
+            address: text.to_string(),
+            tls: p.tls.unwrap_or(false),
+            system_id: system_id.get_ref().clone(),
+            password_file: p.password_file.as_ref().map(|f| self.path(f.get_ref())),
+            system_type,
+            bind_pair,
+            binds: self.int(p.binds.as_ref(), &k("binds"), 1, (1, 16)) as usize,
+            window: self.int(p.window.as_ref(), &k("window"), 10, (1, 1000)) as usize,
+            tps,
+            enquire_link: self.duration(
+                p.enquire_link.as_ref(),
+                &k("enquire_link"),
+                Duration::from_secs(30),
+                (Duration::from_secs(5), Duration::from_secs(600)),
+            ),
+            response_timeout: self.duration(
+                p.response_timeout.as_ref(),
+                &k("response_timeout"),
+                Duration::from_secs(30),
+                (Duration::from_secs(1), Duration::from_secs(300)),
+            ),
+            registered_delivery: p.registered_delivery.unwrap_or(true),
+            sar,
+        })
     }
 
     fn tenant(&mut self, id: &str, raw: &Spanned<RawTenant>, state_dir: &Path) -> Option<Tenant> {
@@ -1131,6 +1292,12 @@ impl Validator<'_> {
             })
             .collect();
         let max_sessions = self.int(t.max_sessions.as_ref(), &key("max_sessions"), 4, (1, 1000)) as usize;
+        let validity = self.duration(
+            t.validity.as_ref(),
+            &key("validity"),
+            Duration::from_secs(48 * 3600),
+            (Duration::from_secs(300), Duration::from_secs(7 * 86400)),
+        );
 
         Some(Tenant {
             id: id.to_string(),
@@ -1164,6 +1331,7 @@ impl Validator<'_> {
             keys,
             allow_ips,
             max_sessions,
+            validity,
         })
     }
 
@@ -1297,11 +1465,41 @@ partners = ["sink"]
 
     #[test]
     fn partner_kinds_not_built_are_refused() {
-        let p = problems("[partner.orange]\nkind = \"smpp\"\n");
+        let p = problems("[partner.orange]\nkind = \"http\"\n");
         assert!(
-            p[0].contains(":2: partner.orange.kind: partner kind `smpp` is not available"),
+            p[0].contains(":2: partner.orange.kind: partner kind `http` is not available"),
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn smpp_partners() {
+        let c = parse(
+            "[partner.orange]\nkind = \"smpp\"\naddress = \"smsc.example.net:2775\"\nsystem_id = \"acme\"\npassword_file = \"orange.secret\"\nwindow = 32\ntps = 200\n",
+        )
+        .unwrap();
+        let Partner::Smpp(s) = &c.partners["orange"] else {
+            panic!()
+        };
+        assert_eq!(
+            (s.window, s.tps, s.binds, s.bind_pair, s.sar),
+            (32, Some(200), 1, false, false)
+        );
+        assert_eq!(
+            s.password_file.as_deref(),
+            Some(Path::new("/etc/smsdrop/orange.secret"))
+        );
+        let p = problems(
+            "[partner.orange]\nkind = \"smpp\"\naddress = \"nope\"\nsystem_id = \"acme\"\nwindow = 0\nbind = \"both\"\npath = \"x\"\n",
+        );
+        for needle in [
+            ":3: partner.orange.address: `nope`",
+            ":5: partner.orange.window",
+            ":6: partner.orange.bind",
+            "partner.orange.path: not a key of a smpp partner",
+        ] {
+            assert!(p.iter().any(|p| p.contains(needle)), "{needle}: {p:?}");
+        }
     }
 
     #[test]

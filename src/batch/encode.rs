@@ -186,7 +186,11 @@ mod tests {
                     assert_eq!(parts.concat(), to_gsm7(&text).unwrap());
                 }
                 TextCoding::Ucs2 => {
-                    let units: Vec<u16> = parts.concat().chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect();
+                    let units: Vec<u16> = parts
+                        .concat()
+                        .chunks(2)
+                        .map(|c| u16::from_be_bytes([c[0], c[1]]))
+                        .collect();
                     assert_eq!(String::from_utf16(&units).unwrap(), text);
                     for p in &parts {
                         let p: Vec<u16> = p.chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect();

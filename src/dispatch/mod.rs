@@ -13,6 +13,7 @@
 pub mod partner;
 pub mod receipt;
 pub mod sink;
+pub mod smpp;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -37,14 +38,25 @@ const STEP: usize = 1024;
 /// Transient failures are retried this many times, with growing delays, before `failed`.
 const MAX_ATTEMPTS: u32 = 12;
 
-/// Builds the partners named in the configuration.
-pub fn build_partners(config: &Config) -> HashMap<String, Arc<dyn Partner>> {
+/// Builds the partners named in the configuration and starts their connections; receipts go to
+/// `incoming`.
+pub fn build_partners(
+    config: &Config,
+    incoming: &tokio::sync::mpsc::UnboundedSender<smpp::Inbound>,
+    tracker: &tokio_util::task::TaskTracker,
+    shutdown: &CancellationToken,
+) -> HashMap<String, Arc<dyn Partner>> {
     config
         .partners
         .iter()
         .map(|(id, p)| {
             let partner: Arc<dyn Partner> = match p {
                 config::Partner::Sink { path } => Arc::new(sink::SinkPartner::new(id, path)),
+                config::Partner::Smpp(cfg) => {
+                    let smpp = smpp::SmppPartner::new(id, cfg.clone(), incoming.clone());
+                    smpp.start(tracker, shutdown.clone());
+                    smpp
+                }
             };
             (id.clone(), partner)
         })
@@ -259,6 +271,13 @@ impl Dispatcher {
                     tenant: &picks[i].tenant,
                     batch: split_message_id(picks[i].id).0,
                     message: &picks[i].message,
+                    valid_until: picks[i].message.send_at.unwrap_or(t).max(t)
+                        + self
+                            .config
+                            .tenants
+                            .get(&picks[i].tenant)
+                            .map(|c| c.validity.as_secs() as i64)
+                            .unwrap_or(48 * 3600),
                 })
                 .collect();
             let results = partner.submit(&outbound).await;
@@ -370,6 +389,62 @@ impl Dispatcher {
             Ok(picks)
         })
         .await
+    }
+}
+
+/// Makes partners' receipts durable, then lets the partner acknowledge them.
+pub struct ReceiptWriter {
+    pub store: Store,
+    pub reports: ReportRequests,
+    pub incoming: tokio::sync::mpsc::UnboundedReceiver<smpp::Inbound>,
+}
+
+impl ReceiptWriter {
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        loop {
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = self.incoming.recv() => match r {
+                    Some(r) => r,
+                    None => break,
+                },
+            };
+            let mut group = vec![first];
+            while group.len() < 1024 {
+                match self.incoming.try_recv() {
+                    Ok(r) => group.push(r),
+                    Err(_) => break,
+                }
+            }
+            let mut by_partner: HashMap<String, Vec<smpp::Inbound>> = HashMap::new();
+            for r in group {
+                by_partner.entry(r.partner.clone()).or_default().push(r);
+            }
+            for (partner, inbound) in by_partner {
+                let receipts: Vec<receipt::Receipt> = inbound.iter().map(|i| i.receipt.clone()).collect();
+                let n = receipts.len();
+                let result = self
+                    .store
+                    .blocking(move |s| s.apply_receipts(&partner, &receipts, now()))
+                    .await;
+                let durable = match result {
+                    Ok(done) => {
+                        for b in done {
+                            tracing::info!(tenant = %b.tenant, batch = b.id, "every message of the batch is final");
+                            let _ = self.reports.send(b.id);
+                        }
+                        true
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, receipts = n, "cannot record receipts; the partner will send them again");
+                        false
+                    }
+                };
+                for i in inbound {
+                    let _ = i.ack.send(durable);
+                }
+            }
+        }
     }
 }
 

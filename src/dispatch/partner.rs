@@ -12,6 +12,8 @@ pub struct Outbound<'a> {
     pub tenant: &'a str,
     pub batch: u64,
     pub message: &'a StoredMessage,
+    /// Unix seconds after which the message is not worth delivering (its validity).
+    pub valid_until: i64,
 }
 
 /// What a partner did with a message it took.

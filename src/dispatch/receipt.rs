@@ -137,8 +137,17 @@ mod tests {
         assert_eq!(r.id, "0001A2F3");
         assert_eq!(r.status, Some(MessageStatus::Delivered));
         assert_eq!(r.error, "000");
-        let r = parse("ID:77 SUB:001 DLVRD:000 SUBMIT DATE:2611251200 DONE DATE:2611251201 STAT:undeliv ERR:001 TEXT:", None, None, None).unwrap();
-        assert_eq!((r.id.as_str(), r.status, r.error.as_str()), ("77", Some(MessageStatus::Undeliverable), "001"));
+        let r = parse(
+            "ID:77 SUB:001 DLVRD:000 SUBMIT DATE:2611251200 DONE DATE:2611251201 STAT:undeliv ERR:001 TEXT:",
+            None,
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            (r.id.as_str(), r.status, r.error.as_str()),
+            ("77", Some(MessageStatus::Undeliverable), "001")
+        );
         let r = parse("id:5 stat:EXPIRED err:000", None, None, None).unwrap();
         assert_eq!(r.status, Some(MessageStatus::Expired));
         let r = parse("id:5 stat:ENROUTE err:000", None, None, None).unwrap();

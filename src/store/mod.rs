@@ -13,6 +13,7 @@
 mod audit;
 mod bans;
 mod mail;
+mod receipts;
 pub mod records;
 mod traffic;
 
@@ -228,6 +229,7 @@ impl Store {
         traffic::create_tables(&tx)?;
         bans::create_tables(&tx)?;
         audit::create_tables(&tx)?;
+        receipts::create_tables(&tx)?;
         tx.commit()?;
         Ok(Store { db: Arc::new(db), keys })
     }
@@ -712,33 +714,15 @@ impl Store {
                 b.cursor = b.cursor.max(*cursor);
             }
         }
-        {
-            let mut statuses = tx.open_table(STATUSES)?;
-            for (id, status) in &step.outcomes {
-                let (batch_id, _) = split_message_id(*id);
-                load(&mut touched, batch_id)?;
-                let Some(batch) = touched.get_mut(&batch_id) else {
-                    continue;
-                };
-                let keys = self.keys.tenant(&batch.tenant);
-                let key = id.to_be_bytes();
-                let (previous, recorded) = match statuses.get(*id)? {
-                    Some(v) => (
-                        open_record::<StatusRecord>(&keys, "statuses", &key, v.value())?.status,
-                        true,
-                    ),
-                    None => (batch.implicit_status(split_message_id(*id).1), false),
-                };
-                // A final status never changes, except an implicit `canceled` for a message that
-                // was already with a partner when the batch was canceled: its outcome is the truth.
-                if previous.is_final() && recorded {
-                    continue;
+        for (id, status) in &step.outcomes {
+            let mut status = status.clone();
+            if status.status == MessageStatus::Submitted && !status.partner_id.is_empty() {
+                // A receipt that came before its submit_sm_resp is waiting for this id.
+                if let Some(early) = self.index_submitted(&tx, *id, &status)? {
+                    status = early;
                 }
-                batch.counts[previous as usize] = batch.counts[previous as usize].saturating_sub(1);
-                batch.counts[status.status as usize] += 1;
-                let sealed = keys.seal("statuses", &key, &encode(status));
-                statuses.insert(*id, sealed.as_slice())?;
             }
+            self.set_status(&tx, &mut touched, *id, &status)?;
         }
         {
             let mut scheduled = tx.open_table(SCHEDULED)?;
@@ -749,20 +733,81 @@ impl Store {
                 scheduled.remove((due.max(&0).to_owned() as u64, *id))?;
             }
         }
-        let mut done = Vec::new();
-        {
-            let mut active = tx.open_table(ACTIVE)?;
-            for batch in touched.values_mut() {
-                batch.updated_at = now;
-                if batch.state == BatchState::Queued && batch.finished() >= batch.accepted {
-                    batch.state = BatchState::Done;
-                    active.remove(batch.id)?;
-                    done.push(batch.clone());
+        let done = self.put_touched(&tx, touched, now)?;
+        tx.commit()?;
+        Ok(done)
+    }
+
+    /// The status record of a message, if one was written.
+    pub(crate) fn status_in(&self, tx: &WriteTransaction, tenant: &str, id: u64) -> Result<Option<StatusRecord>> {
+        let keys = self.keys.tenant(tenant);
+        match tx.open_table(STATUSES)?.get(id)? {
+            Some(v) => Ok(Some(open_record(&keys, "statuses", &id.to_be_bytes(), v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Records a message's new status and moves its batch's counts. A final status never
+    /// changes, except an implicit `canceled` for a message that was already with a partner when
+    /// the batch was canceled: its outcome is the truth. `touched` collects the batches changed.
+    pub(crate) fn set_status(
+        &self,
+        tx: &WriteTransaction,
+        touched: &mut HashMap<u64, BatchRecord>,
+        id: u64,
+        status: &StatusRecord,
+    ) -> Result<bool> {
+        let (batch_id, index) = split_message_id(id);
+        if let std::collections::hash_map::Entry::Vacant(e) = touched.entry(batch_id) {
+            match self.batch_in(tx, batch_id) {
+                Ok(b) => {
+                    e.insert(b);
                 }
-                Self::put_batch(&tx, &self.keys.tenant(&batch.tenant), batch)?;
+                Err(StoreError::NoBatch(_)) => return Ok(false),
+                Err(err) => return Err(err),
             }
         }
-        tx.commit()?;
+        let Some(batch) = touched.get_mut(&batch_id) else {
+            return Ok(false);
+        };
+        let keys = self.keys.tenant(&batch.tenant);
+        let key = id.to_be_bytes();
+        let mut statuses = tx.open_table(STATUSES)?;
+        let (previous, recorded) = match statuses.get(id)? {
+            Some(v) => (
+                open_record::<StatusRecord>(&keys, "statuses", &key, v.value())?.status,
+                true,
+            ),
+            None => (batch.implicit_status(index), false),
+        };
+        if previous.is_final() && recorded {
+            return Ok(false);
+        }
+        batch.counts[previous as usize] = batch.counts[previous as usize].saturating_sub(1);
+        batch.counts[status.status as usize] += 1;
+        let sealed = keys.seal("statuses", &key, &encode(status));
+        statuses.insert(id, sealed.as_slice())?;
+        Ok(true)
+    }
+
+    /// Writes the touched batches back; those now finished leave the active set and are returned.
+    pub(crate) fn put_touched(
+        &self,
+        tx: &WriteTransaction,
+        mut touched: HashMap<u64, BatchRecord>,
+        now: i64,
+    ) -> Result<Vec<BatchRecord>> {
+        let mut done = Vec::new();
+        let mut active = tx.open_table(ACTIVE)?;
+        for batch in touched.values_mut() {
+            batch.updated_at = now;
+            if batch.state == BatchState::Queued && batch.finished() >= batch.accepted {
+                batch.state = BatchState::Done;
+                active.remove(batch.id)?;
+                done.push(batch.clone());
+            }
+            Self::put_batch(tx, &self.keys.tenant(&batch.tenant), batch)?;
+        }
         Ok(done)
     }
 

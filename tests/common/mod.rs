@@ -550,3 +550,79 @@ pub fn sftp_batch(port: u16, key: &Path, user: &str, commands: &str) -> Output {
         .output()
         .expect("run sftp")
 }
+
+/// The loopback SMSC (tests/peers/smsc.js on the npm `smpp` package), a real SMPP 3.4 peer.
+pub struct Smsc {
+    pub port: u16,
+    log: PathBuf,
+    child: Child,
+}
+
+impl Smsc {
+    /// Starts it on a free port; `env` sets its behaviours (see smsc.js).
+    pub fn start(dir: &Path, env: &[(&str, &str)]) -> Smsc {
+        let port = free_port();
+        let log = dir.join(format!("smsc-{port}.jsonl"));
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/peers/smsc.js");
+        let child = Command::new("node")
+            .arg(script)
+            .arg(port.to_string())
+            .arg(&log)
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("node smsc.js (run tests/peers/install.sh)");
+        let smsc = Smsc { port, log, child };
+        poll(
+            Duration::from_secs(10),
+            || smsc.events().iter().any(|e| e["ev"] == "listening").then_some(()),
+            || "the SMSC did not start".into(),
+        );
+        smsc
+    }
+
+    /// Everything it logged so far.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Its events of kind `ev`.
+    pub fn of(&self, ev: &str) -> Vec<serde_json::Value> {
+        self.events().into_iter().filter(|e| e["ev"] == ev).collect()
+    }
+
+    /// Waits until it logged at least `n` events of kind `ev`.
+    pub fn wait(&self, ev: &str, n: usize, timeout: Duration) -> Vec<serde_json::Value> {
+        poll(
+            timeout,
+            || Some(self.of(ev)).filter(|e| e.len() >= n),
+            || format!("SMSC logged {} of {n} `{ev}`", self.of(ev).len()),
+        )
+    }
+
+    /// Sends an incoming message (MO) to the first bound session.
+    pub fn mo(&mut self, from: &str, to: &str, text: &str) {
+        use std::io::Write;
+        let line = serde_json::json!({"mo": {"from": from, "to": to, "text": text}}).to_string();
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "{line}").expect("write to SMSC");
+    }
+
+    /// Stops it (a partner that goes away).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Smsc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

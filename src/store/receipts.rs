@@ -1,0 +1,148 @@
+//! Delivery receipts: the partner ids of submitted messages, and receipts that came before the
+//! `submit_sm_resp` that names their id.
+//!
+//! Each part of a submitted message is indexed under every form its id may take in a receipt
+//! (`dispatch::receipt::id_forms`), by a keyed hash of partner ‖ form. A receipt that finds no
+//! entry is kept (sealed) as an early receipt; when the id is indexed later, it is applied then.
+//! Either way it is durable before the partner gets its `deliver_sm_resp`.
+//!
+//! A long message is sent in parts, each with its own id and receipt: a part that fails makes
+//! the message fail; the message is delivered when its last part is.
+
+use std::collections::HashMap;
+
+use redb::{Durability, ReadableTable, TableDefinition, WriteTransaction};
+use serde::{Deserialize, Serialize};
+
+use super::records::{BatchRecord, StatusRecord};
+use super::{Result, Store, encode, open_record};
+use crate::codes::MessageStatus;
+use crate::dispatch::receipt::{Receipt, id_forms, normal_id};
+
+/// keyed hash of partner ‖ 0 ‖ id form → message id (8 bytes) ‖ last part (1 byte).
+const RECEIPT_IDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("receipt_ids");
+/// keyed hash of partner ‖ 0 ‖ normal id → sealed [`EarlyReceipt`].
+const EARLY: TableDefinition<&[u8], &[u8]> = TableDefinition::new("early_receipts");
+
+pub(super) fn create_tables(tx: &WriteTransaction) -> Result<()> {
+    tx.open_table(RECEIPT_IDS)?;
+    tx.open_table(EARLY)?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct EarlyReceipt {
+    status: MessageStatus,
+    detail: String,
+    at: i64,
+}
+
+fn detail(r: &Receipt) -> String {
+    if r.status == Some(MessageStatus::Delivered) {
+        String::new()
+    } else {
+        format!("{} err:{}", r.state, r.error)
+    }
+}
+
+impl Store {
+    fn receipt_key(&self, partner: &str, form: &str) -> [u8; 16] {
+        self.keys.system().lookup_hash(&format!("{partner}\0{form}"))
+    }
+
+    /// Indexes the part ids of a submitted message; returns its final status if an early
+    /// receipt for it was waiting.
+    pub(super) fn index_submitted(
+        &self,
+        tx: &WriteTransaction,
+        id: u64,
+        status: &StatusRecord,
+    ) -> Result<Option<StatusRecord>> {
+        let parts: Vec<&str> = status.partner_id.split(' ').filter(|p| !p.is_empty()).collect();
+        let mut index = tx.open_table(RECEIPT_IDS)?;
+        let mut early = tx.open_table(EARLY)?;
+        let keys = self.keys.system();
+        let mut outcome = None;
+        for (i, part) in parts.iter().enumerate() {
+            let last = i + 1 == parts.len();
+            let mut value = id.to_be_bytes().to_vec();
+            value.push(u8::from(last));
+            for (n, form) in id_forms(part).iter().enumerate() {
+                let key = self.receipt_key(&status.partner, form);
+                // The id as written wins over another id's alternative form.
+                if n == 0 || index.get(key.as_slice())?.is_none() {
+                    index.insert(key.as_slice(), value.as_slice())?;
+                }
+                let found: Option<EarlyReceipt> = match early.get(key.as_slice())? {
+                    Some(v) => Some(open_record(&keys, "early_receipts", &key, v.value())?),
+                    None => None,
+                };
+                if let Some(r) = found {
+                    early.remove(key.as_slice())?;
+                    if r.status != MessageStatus::Delivered || last {
+                        outcome.get_or_insert(StatusRecord {
+                            status: r.status,
+                            done_at: Some(r.at),
+                            error: r.detail,
+                            ..status.clone()
+                        });
+                    }
+                }
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Applies receipts of `partner` in one durable transaction; returns the batches that are
+    /// now finished.
+    pub fn apply_receipts(&self, partner: &str, receipts: &[Receipt], now: i64) -> Result<Vec<BatchRecord>> {
+        let tx = self.write(Durability::Immediate)?;
+        let keys = self.keys.system();
+        let mut touched: HashMap<u64, BatchRecord> = HashMap::new();
+        for r in receipts {
+            let Some(status) = r.status else { continue };
+            let key = self.receipt_key(partner, &normal_id(&r.id));
+            let hit = tx
+                .open_table(RECEIPT_IDS)?
+                .get(key.as_slice())?
+                .map(|v| v.value().to_vec());
+            let Some(hit) = hit else {
+                let early = EarlyReceipt {
+                    status,
+                    detail: detail(r),
+                    at: now,
+                };
+                tx.open_table(EARLY)?.insert(
+                    key.as_slice(),
+                    keys.seal("early_receipts", &key, &encode(&early)).as_slice(),
+                )?;
+                continue;
+            };
+            let (Some(id), Some(&last)) = (
+                hit.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes),
+                hit.get(8),
+            ) else {
+                continue;
+            };
+            if status == MessageStatus::Delivered && last == 0 {
+                continue; // an early part arrived; the last one decides
+            }
+            let (batch_id, _) = crate::store::records::split_message_id(id);
+            let Some(tenant) = self.batch_in(&tx, batch_id).ok().map(|b| b.tenant) else {
+                continue;
+            };
+            let previous = self.status_in(&tx, &tenant, id)?.unwrap_or_else(StatusRecord::queued);
+            let record = StatusRecord {
+                status,
+                done_at: Some(now),
+                error: detail(r),
+                ..previous
+            };
+            self.set_status(&tx, &mut touched, id, &record)?;
+            tx.open_table(RECEIPT_IDS)?.remove(key.as_slice())?;
+        }
+        let done = self.put_touched(&tx, touched, now)?;
+        tx.commit()?;
+        Ok(done)
+    }
+}

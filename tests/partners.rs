@@ -1,0 +1,133 @@
+//! Partners through the real binary: an SMPP 3.4 SMSC on the npm `smpp` package (tests/peers/smsc.js).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Appliance, Smsc, tenant};
+
+/// An appliance whose French numbers go to the loopback SMSC as partner `smsc`.
+fn with_smsc(smsc: &Smsc, partner_extra: &str) -> Appliance {
+    let app = Appliance::new(&format!(
+        "{}\n[partner.smsc]\nkind = \"smpp\"\naddress = \"127.0.0.1:{}\"\nsystem_id = \"smsdrop\"\npassword_file = \"smsc.secret\"\nwindow = 10\nenquire_link = \"5s\"\n{partner_extra}\n\n[[route]]\nprefix = \"+33\"\npartners = [\"smsc\"]\n",
+        tenant("acme", ""),
+        smsc.port
+    ));
+    std::fs::write(app.path("smsc.secret"), "secret\n").expect("password file");
+    app
+}
+
+fn status_of(report: &[Vec<String>], phone: &str) -> String {
+    report
+        .iter()
+        .find(|r| r[2] == phone)
+        .map(|r| r[4].clone())
+        .unwrap_or_else(|| panic!("{phone} not in the report: {report:?}"))
+}
+
+#[test]
+fn a_file_reaches_the_smsc_and_receipts_make_the_report() {
+    let dir = tempfile::tempdir().expect("dir");
+    let smsc = Smsc::start(dir.path(), &[]);
+    let mut app = with_smsc(&smsc, "");
+    app.start();
+    let long_gsm = "Ceci est un long message de test qui doit partir en plusieurs parties, avec des accents é è à et un euro €, pour verifier que le SMSC recolle le texte d'origine sans perte ni doublon. Fin.";
+    let long_ucs2 = "Привет! Это длинное сообщение в UCS-2, которое не помещается в один SMS и должно прийти целиком 😀 после склейки.";
+    let batch = format!(
+        "phone;message\n0612340000;Bonjour\n0612340402;undeliverable\n0612340403;expires\n0612340404;bad number\n0612340405;receipt first\n0612340010;{long_gsm}\n0612340011;{long_ucs2}\n"
+    );
+    app.drop_file("acme", "june.csv", batch.as_bytes());
+    let result = app.result("acme", "june");
+    assert!(result[1..].iter().all(|r| r[3] == "queued"), "{result:?}");
+
+    let report = app.final_report("acme", "june", 7);
+    assert_eq!(status_of(&report, "+33612340000"), "delivered");
+    assert_eq!(status_of(&report, "+33612340402"), "undeliverable");
+    assert_eq!(status_of(&report, "+33612340403"), "expired");
+    assert_eq!(status_of(&report, "+33612340404"), "rejected");
+    assert_eq!(
+        status_of(&report, "+33612340405"),
+        "delivered",
+        "a receipt before its response still counts"
+    );
+    assert_eq!(status_of(&report, "+33612340010"), "delivered");
+    assert_eq!(status_of(&report, "+33612340011"), "delivered");
+    let row = report.iter().find(|r| r[2] == "+33612340000").expect("row");
+    assert_eq!(row[5], "smsc", "partner column");
+
+    // What the SMSC saw: the right binding, addresses, codings, and long texts whole again.
+    let binds = smsc.of("bind");
+    assert_eq!(binds[0]["command"], "bind_transceiver");
+    let messages = smsc.of("message");
+    let gsm = messages
+        .iter()
+        .find(|m| m["to"] == "33612340010")
+        .expect("long GSM message");
+    assert_eq!(gsm["text"], long_gsm);
+    assert_eq!(gsm["parts"], 2);
+    let ucs2 = messages
+        .iter()
+        .find(|m| m["to"] == "33612340011")
+        .expect("long UCS-2 message");
+    assert_eq!(ucs2["text"], long_ucs2);
+    assert!(ucs2["parts"].as_u64().is_some_and(|p| p >= 2));
+    let submits = smsc.of("submit");
+    let first = submits.iter().find(|s| s["to"] == "33612340000").expect("submit");
+    assert_eq!(first["from"], "ACME");
+    assert_eq!(first["dc"], 0);
+    assert_eq!(first["registered"], 1);
+    // validity_period: 48 h (the tenant's default `validity`) after the send, as the SMSC read it
+    let validity: jiff::Timestamp = first["validity"].as_str().expect("validity").parse().expect("a time");
+    let ahead = validity.as_second() - jiff::Timestamp::now().as_second();
+    assert!((47 * 3600..=48 * 3600).contains(&ahead), "{first}");
+    assert!(
+        submits
+            .iter()
+            .filter(|s| s["to"] == "33612340011")
+            .all(|s| s["dc"] == 8)
+    );
+    // every receipt was acknowledged with OK, and only after it was recorded
+    let acks = smsc.wait("receipt_ack", 8, Duration::from_secs(10));
+    assert!(acks.iter().all(|a| a["status"] == 0), "{acks:?}");
+
+    assert!(app.stop().success());
+    smsc.wait("unbind", 1, Duration::from_secs(5));
+}
+
+#[test]
+fn receipt_ids_match_in_decimal_with_zeros_and_other_case() {
+    let dir = tempfile::tempdir().expect("dir");
+    for format in ["decimal", "hex-upper-zeros"] {
+        let smsc = Smsc::start(
+            dir.path(),
+            &[("SMSC_RECEIPT_ID_FORMAT", format), ("SMSC_RECEIPT_TLVS", "0")],
+        );
+        let mut app = with_smsc(&smsc, "");
+        app.start();
+        app.drop_file(
+            "acme",
+            "ids.csv",
+            b"phone;message\n0612340000;one\n0612340001;two\n0612340002;three\n",
+        );
+        let report = app.final_report("acme", "ids", 3);
+        assert!(report[1..].iter().all(|r| r[4] == "delivered"), "{format}: {report:?}");
+    }
+}
+
+#[test]
+fn a_wrong_password_is_refused_and_retried_not_lost() {
+    let dir = tempfile::tempdir().expect("dir");
+    let smsc = Smsc::start(dir.path(), &[("SMSC_PASSWORD", "other")]);
+    let mut app = with_smsc(&smsc, "response_timeout = \"2s\"");
+    app.start();
+    app.drop_file("acme", "wait.csv", b"phone;message\n0612340000;waits for a bind\n");
+    app.result("acme", "wait");
+    smsc.wait("bind_refused", 1, Duration::from_secs(10));
+    common::wait_log(&app, "SMPP connect failed", Duration::from_secs(10));
+    let log = app.log();
+    assert!(!log.contains("secret"), "a password is never logged");
+    // The message is not lost: it waits, queued.
+    let status = String::from_utf8_lossy(&app.cli(&["batch", "list"]).stdout).into_owned();
+    assert!(status.contains("wait.csv"), "{status}");
+    assert!(smsc.of("submit").is_empty());
+}

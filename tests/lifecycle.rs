@@ -96,7 +96,7 @@ fn sigterm_during_dispatch_loses_nothing_and_sends_nothing_twice() {
 }
 
 #[test]
-fn sigkill_during_dispatch_resends_at_most_the_step_in_flight() {
+fn sigkill_during_dispatch_resends_at_most_the_window() {
     let mut app = Appliance::new(&tenant("acme", ""));
     let staging = app.path("run.csv");
     let valid = batches::write_batch(&staging, 100_000, 0).expect("generate") as usize;
@@ -112,7 +112,7 @@ fn sigkill_during_dispatch_resends_at_most_the_step_in_flight() {
     assert_eq!(ids.len(), valid, "every message sent");
     assert!(
         sent.len() - valid <= 1024,
-        "duplicates only within the step in flight: {}",
+        "duplicates only within the sink's window (1,024): {}",
         sent.len() - valid
     );
 }

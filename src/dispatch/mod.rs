@@ -33,8 +33,6 @@ use partner::{Outbound, Partner, PartnerError, Submitted};
 
 /// Messages one batch may send per turn.
 pub const QUANTUM: u64 = 32;
-/// Messages per dispatcher step (one durable commit).
-const STEP: usize = 1024;
 /// Transient failures are retried this many times, with growing delays, before `failed`.
 const MAX_ATTEMPTS: u32 = 12;
 
@@ -163,7 +161,7 @@ fn now() -> i64 {
     jiff::Timestamp::now().as_second()
 }
 
-/// One message picked for this step.
+/// One message picked to send.
 struct Pick {
     id: u64,
     tenant: String,
@@ -173,46 +171,197 @@ struct Pick {
     attempts: u32,
 }
 
+/// Submissions handed to one partner call, and what the partner answered.
+struct Flight {
+    partner: String,
+    picks: Vec<Pick>,
+    results: Vec<Result<Submitted, PartnerError>>,
+}
+
+/// Outcomes waiting for their durable commit, and what they hold.
+#[derive(Default)]
+struct Pending {
+    step: DispatchCommit,
+    /// Window slots each partner gets back once this is durable.
+    release: HashMap<String, usize>,
+    /// (batch, index) of fresh messages this settles.
+    settled: Vec<(u64, u64)>,
+    /// Scheduled message ids this settles.
+    scheduled: Vec<u64>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.step.outcomes.is_empty()
+            && self.step.schedule.is_empty()
+            && self.step.unschedule.is_empty()
+            && self.settled.is_empty()
+    }
+}
+
+type Landing = futures_util::future::BoxFuture<'static, Flight>;
+type Committed = tokio::task::JoinHandle<(Result<Vec<BatchRecord>, StoreError>, Pending)>;
+
+/// Messages read ahead of the partners' windows, at most.
+const READY_MAX: usize = 2048;
+
 impl Dispatcher {
-    /// Runs until `shutdown`; a step under way is finished and committed first.
+    /// Runs until `shutdown`. Messages flow continuously: picked in fair order, routed, handed
+    /// to their partner within its window, and their outcomes committed in groups. A partner's
+    /// window slot comes back only when the outcome is durable, so after a crash at most
+    /// `window` messages per partner were sent and not recorded (and are sent again).
     pub async fn run(self, shutdown: CancellationToken) {
+        use futures_util::StreamExt;
         let mut rotation = Rotation::default();
         let mut refresh = true;
+        // batch → next index to take (in memory; the durable cursor may lag behind).
+        let mut taken: HashMap<u64, u64> = HashMap::new();
+        // batch → indexes taken and not yet durable.
+        let mut open: HashMap<u64, std::collections::BTreeSet<u64>> = HashMap::new();
+        let mut scheduled_open: std::collections::HashSet<u64> = std::collections::HashSet::new();
+        let mut ready: HashMap<String, VecDeque<Pick>> = HashMap::new();
+        let mut outstanding: HashMap<String, usize> = HashMap::new();
+        let mut flights: futures_util::stream::FuturesUnordered<Landing> = Default::default();
+        let mut pending = Pending::default();
+        let mut committing: Option<Committed> = None;
+        let mut idle_since_fill = false;
         loop {
-            if shutdown.is_cancelled() {
+            let stopping = shutdown.is_cancelled();
+            if stopping && flights.is_empty() && committing.is_none() && pending.is_empty() {
                 break;
             }
             if self.wake.refresh.swap(false, Ordering::AcqRel) {
                 refresh = true;
             }
-            if refresh {
+            if refresh && !stopping {
                 match self.blocking(|s| s.active_batches()).await {
-                    Ok(active) => rotation.rebuild(active),
+                    Ok(mut active) => {
+                        taken.retain(|b, _| active.iter().any(|a| a.id == *b));
+                        for b in &mut active {
+                            if let Some(t) = taken.get(&b.id) {
+                                b.cursor = b.cursor.max(*t);
+                            }
+                        }
+                        rotation.rebuild(active);
+                    }
                     Err(e) => tracing::error!(error = %e, "cannot list active batches"),
                 }
                 refresh = false;
             }
-            match self.step(&mut rotation).await {
-                Ok(true) => continue,
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::error!(error = %e, "dispatch step failed; retrying");
-                    refresh = true;
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+            // Read ahead.
+            let queued: usize = ready.values().map(VecDeque::len).sum();
+            if !stopping && queued < READY_MAX / 2 {
+                match self
+                    .fill(
+                        &mut rotation,
+                        &mut taken,
+                        &mut open,
+                        &mut scheduled_open,
+                        &mut ready,
+                        &mut pending,
+                        READY_MAX - queued,
+                    )
+                    .await
+                {
+                    Ok(n) => idle_since_fill = n == 0,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read the queue; retrying");
+                        refresh = true;
+                        idle_since_fill = true;
                     }
                 }
             }
-            // Nothing to do: wait for a new batch, the next scheduled message, or a tick.
-            let next = self.blocking(|s| s.next_scheduled()).await.ok().flatten();
-            let wait = next
-                .map(|due| Duration::from_secs((due - now()).clamp(0, 5) as u64))
-                .unwrap_or(Duration::from_secs(5));
+            // Hand out what the windows allow.
+            if !stopping {
+                for (partner_id, queue) in ready.iter_mut() {
+                    let Some(partner) = self.partners.get(partner_id) else {
+                        continue;
+                    };
+                    let used = outstanding.entry(partner_id.clone()).or_default();
+                    while !queue.is_empty() && *used < partner.window() {
+                        let n = (partner.window() - *used).min(partner.batch_size()).min(queue.len());
+                        let picks: Vec<Pick> = queue.drain(..n).collect();
+                        *used += n;
+                        flights.push(self.launch(partner.clone(), partner_id.clone(), picks));
+                    }
+                }
+            }
+            // Commit what landed, one durable transaction at a time.
+            if committing.is_none() && !pending.is_empty() {
+                let mut batch = std::mem::take(&mut pending);
+                let touched: std::collections::HashSet<u64> = batch.settled.iter().map(|(b, _)| *b).collect();
+                for (b, i) in &batch.settled {
+                    if let Some(set) = open.get_mut(b) {
+                        set.remove(i);
+                    }
+                }
+                for b in touched {
+                    let cursor = open
+                        .get(&b)
+                        .and_then(|set| set.iter().next().copied())
+                        .or_else(|| taken.get(&b).copied());
+                    if let Some(c) = cursor {
+                        batch.step.cursors.push((b, c));
+                    }
+                }
+                let store = self.store.clone();
+                committing = Some(tokio::task::spawn_blocking(move || {
+                    let result = store.commit_dispatch(&batch.step, now());
+                    (result, batch)
+                }));
+            }
+            // Wait for something to happen.
+            let has_ready = ready.values().any(|q| !q.is_empty());
+            let nap = if idle_since_fill && !has_ready {
+                let next = self.blocking(|s| s.next_scheduled()).await.ok().flatten();
+                next.map(|due| Duration::from_secs((due - now()).clamp(0, 5) as u64))
+                    .unwrap_or(Duration::from_secs(5))
+            } else if has_ready && flights.is_empty() && committing.is_none() {
+                Duration::from_millis(50) // a partner without window room: look again soon
+            } else {
+                Duration::from_secs(5)
+            };
+            let no_flights = flights.is_empty();
             tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = self.wake.notify.notified() => refresh = true,
-                _ = tokio::time::sleep(wait) => refresh = true,
+                done = async {
+                    match committing.as_mut() {
+                        Some(handle) => handle.await.ok(),
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    committing = None;
+                    match done {
+                        Some((Ok(finished), batch)) => {
+                            for (p, n) in batch.release {
+                                if let Some(used) = outstanding.get_mut(&p) {
+                                    *used = used.saturating_sub(n);
+                                }
+                            }
+                            for id in batch.scheduled {
+                                scheduled_open.remove(&id);
+                            }
+                            tracing::debug!(messages = batch.step.outcomes.len(), "dispatch outcomes committed");
+                            for b in finished {
+                                tracing::info!(tenant = %b.tenant, batch = b.id, "every message of the batch is final");
+                                let _ = self.reports.send(b.id);
+                            }
+                        }
+                        Some((Err(e), batch)) => {
+                            tracing::error!(error = %e, "cannot commit dispatch outcomes; retrying");
+                            pending = merge(batch, pending);
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                        None => tracing::error!("dispatch commit task failed"),
+                    }
+                }
+                flight = flights.next(), if !no_flights => {
+                    if let Some(flight) = flight {
+                        self.land(flight, &mut pending);
+                    }
+                }
+                _ = self.wake.notify.notified(), if !stopping => refresh = true,
+                _ = shutdown.cancelled(), if !stopping => {}
+                _ = tokio::time::sleep(nap) => refresh = idle_since_fill,
             }
         }
     }
@@ -224,95 +373,95 @@ impl Dispatcher {
         self.store.blocking(f).await
     }
 
-    /// Sends one step's worth of messages. Returns whether there was anything to send.
-    async fn step(&self, rotation: &mut Rotation) -> Result<bool, StoreError> {
-        let t = now();
-        let due = self.blocking(move |s| s.due_scheduled(t, STEP / 4)).await?;
-        let budget = STEP - due.len();
-        let fresh = rotation.take(budget);
-        if due.is_empty() && fresh.is_empty() {
-            return Ok(false);
-        }
-        let mut step = DispatchCommit::default();
-        let mut cursors: HashMap<u64, u64> = HashMap::new();
-        for (batch, _, index) in &fresh {
-            let c = cursors.entry(*batch).or_default();
-            *c = (*c).max(index + 1);
-        }
-        step.cursors = cursors.into_iter().collect();
-        let picks = self.load(due, fresh).await?;
-
-        let mut by_partner: HashMap<String, Vec<usize>> = HashMap::new();
-        for (i, p) in picks.iter().enumerate() {
-            if let (Some(at), None) = (p.message.send_at, p.scheduled) {
-                if at > t {
-                    step.schedule.push((at, p.id));
-                    continue;
-                }
-            }
-            if let Some(due) = p.scheduled {
-                step.unschedule.push((due, p.id));
-            }
-            match self.config.route_for(&p.message.phone).and_then(|r| r.partners.first()) {
-                Some(partner) => by_partner.entry(partner.clone()).or_default().push(i),
-                None => step
-                    .outcomes
-                    .push((p.id, final_status(MessageStatus::Failed, "", "no_route", p.attempts, t))),
-            }
-        }
-        for (partner_id, indexes) in by_partner {
-            let Some(partner) = self.partners.get(&partner_id) else {
-                continue;
+    /// Hands `picks` to a partner; lands as a [`Flight`].
+    fn launch(&self, partner: Arc<dyn Partner>, partner_id: String, picks: Vec<Pick>) -> Landing {
+        let validity: HashMap<String, i64> = picks
+            .iter()
+            .map(|p| {
+                let secs = self
+                    .config
+                    .tenants
+                    .get(&p.tenant)
+                    .map(|c| c.validity.as_secs() as i64)
+                    .unwrap_or(48 * 3600);
+                (p.tenant.clone(), secs)
+            })
+            .collect();
+        Box::pin(async move {
+            let t = now();
+            let results = {
+                let outbound: Vec<Outbound<'_>> = picks
+                    .iter()
+                    .map(|p| Outbound {
+                        id: p.id,
+                        tenant: &p.tenant,
+                        batch: split_message_id(p.id).0,
+                        message: &p.message,
+                        valid_until: p.message.send_at.unwrap_or(t).max(t)
+                            + validity.get(&p.tenant).copied().unwrap_or(0),
+                    })
+                    .collect();
+                partner.submit(&outbound).await
             };
-            let outbound: Vec<Outbound<'_>> = indexes
-                .iter()
-                .map(|&i| Outbound {
-                    id: picks[i].id,
-                    tenant: &picks[i].tenant,
-                    batch: split_message_id(picks[i].id).0,
-                    message: &picks[i].message,
-                    valid_until: picks[i].message.send_at.unwrap_or(t).max(t)
-                        + self
-                            .config
-                            .tenants
-                            .get(&picks[i].tenant)
-                            .map(|c| c.validity.as_secs() as i64)
-                            .unwrap_or(48 * 3600),
+            Flight {
+                partner: partner_id,
+                picks,
+                results,
+            }
+        })
+    }
+
+    /// Turns a partner's answers into outcomes waiting for commit.
+    fn land(&self, flight: Flight, pending: &mut Pending) {
+        let done = now();
+        let partner_id = flight.partner;
+        *pending.release.entry(partner_id.clone()).or_default() += flight.picks.len();
+        let mut results = flight.results.into_iter();
+        for p in flight.picks {
+            let result = results.next().unwrap_or_else(|| {
+                Err(PartnerError::Transient {
+                    detail: "no answer from the partner".into(),
                 })
-                .collect();
-            let results = partner.submit(&outbound).await;
-            let done = now();
-            for (&i, result) in indexes.iter().zip(results) {
-                let p = &picks[i];
-                let attempts = p.attempts + 1;
-                let status = match result {
-                    Ok(Submitted::Delivered { partner_id: pid }) => StatusRecord {
-                        status: MessageStatus::Delivered,
-                        partner: partner_id.clone(),
-                        partner_id: pid,
-                        submitted_at: Some(done),
-                        done_at: Some(done),
-                        error: String::new(),
-                        attempts,
-                    },
-                    Ok(Submitted::Accepted { partner_id: pid }) => StatusRecord {
-                        status: MessageStatus::Submitted,
-                        partner: partner_id.clone(),
-                        partner_id: pid,
-                        submitted_at: Some(done),
-                        done_at: None,
-                        error: String::new(),
-                        attempts,
-                    },
-                    Err(PartnerError::Permanent { detail }) => {
-                        final_status(MessageStatus::Rejected, &partner_id, &detail, attempts, done)
-                    }
-                    Err(PartnerError::Transient { detail }) if attempts >= MAX_ATTEMPTS => {
-                        final_status(MessageStatus::Failed, &partner_id, &detail, attempts, done)
-                    }
-                    Err(PartnerError::Transient { detail }) => {
-                        let delay = (30i64 << attempts.min(7)).min(3600);
-                        step.schedule.push((done + delay, p.id));
+            });
+            let attempts = p.attempts + 1;
+            let validity = self
+                .config
+                .tenants
+                .get(&p.tenant)
+                .map(|c| c.validity.as_secs() as i64)
+                .unwrap_or(48 * 3600);
+            let valid_until = p.message.send_at.unwrap_or(done).min(done) + validity;
+            let status = match result {
+                Ok(Submitted::Delivered { partner_id: pid }) => StatusRecord {
+                    status: MessageStatus::Delivered,
+                    partner: partner_id.clone(),
+                    partner_id: pid,
+                    submitted_at: Some(done),
+                    done_at: Some(done),
+                    error: String::new(),
+                    attempts,
+                },
+                Ok(Submitted::Accepted { partner_id: pid }) => StatusRecord {
+                    status: MessageStatus::Submitted,
+                    partner: partner_id.clone(),
+                    partner_id: pid,
+                    submitted_at: Some(done),
+                    done_at: None,
+                    error: String::new(),
+                    attempts,
+                },
+                Err(PartnerError::Permanent { detail }) => {
+                    final_status(MessageStatus::Rejected, &partner_id, &detail, attempts, done)
+                }
+                Err(PartnerError::Transient { detail }) if attempts >= MAX_ATTEMPTS => {
+                    final_status(MessageStatus::Failed, &partner_id, &detail, attempts, done)
+                }
+                Err(PartnerError::Transient { detail }) => {
+                    let delay = (5i64 << attempts.min(7)).min(600);
+                    if done + delay > valid_until {
+                        final_status(MessageStatus::Expired, &partner_id, &detail, attempts, done)
+                    } else {
+                        pending.step.schedule.push((done + delay, p.id));
                         tracing::debug!(message = p.id, partner = %partner_id, attempts, "transient failure: {detail}");
                         let mut s = StatusRecord::queued();
                         s.partner = partner_id.clone();
@@ -320,22 +469,94 @@ impl Dispatcher {
                         s.attempts = attempts;
                         s
                     }
-                };
-                step.outcomes.push((p.id, status));
-            }
+                }
+            };
+            pending.step.outcomes.push((p.id, status));
+            self.settle(&p, pending);
         }
-        let count = step.outcomes.len();
-        let finished = self.blocking(move |s| s.commit_dispatch(&step, now())).await?;
-        tracing::debug!(messages = count, "dispatch step committed");
-        for b in finished {
-            tracing::info!(tenant = %b.tenant, batch = b.id, "every message of the batch is final");
-            let _ = self.reports.send(b.id);
-        }
-        Ok(true)
     }
 
-    /// Reads the picked messages from their chunks.
-    async fn load(&self, due: Vec<(i64, u64)>, fresh: Vec<(u64, String, u64)>) -> Result<Vec<Pick>, StoreError> {
+    /// Marks a pick as settled by the next commit.
+    fn settle(&self, p: &Pick, pending: &mut Pending) {
+        match p.scheduled {
+            Some(due) => {
+                pending.step.unschedule.push((due, p.id));
+                pending.scheduled.push(p.id);
+            }
+            None => pending.settled.push(split_message_id(p.id)),
+        }
+    }
+
+    /// Takes due and fresh messages into the per-partner queues. Returns how many were taken.
+    #[allow(clippy::too_many_arguments)]
+    async fn fill(
+        &self,
+        rotation: &mut Rotation,
+        taken: &mut HashMap<u64, u64>,
+        open: &mut HashMap<u64, std::collections::BTreeSet<u64>>,
+        scheduled_open: &mut std::collections::HashSet<u64>,
+        ready: &mut HashMap<String, VecDeque<Pick>>,
+        pending: &mut Pending,
+        room: usize,
+    ) -> Result<usize, StoreError> {
+        let t = now();
+        let skip: Vec<u64> = scheduled_open.iter().copied().collect();
+        let due: Vec<(i64, u64)> = self
+            .blocking(move |s| s.due_scheduled(t, room / 4 + skip.len()))
+            .await?
+            .into_iter()
+            .filter(|(_, id)| !scheduled_open.contains(id))
+            .take(room / 4)
+            .collect();
+        let fresh = rotation.take(room - due.len());
+        if due.is_empty() && fresh.is_empty() {
+            return Ok(0);
+        }
+        for (batch, _, index) in &fresh {
+            let c = taken.entry(*batch).or_default();
+            *c = (*c).max(index + 1);
+            open.entry(*batch).or_default().insert(*index);
+        }
+        for (_, id) in &due {
+            scheduled_open.insert(*id);
+        }
+        let n = due.len() + fresh.len();
+        let (picks, already) = self.load(due, fresh).await?;
+        // Fresh messages that already have a status were handled before a restart.
+        for id in already {
+            pending.settled.push(split_message_id(id));
+        }
+        for p in picks {
+            if let (Some(at), None) = (p.message.send_at, p.scheduled) {
+                if at > t {
+                    pending.step.schedule.push((at, p.id));
+                    self.settle(&p, pending);
+                    continue;
+                }
+            }
+            match self.config.route_for(&p.message.phone).and_then(|r| r.partners.first()) {
+                Some(partner) if self.partners.contains_key(partner) => {
+                    ready.entry(partner.clone()).or_default().push_back(p);
+                }
+                _ => {
+                    pending
+                        .step
+                        .outcomes
+                        .push((p.id, final_status(MessageStatus::Failed, "", "no_route", p.attempts, t)));
+                    self.settle(&p, pending);
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Reads the picked messages from their chunks; fresh ones that already have a status are
+    /// returned apart.
+    async fn load(
+        &self,
+        due: Vec<(i64, u64)>,
+        fresh: Vec<(u64, String, u64)>,
+    ) -> Result<(Vec<Pick>, Vec<u64>), StoreError> {
         self.blocking(move |store| {
             let mut chunks: HashMap<(u64, u32), Arc<Vec<StoredMessage>>> = HashMap::new();
             let mut tenants: HashMap<u64, Option<String>> = HashMap::new();
@@ -353,7 +574,15 @@ impl Dispatcher {
                     wanted.push((batch, tenant, index, Some(at)));
                 }
             }
-            wanted.extend(fresh.into_iter().map(|(b, t, i)| (b, t, i, None)));
+            let fresh_ids: Vec<u64> = fresh.iter().map(|(b, _, i)| message_id(*b, *i)).collect();
+            let recorded = store.recorded(&fresh_ids)?;
+            let already: Vec<u64> = fresh_ids.iter().copied().filter(|id| recorded.contains(id)).collect();
+            wanted.extend(
+                fresh
+                    .into_iter()
+                    .filter(|(b, _, i)| !recorded.contains(&message_id(*b, *i)))
+                    .map(|(b, t, i)| (b, t, i, None)),
+            );
             for (batch, tenant, index, scheduled) in wanted {
                 let chunk_no = (index / CHUNK_MESSAGES) as u32;
                 let chunk = match chunks.get(&(batch, chunk_no)) {
@@ -386,10 +615,24 @@ impl Dispatcher {
                     attempts,
                 });
             }
-            Ok(picks)
+            Ok((picks, already))
         })
         .await
     }
+}
+
+/// Outcomes of a failed commit, put back before newer ones.
+fn merge(mut older: Pending, newer: Pending) -> Pending {
+    older.step.outcomes.extend(newer.step.outcomes);
+    older.step.schedule.extend(newer.step.schedule);
+    older.step.unschedule.extend(newer.step.unschedule);
+    older.step.cursors.clear();
+    for (p, n) in newer.release {
+        *older.release.entry(p).or_default() += n;
+    }
+    older.settled.extend(newer.settled);
+    older.scheduled.extend(newer.scheduled);
+    older
 }
 
 /// Makes partners' receipts durable, then lets the partner acknowledge them.

@@ -43,6 +43,15 @@ pub trait Partner: Send + Sync {
     /// The partner's id in the configuration.
     fn id(&self) -> &str;
 
+    /// Messages that may be with the partner and not yet recorded as sent: after a crash, at
+    /// most this many are sent again.
+    fn window(&self) -> usize;
+
+    /// Messages handed over in one `submit` call.
+    fn batch_size(&self) -> usize {
+        1
+    }
+
     /// Submits messages; answers one result per message, in order. A partner must not answer
     /// `Accepted` or `Delivered` before the message is really out of smsdrop's hands.
     fn submit<'a>(&'a self, messages: &'a [Outbound<'a>]) -> SubmitFuture<'a>;

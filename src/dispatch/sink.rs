@@ -46,6 +46,14 @@ impl Partner for SinkPartner {
         &self.id
     }
 
+    fn window(&self) -> usize {
+        1024
+    }
+
+    fn batch_size(&self) -> usize {
+        1024
+    }
+
     fn submit<'a>(&'a self, messages: &'a [Outbound<'a>]) -> SubmitFuture<'a> {
         let mut lines = Vec::with_capacity(messages.len() * 200);
         for m in messages {

@@ -474,6 +474,10 @@ impl Partner for SmppPartner {
         &self.id
     }
 
+    fn window(&self) -> usize {
+        self.cfg.window
+    }
+
     fn submit<'a>(&'a self, messages: &'a [Outbound<'a>]) -> SubmitFuture<'a> {
         Box::pin(async move { futures_util::future::join_all(messages.iter().map(|m| self.send(m))).await })
     }

@@ -679,6 +679,19 @@ impl Store {
         Ok(out)
     }
 
+    /// Which of these messages have a status on record.
+    pub fn recorded(&self, ids: &[u64]) -> Result<HashSet<u64>> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(STATUSES)?;
+        let mut out = HashSet::new();
+        for id in ids {
+            if table.get(*id)?.is_some() {
+                out.insert(*id);
+            }
+        }
+        Ok(out)
+    }
+
     /// Scheduled messages due at `now` or before, oldest first.
     pub fn due_scheduled(&self, now: i64, limit: usize) -> Result<Vec<(i64, u64)>> {
         let tx = self.db.begin_read()?;

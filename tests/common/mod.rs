@@ -223,8 +223,10 @@ impl Appliance {
 
     /// What the sink partner wrote, one JSON object per message.
     pub fn sink(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self.path("sink.jsonl"))
-            .unwrap_or_default()
+        let text = std::fs::read_to_string(self.path("sink.jsonl")).unwrap_or_default();
+        // Only whole lines: the sink may be writing the next ones as we read.
+        let whole = text.rfind('\n').map(|end| &text[..=end]).unwrap_or("");
+        whole
             .lines()
             .map(|l| serde_json::from_str(l).expect("sink line is JSON"))
             .collect()

@@ -38,6 +38,7 @@ test: test-deps lint
 bench: test-deps
 	$(CARGO) bench --locked --bench ingest
 	$(CARGO) bench --locked --bench sftp
+	$(CARGO) bench --locked --bench dispatch
 
 clean-demo:
 	rm -rf var

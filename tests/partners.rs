@@ -131,3 +131,19 @@ fn a_wrong_password_is_refused_and_retried_not_lost() {
     assert!(status.contains("wait.csv"), "{status}");
     assert!(smsc.of("submit").is_empty());
 }
+
+#[test]
+fn thousands_of_messages_flow_through_the_window() {
+    let dir = tempfile::tempdir().expect("dir");
+    let smsc = Smsc::start(dir.path(), &[]);
+    let mut app = with_smsc(&smsc, "");
+    app.start();
+    let mut csv = String::from("phone;message\n");
+    for i in 0..3000 {
+        csv.push_str(&format!("0612{:06};message {i}\n", i * 10));
+    }
+    app.drop_file("acme", "many.csv", csv.as_bytes());
+    let report = app.final_report("acme", "many", 3000);
+    assert!(report[1..].iter().all(|r| r[4] == "delivered"));
+    assert_eq!(smsc.of("submit").len(), 3000, "each sent once");
+}

@@ -16,6 +16,9 @@
 //   SMSC_DROP_AFTER                close the TCP connection (once) after this many submit_sm,
 //                                  without answering the last ones
 //   SMSC_RECEIPT_DELAY_MS          receipts this long after the response (default 5)
+//   SMSC_QUIET                     1: log no submit, receipt or message line, only
+//                                  {"ev":"tick","n","t"} every SMSC_TICK (1000) submit_sm
+//                                  (for the benchmark: the log costs the SMSC time)
 // Behaviour by destination number (its last four digits):
 //   ...0401  ESME_RSUBMITFAIL (0x45)         ...0402  receipt UNDELIV
 //   ...0403  receipt EXPIRED                 ...0404  ESME_RINVDSTADR (0x0B)
@@ -41,8 +44,11 @@ const throttleTps = Number(env.SMSC_THROTTLE_TPS || 0);
 const delayMs = Number(env.SMSC_DELAY_MS || 0);
 let dropAfter = Number(env.SMSC_DROP_AFTER || 0);
 const receiptDelay = Number(env.SMSC_RECEIPT_DELAY_MS || 5);
+const quiet = env.SMSC_QUIET === "1";
+const tick = Number(env.SMSC_TICK || 1000);
 
 function write(obj) {
+  if (quiet && obj.ev !== "tick" && obj.ev !== "listening" && obj.ev !== "bind" && obj.ev !== "drop") return;
   fs.writeSync(log, JSON.stringify(obj) + "\n");
 }
 
@@ -144,6 +150,7 @@ const server = smpp.createServer({ debug: false }, (session) => {
       return;
     }
     submits += 1;
+    if (submits % tick === 0) write({ ev: "tick", n: submits, t: Date.now() });
     if (dropAfter > 0 && submits >= dropAfter) {
       dropAfter = 0;
       write({ ev: "drop", submits });

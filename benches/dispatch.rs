@@ -1,0 +1,189 @@
+//! `make bench`, dispatch part: 100,000 queued messages through one SMPP bind with `window = 50`
+//! to the loopback SMSC (tests/peers/smsc.js, quiet), beside a bare rusmppc client sending the
+//! same messages with the same window to a fresh SMSC in the same run. Rates are measured at the
+//! SMSC (submit_sm per second between its first and last 1,000-submit tick). Then the `tps` cap:
+//! smsdrop with `tps = 1000` for a minute, the rate measured over that minute.
+//! `SMSDROP_BENCH_MESSAGES` and `SMSDROP_BENCH_TPS_SECS` shrink it.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Appliance, Smsc, tenant};
+use futures_util::StreamExt;
+use rusmpp::pdus::{BindTransceiver, DeliverSmResp, SubmitSm};
+use rusmpp::types::{COctetString, OctetString};
+use rusmpp::values::{EsmClass, InterfaceVersion, Npi, RegisteredDelivery, ServiceType, Ton};
+use rusmpp::{Command, Pdu};
+use rusmppc::{ConnectionBuilder, Event};
+
+const WINDOW: usize = 50;
+
+fn number(i: usize) -> String {
+    // 06 12 xx xx x0: valid French mobiles, never one of the SMSC's special endings (…040x)
+    format!("0612{:06}", i * 10 % 1_000_000 + i / 100_000)
+}
+
+/// Submits per second at the SMSC between its first and last tick, once `n` were seen.
+fn smsc_rate(smsc: &Smsc, n: usize, timeout: Duration) -> f64 {
+    let ticks = smsc.wait("tick", n / 1000, timeout);
+    let first = &ticks[0];
+    let last = &ticks[ticks.len() - 1];
+    let count = (last["n"].as_f64().unwrap_or(0.0) - first["n"].as_f64().unwrap_or(0.0)).max(1.0);
+    let ms = (last["t"].as_f64().unwrap_or(0.0) - first["t"].as_f64().unwrap_or(0.0)).max(1.0);
+    count * 1000.0 / ms
+}
+
+fn bare_client(port: u16, n: usize) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let (client, mut events) = ConnectionBuilder::new()
+            .enable_auto_enquire_link_response()
+            .disable_interface_version_check()
+            .response_timeout(Duration::from_secs(30))
+            .connect(format!("smpp://127.0.0.1:{port}"))
+            .await
+            .expect("connect");
+        client
+            .bind_transceiver(
+                BindTransceiver::builder()
+                    .system_id(COctetString::from_str("smsdrop").expect("id"))
+                    .password(COctetString::from_str("secret").expect("pw"))
+                    .interface_version(InterfaceVersion::Smpp3_4)
+                    .build(),
+            )
+            .await
+            .expect("bind");
+        let rx = client.clone();
+        tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                if let Event::Incoming(command) = event {
+                    let command: Command = command;
+                    if let Some(Pdu::DeliverSm(_)) = command.pdu() {
+                        let _ = rx
+                            .deliver_sm_resp(command.sequence_number(), DeliverSmResp::default())
+                            .await;
+                    }
+                }
+            }
+        });
+        let window = Arc::new(tokio::sync::Semaphore::new(WINDOW));
+        let mut tasks = Vec::with_capacity(n);
+        for i in 0..n {
+            let permit = window.clone().acquire_owned().await.expect("permit");
+            let client = client.clone();
+            let to = format!("33{}", &number(i)[1..]);
+            tasks.push(tokio::spawn(async move {
+                let pdu = SubmitSm::builder()
+                    .service_type(ServiceType::default())
+                    .source_addr_ton(Ton::Alphanumeric)
+                    .source_addr_npi(Npi::Unknown)
+                    .source_addr(COctetString::from_str("ACME").expect("from"))
+                    .dest_addr_ton(Ton::International)
+                    .dest_addr_npi(Npi::Isdn)
+                    .destination_addr(COctetString::from_str(&to).expect("to"))
+                    .esm_class(EsmClass::default())
+                    .registered_delivery(RegisteredDelivery::from(1))
+                    .short_message(OctetString::from_str(&format!("Bench message {i}")).expect("text"))
+                    .build();
+                let r = client.submit_sm(pdu).await;
+                drop(permit);
+                r.is_ok()
+            }));
+        }
+        let mut ok = 0;
+        for t in tasks {
+            if t.await.unwrap_or(false) {
+                ok += 1;
+            }
+        }
+        assert_eq!(ok, n, "the bare client got every submit_sm answered");
+        let _ = client.unbind().await;
+        let _ = client.close().await;
+    });
+}
+
+fn smsdrop_run(dir: &std::path::Path, n: usize, extra: &str, quiet: bool) -> (Smsc, Appliance) {
+    let env: Vec<(&str, &str)> = if quiet { vec![("SMSC_QUIET", "1")] } else { vec![] };
+    let smsc = Smsc::start(dir, &env);
+    let mut app = Appliance::new(&format!(
+        "{}\n[partner.smsc]\nkind = \"smpp\"\naddress = \"127.0.0.1:{}\"\nsystem_id = \"smsdrop\"\npassword_file = \"smsc.secret\"\nwindow = {WINDOW}\n{extra}\n[[route]]\nprefix = \"+33\"\npartners = [\"smsc\"]\n",
+        tenant("acme", "max_lines = 2000000"),
+        smsc.port
+    ));
+    std::fs::write(app.path("smsc.secret"), "secret\n").expect("secret");
+    let mut csv = String::with_capacity(n * 40);
+    csv.push_str("phone;message\n");
+    for i in 0..n {
+        csv.push_str(&format!("{};Bench message {i}\n", number(i)));
+    }
+    let staging = app.path("bench.csv");
+    std::fs::write(&staging, csv).expect("batch");
+    app.start();
+    std::fs::rename(&staging, app.inbox("acme").join("bench.csv")).expect("drop");
+    (smsc, app)
+}
+
+fn main() {
+    let n: usize = std::env::var("SMSDROP_BENCH_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let tps_secs: u64 = std::env::var("SMSDROP_BENCH_TPS_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
+    let dir = tempfile::tempdir().expect("dir");
+
+    let smsc = Smsc::start(dir.path(), &[("SMSC_QUIET", "1")]);
+    let started = Instant::now();
+    bare_client(smsc.port, n);
+    let bare_wall = started.elapsed();
+    let bare = smsc_rate(&smsc, n, Duration::from_secs(30));
+    drop(smsc);
+
+    let (smsc, app) = smsdrop_run(dir.path(), n, "", true);
+    let ours = smsc_rate(&smsc, n, Duration::from_secs(600));
+    let rss = common::peak_rss_kib(app.pid()) as f64 / 1024.0;
+    drop(app);
+    drop(smsc);
+
+    println!("dispatch benchmark: {n} messages, one bind, window {WINDOW}, loopback SMSC (npm smpp), rate at the SMSC");
+    println!("{:<28} {:>12}", "sender", "submit_sm/s");
+    println!(
+        "{:<28} {:>12.0}   (wall {:.1} s)",
+        "bare rusmppc client",
+        bare,
+        bare_wall.as_secs_f64()
+    );
+    println!(
+        "{:<28} {:>12.0}   ({:.0}% of bare; target >= 90%)",
+        "smsdrop dispatcher",
+        ours,
+        ours * 100.0 / bare
+    );
+    println!("smsdrop serve peak RSS: {rss:.1} MiB");
+
+    // The tps cap over a minute.
+    let cap = 1000u64;
+    let messages = (cap * (tps_secs + 5)) as usize;
+    let (smsc, app) = smsdrop_run(dir.path(), messages, &format!("tps = {cap}\n"), true);
+    let ticks = smsc.wait("tick", 1, Duration::from_secs(60));
+    let t0 = ticks[0]["t"].as_f64().unwrap_or(0.0);
+    let n0 = ticks[0]["n"].as_f64().unwrap_or(0.0);
+    std::thread::sleep(Duration::from_secs(tps_secs));
+    let ticks = smsc.of("tick");
+    let last = &ticks[ticks.len() - 1];
+    let rate = (last["n"].as_f64().unwrap_or(0.0) - n0) * 1000.0 / (last["t"].as_f64().unwrap_or(0.0) - t0).max(1.0);
+    drop(app);
+    println!(
+        "tps cap {cap}/s over {tps_secs} s: measured {rate:.1}/s ({:+.2}% of the cap; target within 2%)",
+        (rate - cap as f64) * 100.0 / cap as f64
+    );
+}

@@ -162,18 +162,13 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     }
     {
         let (incoming_tx, incoming_rx) = mpsc::unbounded_channel();
-        let receipts = dispatch::ReceiptWriter {
-            store: store.clone(),
-            reports: reports_tx.clone(),
-            incoming: incoming_rx,
-        };
-        tracker.spawn(receipts.run(workers.clone()));
         let dispatcher = Dispatcher {
             store: store.clone(),
             config: config.clone(),
             partners: dispatch::build_partners(&config, &incoming_tx, &tracker, &workers),
             wake: wake.clone(),
             reports: reports_tx,
+            incoming: incoming_rx,
         };
         tracker.spawn(dispatcher.run(workers.clone()));
     }

@@ -155,6 +155,8 @@ pub struct Dispatcher {
     /// Poked when batches change.
     pub wake: Arc<Signal>,
     pub reports: ReportRequests,
+    /// Receipts from partners, committed with the dispatch outcomes.
+    pub incoming: tokio::sync::mpsc::UnboundedReceiver<smpp::Inbound>,
 }
 
 fn now() -> i64 {
@@ -188,6 +190,8 @@ struct Pending {
     settled: Vec<(u64, u64)>,
     /// Scheduled message ids this settles.
     scheduled: Vec<u64>,
+    /// Partners wait for these to be durable before acknowledging the receipts.
+    acks: Vec<tokio::sync::oneshot::Sender<bool>>,
 }
 
 impl Pending {
@@ -196,6 +200,7 @@ impl Pending {
             && self.step.schedule.is_empty()
             && self.step.unschedule.is_empty()
             && self.settled.is_empty()
+            && self.step.receipts.is_empty()
     }
 }
 
@@ -210,7 +215,7 @@ impl Dispatcher {
     /// to their partner within its window, and their outcomes committed in groups. A partner's
     /// window slot comes back only when the outcome is durable, so after a crash at most
     /// `window` messages per partner were sent and not recorded (and are sent again).
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(mut self, shutdown: CancellationToken) {
         use futures_util::StreamExt;
         let mut rotation = Rotation::default();
         let mut refresh = true;
@@ -250,7 +255,7 @@ impl Dispatcher {
             }
             // Read ahead.
             let queued: usize = ready.values().map(VecDeque::len).sum();
-            if !stopping && queued < READY_MAX / 2 {
+            if !stopping && queued < READY_MAX / 8 {
                 match self
                     .fill(
                         &mut rotation,
@@ -332,6 +337,9 @@ impl Dispatcher {
                     committing = None;
                     match done {
                         Some((Ok(finished), batch)) => {
+                            for ack in batch.acks {
+                                let _ = ack.send(true);
+                            }
                             for (p, n) in batch.release {
                                 if let Some(used) = outstanding.get_mut(&p) {
                                     *used = used.saturating_sub(n);
@@ -346,12 +354,27 @@ impl Dispatcher {
                                 let _ = self.reports.send(b.id);
                             }
                         }
-                        Some((Err(e), batch)) => {
+                        Some((Err(e), mut batch)) => {
                             tracing::error!(error = %e, "cannot commit dispatch outcomes; retrying");
+                            // Receipts are refused: the partner sends them again.
+                            for ack in batch.acks.drain(..) {
+                                let _ = ack.send(false);
+                            }
+                            batch.step.receipts.clear();
                             pending = merge(batch, pending);
                             tokio::time::sleep(Duration::from_millis(500)).await;
                         }
                         None => tracing::error!("dispatch commit task failed"),
+                    }
+                }
+                inbound = self.incoming.recv() => {
+                    if let Some(first) = inbound {
+                        pending.step.receipts.push((first.partner, first.receipt));
+                        pending.acks.push(first.ack);
+                        while let Ok(more) = self.incoming.try_recv() {
+                            pending.step.receipts.push((more.partner, more.receipt));
+                            pending.acks.push(more.ack);
+                        }
                     }
                 }
                 flight = flights.next(), if !no_flights => {
@@ -632,63 +655,9 @@ fn merge(mut older: Pending, newer: Pending) -> Pending {
     }
     older.settled.extend(newer.settled);
     older.scheduled.extend(newer.scheduled);
+    older.step.receipts.extend(newer.step.receipts);
+    older.acks.extend(newer.acks);
     older
-}
-
-/// Makes partners' receipts durable, then lets the partner acknowledge them.
-pub struct ReceiptWriter {
-    pub store: Store,
-    pub reports: ReportRequests,
-    pub incoming: tokio::sync::mpsc::UnboundedReceiver<smpp::Inbound>,
-}
-
-impl ReceiptWriter {
-    pub async fn run(mut self, shutdown: CancellationToken) {
-        loop {
-            let first = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                r = self.incoming.recv() => match r {
-                    Some(r) => r,
-                    None => break,
-                },
-            };
-            let mut group = vec![first];
-            while group.len() < 1024 {
-                match self.incoming.try_recv() {
-                    Ok(r) => group.push(r),
-                    Err(_) => break,
-                }
-            }
-            let mut by_partner: HashMap<String, Vec<smpp::Inbound>> = HashMap::new();
-            for r in group {
-                by_partner.entry(r.partner.clone()).or_default().push(r);
-            }
-            for (partner, inbound) in by_partner {
-                let receipts: Vec<receipt::Receipt> = inbound.iter().map(|i| i.receipt.clone()).collect();
-                let n = receipts.len();
-                let result = self
-                    .store
-                    .blocking(move |s| s.apply_receipts(&partner, &receipts, now()))
-                    .await;
-                let durable = match result {
-                    Ok(done) => {
-                        for b in done {
-                            tracing::info!(tenant = %b.tenant, batch = b.id, "every message of the batch is final");
-                            let _ = self.reports.send(b.id);
-                        }
-                        true
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, receipts = n, "cannot record receipts; the partner will send them again");
-                        false
-                    }
-                };
-                for i in inbound {
-                    let _ = i.ack.send(durable);
-                }
-            }
-        }
-    }
 }
 
 fn final_status(status: MessageStatus, partner: &str, error: &str, attempts: u32, at: i64) -> StatusRecord {

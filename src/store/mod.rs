@@ -153,6 +153,8 @@ pub struct DispatchCommit {
     pub schedule: Vec<(i64, u64)>,
     /// Scheduled entries taken.
     pub unschedule: Vec<(i64, u64)>,
+    /// Delivery receipts: (partner, receipt), applied after the outcomes.
+    pub receipts: Vec<(String, crate::dispatch::receipt::Receipt)>,
 }
 
 fn key_text(key: &[u8]) -> String {
@@ -736,6 +738,9 @@ impl Store {
                 }
             }
             self.set_status(&tx, &mut touched, *id, &status)?;
+        }
+        for (partner, receipt) in &step.receipts {
+            self.apply_receipt(&tx, &mut touched, partner, receipt, now)?;
         }
         {
             let mut scheduled = tx.open_table(SCHEDULED)?;

@@ -1,9 +1,11 @@
 //! Delivery receipts: the partner ids of submitted messages, and receipts that came before the
 //! `submit_sm_resp` that names their id.
 //!
-//! Each part of a submitted message is indexed under every form its id may take in a receipt
-//! (`dispatch::receipt::id_forms`), by a keyed hash of partner ‖ form. A receipt that finds no
-//! entry is kept (sealed) as an early receipt; when the id is indexed later, it is applied then.
+//! Each part of a submitted message is indexed under its normalised id, by a keyed hash of
+//! partner ‖ id; a receipt is looked up under every form its id may stand for
+//! (`dispatch::receipt::id_forms`: as written, as hexadecimal, as decimal). A receipt that finds
+//! no entry is kept (sealed) as an early receipt; when a submitted id that it may stand for is
+//! indexed later, it is applied then.
 //! Either way it is durable before the partner gets its `deliver_sm_resp`.
 //!
 //! A long message is sent in parts, each with its own id and receipt: a part that fails makes
@@ -67,18 +69,17 @@ impl Store {
             let last = i + 1 == parts.len();
             let mut value = id.to_be_bytes().to_vec();
             value.push(u8::from(last));
-            for (n, form) in id_forms(part).iter().enumerate() {
-                let key = self.receipt_key(&status.partner, form);
-                // The id as written wins over another id's alternative form.
-                if n == 0 || index.get(key.as_slice())?.is_none() {
-                    index.insert(key.as_slice(), value.as_slice())?;
-                }
+            let primary = self.receipt_key(&status.partner, &normal_id(part));
+            index.insert(primary.as_slice(), value.as_slice())?;
+            for form in id_forms(part) {
+                let key = self.receipt_key(&status.partner, &form);
                 let found: Option<EarlyReceipt> = match early.get(key.as_slice())? {
                     Some(v) => Some(open_record(&keys, "early_receipts", &key, v.value())?),
                     None => None,
                 };
                 if let Some(r) = found {
                     early.remove(key.as_slice())?;
+                    index.remove(primary.as_slice())?;
                     if r.status != MessageStatus::Delivered || last {
                         outcome.get_or_insert(StatusRecord {
                             status: r.status,
@@ -97,16 +98,40 @@ impl Store {
     /// now finished.
     pub fn apply_receipts(&self, partner: &str, receipts: &[Receipt], now: i64) -> Result<Vec<BatchRecord>> {
         let tx = self.write(Durability::Immediate)?;
-        let keys = self.keys.system();
         let mut touched: HashMap<u64, BatchRecord> = HashMap::new();
         for r in receipts {
-            let Some(status) = r.status else { continue };
-            let key = self.receipt_key(partner, &normal_id(&r.id));
-            let hit = tx
-                .open_table(RECEIPT_IDS)?
-                .get(key.as_slice())?
-                .map(|v| v.value().to_vec());
-            let Some(hit) = hit else {
+            self.apply_receipt(&tx, &mut touched, partner, r, now)?;
+        }
+        let done = self.put_touched(&tx, touched, now)?;
+        tx.commit()?;
+        Ok(done)
+    }
+
+    /// Applies one receipt inside `tx`.
+    pub(super) fn apply_receipt(
+        &self,
+        tx: &WriteTransaction,
+        touched: &mut HashMap<u64, BatchRecord>,
+        partner: &str,
+        r: &Receipt,
+        now: i64,
+    ) -> Result<()> {
+        let keys = self.keys.system();
+        {
+            let Some(status) = r.status else { return Ok(()) };
+            let mut found = None;
+            {
+                let index = tx.open_table(RECEIPT_IDS)?;
+                for form in id_forms(&r.id) {
+                    let key = self.receipt_key(partner, &form);
+                    if let Some(v) = index.get(key.as_slice())? {
+                        found = Some((key, v.value().to_vec()));
+                        break;
+                    }
+                }
+            }
+            let Some((key, hit)) = found else {
+                let key = self.receipt_key(partner, &normal_id(&r.id));
                 let early = EarlyReceipt {
                     status,
                     detail: detail(r),
@@ -116,33 +141,35 @@ impl Store {
                     key.as_slice(),
                     keys.seal("early_receipts", &key, &encode(&early)).as_slice(),
                 )?;
-                continue;
+                return Ok(());
             };
             let (Some(id), Some(&last)) = (
                 hit.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes),
                 hit.get(8),
             ) else {
-                continue;
+                return Ok(());
             };
             if status == MessageStatus::Delivered && last == 0 {
-                continue; // an early part arrived; the last one decides
+                return Ok(()); // an early part arrived; the last one decides
             }
             let (batch_id, _) = crate::store::records::split_message_id(id);
-            let Some(tenant) = self.batch_in(&tx, batch_id).ok().map(|b| b.tenant) else {
-                continue;
+            let tenant = match touched.get(&batch_id) {
+                Some(b) => Some(b.tenant.clone()),
+                None => self.batch_in(tx, batch_id).ok().map(|b| b.tenant),
             };
-            let previous = self.status_in(&tx, &tenant, id)?.unwrap_or_else(StatusRecord::queued);
+            let Some(tenant) = tenant else {
+                return Ok(());
+            };
+            let previous = self.status_in(tx, &tenant, id)?.unwrap_or_else(StatusRecord::queued);
             let record = StatusRecord {
                 status,
                 done_at: Some(now),
                 error: detail(r),
                 ..previous
             };
-            self.set_status(&tx, &mut touched, id, &record)?;
+            self.set_status(tx, touched, id, &record)?;
             tx.open_table(RECEIPT_IDS)?.remove(key.as_slice())?;
         }
-        let done = self.put_touched(&tx, touched, now)?;
-        tx.commit()?;
-        Ok(done)
+        Ok(())
     }
 }

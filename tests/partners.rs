@@ -147,3 +147,30 @@ fn thousands_of_messages_flow_through_the_window() {
     assert!(report[1..].iter().all(|r| r[4] == "delivered"));
     assert_eq!(smsc.of("submit").len(), 3000, "each sent once");
 }
+
+#[test]
+fn sigkill_mid_dispatch_resends_at_most_the_window() {
+    let dir = tempfile::tempdir().expect("dir");
+    let smsc = Smsc::start(dir.path(), &[]);
+    let mut app = with_smsc(&smsc, "");
+    let n = 20_000;
+    let mut csv = String::from("phone;message\n");
+    for i in 0..n {
+        csv.push_str(&format!("0612{:06};message {i}\n", i * 10));
+    }
+    app.start();
+    app.drop_file("acme", "crash.csv", csv.as_bytes());
+    app.result("acme", "crash");
+    smsc.wait("submit", 2000, Duration::from_secs(60));
+    app.kill();
+    let before = smsc.of("submit").len();
+    assert!(before < n, "the kill came mid-dispatch");
+    app.start();
+    let report = app.final_report("acme", "crash", n);
+    assert!(report[1..].iter().all(|r| r[4] == "delivered"), "nothing lost");
+    let submits = smsc.of("submit");
+    let distinct: std::collections::HashSet<&str> = submits.iter().filter_map(|s| s["to"].as_str()).collect();
+    assert_eq!(distinct.len(), n, "every message reached the SMSC");
+    let twice = submits.len() - n;
+    assert!(twice <= 10, "at most `window` (10) sent twice, not {twice}");
+}

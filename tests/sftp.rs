@@ -32,6 +32,16 @@ fn door(extra_tenant: &str) -> Door {
     Door { app, port, key }
 }
 
+/// An interactive `sftp` session of acme, held open by a stdin that stays open.
+fn hold_session(d: &Door) -> std::process::Child {
+    common::sftp_command(d.port, &d.key, "acme", None, &[])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("sftp")
+}
+
 #[test]
 fn upload_then_download_and_delete_the_result() {
     let mut d = door("");
@@ -481,12 +491,7 @@ fn every_refusal_is_an_audit_event_and_a_mail() {
             .success()
     );
     assert!(!sftp_batch(d.port, &filed_key, "locked", "ls /\n").status.success());
-    let mut held = common::sftp_command(d.port, &d.key, "acme", None, &[])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("sftp");
+    let mut held = hold_session(&d);
     d.app.wait_audit("sftp.login", &[]);
     assert!(
         !sftp_batch(d.port, &d.key, "acme", "ls /\n").status.success(),
@@ -669,13 +674,7 @@ fn silent_connections_meet_the_login_deadline() {
 fn sessions_beyond_max_sessions_are_refused() {
     let mut d = door("max_sessions = 1");
     d.app.start();
-    // an interactive session held open by a stdin that stays open
-    let mut held = common::sftp_command(d.port, &d.key, "acme", None, &[])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("sftp");
+    let mut held = hold_session(&d);
     wait_for("first session in", Duration::from_secs(10), || {
         d.app.log().contains("SFTP login peer")
     });

@@ -396,19 +396,20 @@ impl Dispatcher {
         self.store.blocking(f).await
     }
 
+    /// A tenant's `validity`, in seconds.
+    fn validity_secs(&self, tenant: &str) -> i64 {
+        self.config
+            .tenants
+            .get(tenant)
+            .map(|c| c.validity.as_secs() as i64)
+            .unwrap_or(48 * 3600)
+    }
+
     /// Hands `picks` to a partner; lands as a [`Flight`].
     fn launch(&self, partner: Arc<dyn Partner>, partner_id: String, picks: Vec<Pick>) -> Landing {
         let validity: HashMap<String, i64> = picks
             .iter()
-            .map(|p| {
-                let secs = self
-                    .config
-                    .tenants
-                    .get(&p.tenant)
-                    .map(|c| c.validity.as_secs() as i64)
-                    .unwrap_or(48 * 3600);
-                (p.tenant.clone(), secs)
-            })
+            .map(|p| (p.tenant.clone(), self.validity_secs(&p.tenant)))
             .collect();
         Box::pin(async move {
             let t = now();
@@ -447,12 +448,7 @@ impl Dispatcher {
                 })
             });
             let attempts = p.attempts + 1;
-            let validity = self
-                .config
-                .tenants
-                .get(&p.tenant)
-                .map(|c| c.validity.as_secs() as i64)
-                .unwrap_or(48 * 3600);
+            let validity = self.validity_secs(&p.tenant);
             let valid_until = p.message.send_at.unwrap_or(done).min(done) + validity;
             let status = match result {
                 Ok(Submitted::Delivered { partner_id: pid }) => StatusRecord {

@@ -52,6 +52,14 @@ pub struct SmppPartner {
     incoming: mpsc::UnboundedSender<Inbound>,
 }
 
+/// What a connection binds as.
+#[derive(Debug, Clone, Copy)]
+enum Role {
+    Transceiver,
+    Transmitter,
+    Receiver,
+}
+
 fn now_ms() -> u64 {
     jiff::Timestamp::now().as_millisecond().max(0) as u64
 }
@@ -123,7 +131,8 @@ impl SmppPartner {
         }
     }
 
-    async fn connect(&self) -> Result<(Client, impl futures_util::Stream<Item = Event> + Unpin), String> {
+    /// Connects and binds: as a transceiver, or as the transmitter or the receiver of a pair.
+    async fn connect(&self, role: Role) -> Result<(Client, impl futures_util::Stream<Item = Event> + Unpin), String> {
         let scheme = if self.cfg.tls { "ssmpp" } else { "smpp" };
         let (client, events) = ConnectionBuilder::new()
             .max_command_length(4096)
@@ -139,58 +148,43 @@ impl SmppPartner {
         let system_id = c_octet::<1, 16>(&self.cfg.system_id).map_err(|e| e.to_string())?;
         let password = c_octet::<1, 9>(&password).map_err(|e| e.to_string())?;
         let system_type = c_octet::<1, 13>(&self.cfg.system_type).map_err(|e| e.to_string())?;
-        let bound = if self.cfg.bind_pair {
-            client
-                .bind_transmitter(
-                    BindTransmitter::builder()
-                        .system_id(system_id)
-                        .password(password)
-                        .system_type(system_type)
-                        .interface_version(InterfaceVersion::Smpp3_4)
-                        .build(),
-                )
-                .await
-                .map(|_| ())
-        } else {
-            client
+        let v = InterfaceVersion::Smpp3_4;
+        let bound = match role {
+            Role::Transceiver => client
                 .bind_transceiver(
                     BindTransceiver::builder()
                         .system_id(system_id)
                         .password(password)
                         .system_type(system_type)
-                        .interface_version(InterfaceVersion::Smpp3_4)
+                        .interface_version(v)
                         .build(),
                 )
                 .await
-                .map(|_| ())
+                .map(|_| ()),
+            Role::Transmitter => client
+                .bind_transmitter(
+                    BindTransmitter::builder()
+                        .system_id(system_id)
+                        .password(password)
+                        .system_type(system_type)
+                        .interface_version(v)
+                        .build(),
+                )
+                .await
+                .map(|_| ()),
+            Role::Receiver => client
+                .bind_receiver(
+                    BindReceiver::builder()
+                        .system_id(system_id)
+                        .password(password)
+                        .system_type(system_type)
+                        .interface_version(v)
+                        .build(),
+                )
+                .await
+                .map(|_| ()),
         };
         bound.map_err(|e| format!("bind refused: {e}"))?;
-        Ok((client, events))
-    }
-
-    /// The receiver half of a transmitter + receiver pair.
-    async fn connect_receiver(&self) -> Result<(Client, impl futures_util::Stream<Item = Event> + Unpin), String> {
-        let scheme = if self.cfg.tls { "ssmpp" } else { "smpp" };
-        let (client, events) = ConnectionBuilder::new()
-            .enquire_link_interval(self.cfg.enquire_link)
-            .enable_auto_enquire_link_response()
-            .response_timeout(self.cfg.response_timeout)
-            .disable_interface_version_check()
-            .connect(format!("{scheme}://{}", self.cfg.address))
-            .await
-            .map_err(|e| e.to_string())?;
-        let password = self.password()?;
-        client
-            .bind_receiver(
-                BindReceiver::builder()
-                    .system_id(c_octet::<1, 16>(&self.cfg.system_id).map_err(|e| e.to_string())?)
-                    .password(c_octet::<1, 9>(&password).map_err(|e| e.to_string())?)
-                    .system_type(c_octet::<1, 13>(&self.cfg.system_type).map_err(|e| e.to_string())?)
-                    .interface_version(InterfaceVersion::Smpp3_4)
-                    .build(),
-            )
-            .await
-            .map_err(|e| format!("bind refused: {e}"))?;
         Ok((client, events))
     }
 
@@ -202,7 +196,7 @@ impl SmppPartner {
             }
             let connected = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                c = self.connect() => c,
+                c = self.connect(if self.cfg.bind_pair { Role::Transmitter } else { Role::Transceiver }) => c,
             };
             match connected {
                 Ok((client, events)) => {
@@ -213,7 +207,7 @@ impl SmppPartner {
                     }
                     self.bound.notify_waiters();
                     let receiver = if self.cfg.bind_pair {
-                        match self.connect_receiver().await {
+                        match self.connect(Role::Receiver).await {
                             Ok((rx, rx_events)) => Some((rx, rx_events)),
                             Err(e) => {
                                 tracing::warn!(partner = %self.id, error = %e, "SMPP receiver bind failed; receipts wait for the next try");

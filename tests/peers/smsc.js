@@ -24,6 +24,8 @@
 //   ...0403  receipt EXPIRED                 ...0404  ESME_RINVDSTADR (0x0B)
 //   ...0405  the receipt comes before the submit_sm_resp
 //   ...0406  no receipt at all
+// Receipts not acknowledged when a session ends are sent again after the next bind (as real
+// SMSCs do), logged as {"ev":"redeliver","receipts":n}.
 // Control on stdin, one JSON object per line:
 //   {"mo": {"from": "+33612345678", "to": "ACME", "text": "STOP"}}   an incoming message
 "use strict";
@@ -79,6 +81,21 @@ function smscTime(d) {
   return `${p(d.getUTCFullYear() % 100)}${p(d.getUTCMonth() + 1)}${p(d.getUTCDate())}${p(d.getUTCHours())}${p(d.getUTCMinutes())}`;
 }
 
+// Receipts sent and not yet acknowledged, by session; like a real SMSC, those of a session that
+// ends are sent again on the next bind.
+const unacked = new Map(); // session -> Map(rid -> fields)
+let redeliver = [];
+
+function deliverReceipt(session, rid, stat, fields) {
+  if (!unacked.has(session)) unacked.set(session, new Map());
+  unacked.get(session).set(rid, { stat, fields });
+  session.deliver_sm(fields, (resp) => {
+    const pending = unacked.get(session);
+    if (pending) pending.delete(rid);
+    write({ ev: "receipt_ack", id: rid, stat, status: resp.command_status });
+  });
+}
+
 function sendReceipt(session, pdu, n, stat, err) {
   const now = new Date();
   const rid = receiptId(n);
@@ -94,9 +111,7 @@ function sendReceipt(session, pdu, n, stat, err) {
     fields.receipted_message_id = rid;
     fields.message_state = states[stat];
   }
-  session.deliver_sm(fields, (resp) => {
-    write({ ev: "receipt_ack", id: rid, stat, status: resp.command_status });
-  });
+  deliverReceipt(session, rid, stat, fields);
 }
 
 function noteParts(pdu, text) {
@@ -123,7 +138,14 @@ const server = smpp.createServer({ debug: false }, (session) => {
   sessions.add(session);
   let bound = false;
   session.on("error", () => {});
-  session.on("close", () => sessions.delete(session));
+  session.on("close", () => {
+    sessions.delete(session);
+    const pending = unacked.get(session);
+    unacked.delete(session);
+    if (pending) {
+      for (const [rid, r] of pending) redeliver.push({ rid, stat: r.stat, fields: r.fields });
+    }
+  });
   const bind = (pdu) => {
     if (pdu.system_id !== systemId || pdu.password !== password) {
       write({ ev: "bind_refused", system_id: pdu.system_id });
@@ -133,6 +155,12 @@ const server = smpp.createServer({ debug: false }, (session) => {
     bound = true;
     write({ ev: "bind", command: pdu.command, system_id: pdu.system_id, system_type: pdu.system_type });
     session.send(pdu.response({ system_id: "loopback-smsc" }));
+    if (pdu.command !== "bind_transmitter" && redeliver.length) {
+      const again = redeliver;
+      redeliver = [];
+      write({ ev: "redeliver", receipts: again.length });
+      setTimeout(() => again.forEach((r) => deliverReceipt(session, r.rid, r.stat, r.fields)), 20);
+    }
   };
   session.on("bind_transceiver", bind);
   session.on("bind_transmitter", bind);

@@ -174,3 +174,50 @@ fn sigkill_mid_dispatch_resends_at_most_the_window() {
     let twice = submits.len() - n;
     assert!(twice <= 10, "at most `window` (10) sent twice, not {twice}");
 }
+
+fn many(n: usize) -> Vec<u8> {
+    let mut csv = String::from("phone;message\n");
+    for i in 0..n {
+        csv.push_str(&format!("0612{:06};message {i}\n", i * 10));
+    }
+    csv.into_bytes()
+}
+
+#[test]
+fn throttling_is_answered_by_slowing_down() {
+    let dir = tempfile::tempdir().expect("dir");
+    let smsc = Smsc::start(dir.path(), &[("SMSC_THROTTLE_TPS", "300")]);
+    let mut app = with_smsc(&smsc, "");
+    app.start();
+    app.drop_file("acme", "burst.csv", &many(1500));
+    let report = app.final_report("acme", "burst", 1500);
+    assert!(
+        report[1..].iter().all(|r| r[4] == "delivered"),
+        "throttled messages are retried, not lost"
+    );
+    let throttled = smsc.of("throttled").len();
+    assert!(throttled > 0, "the SMSC did throttle");
+    // Each ESME_RTHROTTLED pauses the partner for a second: a few per second get through the
+    // window before the pause, not hundreds.
+    let accepted = smsc.of("submit").len();
+    assert!(throttled < accepted, "{throttled} throttled for {accepted} accepted");
+}
+
+#[test]
+fn a_connection_dropped_mid_window_loses_nothing() {
+    let dir = tempfile::tempdir().expect("dir");
+    let smsc = Smsc::start(dir.path(), &[("SMSC_DROP_AFTER", "700")]);
+    // The submit_sm the SMSC took and never answered count as lost after response_timeout.
+    let mut app = with_smsc(&smsc, "response_timeout = \"3s\"");
+    app.start();
+    app.drop_file("acme", "drop.csv", &many(2000));
+    let report = app.final_report("acme", "drop", 2000);
+    assert!(report[1..].iter().all(|r| r[4] == "delivered"), "nothing lost");
+    assert_eq!(smsc.of("drop").len(), 1, "the SMSC dropped the connection once");
+    assert!(smsc.of("bind").len() >= 2, "and smsdrop bound again");
+    common::wait_log(&app, "SMPP connection lost; reconnecting", Duration::from_secs(5));
+    let submits = smsc.of("submit");
+    let distinct: std::collections::HashSet<&str> = submits.iter().filter_map(|s| s["to"].as_str()).collect();
+    assert_eq!(distinct.len(), 2000);
+    assert!(submits.len() - 2000 <= 10, "at most the window sent twice");
+}

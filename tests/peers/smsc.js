@@ -87,6 +87,11 @@ const unacked = new Map(); // session -> Map(rid -> fields)
 let redeliver = [];
 
 function deliverReceipt(session, rid, stat, fields) {
+  if (!sessions.has(session)) {
+    // the session ended before its receipt was due: keep it for the next bind
+    redeliver.push({ rid, stat, fields });
+    return;
+  }
   if (!unacked.has(session)) unacked.set(session, new Map());
   unacked.get(session).set(rid, { stat, fields });
   session.deliver_sm(fields, (resp) => {

@@ -17,6 +17,15 @@ fn with_smsc(smsc: &Smsc, partner_extra: &str) -> Appliance {
     app
 }
 
+/// A batch of `n` distinct French mobiles, each with its own text.
+fn many(n: usize) -> Vec<u8> {
+    let mut csv = String::from("phone;message\n");
+    for i in 0..n {
+        csv.push_str(&format!("0612{:06};message {i}\n", i * 10));
+    }
+    csv.into_bytes()
+}
+
 fn status_of(report: &[Vec<String>], phone: &str) -> String {
     report
         .iter()
@@ -138,11 +147,7 @@ fn thousands_of_messages_flow_through_the_window() {
     let smsc = Smsc::start(dir.path(), &[]);
     let mut app = with_smsc(&smsc, "");
     app.start();
-    let mut csv = String::from("phone;message\n");
-    for i in 0..3000 {
-        csv.push_str(&format!("0612{:06};message {i}\n", i * 10));
-    }
-    app.drop_file("acme", "many.csv", csv.as_bytes());
+    app.drop_file("acme", "many.csv", &many(3000));
     let report = app.final_report("acme", "many", 3000);
     assert!(report[1..].iter().all(|r| r[4] == "delivered"));
     assert_eq!(smsc.of("submit").len(), 3000, "each sent once");
@@ -154,12 +159,8 @@ fn sigkill_mid_dispatch_resends_at_most_the_window() {
     let smsc = Smsc::start(dir.path(), &[]);
     let mut app = with_smsc(&smsc, "");
     let n = 20_000;
-    let mut csv = String::from("phone;message\n");
-    for i in 0..n {
-        csv.push_str(&format!("0612{:06};message {i}\n", i * 10));
-    }
     app.start();
-    app.drop_file("acme", "crash.csv", csv.as_bytes());
+    app.drop_file("acme", "crash.csv", &many(n));
     app.result("acme", "crash");
     smsc.wait("submit", 2000, Duration::from_secs(60));
     app.kill();
@@ -173,14 +174,6 @@ fn sigkill_mid_dispatch_resends_at_most_the_window() {
     assert_eq!(distinct.len(), n, "every message reached the SMSC");
     let twice = submits.len() - n;
     assert!(twice <= 10, "at most `window` (10) sent twice, not {twice}");
-}
-
-fn many(n: usize) -> Vec<u8> {
-    let mut csv = String::from("phone;message\n");
-    for i in 0..n {
-        csv.push_str(&format!("0612{:06};message {i}\n", i * 10));
-    }
-    csv.into_bytes()
 }
 
 #[test]

@@ -396,33 +396,34 @@ impl Dispatcher {
         self.store.blocking(f).await
     }
 
-    /// A tenant's `validity`, in seconds.
-    fn validity_secs(&self, tenant: &str) -> i64 {
-        self.config
+    /// When a message stops being worth delivering: its send time (`send_at`, or now when it has
+    /// none) plus its tenant's `validity`. Both the SMPP `validity_period` and the retry limit
+    /// use it.
+    fn valid_until(&self, p: &Pick, now: i64) -> i64 {
+        let validity = self
+            .config
             .tenants
-            .get(tenant)
+            .get(&p.tenant)
             .map(|c| c.validity.as_secs() as i64)
-            .unwrap_or(48 * 3600)
+            .unwrap_or(48 * 3600);
+        p.message.send_at.unwrap_or(now).min(now) + validity
     }
 
     /// Hands `picks` to a partner; lands as a [`Flight`].
     fn launch(&self, partner: Arc<dyn Partner>, partner_id: String, picks: Vec<Pick>) -> Landing {
-        let validity: HashMap<String, i64> = picks
-            .iter()
-            .map(|p| (p.tenant.clone(), self.validity_secs(&p.tenant)))
-            .collect();
+        let t = now();
+        let valid_until: Vec<i64> = picks.iter().map(|p| self.valid_until(p, t)).collect();
         Box::pin(async move {
-            let t = now();
             let results = {
                 let outbound: Vec<Outbound<'_>> = picks
                     .iter()
-                    .map(|p| Outbound {
+                    .zip(&valid_until)
+                    .map(|(p, &valid_until)| Outbound {
                         id: p.id,
                         tenant: &p.tenant,
                         batch: split_message_id(p.id).0,
                         message: &p.message,
-                        valid_until: p.message.send_at.unwrap_or(t).max(t)
-                            + validity.get(&p.tenant).copied().unwrap_or(0),
+                        valid_until,
                     })
                     .collect();
                 partner.submit(&outbound).await
@@ -448,8 +449,7 @@ impl Dispatcher {
                 })
             });
             let attempts = p.attempts + 1;
-            let validity = self.validity_secs(&p.tenant);
-            let valid_until = p.message.send_at.unwrap_or(done).min(done) + validity;
+            let valid_until = self.valid_until(&p, done);
             let status = match result {
                 Ok(Submitted::Delivered { partner_id: pid }) => StatusRecord {
                     status: MessageStatus::Delivered,

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 
-use redb::{Durability, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use super::records::{BatchRecord, StatusRecord};
@@ -94,20 +94,7 @@ impl Store {
         Ok(outcome)
     }
 
-    /// Applies receipts of `partner` in one durable transaction; returns the batches that are
-    /// now finished.
-    pub fn apply_receipts(&self, partner: &str, receipts: &[Receipt], now: i64) -> Result<Vec<BatchRecord>> {
-        let tx = self.write(Durability::Immediate)?;
-        let mut touched: HashMap<u64, BatchRecord> = HashMap::new();
-        for r in receipts {
-            self.apply_receipt(&tx, &mut touched, partner, r, now)?;
-        }
-        let done = self.put_touched(&tx, touched, now)?;
-        tx.commit()?;
-        Ok(done)
-    }
-
-    /// Applies one receipt inside `tx`.
+    /// Applies one receipt inside `tx` (the dispatcher's commit, `Store::commit_dispatch`).
     pub(super) fn apply_receipt(
         &self,
         tx: &WriteTransaction,

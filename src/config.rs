@@ -151,6 +151,8 @@ pub struct Tenant {
     pub max_sessions: usize,
     /// How long a message is worth delivering after its send time: SMPP `validity_period`.
     pub validity: Duration,
+    /// Incoming texts that put their sender on the blocklist, besides `STOP` (upper case).
+    pub optout_keywords: Vec<String>,
 }
 
 impl Tenant {
@@ -389,6 +391,8 @@ struct RawTenant {
     allow_ips: Vec<Spanned<String>>,
     max_sessions: Option<Spanned<i64>>,
     validity: Option<Spanned<String>>,
+    #[serde(default)]
+    optout_keywords: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1298,6 +1302,15 @@ impl Validator<'_> {
             Duration::from_secs(48 * 3600),
             (Duration::from_secs(300), Duration::from_secs(7 * 86400)),
         );
+        let mut optout_keywords = Vec::new();
+        for k in &t.optout_keywords {
+            let word = k.get_ref().split_whitespace().collect::<Vec<_>>().join(" ");
+            if word.is_empty() || word.chars().count() > 40 {
+                self.problem(&k.span(), &key("optout_keywords"), "a keyword is 1 to 40 characters");
+            } else {
+                optout_keywords.push(word.to_uppercase());
+            }
+        }
 
         Some(Tenant {
             id: id.to_string(),
@@ -1332,6 +1345,7 @@ impl Validator<'_> {
             allow_ips,
             max_sessions,
             validity,
+            optout_keywords,
         })
     }
 

@@ -1,4 +1,5 @@
-//! Reply files in a tenant's outbox (SPEC §4): `<stem>.result.csv` and `<stem>.report.csv`.
+//! Reply files in a tenant's outbox (SPEC §4): `<stem>.result.csv`, `<stem>.report.csv` and
+//! `replies-<UTC timestamp>.csv`.
 //!
 //! Every reply file is written whole under a hidden temporary name in the outbox, synced, and
 //! renamed, so an ERP never reads half a file. It uses the batch's delimiter and encoding (and
@@ -31,6 +32,11 @@ pub const REPORT_HEADER: [&str; 9] = [
     "done_at",
     "error",
 ];
+
+pub const REPLIES_HEADER: [&str; 5] = ["received_at", "from", "to", "text", "message_id"];
+
+/// Replies written to one file, at most.
+const REPLIES_PER_FILE: usize = 10_000;
 
 /// CSV rows written in a batch's delimiter and encoding.
 pub struct ReplyCsv<W: Write> {
@@ -252,6 +258,51 @@ pub fn write_report(store: &Store, outbox: &Path, batch: &BatchRecord) -> Result
     Ok(())
 }
 
+/// Writes a tenant's pending incoming messages into one `replies-<UTC timestamp>.csv`, then
+/// drops them from the store. Returns how many it wrote.
+///
+/// The timestamp is the first reply's arrival, to the millisecond, and always later than the
+/// previous file's, so no file overwrites another. A crash after the rename and before the
+/// store forgets the replies writes the same file again (the same name, the same first rows).
+/// The file uses the tenant's `delimiter` (`;` when it has none) and its `encoding` when one is
+/// set (UTF-8 otherwise), since an MO belongs to no batch.
+pub fn write_replies(store: &Store, tenant: &crate::config::Tenant) -> Result<usize, ReplyError> {
+    let pending = store.pending_replies(&tenant.id, REPLIES_PER_FILE)?;
+    let (Some((_, first)), Some((last, _))) = (pending.first(), pending.last()) else {
+        return Ok(0);
+    };
+    let mark = format!("replies_ms:{}", tenant.id);
+    let previous = store.mark(&mark)?.unwrap_or(0) as i64;
+    let ms = first.received_at.max(previous + 1);
+    let name = jiff::Timestamp::from_millisecond(ms)
+        .map(|t| format!("replies-{}.csv", t.strftime("%Y%m%dT%H%M%S%.3fZ")))
+        .unwrap_or_else(|_| format!("replies-{ms}.csv"));
+    let format = ReplyFormat {
+        delimiter: tenant.delimiter.unwrap_or(b';'),
+        encoding: match tenant.encoding {
+            crate::config::EncodingChoice::Fixed(e) => e.name().to_string(),
+            crate::config::EncodingChoice::Auto => "UTF-8".into(),
+        },
+        bom: false,
+    };
+    let file = AtomicFile::create(&tenant.outbox, &name, "replies")?;
+    let mut csv = ReplyCsv::new(file, &format)?;
+    csv.row(REPLIES_HEADER)?;
+    for (_, r) in &pending {
+        csv.row([
+            time_text(Some(r.received_at.div_euclid(1000))).as_str(),
+            &r.from,
+            &r.to,
+            &r.text,
+            &r.message_id.map(|id| id.to_string()).unwrap_or_default(),
+        ])?;
+    }
+    csv.finish()?.sync()?.publish()?;
+    store.replies_written(&tenant.id, *last, (&mark, ms as u64))?;
+    tracing::info!(tenant = %tenant.id, file = %name, replies = pending.len(), "replies file written");
+    Ok(pending.len())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReplyError {
     #[error("writing a reply file: {0}")]
@@ -261,7 +312,8 @@ pub enum ReplyError {
 }
 
 /// Keeps delivery reports up to date: every tenant's `report_interval` while a batch is under
-/// way, and a last time when every message of it is final.
+/// way, and a last time when every message of it is final. Writes incoming messages into
+/// replies files within a second of their arrival.
 pub struct ReportWriter {
     pub store: Store,
     pub config: Arc<Config>,
@@ -284,7 +336,10 @@ impl ReportWriter {
                     last.remove(&id);
                     self.final_report(id).await;
                 }
-                _ = tick.tick() => self.periodic(&mut last).await,
+                _ = tick.tick() => {
+                    self.periodic(&mut last).await;
+                    self.replies().await;
+                }
             }
         }
     }
@@ -315,6 +370,21 @@ impl ReportWriter {
         .await;
         if let Ok(Err(e)) | Err(e) = res.map_err(|e| ReplyError::Io(io::Error::other(e))) {
             tracing::error!(batch = id, error = %e, "cannot write the final report; will retry at next start");
+        }
+    }
+
+    async fn replies(&self) {
+        let store = self.store.clone();
+        let config = self.config.clone();
+        let res = tokio::task::spawn_blocking(move || -> Result<(), ReplyError> {
+            for tenant in config.tenants.values() {
+                while write_replies(&store, tenant)? == REPLIES_PER_FILE {}
+            }
+            Ok(())
+        })
+        .await;
+        if let Ok(Err(e)) = res {
+            tracing::warn!(error = %e, "cannot write a replies file; will retry");
         }
     }
 

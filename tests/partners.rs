@@ -214,3 +214,135 @@ fn a_connection_dropped_mid_window_loses_nothing() {
     assert_eq!(distinct.len(), 2000);
     assert!(submits.len() - 2000 <= 10, "at most the window sent twice");
 }
+
+/// Reads every `replies-*.csv` in a tenant's outbox, oldest first, header rows dropped.
+fn replies(app: &Appliance, tenant: &str) -> Vec<Vec<String>> {
+    let mut names: Vec<_> = std::fs::read_dir(app.outbox(tenant))
+        .expect("outbox")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("replies-") && n.ends_with(".csv"))
+        .collect();
+    names.sort();
+    let mut rows = Vec::new();
+    for n in names {
+        let file = common::parse_csv(&std::fs::read(app.outbox(tenant).join(&n)).expect("replies"), b';');
+        assert_eq!(file[0], ["received_at", "from", "to", "text", "message_id"], "{n}");
+        rows.extend(file.into_iter().skip(1));
+    }
+    rows
+}
+
+fn wait_replies(app: &Appliance, tenant: &str, n: usize) -> Vec<Vec<String>> {
+    common::poll(
+        Duration::from_secs(20),
+        || Some(replies(app, tenant)).filter(|r| r.len() >= n),
+        || {
+            format!(
+                "{} of {n} replies for {tenant}; log:\n{}",
+                replies(app, tenant).len(),
+                app.log()
+            )
+        },
+    )
+}
+
+fn message_id_of(report: &[Vec<String>], phone: &str) -> String {
+    report
+        .iter()
+        .find(|r| r[2] == phone)
+        .map(|r| r[3].clone())
+        .expect("row")
+}
+
+#[test]
+fn replies_reach_the_outbox_and_stop_blocklists() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut smsc = Smsc::start(dir.path(), &[]);
+    let mut app = with_smsc(&smsc, "");
+    app.start();
+    app.drop_file(
+        "acme",
+        "promo.csv",
+        b"phone;message\n0612340000;Soldes!\n0612340001;Soldes aussi\n",
+    );
+    let report = app.final_report("acme", "promo", 2);
+    smsc.mo("+33612340000", "ACME", "Oui merci 😀");
+    smsc.mo("+33612340001", "ACME", "Stop.");
+    smsc.mo("+33699990000", "ACME", "who is this?");
+    let acks = smsc.wait("mo_ack", 3, Duration::from_secs(10));
+    assert!(
+        acks.iter().all(|a| a["status"] == 0),
+        "acknowledged once durable: {acks:?}"
+    );
+
+    let rows = wait_replies(&app, "acme", 3);
+    let of = |phone: &str| {
+        rows.iter()
+            .find(|r| r[1] == phone)
+            .unwrap_or_else(|| panic!("{phone}: {rows:?}"))
+    };
+    let yes = of("+33612340000");
+    assert_eq!(yes[2], "ACME");
+    assert_eq!(yes[3], "Oui merci 😀", "a UCS-2 reply reads back whole");
+    assert_eq!(yes[4], message_id_of(&report, "+33612340000"), "the message it answers");
+    assert!(yes[0].ends_with('Z') && yes[0].len() == 20, "{yes:?}");
+    assert_eq!(of("+33612340001")[4], message_id_of(&report, "+33612340001"));
+    assert_eq!(of("+33699990000")[4], "", "a number never sent to answers no message");
+
+    // STOP put the number on the blocklist: the next batch gets `blocklisted` for it.
+    app.drop_file(
+        "acme",
+        "next.csv",
+        b"phone;message\n0612340001;Encore\n0612340002;Nouveau\n",
+    );
+    let result = app.result("acme", "next");
+    assert_eq!(result[1][3..5], ["rejected", "blocklisted"], "{result:?}");
+    assert_eq!(result[2][3], "queued");
+    let list = String::from_utf8_lossy(&app.cli(&["blocklist", "list", "--tenant", "acme"]).stdout).into_owned();
+    assert!(list.contains("mo:STOP"), "{list}");
+
+    // Nothing of the replies in clear in the store.
+    assert!(app.stop().success());
+    let db = std::fs::read(app.state_dir().join("smsdrop.redb")).expect("db");
+    for needle in ["Oui merci", "who is this", "33699990000"] {
+        assert!(
+            !db.windows(needle.len()).any(|w| w == needle.as_bytes()),
+            "{needle} in clear"
+        );
+    }
+}
+
+#[test]
+fn a_reply_goes_to_the_tenant_that_sent_to_the_number() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut smsc = Smsc::start(dir.path(), &[]);
+    let beta = "\n[tenant.beta]\ndefault_region = \"FR\"\nsender = \"BETA\"\nsettle = \"200ms\"\nreport_interval = \"1s\"\noptout_keywords = [\"arret\"]\n";
+    let mut app = Appliance::new(&format!(
+        "{}{beta}\n[partner.smsc]\nkind = \"smpp\"\naddress = \"127.0.0.1:{}\"\nsystem_id = \"smsdrop\"\npassword_file = \"smsc.secret\"\n\n[[route]]\nprefix = \"+33\"\npartners = [\"smsc\"]\n",
+        tenant("acme", ""),
+        smsc.port
+    ));
+    std::fs::write(app.path("smsc.secret"), "secret\n").expect("password file");
+    app.start();
+    app.drop_file("acme", "a.csv", b"phone;message\n0612340000;from acme\n");
+    let a = app.final_report("acme", "a", 1);
+    app.drop_file("beta", "b.csv", b"phone;message\n0612340000;from beta\n");
+    let b = app.final_report("beta", "b", 1);
+    // Sent to ACME: acme's, although beta wrote to the number last.
+    smsc.mo("+33612340000", "ACME", "to acme");
+    // Sent to a short code that is nobody's sender: the tenant that wrote to the number last.
+    smsc.mo("+33612340000", "36180", "ARRET");
+    let acme = wait_replies(&app, "acme", 1);
+    let beta_rows = wait_replies(&app, "beta", 1);
+    assert_eq!(acme.len(), 1);
+    assert_eq!(acme[0][3], "to acme");
+    assert_eq!(acme[0][4], message_id_of(&a, "+33612340000"));
+    assert_eq!(beta_rows[0][3], "ARRET");
+    assert_eq!(beta_rows[0][4], message_id_of(&b, "+33612340000"));
+    // beta's own keyword blocklists the number for beta only.
+    app.drop_file("beta", "b2.csv", b"phone;message\n0612340000;again\n");
+    assert_eq!(app.result("beta", "b2")[1][4], "blocklisted");
+    app.drop_file("acme", "a2.csv", b"phone;message\n0612340000;again\n");
+    assert_eq!(app.result("acme", "a2")[1][3], "queued");
+}

@@ -69,6 +69,32 @@ pub fn to_gsm7(text: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Reads unpacked GSM 03.38 septets back into text (an incoming message with `data_coding` 0).
+/// A septet with no character, or an escape before an unknown code, reads as a space, as the
+/// standard asks of a receiving entity (3GPP TS 23.038 §6.2.1.1).
+pub fn from_gsm7(septets: &[u8]) -> String {
+    let mut out = String::with_capacity(septets.len());
+    let mut escaped = false;
+    for &b in septets {
+        let b = b & 0x7f;
+        if escaped {
+            escaped = false;
+            out.push(
+                EXTENSION
+                    .iter()
+                    .find(|(_, code)| *code == b)
+                    .map(|(c, _)| *c)
+                    .unwrap_or(' '),
+            );
+        } else if b == 0x1b {
+            escaped = true;
+        } else {
+            out.push(BASIC[b as usize]);
+        }
+    }
+    out
+}
+
 /// A text's coding and the number of segments it takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Encoded {
@@ -239,6 +265,16 @@ mod tests {
                 text.chars().next()
             );
         }
+    }
+
+    #[test]
+    fn gsm_septets_read_back_to_the_text() {
+        for text in ["STOP", "Arrêt? non: è é ù @ £ €", "{[~]}|^\\", "Ça coûte 5€"] {
+            let Some(septets) = to_gsm7(text) else { continue };
+            assert_eq!(from_gsm7(&septets), text);
+        }
+        assert_eq!(from_gsm7(&[0x1b, 0x65, 0x41]), "€A");
+        assert_eq!(from_gsm7(&[0x1b, 0x01]), " ", "an unknown escape reads as a space");
     }
 
     #[test]

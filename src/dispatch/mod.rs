@@ -10,6 +10,7 @@
 //! Each step's outcomes and the batches' cursors are committed in one durable transaction after
 //! the partner answered: a crash can resend at most the step that was in flight, never lose one.
 
+pub mod mo;
 pub mod partner;
 pub mod receipt;
 pub mod sink;
@@ -28,8 +29,8 @@ use crate::codes::MessageStatus;
 use crate::config::{self, Config};
 use crate::reply::ReportRequests;
 use crate::store::records::{BatchRecord, CHUNK_MESSAGES, StatusRecord, StoredMessage, message_id, split_message_id};
-use crate::store::{DispatchCommit, Store, StoreError};
-use partner::{Outbound, Partner, PartnerError, Submitted};
+use crate::store::{DispatchCommit, DispatchDone, IncomingMo, MoOutcome, SentTo, Store, StoreError};
+use partner::{Inbound, Incoming, Outbound, Partner, PartnerError, Submitted};
 
 /// Messages one batch may send per turn.
 pub const QUANTUM: u64 = 32;
@@ -40,7 +41,7 @@ const MAX_ATTEMPTS: u32 = 12;
 /// `incoming`.
 pub fn build_partners(
     config: &Config,
-    incoming: &tokio::sync::mpsc::UnboundedSender<smpp::Inbound>,
+    incoming: &tokio::sync::mpsc::UnboundedSender<partner::Inbound>,
     tracker: &tokio_util::task::TaskTracker,
     shutdown: &CancellationToken,
 ) -> HashMap<String, Arc<dyn Partner>> {
@@ -156,7 +157,7 @@ pub struct Dispatcher {
     pub wake: Arc<Signal>,
     pub reports: ReportRequests,
     /// Receipts from partners, committed with the dispatch outcomes.
-    pub incoming: tokio::sync::mpsc::UnboundedReceiver<smpp::Inbound>,
+    pub incoming: tokio::sync::mpsc::UnboundedReceiver<partner::Inbound>,
 }
 
 fn now() -> i64 {
@@ -201,11 +202,12 @@ impl Pending {
             && self.step.unschedule.is_empty()
             && self.settled.is_empty()
             && self.step.receipts.is_empty()
+            && self.step.mos.is_empty()
     }
 }
 
 type Landing = futures_util::future::BoxFuture<'static, Flight>;
-type Committed = tokio::task::JoinHandle<(Result<Vec<BatchRecord>, StoreError>, Pending)>;
+type Committed = tokio::task::JoinHandle<(Result<DispatchDone, StoreError>, Pending)>;
 
 /// Messages read ahead of the partners' windows, at most.
 const READY_MAX: usize = 2048;
@@ -336,7 +338,7 @@ impl Dispatcher {
                 } => {
                     committing = None;
                     match done {
-                        Some((Ok(finished), batch)) => {
+                        Some((Ok(done), batch)) => {
                             for ack in batch.acks {
                                 let _ = ack.send(true);
                             }
@@ -349,18 +351,22 @@ impl Dispatcher {
                                 scheduled_open.remove(&id);
                             }
                             tracing::debug!(messages = batch.step.outcomes.len(), "dispatch outcomes committed");
-                            for b in finished {
+                            for b in done.finished {
                                 tracing::info!(tenant = %b.tenant, batch = b.id, "every message of the batch is final");
                                 let _ = self.reports.send(b.id);
+                            }
+                            for (mo, outcome) in batch.step.mos.iter().zip(done.mos) {
+                                log_mo(mo, &outcome);
                             }
                         }
                         Some((Err(e), mut batch)) => {
                             tracing::error!(error = %e, "cannot commit dispatch outcomes; retrying");
-                            // Receipts are refused: the partner sends them again.
+                            // Receipts and MOs are refused: the partner sends them again.
                             for ack in batch.acks.drain(..) {
                                 let _ = ack.send(false);
                             }
                             batch.step.receipts.clear();
+                            batch.step.mos.clear();
                             pending = merge(batch, pending);
                             tokio::time::sleep(Duration::from_millis(500)).await;
                         }
@@ -369,11 +375,9 @@ impl Dispatcher {
                 }
                 inbound = self.incoming.recv() => {
                     if let Some(first) = inbound {
-                        pending.step.receipts.push((first.partner, first.receipt));
-                        pending.acks.push(first.ack);
+                        self.take_inbound(first, &mut pending);
                         while let Ok(more) = self.incoming.try_recv() {
-                            pending.step.receipts.push((more.partner, more.receipt));
-                            pending.acks.push(more.ack);
+                            self.take_inbound(more, &mut pending);
                         }
                     }
                 }
@@ -387,6 +391,19 @@ impl Dispatcher {
                 _ = tokio::time::sleep(nap) => refresh = idle_since_fill,
             }
         }
+    }
+
+    /// Puts a receipt or an incoming message into the next commit.
+    fn take_inbound(&self, inbound: Inbound, pending: &mut Pending) {
+        match inbound.what {
+            Incoming::Receipt(r) => pending.step.receipts.push((inbound.partner, r)),
+            Incoming::Message(m) => pending.step.mos.push(IncomingMo {
+                candidates: mo::candidates(&self.config, &m),
+                partner: inbound.partner,
+                mo: m,
+            }),
+        }
+        pending.acks.push(inbound.ack);
     }
 
     async fn blocking<T: Send + 'static>(
@@ -490,6 +507,13 @@ impl Dispatcher {
                     }
                 }
             };
+            if status.status == MessageStatus::Submitted || status.status == MessageStatus::Delivered {
+                pending.step.sent.push(SentTo {
+                    tenant: p.tenant.clone(),
+                    phone: p.message.phone.clone(),
+                    message_id: p.id,
+                });
+            }
             pending.step.outcomes.push((p.id, status));
             self.settle(&p, pending);
         }
@@ -652,8 +676,30 @@ fn merge(mut older: Pending, newer: Pending) -> Pending {
     older.settled.extend(newer.settled);
     older.scheduled.extend(newer.scheduled);
     older.step.receipts.extend(newer.step.receipts);
+    older.step.sent.extend(newer.step.sent);
+    older.step.mos.extend(newer.step.mos);
     older.acks.extend(newer.acks);
     older
+}
+
+/// Logs where an incoming message went, without its number or text.
+fn log_mo(mo: &IncomingMo, outcome: &MoOutcome) {
+    match outcome {
+        MoOutcome::Kept {
+            tenant,
+            answers,
+            optout,
+        } => {
+            tracing::info!(partner = %mo.partner, tenant = %tenant, answers = ?answers, "incoming message kept for the replies file");
+            if let Some(word) = optout {
+                tracing::info!(partner = %mo.partner, tenant = %tenant, keyword = %word, "opt-out: the sender is on the tenant's blocklist");
+            }
+        }
+        MoOutcome::Unmatched => tracing::warn!(
+            partner = %mo.partner, candidates = mo.candidates.len(),
+            "incoming message matches no tenant (no sender of its address, nor a message sent to its number); dropped"
+        ),
+    }
 }
 
 fn final_status(status: MessageStatus, partner: &str, error: &str, attempts: u32, at: i64) -> StatusRecord {

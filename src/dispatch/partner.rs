@@ -3,6 +3,10 @@
 use std::future::Future;
 use std::pin::Pin;
 
+use tokio::sync::oneshot;
+
+use super::mo::Mo;
+use super::receipt::Receipt;
 use crate::store::records::StoredMessage;
 
 /// One message handed to a partner.
@@ -55,4 +59,20 @@ pub trait Partner: Send + Sync {
     /// Submits messages; answers one result per message, in order. A partner must not answer
     /// `Accepted` or `Delivered` before the message is really out of smsdrop's hands.
     fn submit<'a>(&'a self, messages: &'a [Outbound<'a>]) -> SubmitFuture<'a>;
+}
+
+/// What a partner receives from the network: a delivery receipt or an incoming message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    Receipt(Receipt),
+    Message(Mo),
+}
+
+/// Something a partner received, to be made durable; `ack` says whether it was, and only then
+/// may the partner acknowledge it to the network.
+#[derive(Debug)]
+pub struct Inbound {
+    pub partner: String,
+    pub what: Incoming,
+    pub ack: oneshot::Sender<bool>,
 }

@@ -22,19 +22,12 @@ use rusmppc::{Client, ConnectionBuilder, Event};
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::partner::{Outbound, Partner, PartnerError, SubmitFuture, Submitted};
-use super::receipt::{self, Receipt};
+use super::mo::{Mo, decode_text, strip_udh};
+use super::partner::{Inbound, Incoming, Outbound, Partner, PartnerError, SubmitFuture, Submitted};
+use super::receipt;
 use crate::batch::encode::segment_payloads;
 use crate::config;
 use crate::store::records::TextCoding;
-
-/// A receipt from a partner, to be made durable; `ack` says whether it was.
-#[derive(Debug)]
-pub struct Inbound {
-    pub partner: String,
-    pub receipt: Receipt,
-    pub ack: oneshot::Sender<bool>,
-}
 
 pub struct SmppPartner {
     id: String,
@@ -286,29 +279,46 @@ impl SmppPartner {
         }
     }
 
-    /// A `deliver_sm`: a receipt is made durable, then acknowledged. Incoming messages (MO) are
-    /// not taken yet: answered with a temporary error so the SMSC keeps them.
+    /// A `deliver_sm` (SMPP 3.4 §4.6.1): a receipt or an incoming message is made durable, then
+    /// acknowledged. One that cannot be read is answered with a temporary error, so the SMSC
+    /// keeps it rather than losing it.
     fn deliver(&self, client: &Client, seq: u32, deliver: &rusmpp::pdus::DeliverSm) {
         let esm = u8::from(deliver.esm_class);
-        let text = String::from_utf8_lossy(deliver.short_message().as_ref()).into_owned();
         let mut tlv_id = None;
         let mut tlv_state = None;
         let mut tlv_error = None;
+        let mut payload = None;
         for tlv in deliver.tlvs() {
             match tlv.value() {
                 Some(TlvValue::ReceiptedMessageId(id)) => tlv_id = Some(id.to_string()),
                 Some(TlvValue::MessageState(state)) => tlv_state = Some(u8::from(*state)),
                 Some(TlvValue::NetworkErrorCode(code)) => tlv_error = Some(format!("{:03}", code.error_code)),
+                Some(TlvValue::MessagePayload(p)) => payload = Some(p.value.as_ref().to_vec()),
                 _ => {}
             }
         }
+        let short = deliver.short_message().as_ref();
+        let bytes = payload.as_deref().filter(|_| short.is_empty()).unwrap_or(short);
         let is_receipt = esm & 0x3c == 0x04 || esm & 0x3c == 0x08;
+        let what = if is_receipt {
+            let text = String::from_utf8_lossy(bytes);
+            receipt::parse(&text, tlv_id.as_deref(), tlv_state, tlv_error.as_deref()).map(Incoming::Receipt)
+        } else {
+            let body = if esm & 0x40 != 0 { strip_udh(bytes).0 } else { bytes };
+            let source = deliver.source_addr.to_string();
+            let international = matches!(deliver.source_addr_ton, Ton::International) && !source.starts_with('+');
+            (!source.is_empty()).then(|| {
+                Incoming::Message(Mo {
+                    from: if international { format!("+{source}") } else { source },
+                    to: deliver.destination_addr.to_string(),
+                    text: decode_text(u8::from(deliver.data_coding), body),
+                    received_at: jiff::Timestamp::now().as_millisecond(),
+                })
+            })
+        };
         let client = client.clone();
-        let parsed = is_receipt
-            .then(|| receipt::parse(&text, tlv_id.as_deref(), tlv_state, tlv_error.as_deref()))
-            .flatten();
-        let Some(receipt) = parsed else {
-            tracing::info!(partner = %self.id, receipt = is_receipt, "incoming deliver_sm not taken (not a readable receipt); answered with a temporary error");
+        let Some(what) = what else {
+            tracing::info!(partner = %self.id, receipt = is_receipt, "incoming deliver_sm not readable; answered with a temporary error");
             tokio::spawn(async move {
                 let _ = client
                     .status(CommandStatus::EsmeRxTAppn)
@@ -320,7 +330,7 @@ impl SmppPartner {
         let (ack, durable) = oneshot::channel();
         let _ = self.incoming.send(Inbound {
             partner: self.id.clone(),
-            receipt,
+            what,
             ack,
         });
         tokio::spawn(async move {

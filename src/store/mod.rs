@@ -15,10 +15,12 @@ mod bans;
 mod mail;
 mod receipts;
 pub mod records;
+mod replies;
 mod traffic;
 
 pub use audit::{AuditEntry, AuditEvent, ChainCheck};
 pub use bans::Ban;
+pub use replies::{IncomingMo, MoOutcome, ReplyRecord, SentTo};
 pub use traffic::Traffic;
 
 use std::collections::{HashMap, HashSet};
@@ -155,6 +157,19 @@ pub struct DispatchCommit {
     pub unschedule: Vec<(i64, u64)>,
     /// Delivery receipts: (partner, receipt), applied after the outcomes.
     pub receipts: Vec<(String, crate::dispatch::receipt::Receipt)>,
+    /// Messages handed to a partner, for matching the replies to them.
+    pub sent: Vec<SentTo>,
+    /// Incoming messages, kept for their tenant's replies file.
+    pub mos: Vec<IncomingMo>,
+}
+
+/// What a committed dispatcher step finished.
+#[derive(Debug, Default)]
+pub struct DispatchDone {
+    /// Batches whose every message is now final.
+    pub finished: Vec<BatchRecord>,
+    /// Where each incoming message of the step went, in order.
+    pub mos: Vec<MoOutcome>,
 }
 
 fn key_text(key: &[u8]) -> String {
@@ -232,6 +247,7 @@ impl Store {
         bans::create_tables(&tx)?;
         audit::create_tables(&tx)?;
         receipts::create_tables(&tx)?;
+        replies::create_tables(&tx)?;
         tx.commit()?;
         Ok(Store { db: Arc::new(db), keys })
     }
@@ -713,8 +729,8 @@ impl Store {
         Ok(table.first()?.map(|(k, _)| k.value().0 as i64))
     }
 
-    /// Applies one dispatcher step durably. Returns the batches whose every message is now final.
-    pub fn commit_dispatch(&self, step: &DispatchCommit, now: i64) -> Result<Vec<BatchRecord>> {
+    /// Applies one dispatcher step durably.
+    pub fn commit_dispatch(&self, step: &DispatchCommit, now: i64) -> Result<DispatchDone> {
         let tx = self.write(Durability::Immediate)?;
         let mut touched: HashMap<u64, BatchRecord> = HashMap::new();
         let load = |touched: &mut HashMap<u64, BatchRecord>, id: u64| -> Result<()> {
@@ -742,6 +758,11 @@ impl Store {
         for (partner, receipt) in &step.receipts {
             self.apply_receipt(&tx, &mut touched, partner, receipt, now)?;
         }
+        self.record_sent(&tx, &step.sent)?;
+        let mut mos = Vec::with_capacity(step.mos.len());
+        for mo in &step.mos {
+            mos.push(self.keep_mo(&tx, mo, now)?);
+        }
         {
             let mut scheduled = tx.open_table(SCHEDULED)?;
             for (due, id) in &step.schedule {
@@ -751,9 +772,9 @@ impl Store {
                 scheduled.remove((due.max(&0).to_owned() as u64, *id))?;
             }
         }
-        let done = self.put_touched(&tx, touched, now)?;
+        let finished = self.put_touched(&tx, touched, now)?;
         tx.commit()?;
-        Ok(done)
+        Ok(DispatchDone { finished, mos })
     }
 
     /// The status record of a message, if one was written.

@@ -1,0 +1,195 @@
+//! Incoming messages (MO) waiting for their `replies-*.csv`, and what each tenant last sent to
+//! each number, so that an MO finds the tenant and the message it answers
+//! (`dispatch::mo` describes the matching).
+//!
+//! Both tables are keyed by tenant ‖ 0 ‖ …, so a tenant's entries are one range, and sealed with
+//! the tenant's key: the number appears only as the tenant's keyed hash in `last_sent` keys and
+//! inside sealed values. `last_sent` holds one entry per (tenant, number), overwritten at each
+//! send: it does not grow with traffic. A reply leaves the store once the file holding it is
+//! synced and renamed into the outbox.
+
+use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use serde::{Deserialize, Serialize};
+
+use super::{BLOCKLIST, META, Result, Store, encode, open_record, tenant_key, tenant_range};
+use crate::dispatch::mo::{Mo, MoCandidate};
+use crate::store::records::BlockEntry;
+
+/// tenant ‖ 0 ‖ keyed phone hash → sealed [`LastSent`].
+const LAST_SENT: TableDefinition<&[u8], &[u8]> = TableDefinition::new("last_sent");
+/// tenant ‖ 0 ‖ sequence (8 bytes, big-endian) → sealed [`ReplyRecord`].
+const REPLIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("replies");
+
+pub(super) fn create_tables(tx: &WriteTransaction) -> Result<()> {
+    tx.open_table(LAST_SENT)?;
+    tx.open_table(REPLIES)?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LastSent {
+    message_id: u64,
+    /// Unix milliseconds.
+    at: i64,
+}
+
+/// An incoming message kept for its tenant's next replies file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplyRecord {
+    /// Unix milliseconds.
+    pub received_at: i64,
+    /// E.164.
+    pub from: String,
+    pub to: String,
+    pub text: String,
+    /// The message it answers, when the tenant ever sent to that number.
+    pub message_id: Option<u64>,
+    pub partner: String,
+}
+
+/// A message handed to a partner, for `last_sent`.
+#[derive(Debug, Clone)]
+pub struct SentTo {
+    pub tenant: String,
+    /// E.164.
+    pub phone: String,
+    pub message_id: u64,
+}
+
+/// An MO waiting for its commit, with the tenants it may belong to.
+#[derive(Debug, Clone)]
+pub struct IncomingMo {
+    pub partner: String,
+    pub mo: Mo,
+    pub candidates: Vec<MoCandidate>,
+}
+
+/// Where an MO went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MoOutcome {
+    /// Kept for the tenant's replies file; `optout` when it put the number on the blocklist.
+    Kept {
+        tenant: String,
+        answers: Option<u64>,
+        optout: Option<String>,
+    },
+    /// No tenant could be told apart.
+    Unmatched,
+}
+
+fn seq_key(tenant: &str, seq: u64) -> Vec<u8> {
+    tenant_key(tenant, &seq.to_be_bytes())
+}
+
+impl Store {
+    /// Remembers, for each message handed to a partner, that its tenant last sent to its number.
+    pub(super) fn record_sent(&self, tx: &WriteTransaction, sent: &[SentTo]) -> Result<()> {
+        if sent.is_empty() {
+            return Ok(());
+        }
+        let now = jiff::Timestamp::now().as_millisecond();
+        let mut table = tx.open_table(LAST_SENT)?;
+        for s in sent {
+            let keys = self.keys.tenant(&s.tenant);
+            let key = tenant_key(&s.tenant, &keys.phone_hash(&s.phone));
+            let value = LastSent {
+                message_id: s.message_id,
+                at: now,
+            };
+            table.insert(key.as_slice(), keys.seal("last_sent", &key, &encode(&value)).as_slice())?;
+        }
+        Ok(())
+    }
+
+    /// Keeps one MO for the tenant it belongs to, and blocklists its number for an opt-out.
+    pub(super) fn keep_mo(&self, tx: &WriteTransaction, incoming: &IncomingMo, now: i64) -> Result<MoOutcome> {
+        let mut best: Option<(&MoCandidate, LastSent)> = None;
+        {
+            let table = tx.open_table(LAST_SENT)?;
+            for c in &incoming.candidates {
+                let keys = self.keys.tenant(&c.tenant);
+                let key = tenant_key(&c.tenant, &keys.phone_hash(&c.from));
+                if let Some(v) = table.get(key.as_slice())? {
+                    let last: LastSent = open_record(&keys, "last_sent", &key, v.value())?;
+                    // the latest send wins; a later batch breaks a tie within a millisecond
+                    if best
+                        .as_ref()
+                        .is_none_or(|(_, b)| (last.at, last.message_id) > (b.at, b.message_id))
+                    {
+                        best = Some((c, last));
+                    }
+                }
+            }
+        }
+        let (candidate, answers) = match (best, incoming.candidates.as_slice()) {
+            (Some((c, last)), _) => (c, Some(last.message_id)),
+            (None, [only]) => (only, None),
+            (None, _) => return Ok(MoOutcome::Unmatched),
+        };
+        let keys = self.keys.tenant(&candidate.tenant);
+        let seq = {
+            let mut meta = tx.open_table(META)?;
+            let next = meta.get("next_reply")?.map(|v| v.value()).unwrap_or(1);
+            meta.insert("next_reply", next + 1)?;
+            next
+        };
+        let record = ReplyRecord {
+            received_at: incoming.mo.received_at,
+            from: candidate.from.clone(),
+            to: incoming.mo.to.clone(),
+            text: incoming.mo.text.clone(),
+            message_id: answers,
+            partner: incoming.partner.clone(),
+        };
+        let key = seq_key(&candidate.tenant, seq);
+        tx.open_table(REPLIES)?
+            .insert(key.as_slice(), keys.seal("replies", &key, &encode(&record)).as_slice())?;
+        if let Some(word) = &candidate.optout {
+            let key = tenant_key(&candidate.tenant, &keys.phone_hash(&candidate.from));
+            let entry = BlockEntry {
+                added_at: now,
+                source: format!("mo:{word}"),
+            };
+            tx.open_table(BLOCKLIST)?
+                .insert(key.as_slice(), keys.seal("blocklist", &key, &encode(&entry)).as_slice())?;
+        }
+        Ok(MoOutcome::Kept {
+            tenant: candidate.tenant.clone(),
+            answers,
+            optout: candidate.optout.clone(),
+        })
+    }
+
+    /// A tenant's replies not yet written to a file, oldest first, at most `limit`:
+    /// (sequence, reply).
+    pub fn pending_replies(&self, tenant: &str, limit: usize) -> Result<Vec<(u64, ReplyRecord)>> {
+        let keys = self.keys.tenant(tenant);
+        let (start, end) = tenant_range(tenant);
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(REPLIES)?;
+        let mut out = Vec::new();
+        for e in table.range(start.as_slice()..end.as_slice())?.take(limit) {
+            let (k, v) = e?;
+            let key = k.value();
+            let Some(seq) = key.get(start.len()..).and_then(|b| <[u8; 8]>::try_from(b).ok()) else {
+                continue;
+            };
+            out.push((u64::from_be_bytes(seq), open_record(&keys, "replies", key, v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Drops a tenant's replies up to `last` (written to a file) and records the name the file
+    /// got (`mark`), in one durable transaction.
+    pub fn replies_written(&self, tenant: &str, last: u64, mark: (&str, u64)) -> Result<()> {
+        let (start, _) = tenant_range(tenant);
+        let end = seq_key(tenant, last);
+        let tx = self.write(redb::Durability::Immediate)?;
+        tx.open_table(REPLIES)?
+            .extract_from_if(start.as_slice()..=end.as_slice(), |_, _| true)?
+            .for_each(drop);
+        tx.open_table(META)?.insert(mark.0, mark.1)?;
+        tx.commit()?;
+        Ok(())
+    }
+}

@@ -93,6 +93,8 @@ pub struct AdminContext {
     /// Asks for a batch's final report (a cancel can finish a batch).
     pub reports: Option<crate::reply::ReportRequests>,
     pub audit: Audit,
+    /// Partner health as the running dispatcher sees it.
+    pub partners: Option<crate::dispatch::HealthBoard>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -190,7 +192,7 @@ fn answer(ctx: &AdminContext, request: &Request, event: &mut Event) -> Result<Ve
             tracing::info!(batch = id, tenant = %batch.tenant, canceled, "batch canceled by an operator");
             Ok(format!("batch {id} canceled: {canceled} messages will not be sent\n").into_bytes())
         }
-        Request::Status => Ok(status_text(store, config)?.into_bytes()),
+        Request::Status => Ok(status_text(store, config, ctx.partners.as_ref())?.into_bytes()),
         Request::Validate { tenant, path } => validate(store, config, tenant, path),
         Request::BlocklistAdd { tenant, phone } => {
             let (tenant, e164) = tenant_phone(config, tenant, phone)?;
@@ -365,9 +367,45 @@ pub fn batch_show(b: &crate::store::records::BatchRecord) -> String {
     out
 }
 
-/// `smsdrop status`: queue depth by tenant and status.
-pub fn status_text(store: &Store, config: &Config) -> Result<String, StoreError> {
+/// `smsdrop status`: partner health (when `serve` runs), bans, queue depth by tenant and status.
+pub fn status_text(
+    store: &Store,
+    config: &Config,
+    partners: Option<&crate::dispatch::HealthBoard>,
+) -> Result<String, StoreError> {
     let mut out = String::new();
+    match partners.and_then(|b| b.read().ok().map(|b| b.clone())) {
+        Some(board) => {
+            let _ = writeln!(
+                out,
+                "{:<16} {:<8} {:>9} {:>10} {:>10} {:>8}  since / reason",
+                "partner", "health", "connected", "in flight", "latency", "failed"
+            );
+            for (id, v) in &board {
+                let since = jiff::Timestamp::from_second(v.since)
+                    .ok()
+                    .filter(|_| v.since > 0)
+                    .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+                    .unwrap_or_else(|| "-".into());
+                let _ = writeln!(
+                    out,
+                    "{:<16} {:<8} {:>9} {:>10} {:>10} {:>8}  {since}{}{}",
+                    id,
+                    v.state,
+                    if v.connected { "yes" } else { "no" },
+                    format!("{}/{}", v.in_flight, v.window),
+                    format!("{} ms", v.latency_ms),
+                    format!("{}/{}", v.failed, v.samples),
+                    if v.reason.is_empty() { "" } else { "  " },
+                    v.reason
+                );
+            }
+        }
+        None => {
+            let _ = writeln!(out, "partners: health is known only while `smsdrop serve` runs");
+        }
+    }
+    out.push('\n');
     let statuses = MessageStatus::ALL;
     if let Some(sftp) = &config.sftp {
         let key = russh::keys::load_secret_key(&sftp.host_key, None)

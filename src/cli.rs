@@ -244,6 +244,7 @@ fn with_store(config: Config, request: Request) -> anyhow::Result<Vec<u8>> {
         config: Arc::new(config),
         dispatch: None,
         reports: None,
+        partners: None,
     };
     Ok(admin::handle(&ctx, &request, &format!("cli uid {uid}"))?)
 }

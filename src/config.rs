@@ -205,6 +205,20 @@ pub struct Smpp {
     pub registered_delivery: bool,
     /// Long messages: UDH (default) or the SAR TLVs.
     pub sar: bool,
+    pub health: HealthPolicy,
+    /// A submitted message with no receipt after this long ends `submitted` in the report.
+    pub receipt_timeout: Duration,
+}
+
+/// When a partner leaves its routes and comes back (`dispatch::health`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthPolicy {
+    /// Median submit latency above which the partner is down.
+    pub max_latency: Duration,
+    /// Share of transient failures among the last submissions at which it is down.
+    pub max_error_percent: u8,
+    /// How often a partner that is down is probed.
+    pub probe_interval: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -420,6 +434,10 @@ struct RawPartner {
     response_timeout: Option<Spanned<String>>,
     registered_delivery: Option<bool>,
     concatenation: Option<Spanned<String>>,
+    max_latency: Option<Spanned<String>>,
+    max_error_percent: Option<Spanned<i64>>,
+    probe_interval: Option<Spanned<String>>,
+    receipt_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -891,6 +909,10 @@ impl Validator<'_> {
             ("response_timeout", p.response_timeout.is_some()),
             ("registered_delivery", p.registered_delivery.is_some()),
             ("concatenation", p.concatenation.is_some()),
+            ("max_latency", p.max_latency.is_some()),
+            ("max_error_percent", p.max_error_percent.is_some()),
+            ("probe_interval", p.probe_interval.is_some()),
+            ("receipt_timeout", p.receipt_timeout.is_some()),
         ];
         let kind = p.kind.get_ref().as_str();
         let foreign: Vec<&str> = match kind {
@@ -1018,6 +1040,27 @@ impl Validator<'_> {
             ),
             registered_delivery: p.registered_delivery.unwrap_or(true),
             sar,
+            health: HealthPolicy {
+                max_latency: self.duration(
+                    p.max_latency.as_ref(),
+                    &k("max_latency"),
+                    Duration::from_secs(5),
+                    (Duration::from_millis(50), Duration::from_secs(300)),
+                ),
+                max_error_percent: self.int(p.max_error_percent.as_ref(), &k("max_error_percent"), 50, (1, 100)) as u8,
+                probe_interval: self.duration(
+                    p.probe_interval.as_ref(),
+                    &k("probe_interval"),
+                    Duration::from_secs(30),
+                    (Duration::from_secs(1), Duration::from_secs(3600)),
+                ),
+            },
+            receipt_timeout: self.duration(
+                p.receipt_timeout.as_ref(),
+                &k("receipt_timeout"),
+                Duration::from_secs(72 * 3600),
+                (Duration::from_secs(1), Duration::from_secs(30 * 86400)),
+            ),
         })
     }
 

@@ -97,6 +97,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     let wake = Arc::new(dispatch::Signal::default());
     let (claimed_tx, claimed_rx) = mpsc::unbounded_channel::<Claimed>();
     let (reports_tx, reports_rx) = mpsc::unbounded_channel::<u64>();
+    let board = dispatch::HealthBoard::default();
 
     {
         let path = config.admin_socket.clone();
@@ -106,6 +107,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
             dispatch: Some(wake.clone()),
             reports: Some(reports_tx.clone()),
             audit: audit.clone(),
+            partners: Some(board.clone()),
         };
         let stop = workers.clone();
         tracker.spawn(async move {
@@ -169,6 +171,8 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
             wake: wake.clone(),
             reports: reports_tx,
             incoming: incoming_rx,
+            alerts: alerter.clone(),
+            board,
         };
         tracker.spawn(dispatcher.run(workers.clone()));
     }

@@ -346,3 +346,127 @@ fn a_reply_goes_to_the_tenant_that_sent_to_the_number() {
     app.drop_file("acme", "a2.csv", b"phone;message\n0612340000;again\n");
     assert_eq!(app.result("acme", "a2")[1][3], "queued");
 }
+
+/// `n` distinct French mobiles from `from` on (ending in 9: none of the SMSC's special numbers).
+fn numbers(from: usize, n: usize) -> Vec<u8> {
+    let mut csv = String::from("phone;message\n");
+    for i in from..from + n {
+        csv.push_str(&format!("0613{i:05}9;message {i}\n"));
+    }
+    csv.into_bytes()
+}
+
+/// The health column of a partner in `smsdrop status`.
+fn health_of(app: &Appliance, partner: &str) -> String {
+    let status = String::from_utf8_lossy(&app.cli(&["status"]).stdout).into_owned();
+    status
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(partner))
+        .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+        .unwrap_or_else(|| panic!("{partner} not in status:\n{status}"))
+}
+
+/// Sends small batches until the partner is back in its routes (probes are real messages).
+fn until_up(app: &Appliance, partner: &str, next: &mut usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while health_of(app, partner) != "up" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{partner} never came back:\n{}",
+            app.log()
+        );
+        let stem = format!("probe{next}");
+        app.drop_file("acme", &format!("{stem}.csv"), &numbers(*next, 4));
+        app.final_report("acme", &stem, 4);
+        *next += 4;
+    }
+}
+
+#[test]
+fn failover_from_a_dead_or_slow_smsc_and_back() {
+    let dir = tempfile::tempdir().expect("dir");
+    let smtp_port = common::free_port();
+    let backup = Smsc::start(dir.path(), &[]);
+    let primary_port = common::free_port(); // nothing listens there yet: the primary is dead
+    let smpp = |id: &str, port: u16, extra: &str| {
+        format!(
+            "\n[partner.{id}]\nkind = \"smpp\"\naddress = \"127.0.0.1:{port}\"\nsystem_id = \"smsdrop\"\npassword_file = \"smsc.secret\"\nwindow = 10\n{extra}\n"
+        )
+    };
+    let mut app = Appliance::new(&format!(
+        "{}\n[email]\nsmtp_url = \"smtp://127.0.0.1:{smtp_port}\"\nfrom = \"smsdrop@example.net\"\nadmin_to = [\"ops@example.net\"]\nmin_interval = \"0s\"\n{}{}\n[[route]]\nprefix = \"+33\"\npartners = [\"primary\", \"backup\"]\n",
+        tenant("acme", ""),
+        smpp(
+            "primary",
+            primary_port,
+            "response_timeout = \"5s\"\nmax_latency = \"1s\"\nprobe_interval = \"2s\""
+        ),
+        smpp("backup", backup.port, ""),
+    ));
+    std::fs::write(app.path("smsc.secret"), "secret\n").expect("password file");
+    let smtp = common::SmtpServer::start(smtp_port, &app.path("maildir"), None);
+    app.start();
+    let partner_of = |report: &[Vec<String>]| -> std::collections::BTreeSet<String> {
+        report[1..].iter().map(|r| r[5].clone()).collect()
+    };
+
+    // 1. The primary is dead: everything goes to the backup, and the operator hears of it.
+    app.drop_file("acme", "one.csv", &numbers(0, 20));
+    let one = app.final_report("acme", "one", 20);
+    assert!(one[1..].iter().all(|r| r[4] == "delivered"), "{one:?}");
+    assert_eq!(partner_of(&one), ["backup".to_string()].into());
+    assert_eq!(health_of(&app, "primary"), "down");
+    let down = common::poll(
+        Duration::from_secs(10),
+        || smtp.mails().into_iter().find(|m| m.subject.contains("partner_down")),
+        || "no partner_down mail".into(),
+    );
+    assert!(
+        down.body.contains("Partner primary is down: no connection"),
+        "{}",
+        down.body
+    );
+    assert!(down.body.contains("+33"), "names its routes: {}", down.body);
+
+    // 2. It comes back: probed with real messages, taken back, traffic returns to it.
+    let mut primary = Smsc::start_on(dir.path(), primary_port, &[]);
+    let mut next = 1000;
+    until_up(&app, "primary", &mut next);
+    common::poll(
+        Duration::from_secs(10),
+        || smtp.mails().into_iter().find(|m| m.subject.contains("partner_up")),
+        || "no partner_up mail".into(),
+    );
+    app.drop_file("acme", "two.csv", &numbers(100, 20));
+    let two = app.final_report("acme", "two", 20);
+    assert_eq!(partner_of(&two), ["primary".to_string()].into());
+
+    // 3. It slows down past max_latency: it leaves the route, the rest goes to the backup.
+    primary.control(serde_json::json!({"delay_ms": 2500}));
+    app.drop_file("acme", "three.csv", &numbers(200, 200));
+    let three = app.final_report("acme", "three", 200);
+    assert!(three[1..].iter().all(|r| r[4] == "delivered"), "nothing lost");
+    let on_backup = three[1..].iter().filter(|r| r[5] == "backup").count();
+    assert!(on_backup >= 150, "{on_backup} of 200 moved to the backup");
+    assert_ne!(health_of(&app, "primary"), "up");
+    let status = String::from_utf8_lossy(&app.cli(&["status"]).stdout).into_owned();
+    assert!(status.contains("median submit latency"), "{status}");
+
+    // 4. Fast again: back in the route.
+    primary.control(serde_json::json!({"delay_ms": 0}));
+    until_up(&app, "primary", &mut next);
+    app.drop_file("acme", "four.csv", &numbers(400, 20));
+    assert_eq!(
+        partner_of(&app.final_report("acme", "four", 20)),
+        ["primary".to_string()].into()
+    );
+
+    // Every message reached an SMSC.
+    let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
+    for s in primary.of("submit").into_iter().chain(backup.of("submit")) {
+        seen.insert(s["to"].as_str().unwrap_or_default().to_string());
+    }
+    for i in (0..20).chain(100..120).chain(200..400).chain(400..420) {
+        assert!(seen.contains(&format!("33613{i:05}9")), "{i} never reached an SMSC");
+    }
+}

@@ -10,6 +10,7 @@
 //! Each step's outcomes and the batches' cursors are committed in one durable transaction after
 //! the partner answered: a crash can resend at most the step that was in flight, never lose one.
 
+pub mod health;
 pub mod mo;
 pub mod partner;
 pub mod receipt;
@@ -25,11 +26,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::alert::{Alert, AlertKind, Alerter};
 use crate::codes::MessageStatus;
 use crate::config::{self, Config};
 use crate::reply::ReportRequests;
 use crate::store::records::{BatchRecord, CHUNK_MESSAGES, StatusRecord, StoredMessage, message_id, split_message_id};
 use crate::store::{DispatchCommit, DispatchDone, IncomingMo, MoOutcome, SentTo, Store, StoreError};
+use health::{Change, Health};
 use partner::{Inbound, Incoming, Outbound, Partner, PartnerError, Submitted};
 
 /// Messages one batch may send per turn.
@@ -148,6 +151,28 @@ impl Signal {
     }
 }
 
+/// How a partner stands, for `smsdrop status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartnerView {
+    /// `up`, `down`, or `probing` (down, with probe messages out).
+    pub state: &'static str,
+    /// Unix seconds of the last move.
+    pub since: i64,
+    /// Why it is down.
+    pub reason: String,
+    pub connected: bool,
+    /// Messages handed to it and not yet recorded, and its window.
+    pub in_flight: usize,
+    pub window: usize,
+    /// Median submit latency and transient failures over its last submissions.
+    pub latency_ms: u64,
+    pub failed: usize,
+    pub samples: usize,
+}
+
+/// Every partner's [`PartnerView`], kept by the dispatcher.
+pub type HealthBoard = Arc<std::sync::RwLock<std::collections::BTreeMap<String, PartnerView>>>;
+
 /// Sends queued messages through partners.
 pub struct Dispatcher {
     pub store: Store,
@@ -158,6 +183,10 @@ pub struct Dispatcher {
     pub reports: ReportRequests,
     /// Receipts from partners, committed with the dispatch outcomes.
     pub incoming: tokio::sync::mpsc::UnboundedReceiver<partner::Inbound>,
+    /// `partner_down` and `partner_up` go here.
+    pub alerts: Alerter,
+    /// Partner health, published for `status`.
+    pub board: HealthBoard,
 }
 
 fn now() -> i64 {
@@ -232,7 +261,21 @@ impl Dispatcher {
         let mut pending = Pending::default();
         let mut committing: Option<Committed> = None;
         let mut idle_since_fill = false;
+        let mut health: HashMap<String, Health> = self
+            .config
+            .partners
+            .iter()
+            .filter_map(|(id, p)| match p {
+                config::Partner::Smpp(c) => Some((id.clone(), Health::new(c.health))),
+                config::Partner::Sink { .. } => None,
+            })
+            .collect();
+        let mut checked = tokio::time::Instant::now();
         loop {
+            if checked.elapsed() >= Duration::from_millis(200) {
+                checked = tokio::time::Instant::now();
+                self.check_health(&mut health, &mut ready, &outstanding);
+            }
             let stopping = shutdown.is_cancelled();
             if stopping && flights.is_empty() && committing.is_none() && pending.is_empty() {
                 break;
@@ -266,6 +309,7 @@ impl Dispatcher {
                         &mut scheduled_open,
                         &mut ready,
                         &mut pending,
+                        &mut health,
                         READY_MAX - queued,
                     )
                     .await
@@ -328,6 +372,12 @@ impl Dispatcher {
             } else {
                 Duration::from_secs(5)
             };
+            // A partner that is down is probed: look at it again soon.
+            let nap = if health.values().any(|h| !h.is_up()) {
+                nap.min(Duration::from_secs(1))
+            } else {
+                nap
+            };
             let no_flights = flights.is_empty();
             tokio::select! {
                 done = async {
@@ -383,7 +433,7 @@ impl Dispatcher {
                 }
                 flight = flights.next(), if !no_flights => {
                     if let Some(flight) = flight {
-                        self.land(flight, &mut pending);
+                        self.land(flight, &mut pending, &health);
                     }
                 }
                 _ = self.wake.notify.notified(), if !stopping => refresh = true,
@@ -391,6 +441,142 @@ impl Dispatcher {
                 _ = tokio::time::sleep(nap) => refresh = idle_since_fill,
             }
         }
+    }
+
+    /// Reads every partner's meter; moves partners out of their routes and back, with alerts;
+    /// messages waiting for a partner that went down go to the next one of their route.
+    fn check_health(
+        &self,
+        health: &mut HashMap<String, Health>,
+        ready: &mut HashMap<String, VecDeque<Pick>>,
+        outstanding: &HashMap<String, usize>,
+    ) {
+        let now = std::time::Instant::now();
+        let mut fallen = Vec::new();
+        for (id, h) in health.iter_mut() {
+            let Some(partner) = self.partners.get(id) else { continue };
+            let Some(meter) = partner.meter() else { continue };
+            let policy = match self.config.partners.get(id) {
+                Some(config::Partner::Smpp(c)) => c.health,
+                _ => continue,
+            };
+            match h.observe(meter, partner.is_connected(), now) {
+                Some(Change::Down(reason)) => {
+                    tracing::warn!(partner = %id, %reason, "partner down: its routes use the next partner");
+                    let alert = Alert::new(AlertKind::PartnerDown, None, format!("Partner {id} is down: {reason}."))
+                        .detail("partner", id)
+                        .detail("reason", &reason)
+                        .detail("routes", self.routes_of(id))
+                        .action(format!(
+                            "Nothing is lost: its traffic goes to the next partner of each route. smsdrop probes it every {} and takes it back when it answers well; if it stays down, ask the partner.",
+                            humantime::format_duration(policy.probe_interval)
+                        ));
+                    self.raise(alert);
+                    fallen.push(id.clone());
+                }
+                Some(Change::Up) => {
+                    tracing::info!(partner = %id, "partner up again: back in its routes");
+                    let alert = Alert::new(AlertKind::PartnerUp, None, format!("Partner {id} is up again."))
+                        .detail("partner", id)
+                        .detail("routes", self.routes_of(id))
+                        .action("None: it has its traffic back.");
+                    self.raise(alert);
+                }
+                None => {}
+            }
+        }
+        for id in fallen {
+            let Some(queue) = ready.remove(&id) else { continue };
+            for p in queue {
+                match self.choose(&p.message.phone, health, now) {
+                    Some(target) => ready.entry(target).or_default().push_back(p),
+                    None => ready.entry(id.clone()).or_default().push_back(p),
+                }
+            }
+        }
+        if let Ok(mut board) = self.board.write() {
+            for (id, partner) in &self.partners {
+                let (state, since, reason, latency, failed, samples) = match health.get(id) {
+                    Some(h) => {
+                        let (latency, failed, samples) = h.summary();
+                        let (state, reason) = match h.state() {
+                            health::State::Up => ("up", String::new()),
+                            health::State::Down {
+                                reason, probes_sent, ..
+                            } => (if *probes_sent > 0 { "probing" } else { "down" }, reason.clone()),
+                        };
+                        (state, h.since, reason, latency, failed, samples)
+                    }
+                    None => ("up", 0, String::new(), Duration::ZERO, 0, 0),
+                };
+                board.insert(
+                    id.clone(),
+                    PartnerView {
+                        state,
+                        since,
+                        reason,
+                        connected: partner.is_connected(),
+                        in_flight: outstanding.get(id).copied().unwrap_or(0),
+                        window: partner.window(),
+                        latency_ms: latency.as_millis() as u64,
+                        failed,
+                        samples,
+                    },
+                );
+            }
+        }
+    }
+
+    fn routes_of(&self, partner: &str) -> String {
+        let prefixes: Vec<String> = self
+            .config
+            .routes
+            .iter()
+            .filter(|r| r.partners.iter().any(|p| p == partner))
+            .map(|r| {
+                if r.prefix.is_empty() {
+                    "(default)".to_string()
+                } else {
+                    r.prefix.clone()
+                }
+            })
+            .collect();
+        prefixes.join(" ")
+    }
+
+    /// Raises an alert off the async threads (it writes the mail queue).
+    fn raise(&self, alert: Alert) {
+        let alerts = self.alerts.clone();
+        tokio::task::spawn_blocking(move || alerts.raise(alert));
+    }
+
+    /// The partner a message goes to: the first of its route that is up, or that a probe is due
+    /// on; when every one is down, the first. `None`: no route.
+    fn choose(&self, phone: &str, health: &mut HashMap<String, Health>, now: std::time::Instant) -> Option<String> {
+        let route = self.config.route_for(phone)?;
+        let mut known = route.partners.iter().filter(|p| self.partners.contains_key(*p));
+        let first = known.clone().next()?;
+        for p in known.by_ref() {
+            match health.get_mut(p) {
+                None => return Some(p.clone()),
+                Some(h) if h.is_up() => return Some(p.clone()),
+                Some(h) if h.probe_room(now) > 0 => {
+                    h.probe_sent();
+                    return Some(p.clone());
+                }
+                Some(_) => {}
+            }
+        }
+        Some(first.clone())
+    }
+
+    /// Whether a message that failed on `failing` has another partner up in its route.
+    fn has_alternative(&self, phone: &str, failing: &str, health: &HashMap<String, Health>) -> bool {
+        self.config.route_for(phone).is_some_and(|r| {
+            r.partners
+                .iter()
+                .any(|p| p != failing && self.partners.contains_key(p) && health.get(p).is_none_or(Health::is_up))
+        })
     }
 
     /// Puts a receipt or an incoming message into the next commit.
@@ -453,8 +639,10 @@ impl Dispatcher {
         })
     }
 
-    /// Turns a partner's answers into outcomes waiting for commit.
-    fn land(&self, flight: Flight, pending: &mut Pending) {
+    /// Turns a partner's answers into outcomes waiting for commit. A transient failure is
+    /// retried with growing delays, or within a second when its partner is down and another
+    /// partner of its route is up (failover).
+    fn land(&self, flight: Flight, pending: &mut Pending, health: &HashMap<String, Health>) {
         let done = now();
         let partner_id = flight.partner;
         *pending.release.entry(partner_id.clone()).or_default() += flight.picks.len();
@@ -493,7 +681,12 @@ impl Dispatcher {
                     final_status(MessageStatus::Failed, &partner_id, &detail, attempts, done)
                 }
                 Err(PartnerError::Transient { detail }) => {
-                    let delay = (5i64 << attempts.min(7)).min(600);
+                    let failing_down = health.get(&partner_id).is_some_and(|h| !h.is_up());
+                    let delay = if failing_down && self.has_alternative(&p.message.phone, &partner_id, health) {
+                        1
+                    } else {
+                        (5i64 << attempts.min(7)).min(600)
+                    };
                     if done + delay > valid_until {
                         final_status(MessageStatus::Expired, &partner_id, &detail, attempts, done)
                     } else {
@@ -540,6 +733,7 @@ impl Dispatcher {
         scheduled_open: &mut std::collections::HashSet<u64>,
         ready: &mut HashMap<String, VecDeque<Pick>>,
         pending: &mut Pending,
+        health: &mut HashMap<String, Health>,
         room: usize,
     ) -> Result<usize, StoreError> {
         let t = now();
@@ -577,11 +771,12 @@ impl Dispatcher {
                     continue;
                 }
             }
-            match self.config.route_for(&p.message.phone).and_then(|r| r.partners.first()) {
-                Some(partner) if self.partners.contains_key(partner) => {
-                    ready.entry(partner.clone()).or_default().push_back(p);
+            let now = std::time::Instant::now();
+            match self.choose(&p.message.phone, health, now) {
+                Some(partner) => {
+                    ready.entry(partner).or_default().push_back(p);
                 }
-                _ => {
+                None => {
                     pending
                         .step
                         .outcomes

@@ -56,6 +56,17 @@ pub trait Partner: Send + Sync {
         1
     }
 
+    /// Its own measurements of its submissions, for its health (`dispatch::health`); `None` for
+    /// a partner that is never unwell (`sink`).
+    fn meter(&self) -> Option<&super::health::Meter> {
+        None
+    }
+
+    /// Whether it has a connection to send on now.
+    fn is_connected(&self) -> bool {
+        true
+    }
+
     /// Submits messages; answers one result per message, in order. A partner must not answer
     /// `Accepted` or `Delivered` before the message is really out of smsdrop's hands.
     fn submit<'a>(&'a self, messages: &'a [Outbound<'a>]) -> SubmitFuture<'a>;

@@ -22,6 +22,7 @@ use rusmppc::{Client, ConnectionBuilder, Event};
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::health::Meter;
 use super::mo::{Mo, decode_text, strip_udh};
 use super::partner::{Inbound, Incoming, Outbound, Partner, PartnerError, SubmitFuture, Submitted};
 use super::receipt;
@@ -43,6 +44,7 @@ pub struct SmppPartner {
     pace: tokio::sync::Mutex<tokio::time::Instant>,
     reference: AtomicU16,
     incoming: mpsc::UnboundedSender<Inbound>,
+    meter: Meter,
 }
 
 /// What a connection binds as.
@@ -103,6 +105,7 @@ impl SmppPartner {
             pace: tokio::sync::Mutex::new(tokio::time::Instant::now()),
             reference: AtomicU16::new(u16::from_be_bytes(seed)),
             incoming,
+            meter: Meter::default(),
             cfg,
         })
     }
@@ -447,16 +450,28 @@ impl SmppPartner {
                 detail: "partner stopped".into(),
             })?;
             self.pace().await;
-            let client = self.client().await.ok_or_else(|| PartnerError::Transient {
-                detail: "no SMPP bind up".into(),
-            })?;
-            match client.submit_sm(pdu).await {
-                Ok(resp) => ids.push(resp.message_id().to_string()),
+            let Some(client) = self.client().await else {
+                self.meter.record(self.cfg.response_timeout, false);
+                return Err(PartnerError::Transient {
+                    detail: "no SMPP bind up".into(),
+                });
+            };
+            let sent = tokio::time::Instant::now();
+            let answer = client.submit_sm(pdu).await;
+            let latency = sent.elapsed();
+            match answer {
+                Ok(resp) => {
+                    self.meter.record(latency, true);
+                    ids.push(resp.message_id().to_string());
+                }
                 Err(rusmppc::error::Error::UnexpectedResponse { response }) => {
                     let status = response.status();
                     let detail = format!("{status:?} (0x{:08x})", u32::from(status));
                     if status == CommandStatus::EsmeRthrottled {
+                        // asked to slow down: not a sign of ill health
                         self.paused_until.store(now_ms() + 1000, Ordering::Relaxed);
+                    } else {
+                        self.meter.record(latency, !is_transient(status));
                     }
                     return Err(if is_transient(status) {
                         PartnerError::Transient { detail }
@@ -464,7 +479,10 @@ impl SmppPartner {
                         PartnerError::Permanent { detail }
                     });
                 }
-                Err(e) => return Err(PartnerError::Transient { detail: e.to_string() }),
+                Err(e) => {
+                    self.meter.record(latency, false);
+                    return Err(PartnerError::Transient { detail: e.to_string() });
+                }
             }
         }
         Ok(Submitted::Accepted {
@@ -480,6 +498,17 @@ impl Partner for SmppPartner {
 
     fn window(&self) -> usize {
         self.cfg.window
+    }
+
+    fn meter(&self) -> Option<&Meter> {
+        Some(&self.meter)
+    }
+
+    fn is_connected(&self) -> bool {
+        self.clients
+            .read()
+            .map(|c| c.iter().flatten().any(|c| c.is_active()))
+            .unwrap_or(false)
     }
 
     fn submit<'a>(&'a self, messages: &'a [Outbound<'a>]) -> SubmitFuture<'a> {

@@ -563,7 +563,11 @@ pub struct Smsc {
 impl Smsc {
     /// Starts it on a free port; `env` sets its behaviours (see smsc.js).
     pub fn start(dir: &Path, env: &[(&str, &str)]) -> Smsc {
-        let port = free_port();
+        Smsc::start_on(dir, free_port(), env)
+    }
+
+    /// Starts it on `port` (to bring back an SMSC that was down).
+    pub fn start_on(dir: &Path, port: u16, env: &[(&str, &str)]) -> Smsc {
         let log = dir.join(format!("smsc-{port}.jsonl"));
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/peers/smsc.js");
         let child = Command::new("node")
@@ -610,10 +614,14 @@ impl Smsc {
 
     /// Sends an incoming message (MO) to the first bound session.
     pub fn mo(&mut self, from: &str, to: &str, text: &str) {
+        self.control(serde_json::json!({"mo": {"from": from, "to": to, "text": text}}));
+    }
+
+    /// Sends one control line (see smsc.js).
+    pub fn control(&mut self, command: serde_json::Value) {
         use std::io::Write;
-        let line = serde_json::json!({"mo": {"from": from, "to": to, "text": text}}).to_string();
         let stdin = self.child.stdin.as_mut().expect("stdin");
-        writeln!(stdin, "{line}").expect("write to SMSC");
+        writeln!(stdin, "{command}").expect("write to SMSC");
     }
 
     /// Stops it (a partner that goes away).

@@ -28,6 +28,8 @@
 // SMSCs do), logged as {"ev":"redeliver","receipts":n}.
 // Control on stdin, one JSON object per line:
 //   {"mo": {"from": "+33612345678", "to": "ACME", "text": "STOP"}}   an incoming message
+//   {"delay_ms": 3000}                                               answer submit_sm this late
+//                                                                    from now on (0: at once)
 "use strict";
 
 const fs = require("fs");
@@ -43,7 +45,7 @@ const idFormat = env.SMSC_ID_FORMAT || "hex";
 const receiptIdFormat = env.SMSC_RECEIPT_ID_FORMAT || "same";
 const receiptTlvs = (env.SMSC_RECEIPT_TLVS || "1") === "1";
 const throttleTps = Number(env.SMSC_THROTTLE_TPS || 0);
-const delayMs = Number(env.SMSC_DELAY_MS || 0);
+let delayMs = Number(env.SMSC_DELAY_MS || 0);
 let dropAfter = Number(env.SMSC_DROP_AFTER || 0);
 const receiptDelay = Number(env.SMSC_RECEIPT_DELAY_MS || 5);
 const quiet = env.SMSC_QUIET === "1";
@@ -249,6 +251,10 @@ readline.createInterface({ input: process.stdin }).on("line", (line) => {
     cmd = JSON.parse(line);
   } catch (e) {
     return;
+  }
+  if (typeof cmd.delay_ms === "number") {
+    delayMs = cmd.delay_ms;
+    write({ ev: "delay", ms: delayMs });
   }
   if (cmd.mo) {
     for (const session of sessions) {

@@ -470,3 +470,40 @@ fn failover_from_a_dead_or_slow_smsc_and_back() {
         assert!(seen.contains(&format!("33613{i:05}9")), "{i} never reached an SMSC");
     }
 }
+
+#[test]
+fn a_message_without_a_receipt_ends_submitted_after_receipt_timeout() {
+    let dir = tempfile::tempdir().expect("dir");
+    let smsc = Smsc::start(dir.path(), &[]);
+    let mut app = with_smsc(&smsc, "receipt_timeout = \"2s\"");
+    app.start();
+    // ...0406: the SMSC takes it and never sends its receipt
+    app.drop_file(
+        "acme",
+        "quiet.csv",
+        b"phone;message\n0612340000;answered\n0612340406;never answered\n",
+    );
+    app.result("acme", "quiet");
+    common::wait_log(
+        &app,
+        "receipts did not come within receipt_timeout",
+        Duration::from_secs(20),
+    );
+    common::wait_log(&app, "final delivery report written", Duration::from_secs(5));
+    let report = common::parse_csv(
+        &std::fs::read(app.outbox("acme").join("quiet.report.csv")).expect("report"),
+        b';',
+    );
+    assert_eq!(status_of(&report, "+33612340000"), "delivered");
+    let quiet = report.iter().find(|r| r[2] == "+33612340406").expect("row");
+    assert_eq!(quiet[4], "submitted", "not guessed: {quiet:?}");
+    assert!(
+        !quiet[6].is_empty() && quiet[7].is_empty(),
+        "submitted_at set, done_at empty: {quiet:?}"
+    );
+    let list = String::from_utf8_lossy(&app.cli(&["batch", "list"]).stdout).into_owned();
+    assert!(
+        list.lines().any(|l| l.contains("quiet.csv") && l.contains("done")),
+        "{list}"
+    );
+}

@@ -271,10 +271,37 @@ impl Dispatcher {
             })
             .collect();
         let mut checked = tokio::time::Instant::now();
+        let mut swept = tokio::time::Instant::now();
+        // Batches waiting only for receipts are closed after the longest receipt_timeout.
+        let receipt_timeout = self
+            .config
+            .partners
+            .values()
+            .filter_map(|p| match p {
+                config::Partner::Smpp(c) if c.registered_delivery => Some(c.receipt_timeout),
+                _ => None,
+            })
+            .max();
         loop {
             if checked.elapsed() >= Duration::from_millis(200) {
                 checked = tokio::time::Instant::now();
                 self.check_health(&mut health, &mut ready, &outstanding);
+            }
+            if let Some(timeout) = receipt_timeout.filter(|_| swept.elapsed() >= Duration::from_secs(1)) {
+                swept = tokio::time::Instant::now();
+                let t = now();
+                match self
+                    .blocking(move |s| s.close_unanswered(t, timeout.as_secs() as i64))
+                    .await
+                {
+                    Ok(closed) => {
+                        for b in closed {
+                            tracing::info!(tenant = %b.tenant, batch = b.id, submitted = b.count(MessageStatus::Submitted), "receipts did not come within receipt_timeout: the batch ends with those messages `submitted`");
+                            let _ = self.reports.send(b.id);
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot close batches waiting for receipts"),
+                }
             }
             let stopping = shutdown.is_cancelled();
             if stopping && flights.is_empty() && committing.is_none() && pending.is_empty() {

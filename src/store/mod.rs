@@ -850,6 +850,45 @@ impl Store {
         Ok(done)
     }
 
+    /// Closes the batches that only wait for receipts that did not come: every message final or
+    /// `submitted`, and no change to the batch for `timeout` (so every submitted message was
+    /// submitted at least that long ago). They become `Done`, their messages stay `submitted`,
+    /// and they are returned for their final report. Writes only when there is one to close.
+    pub fn close_unanswered(&self, now: i64, timeout: i64) -> Result<Vec<BatchRecord>> {
+        let waiting = |b: &BatchRecord| {
+            b.state == BatchState::Queued
+                && b.count(MessageStatus::Queued) == 0
+                && b.count(MessageStatus::Held) == 0
+                && b.count(MessageStatus::Submitted) > 0
+                && b.finished() + b.count(MessageStatus::Submitted) >= b.accepted
+                && b.updated_at + timeout <= now
+        };
+        let stale: Vec<u64> = self
+            .active_batches()?
+            .iter()
+            .filter(|b| waiting(b))
+            .map(|b| b.id)
+            .collect();
+        if stale.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tx = self.write(Durability::Immediate)?;
+        let mut closed = Vec::new();
+        for id in stale {
+            let mut batch = self.batch_in(&tx, id)?;
+            if !waiting(&batch) {
+                continue; // a receipt came in between
+            }
+            batch.state = BatchState::Done;
+            batch.updated_at = now;
+            tx.open_table(ACTIVE)?.remove(id)?;
+            Self::put_batch(&tx, &self.keys.tenant(&batch.tenant), &batch)?;
+            closed.push(batch);
+        }
+        tx.commit()?;
+        Ok(closed)
+    }
+
     /// Seconds from submission to delivery of every delivered message of a batch.
     pub fn delivery_seconds(&self, batch: &BatchRecord) -> Result<Vec<u32>> {
         let keys = self.keys.tenant(&batch.tenant);

@@ -232,11 +232,15 @@ impl Pending {
             && self.settled.is_empty()
             && self.step.receipts.is_empty()
             && self.step.mos.is_empty()
+            && self.step.sent.is_empty()
     }
 }
 
 type Landing = futures_util::future::BoxFuture<'static, Flight>;
 type Committed = tokio::task::JoinHandle<(Result<DispatchDone, StoreError>, Pending)>;
+
+/// Sends remembered for reply matching are written at least this many at a time (or each second).
+const SENT_FLUSH: usize = 8192;
 
 /// Messages read ahead of the partners' windows, at most.
 const READY_MAX: usize = 2048;
@@ -272,6 +276,8 @@ impl Dispatcher {
             .collect();
         let mut checked = tokio::time::Instant::now();
         let mut swept = tokio::time::Instant::now();
+        let mut sent: Vec<SentTo> = Vec::new();
+        let mut last_flush = tokio::time::Instant::now();
         // Batches waiting only for receipts are closed after the longest receipt_timeout.
         let receipt_timeout = self
             .config
@@ -305,7 +311,10 @@ impl Dispatcher {
             }
             let stopping = shutdown.is_cancelled();
             if stopping && flights.is_empty() && committing.is_none() && pending.is_empty() {
-                break;
+                if sent.is_empty() {
+                    break;
+                }
+                pending.step.sent = std::mem::take(&mut sent);
             }
             if self.wake.refresh.swap(false, Ordering::AcqRel) {
                 refresh = true;
@@ -365,8 +374,21 @@ impl Dispatcher {
                 }
             }
             // Commit what landed, one durable transaction at a time.
-            if committing.is_none() && !pending.is_empty() {
+            let flush_due = !sent.is_empty() && last_flush.elapsed() >= Duration::from_secs(1);
+            if committing.is_none() && (!pending.is_empty() || flush_due) {
                 let mut batch = std::mem::take(&mut pending);
+                // Who was sent what goes in at most once a second, sorted: one random page per
+                // message would double the cost of every commit (see `Store::record_sent`).
+                sent.append(&mut batch.step.sent);
+                // An incoming message is matched against them: they go in before it.
+                if sent.len() >= SENT_FLUSH
+                    || last_flush.elapsed() >= Duration::from_secs(1)
+                    || !batch.step.mos.is_empty()
+                    || stopping
+                {
+                    batch.step.sent = std::mem::take(&mut sent);
+                    last_flush = tokio::time::Instant::now();
+                }
                 let touched: std::collections::HashSet<u64> = batch.settled.iter().map(|(b, _)| *b).collect();
                 for (b, i) in &batch.settled {
                     if let Some(set) = open.get_mut(b) {
@@ -399,8 +421,8 @@ impl Dispatcher {
             } else {
                 Duration::from_secs(5)
             };
-            // A partner that is down is probed: look at it again soon.
-            let nap = if health.values().any(|h| !h.is_up()) {
+            // A partner that is down is probed, sends wait to be remembered: look again soon.
+            let nap = if health.values().any(|h| !h.is_up()) || !sent.is_empty() {
                 nap.min(Duration::from_secs(1))
             } else {
                 nap

@@ -1,8 +1,10 @@
 //! Delivery receipts: the partner ids of submitted messages, and receipts that came before the
 //! `submit_sm_resp` that names their id.
 //!
-//! Each part of a submitted message is indexed under its normalised id, by a keyed hash of
-//! partner ‖ id; a receipt is looked up under every form its id may stand for
+//! Each part of a submitted message is indexed under partner ‖ 0 ‖ its normalised id (a
+//! partner's message id is no personal data, and in clear its keys follow the SMSC's counter,
+//! so the index stays in a few pages instead of one random page per message); a receipt is
+//! looked up under every form its id may stand for
 //! (`dispatch::receipt::id_forms`: as written, as hexadecimal, as decimal). A receipt that finds
 //! no entry is kept (sealed) as an early receipt; when a submitted id that it may stand for is
 //! indexed later, it is applied then.
@@ -13,7 +15,7 @@
 
 use std::collections::HashMap;
 
-use redb::{ReadableTable, TableDefinition, WriteTransaction};
+use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use super::records::{BatchRecord, StatusRecord};
@@ -21,9 +23,9 @@ use super::{Result, Store, encode, open_record};
 use crate::codes::MessageStatus;
 use crate::dispatch::receipt::{Receipt, id_forms, normal_id};
 
-/// keyed hash of partner ‖ 0 ‖ id form → message id (8 bytes) ‖ last part (1 byte).
+/// partner ‖ 0 ‖ normal id → message id (8 bytes) ‖ last part (1 byte).
 const RECEIPT_IDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("receipt_ids");
-/// keyed hash of partner ‖ 0 ‖ normal id → sealed [`EarlyReceipt`].
+/// partner ‖ 0 ‖ id form → sealed [`EarlyReceipt`].
 const EARLY: TableDefinition<&[u8], &[u8]> = TableDefinition::new("early_receipts");
 
 pub(super) fn create_tables(tx: &WriteTransaction) -> Result<()> {
@@ -48,8 +50,12 @@ fn detail(r: &Receipt) -> String {
 }
 
 impl Store {
-    fn receipt_key(&self, partner: &str, form: &str) -> [u8; 16] {
-        self.keys.system().lookup_hash(&format!("{partner}\0{form}"))
+    fn receipt_key(partner: &str, form: &str) -> Vec<u8> {
+        let mut key = Vec::with_capacity(partner.len() + 1 + form.len());
+        key.extend_from_slice(partner.as_bytes());
+        key.push(0);
+        key.extend_from_slice(form.as_bytes());
+        key
     }
 
     /// Indexes the part ids of a submitted message; returns its final status if an early
@@ -63,16 +69,21 @@ impl Store {
         let parts: Vec<&str> = status.partner_id.split(' ').filter(|p| !p.is_empty()).collect();
         let mut index = tx.open_table(RECEIPT_IDS)?;
         let mut early = tx.open_table(EARLY)?;
+        // Nearly always: no receipt came before its response.
+        let none_early = early.is_empty()?;
         let keys = self.keys.system();
         let mut outcome = None;
         for (i, part) in parts.iter().enumerate() {
             let last = i + 1 == parts.len();
             let mut value = id.to_be_bytes().to_vec();
             value.push(u8::from(last));
-            let primary = self.receipt_key(&status.partner, &normal_id(part));
+            let primary = Self::receipt_key(&status.partner, &normal_id(part));
             index.insert(primary.as_slice(), value.as_slice())?;
+            if none_early {
+                continue;
+            }
             for form in id_forms(part) {
-                let key = self.receipt_key(&status.partner, &form);
+                let key = Self::receipt_key(&status.partner, &form);
                 let found: Option<EarlyReceipt> = match early.get(key.as_slice())? {
                     Some(v) => Some(open_record(&keys, "early_receipts", &key, v.value())?),
                     None => None,
@@ -110,7 +121,7 @@ impl Store {
             {
                 let index = tx.open_table(RECEIPT_IDS)?;
                 for form in id_forms(&r.id) {
-                    let key = self.receipt_key(partner, &form);
+                    let key = Self::receipt_key(partner, &form);
                     if let Some(v) = index.get(key.as_slice())? {
                         found = Some((key, v.value().to_vec()));
                         break;
@@ -118,7 +129,7 @@ impl Store {
                 }
             }
             let Some((key, hit)) = found else {
-                let key = self.receipt_key(partner, &normal_id(&r.id));
+                let key = Self::receipt_key(partner, &normal_id(&r.id));
                 let early = EarlyReceipt {
                     status,
                     detail: detail(r),

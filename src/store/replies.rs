@@ -83,15 +83,31 @@ fn seq_key(tenant: &str, seq: u64) -> Vec<u8> {
 
 impl Store {
     /// Remembers, for each message handed to a partner, that its tenant last sent to its number.
+    ///
+    /// The keys are keyed hashes, so each lands on a random page of a table as large as the
+    /// tenant's audience: written one by one with every dispatch commit, they cost more than the
+    /// rest of the commit. The dispatcher therefore hands them over in groups (about once a
+    /// second, and always before an incoming message is matched), and they go in key order, so that one page takes all the entries that fall on it.
+    /// Sends remembered in memory when the process dies are lost: a reply to them is matched by
+    /// the address it was sent to alone.
     pub(super) fn record_sent(&self, tx: &WriteTransaction, sent: &[SentTo]) -> Result<()> {
         if sent.is_empty() {
             return Ok(());
         }
         let now = jiff::Timestamp::now().as_millisecond();
+        let mut entries: Vec<(Vec<u8>, &SentTo)> = sent
+            .iter()
+            .map(|s| {
+                let keys = self.keys.tenant(&s.tenant);
+                (tenant_key(&s.tenant, &keys.phone_hash(&s.phone)), s)
+            })
+            .collect();
+        // the last send to a number wins
+        entries.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.message_id.cmp(&a.1.message_id)));
+        entries.dedup_by(|a, b| a.0 == b.0);
         let mut table = tx.open_table(LAST_SENT)?;
-        for s in sent {
+        for (key, s) in entries {
             let keys = self.keys.tenant(&s.tenant);
-            let key = tenant_key(&s.tenant, &keys.phone_hash(&s.phone));
             let value = LastSent {
                 message_id: s.message_id,
                 at: now,

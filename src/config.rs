@@ -178,6 +178,47 @@ pub enum Partner {
         path: PathBuf,
     },
     Smpp(Smpp),
+    Http(Http),
+}
+
+impl Partner {
+    /// Its health policy; `None` for a partner that is never unwell (`sink`).
+    pub fn health(&self) -> Option<HealthPolicy> {
+        match self {
+            Partner::Sink { .. } => None,
+            Partner::Smpp(s) => Some(s.health),
+            Partner::Http(h) => Some(h.health),
+        }
+    }
+
+    /// How long its receipts may take; `None` when none come (`sink`, no receipts asked for).
+    pub fn receipt_timeout(&self) -> Option<Duration> {
+        match self {
+            Partner::Sink { .. } => None,
+            Partner::Smpp(s) => s.registered_delivery.then_some(s.receipt_timeout),
+            Partner::Http(h) => Some(h.receipt_timeout),
+        }
+    }
+}
+
+/// An HTTP partner: one JSON request per message, receipts and replies by webhook
+/// (`dispatch::http`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Http {
+    pub url: url::Url,
+    /// Sent as `Authorization: Bearer …`; read at start, never logged.
+    pub token_file: Option<PathBuf>,
+    /// Requests outstanding at once.
+    pub window: usize,
+    pub tps: Option<u32>,
+    /// A request unanswered this long counts as lost (transient).
+    pub timeout: Duration,
+    /// Where the partner posts receipts and incoming messages.
+    pub webhook_listen: Option<std::net::SocketAddr>,
+    /// The shared secret webhook calls are signed with (HMAC-SHA256 of the body).
+    pub webhook_secret_file: Option<PathBuf>,
+    pub health: HealthPolicy,
+    pub receipt_timeout: Duration,
 }
 
 /// An SMPP 3.4 partner (SMSC).
@@ -438,6 +479,11 @@ struct RawPartner {
     max_error_percent: Option<Spanned<i64>>,
     probe_interval: Option<Spanned<String>>,
     receipt_timeout: Option<Spanned<String>>,
+    url: Option<Spanned<String>>,
+    token_file: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    webhook_listen: Option<Spanned<String>>,
+    webhook_secret_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -895,37 +941,44 @@ impl Validator<'_> {
             self.problem(&raw.span(), &key, "an id is 1 to 32 of a-z, 0-9, `_` and `-`");
         }
         let p = raw.get_ref();
-        let smpp_keys = [
-            ("address", p.address.is_some()),
-            ("tls", p.tls.is_some()),
-            ("system_id", p.system_id.is_some()),
-            ("password_file", p.password_file.is_some()),
-            ("system_type", p.system_type.is_some()),
-            ("bind", p.bind.is_some()),
-            ("binds", p.binds.is_some()),
-            ("window", p.window.is_some()),
-            ("tps", p.tps.is_some()),
-            ("enquire_link", p.enquire_link.is_some()),
-            ("response_timeout", p.response_timeout.is_some()),
-            ("registered_delivery", p.registered_delivery.is_some()),
-            ("concatenation", p.concatenation.is_some()),
-            ("max_latency", p.max_latency.is_some()),
-            ("max_error_percent", p.max_error_percent.is_some()),
-            ("probe_interval", p.probe_interval.is_some()),
-            ("receipt_timeout", p.receipt_timeout.is_some()),
+        // (key, set, the kinds it belongs to)
+        let keys = [
+            ("path", p.path.is_some(), "sink"),
+            ("address", p.address.is_some(), "smpp"),
+            ("tls", p.tls.is_some(), "smpp"),
+            ("system_id", p.system_id.is_some(), "smpp"),
+            ("password_file", p.password_file.is_some(), "smpp"),
+            ("system_type", p.system_type.is_some(), "smpp"),
+            ("bind", p.bind.is_some(), "smpp"),
+            ("binds", p.binds.is_some(), "smpp"),
+            ("enquire_link", p.enquire_link.is_some(), "smpp"),
+            ("response_timeout", p.response_timeout.is_some(), "smpp"),
+            ("registered_delivery", p.registered_delivery.is_some(), "smpp"),
+            ("concatenation", p.concatenation.is_some(), "smpp"),
+            ("url", p.url.is_some(), "http"),
+            ("token_file", p.token_file.is_some(), "http"),
+            ("timeout", p.timeout.is_some(), "http"),
+            ("webhook_listen", p.webhook_listen.is_some(), "http"),
+            ("webhook_secret_file", p.webhook_secret_file.is_some(), "http"),
+            ("window", p.window.is_some(), "smpp http"),
+            ("tps", p.tps.is_some(), "smpp http"),
+            ("max_latency", p.max_latency.is_some(), "smpp http"),
+            ("max_error_percent", p.max_error_percent.is_some(), "smpp http"),
+            ("probe_interval", p.probe_interval.is_some(), "smpp http"),
+            ("receipt_timeout", p.receipt_timeout.is_some(), "smpp http"),
         ];
         let kind = p.kind.get_ref().as_str();
-        let foreign: Vec<&str> = match kind {
-            "sink" => smpp_keys.iter().filter(|(_, set)| *set).map(|(k, _)| *k).collect(),
-            "smpp" => p.path.iter().map(|_| "path").collect(),
-            _ => Vec::new(),
-        };
-        for name in foreign {
-            self.problem(
-                &raw.span(),
-                &format!("{key}.{name}"),
-                format!("not a key of a {kind} partner"),
-            );
+        if ["sink", "smpp", "http"].contains(&kind) {
+            for (name, _, _) in keys
+                .iter()
+                .filter(|(_, set, kinds)| *set && !kinds.split(' ').any(|k| k == kind))
+            {
+                self.problem(
+                    &raw.span(),
+                    &format!("{key}.{name}"),
+                    format!("not a key of {kind} partners"),
+                );
+            }
         }
         match kind {
             "sink" => match &p.path {
@@ -938,14 +991,7 @@ impl Validator<'_> {
                 }
             },
             "smpp" => self.smpp(&key, raw).map(Partner::Smpp),
-            kind @ "http" => {
-                self.problem(
-                    &p.kind.span(),
-                    &format!("{key}.kind"),
-                    format!("partner kind `{kind}` is not available in this version of smsdrop (smpp and sink are)"),
-                );
-                None
-            }
+            "http" => self.http(&key, raw).map(Partner::Http),
             other => {
                 self.problem(
                     &p.kind.span(),
@@ -955,6 +1001,92 @@ impl Validator<'_> {
                 None
             }
         }
+    }
+
+    fn health(&mut self, key: &str, p: &RawPartner) -> HealthPolicy {
+        let k = |name: &str| format!("{key}.{name}");
+        HealthPolicy {
+            max_latency: self.duration(
+                p.max_latency.as_ref(),
+                &k("max_latency"),
+                Duration::from_secs(5),
+                (Duration::from_millis(50), Duration::from_secs(300)),
+            ),
+            max_error_percent: self.int(p.max_error_percent.as_ref(), &k("max_error_percent"), 50, (1, 100)) as u8,
+            probe_interval: self.duration(
+                p.probe_interval.as_ref(),
+                &k("probe_interval"),
+                Duration::from_secs(30),
+                (Duration::from_secs(1), Duration::from_secs(3600)),
+            ),
+        }
+    }
+
+    fn receipt_timeout(&mut self, key: &str, p: &RawPartner) -> Duration {
+        self.duration(
+            p.receipt_timeout.as_ref(),
+            &format!("{key}.receipt_timeout"),
+            Duration::from_secs(72 * 3600),
+            (Duration::from_secs(1), Duration::from_secs(30 * 86400)),
+        )
+    }
+
+    fn http(&mut self, key: &str, raw: &Spanned<RawPartner>) -> Option<Http> {
+        let p = raw.get_ref();
+        let k = |name: &str| format!("{key}.{name}");
+        let Some(url) = &p.url else {
+            self.problem(&raw.span(), &k("url"), "an http partner needs `url`");
+            return None;
+        };
+        let parsed = match url::Url::parse(url.get_ref()) {
+            Ok(u) if u.scheme() == "http" || u.scheme() == "https" => u,
+            Ok(_) | Err(_) => {
+                self.problem(
+                    &url.span(),
+                    &k("url"),
+                    format!("`{}` is not an http:// or https:// URL", url.get_ref()),
+                );
+                return None;
+            }
+        };
+        let webhook_listen = p.webhook_listen.as_ref().and_then(|l| match l.get_ref().parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.problem(
+                    &l.span(),
+                    &k("webhook_listen"),
+                    format!("`{}` is not an address:port", l.get_ref()),
+                );
+                None
+            }
+        });
+        if p.webhook_listen.is_some() && p.webhook_secret_file.is_none() {
+            self.problem(
+                &raw.span(),
+                &k("webhook_secret_file"),
+                "a webhook needs `webhook_secret_file`: unsigned receipts are not taken",
+            );
+        }
+        let tps = p
+            .tps
+            .as_ref()
+            .map(|_| self.int(p.tps.as_ref(), &k("tps"), 100, (1, 100_000)) as u32);
+        Some(Http {
+            url: parsed,
+            token_file: p.token_file.as_ref().map(|f| self.path(f.get_ref())),
+            window: self.int(p.window.as_ref(), &k("window"), 10, (1, 1000)) as usize,
+            tps,
+            timeout: self.duration(
+                p.timeout.as_ref(),
+                &k("timeout"),
+                Duration::from_secs(10),
+                (Duration::from_secs(1), Duration::from_secs(300)),
+            ),
+            webhook_listen,
+            webhook_secret_file: p.webhook_secret_file.as_ref().map(|f| self.path(f.get_ref())),
+            health: self.health(key, p),
+            receipt_timeout: self.receipt_timeout(key, p),
+        })
     }
 
     fn smpp(&mut self, key: &str, raw: &Spanned<RawPartner>) -> Option<Smpp> {
@@ -1040,27 +1172,8 @@ impl Validator<'_> {
             ),
             registered_delivery: p.registered_delivery.unwrap_or(true),
             sar,
-            health: HealthPolicy {
-                max_latency: self.duration(
-                    p.max_latency.as_ref(),
-                    &k("max_latency"),
-                    Duration::from_secs(5),
-                    (Duration::from_millis(50), Duration::from_secs(300)),
-                ),
-                max_error_percent: self.int(p.max_error_percent.as_ref(), &k("max_error_percent"), 50, (1, 100)) as u8,
-                probe_interval: self.duration(
-                    p.probe_interval.as_ref(),
-                    &k("probe_interval"),
-                    Duration::from_secs(30),
-                    (Duration::from_secs(1), Duration::from_secs(3600)),
-                ),
-            },
-            receipt_timeout: self.duration(
-                p.receipt_timeout.as_ref(),
-                &k("receipt_timeout"),
-                Duration::from_secs(72 * 3600),
-                (Duration::from_secs(1), Duration::from_secs(30 * 86400)),
-            ),
+            health: self.health(key, p),
+            receipt_timeout: self.receipt_timeout(key, p),
         })
     }
 
@@ -1521,12 +1634,22 @@ partners = ["sink"]
     }
 
     #[test]
-    fn partner_kinds_not_built_are_refused() {
-        let p = problems("[partner.orange]\nkind = \"http\"\n");
+    fn http_partners() {
+        let p = problems("[partner.web]\nkind = \"http\"\n");
+        assert!(p[0].contains("partner.web.url: an http partner needs `url`"), "{p:?}");
+        let p = problems(
+            "[partner.web]\nkind = \"http\"\nurl = \"ftp://x\"\nwebhook_listen = \"127.0.0.1:9000\"\nsystem_id = \"a\"\n",
+        );
+        assert!(p.iter().any(|p| p.contains("not an http:// or https:// URL")), "{p:?}");
         assert!(
-            p[0].contains(":2: partner.orange.kind: partner kind `http` is not available"),
+            p.iter()
+                .any(|p| p.contains("partner.web.system_id: not a key of http partners")),
             "{p:?}"
         );
+        let p = problems(
+            "[partner.web]\nkind = \"http\"\nurl = \"https://api.example.net/sms\"\nwebhook_listen = \"127.0.0.1:9000\"\n",
+        );
+        assert!(p.iter().any(|p| p.contains("webhook_secret_file")), "{p:?}");
     }
 
     #[test]
@@ -1553,7 +1676,7 @@ partners = ["sink"]
             ":3: partner.orange.address: `nope`",
             ":5: partner.orange.window",
             ":6: partner.orange.bind",
-            "partner.orange.path: not a key of a smpp partner",
+            "partner.orange.path: not a key of smpp partners",
         ] {
             assert!(p.iter().any(|p| p.contains(needle)), "{needle}: {p:?}");
         }

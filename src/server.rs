@@ -50,6 +50,8 @@ pub enum ServeError {
     Mailer(#[from] MailerError),
     #[error("SFTP: {0}")]
     Sftp(#[from] crate::sftp::SftpError),
+    #[error("partner: {0}")]
+    Partner(#[from] crate::dispatch::http::HttpSetupError),
 }
 
 fn make_dir(path: &Path, mode: u32, what: &'static str) -> Result<(), ServeError> {
@@ -167,7 +169,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         let dispatcher = Dispatcher {
             store: store.clone(),
             config: config.clone(),
-            partners: dispatch::build_partners(&config, &incoming_tx, &tracker, &workers),
+            partners: dispatch::build_partners(&config, &incoming_tx, &tracker, &workers).await?,
             wake: wake.clone(),
             reports: reports_tx,
             incoming: incoming_rx,

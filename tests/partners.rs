@@ -507,3 +507,71 @@ fn a_message_without_a_receipt_ends_submitted_after_receipt_timeout() {
         "{list}"
     );
 }
+
+#[test]
+fn an_http_partner_takes_messages_and_its_webhook_brings_receipts_and_replies() {
+    let dir = tempfile::tempdir().expect("dir");
+    let webhook_port = common::free_port();
+    let secret = dir.path().join("webhook.secret");
+    std::fs::write(&secret, "hook-secret\n").expect("secret");
+    let mut api = common::Peer::http_api(dir.path(), &format!("http://127.0.0.1:{webhook_port}/smsdrop"), &secret);
+    let mut app = Appliance::new(&format!(
+        "{}\n[partner.web]\nkind = \"http\"\nurl = \"http://127.0.0.1:{}/sms\"\ntoken_file = \"web.token\"\nwindow = 4\nwebhook_listen = \"127.0.0.1:{webhook_port}\"\nwebhook_secret_file = \"{}\"\n\n[[route]]\nprefix = \"+33\"\npartners = [\"web\"]\n",
+        tenant("acme", ""),
+        api.port,
+        secret.display()
+    ));
+    std::fs::write(app.path("web.token"), "api-token\n").expect("token");
+    app.start();
+    let unicode = "Привет 😀, à bientôt";
+    app.drop_file(
+        "acme",
+        "web.csv",
+        format!("phone;message\n0612340000;Bonjour\n0612340402;lost\n0612340404;bad number\n0612340429;slow down\n0612340011;{unicode}\n").as_bytes(),
+    );
+    let report = app.final_report("acme", "web", 5);
+    assert_eq!(status_of(&report, "+33612340000"), "delivered");
+    assert_eq!(status_of(&report, "+33612340402"), "undeliverable");
+    let bad = report.iter().find(|r| r[2] == "+33612340404").expect("row");
+    assert_eq!(bad[4], "rejected");
+    assert!(
+        bad[8].contains("HTTP 400") && bad[8].contains("invalid destination"),
+        "{bad:?}"
+    );
+    assert_eq!(status_of(&report, "+33612340429"), "delivered", "a 429 is retried");
+    assert_eq!(status_of(&report, "+33612340011"), "delivered");
+
+    let submits = api.of("submit");
+    let first = submits.iter().find(|s| s["to"] == "+33612340000").expect("request");
+    assert_eq!(first["auth"], "Bearer api-token");
+    assert_eq!(first["from"], "ACME");
+    assert_eq!(first["encoding"], "gsm7");
+    assert_eq!(first["smsdrop_id"], message_id_of(&report, "+33612340000"));
+    let uni = submits.iter().find(|s| s["to"] == "+33612340011").expect("request");
+    assert_eq!(uni["text"], unicode);
+    assert_eq!(uni["encoding"], "ucs2");
+    assert_eq!(api.of("refused").len(), 2, "the 400 and the first 429");
+    assert!(api.of("webhook").iter().all(|w| w["status"] == 200));
+
+    // Replies come by the webhook too; STOP blocklists.
+    api.control(serde_json::json!({"mo": {"from": "+33612340000", "to": "ACME", "text": "STOP"}}));
+    let rows = wait_replies(&app, "acme", 1);
+    assert_eq!(rows[0][1], "+33612340000");
+    assert_eq!(rows[0][4], message_id_of(&report, "+33612340000"));
+    app.drop_file("acme", "again.csv", b"phone;message\n0612340000;encore\n");
+    assert_eq!(app.result("acme", "again")[1][4], "blocklisted");
+
+    // A call without the shared secret's signature is refused.
+    api.control(serde_json::json!({"forged": true}));
+    let forged = common::poll(
+        Duration::from_secs(10),
+        || api.of("webhook").into_iter().find(|w| w["kind"] == "forged"),
+        || "no forged call".into(),
+    );
+    assert_eq!(forged["status"], 401);
+    common::wait_log(&app, "missing or wrong signature", Duration::from_secs(5));
+    assert!(
+        !app.log().contains("api-token") && !app.log().contains("hook-secret"),
+        "secrets never logged"
+    );
+}

@@ -11,6 +11,7 @@
 //! the partner answered: a crash can resend at most the step that was in flight, never lose one.
 
 pub mod health;
+pub mod http;
 pub mod mo;
 pub mod partner;
 pub mod receipt;
@@ -40,29 +41,32 @@ pub const QUANTUM: u64 = 32;
 /// Transient failures are retried this many times, with growing delays, before `failed`.
 const MAX_ATTEMPTS: u32 = 12;
 
-/// Builds the partners named in the configuration and starts their connections; receipts go to
-/// `incoming`.
-pub fn build_partners(
+/// Builds the partners named in the configuration and starts their connections and webhook
+/// listeners; receipts and incoming messages go to `incoming`.
+pub async fn build_partners(
     config: &Config,
     incoming: &tokio::sync::mpsc::UnboundedSender<partner::Inbound>,
     tracker: &tokio_util::task::TaskTracker,
     shutdown: &CancellationToken,
-) -> HashMap<String, Arc<dyn Partner>> {
-    config
-        .partners
-        .iter()
-        .map(|(id, p)| {
-            let partner: Arc<dyn Partner> = match p {
-                config::Partner::Sink { path } => Arc::new(sink::SinkPartner::new(id, path)),
-                config::Partner::Smpp(cfg) => {
-                    let smpp = smpp::SmppPartner::new(id, cfg.clone(), incoming.clone());
-                    smpp.start(tracker, shutdown.clone());
-                    smpp
-                }
-            };
-            (id.clone(), partner)
-        })
-        .collect()
+) -> Result<HashMap<String, Arc<dyn Partner>>, http::HttpSetupError> {
+    let mut out: HashMap<String, Arc<dyn Partner>> = HashMap::new();
+    for (id, p) in &config.partners {
+        let partner: Arc<dyn Partner> = match p {
+            config::Partner::Sink { path } => Arc::new(sink::SinkPartner::new(id, path)),
+            config::Partner::Smpp(cfg) => {
+                let smpp = smpp::SmppPartner::new(id, cfg.clone(), incoming.clone());
+                smpp.start(tracker, shutdown.clone());
+                smpp
+            }
+            config::Partner::Http(cfg) => {
+                let http = http::HttpPartner::new(id, cfg.clone(), incoming.clone())?;
+                http.start(tracker, shutdown.clone()).await?;
+                http
+            }
+        };
+        out.insert(id.clone(), partner);
+    }
+    Ok(out)
 }
 
 /// A batch with messages not yet taken.
@@ -269,10 +273,7 @@ impl Dispatcher {
             .config
             .partners
             .iter()
-            .filter_map(|(id, p)| match p {
-                config::Partner::Smpp(c) => Some((id.clone(), Health::new(c.health))),
-                config::Partner::Sink { .. } => None,
-            })
+            .filter_map(|(id, p)| p.health().map(|h| (id.clone(), Health::new(h))))
             .collect();
         let mut checked = tokio::time::Instant::now();
         let mut swept = tokio::time::Instant::now();
@@ -283,10 +284,7 @@ impl Dispatcher {
             .config
             .partners
             .values()
-            .filter_map(|p| match p {
-                config::Partner::Smpp(c) if c.registered_delivery => Some(c.receipt_timeout),
-                _ => None,
-            })
+            .filter_map(config::Partner::receipt_timeout)
             .max();
         loop {
             if checked.elapsed() >= Duration::from_millis(200) {
@@ -505,9 +503,8 @@ impl Dispatcher {
         for (id, h) in health.iter_mut() {
             let Some(partner) = self.partners.get(id) else { continue };
             let Some(meter) = partner.meter() else { continue };
-            let policy = match self.config.partners.get(id) {
-                Some(config::Partner::Smpp(c)) => c.health,
-                _ => continue,
+            let Some(policy) = self.config.partners.get(id).and_then(config::Partner::health) else {
+                continue;
             };
             match h.observe(meter, partner.is_connected(), now) {
                 Some(Change::Down(reason)) => {

@@ -22,7 +22,7 @@ pub struct Receipt {
 }
 
 /// The final status a `stat:` word or `message_state` means.
-fn status_of_word(word: &str) -> Option<MessageStatus> {
+pub fn status_of_word(word: &str) -> Option<MessageStatus> {
     match word.to_ascii_uppercase().as_str() {
         "DELIVRD" | "DELIVERED" => Some(MessageStatus::Delivered),
         "EXPIRED" => Some(MessageStatus::Expired),

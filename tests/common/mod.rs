@@ -553,14 +553,44 @@ pub fn sftp_batch(port: u16, key: &Path, user: &str, commands: &str) -> Output {
         .expect("run sftp")
 }
 
-/// The loopback SMSC (tests/peers/smsc.js on the npm `smpp` package), a real SMPP 3.4 peer.
-pub struct Smsc {
+/// A partner-side peer that logs one JSON line per event and takes control lines on stdin: the
+/// loopback SMSC (tests/peers/smsc.js on the npm `smpp` package, a real SMPP 3.4 peer) or the
+/// HTTP SMS API (tests/peers/http_partner.py, on Python's standard library).
+pub struct Peer {
     pub port: u16,
     log: PathBuf,
     child: Child,
 }
 
-impl Smsc {
+pub type Smsc = Peer;
+
+impl Peer {
+    /// Starts the HTTP SMS API on a free port; it posts receipts to `webhook` signed with the
+    /// secret in `secret_file`.
+    pub fn http_api(dir: &Path, webhook: &str, secret_file: &Path) -> Peer {
+        let port = free_port();
+        let log = dir.join(format!("http-{port}.jsonl"));
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/peers/http_partner.py");
+        let child = Command::new(venv_python())
+            .arg(script)
+            .arg(port.to_string())
+            .arg(&log)
+            .arg(webhook)
+            .arg(secret_file)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("python3 http_partner.py");
+        let peer = Peer { port, log, child };
+        poll(
+            Duration::from_secs(10),
+            || peer.events().iter().any(|e| e["ev"] == "listening").then_some(()),
+            || "the HTTP partner did not start".into(),
+        );
+        peer
+    }
+
     /// Starts it on a free port; `env` sets its behaviours (see smsc.js).
     pub fn start(dir: &Path, env: &[(&str, &str)]) -> Smsc {
         Smsc::start_on(dir, free_port(), env)
@@ -580,7 +610,7 @@ impl Smsc {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("node smsc.js (run tests/peers/install.sh)");
-        let smsc = Smsc { port, log, child };
+        let smsc = Peer { port, log, child };
         poll(
             Duration::from_secs(10),
             || smsc.events().iter().any(|e| e["ev"] == "listening").then_some(()),
@@ -631,7 +661,7 @@ impl Smsc {
     }
 }
 
-impl Drop for Smsc {
+impl Drop for Peer {
     fn drop(&mut self) {
         self.kill();
     }

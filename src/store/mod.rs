@@ -42,7 +42,8 @@ const BATCHES: TableDefinition<u64, &[u8]> = TableDefinition::new("batches");
 const ACTIVE: TableDefinition<u64, ()> = TableDefinition::new("active");
 /// (batch id, chunk number) → sealed `Vec<StoredMessage>`.
 const CHUNKS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("chunks");
-/// message id → sealed [`StatusRecord`]; absent means queued.
+/// message id → status code (one byte, in clear: it moves a batch's counts without opening
+/// the record, and says nothing about anyone) ‖ sealed [`StatusRecord`]; absent means queued.
 const STATUSES: TableDefinition<u64, &[u8]> = TableDefinition::new("statuses");
 /// (due unix seconds, message id) → (): messages whose `send_at` has not come yet.
 const SCHEDULED: TableDefinition<(u64, u64), ()> = TableDefinition::new("scheduled");
@@ -198,6 +199,41 @@ pub(crate) fn open_record<T: DeserializeOwned>(
         key: key_text(key),
         source,
     })
+}
+
+/// A `statuses` value: the status code, then the sealed record (the code is bound to it as the
+/// record's own `status`, checked when opened).
+fn seal_status(keys: &TenantKeys, id: u64, status: &StatusRecord) -> Vec<u8> {
+    let sealed = keys.seal("statuses", &id.to_be_bytes(), &encode(status));
+    let mut value = Vec::with_capacity(1 + sealed.len());
+    value.push(status.status as u8);
+    value.extend_from_slice(&sealed);
+    value
+}
+
+fn open_status(keys: &TenantKeys, id: u64, value: &[u8]) -> Result<StatusRecord> {
+    let sealed = value.get(1..).unwrap_or_default();
+    let record: StatusRecord = open_record(keys, "statuses", &id.to_be_bytes(), sealed)?;
+    if value.first() != Some(&(record.status as u8)) {
+        return Err(StoreError::Sealed {
+            table: "statuses",
+            key: id.to_string(),
+            source: SealError::Truncated,
+        });
+    }
+    Ok(record)
+}
+
+/// The status code of a `statuses` value, without opening it.
+fn status_code(id: u64, value: &[u8]) -> Result<MessageStatus> {
+    value
+        .first()
+        .and_then(|&b| MessageStatus::ALL.get(b as usize).copied())
+        .ok_or(StoreError::Sealed {
+            table: "statuses",
+            key: id.to_string(),
+            source: SealError::Truncated,
+        })
 }
 
 pub(crate) fn tenant_key(tenant: &str, hash: &[u8]) -> Vec<u8> {
@@ -509,9 +545,8 @@ impl Store {
             let mut statuses = tx.open_table(STATUSES)?;
             for (due, m) in scheduled {
                 table.remove((due, m))?;
-                let key = m.to_be_bytes();
                 let previous = match statuses.get(m)? {
-                    Some(v) => open_record::<StatusRecord>(&keys, "statuses", &key, v.value())?.status,
+                    Some(v) => status_code(m, v.value())?,
                     None => MessageStatus::Queued,
                 };
                 batch.counts[previous as usize] = batch.counts[previous as usize].saturating_sub(1);
@@ -520,7 +555,7 @@ impl Store {
                 status.status = MessageStatus::Canceled;
                 status.done_at = Some(now);
                 status.error = "canceled by operator".into();
-                statuses.insert(m, keys.seal("statuses", &key, &encode(&status)).as_slice())?;
+                statuses.insert(m, seal_status(&keys, m, &status).as_slice())?;
             }
         }
         batch.updated_at = now;
@@ -691,8 +726,7 @@ impl Store {
         for e in table.range(message_id(batch.id, from)..message_id(batch.id, to))? {
             let (k, v) = e?;
             let id = k.value();
-            let rec: StatusRecord = open_record(&keys, "statuses", &id.to_be_bytes(), v.value())?;
-            out.insert(split_message_id(id).1, rec);
+            out.insert(split_message_id(id).1, open_status(&keys, id, v.value())?);
         }
         Ok(out)
     }
@@ -786,7 +820,7 @@ impl Store {
     pub(crate) fn status_in(&self, tx: &WriteTransaction, tenant: &str, id: u64) -> Result<Option<StatusRecord>> {
         let keys = self.keys.tenant(tenant);
         match tx.open_table(STATUSES)?.get(id)? {
-            Some(v) => Ok(Some(open_record(&keys, "statuses", &id.to_be_bytes(), v.value())?)),
+            Some(v) => Ok(Some(open_status(&keys, id, v.value())?)),
             None => Ok(None),
         }
     }
@@ -815,13 +849,9 @@ impl Store {
             return Ok(false);
         };
         let keys = self.keys.tenant(&batch.tenant);
-        let key = id.to_be_bytes();
         let mut statuses = tx.open_table(STATUSES)?;
         let (previous, recorded) = match statuses.get(id)? {
-            Some(v) => (
-                open_record::<StatusRecord>(&keys, "statuses", &key, v.value())?.status,
-                true,
-            ),
+            Some(v) => (status_code(id, v.value())?, true),
             None => (batch.implicit_status(index), false),
         };
         if previous.is_final() && recorded {
@@ -829,7 +859,7 @@ impl Store {
         }
         batch.counts[previous as usize] = batch.counts[previous as usize].saturating_sub(1);
         batch.counts[status.status as usize] += 1;
-        let sealed = keys.seal("statuses", &key, &encode(status));
+        let sealed = seal_status(&keys, id, status);
         statuses.insert(id, sealed.as_slice())?;
         Ok(true)
     }
@@ -902,7 +932,7 @@ impl Store {
         let mut out = Vec::new();
         for e in table.range(message_id(batch.id, 0)..message_id(batch.id + 1, 0))? {
             let (k, v) = e?;
-            let rec: StatusRecord = open_record(&keys, "statuses", &k.value().to_be_bytes(), v.value())?;
+            let rec = open_status(&keys, k.value(), v.value())?;
             if let (MessageStatus::Delivered, Some(sent), Some(done)) = (rec.status, rec.submitted_at, rec.done_at) {
                 out.push(u32::try_from(done - sent).unwrap_or(0));
             }

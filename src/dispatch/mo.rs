@@ -25,7 +25,7 @@ use crate::config::Config;
 pub const STOP: &str = "STOP";
 
 /// An incoming message as the partner received it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Mo {
     /// The handset's number as the partner wrote it, `+` added when its TON was international.
     pub from: String,
@@ -37,7 +37,7 @@ pub struct Mo {
 }
 
 /// One tenant an MO may belong to, with what it means for that tenant.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MoCandidate {
     pub tenant: String,
     /// The sender's number in E.164, read with the tenant's `default_region`.

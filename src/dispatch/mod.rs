@@ -32,7 +32,8 @@ use crate::codes::MessageStatus;
 use crate::config::{self, Config};
 use crate::reply::ReportRequests;
 use crate::store::records::{BatchRecord, CHUNK_MESSAGES, StatusRecord, StoredMessage, message_id, split_message_id};
-use crate::store::{DispatchCommit, DispatchDone, IncomingMo, MoOutcome, SentTo, Store, StoreError};
+use crate::store::wal::Wal;
+use crate::store::{DispatchCommit, IncomingMo, MoOutcome, SentTo, Store, StoreError};
 use health::{Change, Health};
 use partner::{Inbound, Incoming, Outbound, Partner, PartnerError, Submitted};
 
@@ -241,7 +242,18 @@ impl Pending {
 }
 
 type Landing = futures_util::future::BoxFuture<'static, Flight>;
-type Committed = tokio::task::JoinHandle<(Result<DispatchDone, StoreError>, Pending)>;
+type Committed = tokio::task::JoinHandle<(Result<u64, std::io::Error>, Pending)>;
+
+/// A step in the dispatch log, on its way into the database.
+struct Logged {
+    seq: u64,
+    step: DispatchCommit,
+    /// Scheduled message ids it settles: the dispatcher may take them again only once the step
+    /// is applied (until then the scheduled table still lists them).
+    scheduled: Vec<u64>,
+}
+
+type SharedWal = Arc<std::sync::Mutex<crate::store::wal::Wal>>;
 
 /// Sends remembered for reply matching are written at least this many at a time (or each second).
 const SENT_FLUSH: usize = 8192;
@@ -256,6 +268,18 @@ impl Dispatcher {
     /// `window` messages per partner were sent and not recorded (and are sent again).
     pub async fn run(mut self, shutdown: CancellationToken) {
         use futures_util::StreamExt;
+        let Some((wal, mut next_seq)) = self.open_log(&shutdown).await else {
+            return;
+        };
+        let (logged_tx, logged_rx) = tokio::sync::mpsc::unbounded_channel::<Logged>();
+        let (applied_tx, mut applied_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u64>>();
+        let applier = tokio::spawn(apply_log(
+            self.store.clone(),
+            wal.clone(),
+            self.reports.clone(),
+            logged_rx,
+            applied_tx,
+        ));
         let mut rotation = Rotation::default();
         let mut refresh = true;
         // batch → next index to take (in memory; the durable cursor may lag behind).
@@ -402,9 +426,14 @@ impl Dispatcher {
                         batch.step.cursors.push((b, c));
                     }
                 }
-                let store = self.store.clone();
+                let (wal, seq) = (wal.clone(), next_seq);
+                next_seq += 1;
                 committing = Some(tokio::task::spawn_blocking(move || {
-                    let result = store.commit_dispatch(&batch.step, now());
+                    let plain = crate::store::encode(&batch.step);
+                    let result = match wal.lock() {
+                        Ok(mut w) => w.append(seq, &plain).map(|()| seq),
+                        Err(_) => Err(std::io::Error::other("dispatch log lock poisoned")),
+                    };
                     (result, batch)
                 }));
             }
@@ -435,7 +464,7 @@ impl Dispatcher {
                 } => {
                     committing = None;
                     match done {
-                        Some((Ok(done), batch)) => {
+                        Some((Ok(seq), batch)) => {
                             for ack in batch.acks {
                                 let _ = ack.send(true);
                             }
@@ -444,17 +473,12 @@ impl Dispatcher {
                                     *used = used.saturating_sub(n);
                                 }
                             }
-                            for id in batch.scheduled {
-                                scheduled_open.remove(&id);
-                            }
-                            tracing::debug!(messages = batch.step.outcomes.len(), "dispatch outcomes committed");
-                            for b in done.finished {
-                                tracing::info!(tenant = %b.tenant, batch = b.id, "every message of the batch is final");
-                                let _ = self.reports.send(b.id);
-                            }
-                            for (mo, outcome) in batch.step.mos.iter().zip(done.mos) {
-                                log_mo(mo, &outcome);
-                            }
+                            tracing::debug!(messages = batch.step.outcomes.len(), seq, "dispatch step logged");
+                            let _ = logged_tx.send(Logged {
+                                seq,
+                                step: batch.step,
+                                scheduled: batch.scheduled,
+                            });
                         }
                         Some((Err(e), mut batch)) => {
                             tracing::error!(error = %e, "cannot commit dispatch outcomes; retrying");
@@ -468,6 +492,11 @@ impl Dispatcher {
                             tokio::time::sleep(Duration::from_millis(500)).await;
                         }
                         None => tracing::error!("dispatch commit task failed"),
+                    }
+                }
+                Some(ids) = applied_rx.recv() => {
+                    for id in ids {
+                        scheduled_open.remove(&id);
                     }
                 }
                 inbound = self.incoming.recv() => {
@@ -486,6 +515,55 @@ impl Dispatcher {
                 _ = self.wake.notify.notified(), if !stopping => refresh = true,
                 _ = shutdown.cancelled(), if !stopping => {}
                 _ = tokio::time::sleep(nap) => refresh = idle_since_fill,
+            }
+        }
+        // Every logged step goes into the database before the store closes.
+        drop(logged_tx);
+        let _ = applier.await;
+    }
+
+    /// Opens the dispatch log and applies what a crash left in it, before anything reads the
+    /// queue; retries until it can or `shutdown`. Returns the log and the next step number.
+    async fn open_log(&self, shutdown: &CancellationToken) -> Option<(SharedWal, u64)> {
+        loop {
+            let (store, dir, reports) = (self.store.clone(), self.config.state_dir.clone(), self.reports.clone());
+            let opened = tokio::task::spawn_blocking(move || -> Result<(Wal, u64), String> {
+                let (mut wal, records) =
+                    Wal::open(&dir, store.keys().system()).map_err(|e| format!("dispatch log: {e}"))?;
+                let mut steps = Vec::with_capacity(records.len());
+                for (seq, plain) in records {
+                    match postcard::from_bytes::<DispatchCommit>(&plain) {
+                        Ok(step) => steps.push((seq, step)),
+                        Err(e) => tracing::error!(seq, error = %e, "a dispatch log record does not decode; skipped"),
+                    }
+                }
+                if !steps.is_empty() {
+                    let done = store.apply_logged(&steps, now()).map_err(|e| e.to_string())?;
+                    tracing::info!(
+                        steps = steps.len(),
+                        "dispatch steps logged before the last stop applied"
+                    );
+                    for b in done.finished {
+                        let _ = reports.send(b.id);
+                    }
+                }
+                let applied = store.mark("wal_applied").map_err(|e| e.to_string())?.unwrap_or(0);
+                wal.reset_if_applied(wal.last.max(applied), true)
+                    .map_err(|e| format!("dispatch log: {e}"))?;
+                let next = wal.last.max(applied) + 1;
+                Ok((wal, next))
+            })
+            .await;
+            match opened {
+                Ok(Ok((wal, next))) => return Some((Arc::new(std::sync::Mutex::new(wal)), next)),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "cannot open the dispatch log; nothing is sent until it opens")
+                }
+                Err(e) => tracing::error!(error = %e, "dispatch log task failed"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
             }
         }
     }
@@ -902,6 +980,78 @@ impl Dispatcher {
             Ok((picks, already))
         })
         .await
+    }
+}
+
+/// Applies logged dispatch steps to the database, as many at a time as have gathered, until
+/// `logged` closes and everything is applied. Batches now final get their report; scheduled
+/// ids the steps settled go back to the dispatcher.
+async fn apply_log(
+    store: Store,
+    wal: SharedWal,
+    reports: ReportRequests,
+    mut logged: tokio::sync::mpsc::UnboundedReceiver<Logged>,
+    applied: tokio::sync::mpsc::UnboundedSender<Vec<u64>>,
+) {
+    let mut buffer: Vec<Logged> = Vec::new();
+    loop {
+        if buffer.is_empty() {
+            match logged.recv().await {
+                Some(l) => buffer.push(l),
+                None => break,
+            }
+        }
+        while buffer.len() < 4096 {
+            match logged.try_recv() {
+                Ok(l) => buffer.push(l),
+                Err(_) => break,
+            }
+        }
+        let (store, wal) = (store.clone(), wal.clone());
+        let task = tokio::task::spawn_blocking(move || {
+            let steps: Vec<(u64, DispatchCommit)> = buffer
+                .iter_mut()
+                .map(|l| (l.seq, std::mem::take(&mut l.step)))
+                .collect();
+            let result = store.apply_logged(&steps, now());
+            if result.is_ok() {
+                let last = buffer.last().map(|l| l.seq).unwrap_or(0);
+                if let Ok(mut w) = wal.lock() {
+                    if let Err(e) = w.reset_if_applied(last, false) {
+                        tracing::warn!(error = %e, "cannot empty the dispatch log");
+                    }
+                }
+            }
+            (result, buffer, steps)
+        });
+        let Ok((result, taken, steps)) = task.await else {
+            tracing::error!("dispatch log applier failed");
+            break;
+        };
+        match result {
+            Ok(done) => {
+                for b in done.finished {
+                    tracing::info!(tenant = %b.tenant, batch = b.id, "every message of the batch is final");
+                    let _ = reports.send(b.id);
+                }
+                for (mo, outcome) in steps.iter().flat_map(|(_, s)| s.mos.iter()).zip(done.mos) {
+                    log_mo(mo, &outcome);
+                }
+                let ids: Vec<u64> = taken.into_iter().flat_map(|l| l.scheduled).collect();
+                if !ids.is_empty() {
+                    let _ = applied.send(ids);
+                }
+                buffer = Vec::new();
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot apply logged dispatch steps; retrying (they are safe in the log)");
+                buffer = taken;
+                for (l, (_, step)) in buffer.iter_mut().zip(steps) {
+                    l.step = step;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
     }
 }
 

@@ -10,7 +10,7 @@
 use crate::codes::MessageStatus;
 
 /// What a receipt says.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Receipt {
     /// The partner's message id, as the receipt writes it.
     pub id: String,

@@ -17,6 +17,7 @@ mod receipts;
 pub mod records;
 mod replies;
 mod traffic;
+pub mod wal;
 
 pub use audit::{AuditEntry, AuditEvent, ChainCheck};
 pub use bans::Ban;
@@ -145,8 +146,9 @@ pub enum Admitted {
     },
 }
 
-/// What one dispatcher step changes, applied in one durable transaction.
-#[derive(Debug, Default)]
+/// What one dispatcher step changes, applied in one durable transaction (or logged first, see
+/// [`wal`]).
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct DispatchCommit {
     /// New dispatch cursors: batch id → next index not yet taken.
     pub cursors: Vec<(u64, u64)>,
@@ -763,23 +765,53 @@ impl Store {
         Ok(table.first()?.map(|(k, _)| k.value().0 as i64))
     }
 
-    /// Applies one dispatcher step durably.
-    pub fn commit_dispatch(&self, step: &DispatchCommit, now: i64) -> Result<DispatchDone> {
+    /// Applies dispatcher steps from the dispatch log (`wal`) in one durable transaction, in
+    /// order, and records the last one's number. Steps at or below the recorded number were
+    /// applied before and are skipped, so a step is never applied twice.
+    pub fn apply_logged(&self, steps: &[(u64, DispatchCommit)], now: i64) -> Result<DispatchDone> {
+        let applied = self.mark("wal_applied")?.unwrap_or(0);
+        let fresh: Vec<&(u64, DispatchCommit)> = steps.iter().filter(|(seq, _)| *seq > applied).collect();
+        let Some(last) = fresh.last().map(|(seq, _)| *seq) else {
+            return Ok(DispatchDone::default());
+        };
+        let steps: Vec<&DispatchCommit> = fresh.into_iter().map(|(_, s)| s).collect();
+        self.apply_steps(&steps, last, now)
+    }
+
+    fn apply_steps(&self, steps: &[&DispatchCommit], logged: u64, now: i64) -> Result<DispatchDone> {
         let mut tx = self.write(Durability::Immediate)?;
-        // The dispatcher commits thousands of times a second and each commit holds window
-        // slots: saving the allocator state with each one (quick repair) costs about 40% of a
-        // small commit. A crash after one of these makes the next open run a full repair
-        // instead, a fraction of a second per million records.
+        // The dispatcher commits often: saving the allocator state with each commit (quick
+        // repair) costs about 40% of a small one. A crash after one of these makes the next
+        // open run a full repair instead, a fraction of a second per million records.
         tx.set_quick_repair(false);
         let mut touched: HashMap<u64, BatchRecord> = HashMap::new();
-        let load = |touched: &mut HashMap<u64, BatchRecord>, id: u64| -> Result<()> {
-            if let std::collections::hash_map::Entry::Vacant(e) = touched.entry(id) {
-                e.insert(self.batch_in(&tx, id)?);
-            }
-            Ok(())
-        };
+        let mut mos = Vec::new();
+        for step in steps {
+            mos.extend(self.apply_step(&tx, &mut touched, step, now)?);
+        }
+        tx.open_table(META)?.insert("wal_applied", logged)?;
+        let finished = self.put_touched(&tx, touched, now)?;
+        tx.commit()?;
+        Ok(DispatchDone { finished, mos })
+    }
+
+    fn apply_step(
+        &self,
+        tx: &WriteTransaction,
+        touched: &mut HashMap<u64, BatchRecord>,
+        step: &DispatchCommit,
+        now: i64,
+    ) -> Result<Vec<MoOutcome>> {
         for (batch, cursor) in &step.cursors {
-            load(&mut touched, *batch)?;
+            if let std::collections::hash_map::Entry::Vacant(e) = touched.entry(*batch) {
+                match self.batch_in(tx, *batch) {
+                    Ok(b) => {
+                        e.insert(b);
+                    }
+                    Err(StoreError::NoBatch(_)) => continue,
+                    Err(err) => return Err(err),
+                }
+            }
             if let Some(b) = touched.get_mut(batch) {
                 b.cursor = b.cursor.max(*cursor);
             }
@@ -788,32 +820,28 @@ impl Store {
             let mut status = status.clone();
             if status.status == MessageStatus::Submitted && !status.partner_id.is_empty() {
                 // A receipt that came before its submit_sm_resp is waiting for this id.
-                if let Some(early) = self.index_submitted(&tx, *id, &status)? {
+                if let Some(early) = self.index_submitted(tx, *id, &status)? {
                     status = early;
                 }
             }
-            self.set_status(&tx, &mut touched, *id, &status)?;
+            self.set_status(tx, touched, *id, &status)?;
         }
         for (partner, receipt) in &step.receipts {
-            self.apply_receipt(&tx, &mut touched, partner, receipt, now)?;
+            self.apply_receipt(tx, touched, partner, receipt, now)?;
         }
-        self.record_sent(&tx, &step.sent)?;
+        self.record_sent(tx, &step.sent)?;
         let mut mos = Vec::with_capacity(step.mos.len());
         for mo in &step.mos {
-            mos.push(self.keep_mo(&tx, mo, now)?);
+            mos.push(self.keep_mo(tx, mo, now)?);
         }
-        {
-            let mut scheduled = tx.open_table(SCHEDULED)?;
-            for (due, id) in &step.schedule {
-                scheduled.insert((due.max(&0).to_owned() as u64, *id), ())?;
-            }
-            for (due, id) in &step.unschedule {
-                scheduled.remove((due.max(&0).to_owned() as u64, *id))?;
-            }
+        let mut scheduled = tx.open_table(SCHEDULED)?;
+        for (due, id) in &step.schedule {
+            scheduled.insert(((*due).max(0) as u64, *id), ())?;
         }
-        let finished = self.put_touched(&tx, touched, now)?;
-        tx.commit()?;
-        Ok(DispatchDone { finished, mos })
+        for (due, id) in &step.unschedule {
+            scheduled.remove(((*due).max(0) as u64, *id))?;
+        }
+        Ok(mos)
     }
 
     /// The status record of a message, if one was written.

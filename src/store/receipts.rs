@@ -105,7 +105,7 @@ impl Store {
         Ok(outcome)
     }
 
-    /// Applies one receipt inside `tx` (the dispatcher's commit, `Store::commit_dispatch`).
+    /// Applies one receipt inside `tx` (the dispatcher's steps, `Store::apply_logged`).
     pub(super) fn apply_receipt(
         &self,
         tx: &WriteTransaction,

@@ -48,7 +48,7 @@ pub struct ReplyRecord {
 }
 
 /// A message handed to a partner, for `last_sent`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SentTo {
     pub tenant: String,
     /// E.164.
@@ -57,7 +57,7 @@ pub struct SentTo {
 }
 
 /// An MO waiting for its commit, with the tenants it may belong to.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct IncomingMo {
     pub partner: String,
     pub mo: Mo,

@@ -1,0 +1,115 @@
+//! The dispatcher's log: each dispatch step made durable by one append and one `fdatasync`,
+//! applied to the database later in larger transactions.
+//!
+//! A partner's window slot, and the acknowledgement of a receipt or an incoming message, wait
+//! for their step to be durable. A database commit costs several hundred microseconds however
+//! small it is; an append to this log costs one `fdatasync` of a few pages. So the dispatcher
+//! appends here, gets its slots back, and [`Store::apply_logged`] folds many steps into one
+//! transaction that also records the last step it applied (`meta.wal_applied`). At start-up
+//! the steps after that one are applied before anything else reads the queue.
+//!
+//! Format: records of `length (u32 LE) ‖ step number (u64 LE) ‖ sealed step`, sealed with the
+//! system key bound to the step number, so nothing in it is readable on disk and a record moved
+//! or changed does not open. A record cut short by a crash was never acknowledged (its
+//! `fdatasync` had not returned): reading stops there. The file is emptied once every step in
+//! it is applied and it has grown past [`RESET_BYTES`].
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::crypto::TenantKeys;
+
+/// The log's file inside `state_dir`.
+pub const WAL_FILE: &str = "dispatch.wal";
+/// The log is emptied, once fully applied, when it is larger than this.
+pub const RESET_BYTES: u64 = 64 << 20;
+/// A record larger than this is not one of ours.
+const MAX_RECORD: usize = 256 << 20;
+
+pub struct Wal {
+    file: File,
+    path: PathBuf,
+    keys: Arc<TenantKeys>,
+    /// The last step appended.
+    pub last: u64,
+    bytes: u64,
+}
+
+impl Wal {
+    /// Opens the log and reads the steps in it: (step number, plain bytes), in order.
+    pub fn open(state_dir: &Path, keys: Arc<TenantKeys>) -> io::Result<(Wal, Vec<(u64, Vec<u8>)>)> {
+        let path = state_dir.join(WAL_FILE);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&path)?;
+        let mut data = Vec::new();
+        file.read_to_end(&mut data)?;
+        let mut steps = Vec::new();
+        let mut at = 0usize;
+        while let Some(header) = data.get(at..at + 12) {
+            let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+            let mut seq_bytes = [0u8; 8];
+            seq_bytes.copy_from_slice(&header[4..12]);
+            let seq = u64::from_le_bytes(seq_bytes);
+            let Some(sealed) = data.get(at + 12..at + 12 + len).filter(|_| len <= MAX_RECORD) else {
+                break;
+            };
+            let Ok(plain) = keys.open("wal", &seq.to_be_bytes(), sealed) else {
+                break;
+            };
+            steps.push((seq, plain));
+            at += 12 + len;
+        }
+        if at < data.len() {
+            tracing::warn!(
+                kept = steps.len(),
+                dropped_bytes = data.len() - at,
+                "dispatch log ends in a record cut short by a crash (never acknowledged); dropped"
+            );
+            file.set_len(at as u64)?;
+            file.sync_all()?;
+        }
+        let last = steps.last().map(|(s, _)| *s).unwrap_or(0);
+        Ok((
+            Wal {
+                file,
+                path,
+                keys,
+                last,
+                bytes: at as u64,
+            },
+            steps,
+        ))
+    }
+
+    /// Appends one step and waits for the disk.
+    pub fn append(&mut self, seq: u64, plain: &[u8]) -> io::Result<()> {
+        let sealed = self.keys.seal("wal", &seq.to_be_bytes(), plain);
+        let mut record = Vec::with_capacity(12 + sealed.len());
+        record.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
+        record.extend_from_slice(&seq.to_le_bytes());
+        record.extend_from_slice(&sealed);
+        self.file.write_all(&record)?;
+        self.file.sync_data()?;
+        self.last = seq;
+        self.bytes += record.len() as u64;
+        Ok(())
+    }
+
+    /// Empties the log if every step in it is applied (`applied`) and it is large, or `always`.
+    pub fn reset_if_applied(&mut self, applied: u64, always: bool) -> io::Result<()> {
+        if applied >= self.last && (always || self.bytes > RESET_BYTES) && self.bytes > 0 {
+            self.file.set_len(0)?;
+            self.file.sync_all()?;
+            self.bytes = 0;
+            tracing::debug!(path = %self.path.display(), "dispatch log emptied");
+        }
+        Ok(())
+    }
+}

@@ -29,6 +29,9 @@ pub const RESET_BYTES: u64 = 64 << 20;
 /// A record larger than this is not one of ours.
 const MAX_RECORD: usize = 256 << 20;
 
+/// Steps read back from the log: (step number, plain bytes), in order.
+pub type LoggedSteps = Vec<(u64, Vec<u8>)>;
+
 pub struct Wal {
     file: File,
     path: PathBuf,
@@ -40,7 +43,7 @@ pub struct Wal {
 
 impl Wal {
     /// Opens the log and reads the steps in it: (step number, plain bytes), in order.
-    pub fn open(state_dir: &Path, keys: Arc<TenantKeys>) -> io::Result<(Wal, Vec<(u64, Vec<u8>)>)> {
+    pub fn open(state_dir: &Path, keys: Arc<TenantKeys>) -> io::Result<(Wal, LoggedSteps)> {
         let path = state_dir.join(WAL_FILE);
         let mut file = OpenOptions::new()
             .read(true)

@@ -158,11 +158,11 @@ fn sigkill_mid_dispatch_resends_at_most_the_window() {
     let dir = tempfile::tempdir().expect("dir");
     let smsc = Smsc::start(dir.path(), &[]);
     let mut app = with_smsc(&smsc, "");
-    let n = 20_000;
+    let n = 100_000;
     app.start();
     app.drop_file("acme", "crash.csv", &many(n));
     app.result("acme", "crash");
-    smsc.wait("submit", 2000, Duration::from_secs(60));
+    smsc.wait("submit", 20_000, Duration::from_secs(120));
     app.kill();
     let before = smsc.of("submit").len();
     assert!(before < n, "the kill came mid-dispatch");

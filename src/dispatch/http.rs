@@ -24,7 +24,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
@@ -37,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::health::Meter;
 use super::mo::Mo;
-use super::partner::{Inbound, Incoming, Outbound, Partner, PartnerError, SubmitFuture, Submitted};
+use super::partner::{Inbound, Incoming, Outbound, Pacer, Partner, PartnerError, SubmitFuture, Submitted};
 use super::receipt::{Receipt, status_of_word};
 use crate::config;
 
@@ -54,9 +53,8 @@ pub struct HttpPartner {
     client: reqwest::Client,
     token: Option<String>,
     window: Semaphore,
-    pace: tokio::sync::Mutex<tokio::time::Instant>,
-    /// Unix ms before which nothing is sent (after a 429).
-    paused_until: AtomicU64,
+    /// The `tps` cap, and the pause a 429 asks for.
+    pacer: Pacer,
     meter: Meter,
     incoming: mpsc::UnboundedSender<Inbound>,
 }
@@ -137,10 +135,6 @@ fn id_text(v: &serde_json::Value) -> Option<String> {
     }
 }
 
-fn now_ms() -> u64 {
-    jiff::Timestamp::now().as_millisecond().max(0) as u64
-}
-
 /// Whether an HTTP status is worth trying again later.
 pub fn is_transient_status(status: StatusCode) -> bool {
     status.is_server_error()
@@ -188,8 +182,7 @@ impl HttpPartner {
         Ok(Arc::new(HttpPartner {
             id: id.to_string(),
             window: Semaphore::new(cfg.window),
-            pace: tokio::sync::Mutex::new(tokio::time::Instant::now()),
-            paused_until: AtomicU64::new(0),
+            pacer: Pacer::new(cfg.tps),
             meter: Meter::default(),
             client,
             token,
@@ -327,24 +320,6 @@ impl HttpPartner {
         answer(StatusCode::OK, "ok")
     }
 
-    /// Waits for the `tps` cap and any 429 pause.
-    async fn pace(&self) {
-        let paused = self.paused_until.load(Ordering::Relaxed);
-        let now = now_ms();
-        if paused > now {
-            tokio::time::sleep(Duration::from_millis(paused - now)).await;
-        }
-        if let Some(tps) = self.cfg.tps {
-            let gap = Duration::from_secs_f64(1.0 / f64::from(tps));
-            let mut next = self.pace.lock().await;
-            let now = tokio::time::Instant::now();
-            let at = (*next).max(now);
-            *next = at + gap;
-            drop(next);
-            tokio::time::sleep_until(at).await;
-        }
-    }
-
     async fn send(&self, m: &Outbound<'_>) -> Result<Submitted, PartnerError> {
         let body = MessageRequest {
             id: m.id.to_string(),
@@ -362,7 +337,7 @@ impl HttpPartner {
         let _permit = self.window.acquire().await.map_err(|_| PartnerError::Transient {
             detail: "partner stopped".into(),
         })?;
-        self.pace().await;
+        self.pacer.wait().await;
         let mut request = self.client.post(self.cfg.url.clone()).json(&body);
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
@@ -409,7 +384,7 @@ impl HttpPartner {
         let detail = format!("HTTP {}: {}", status.as_u16(), start.trim());
         if status == StatusCode::TOO_MANY_REQUESTS {
             let pause = retry_after.unwrap_or(1).clamp(1, 300);
-            self.paused_until.store(now_ms() + pause * 1000, Ordering::Relaxed);
+            self.pacer.pause(Duration::from_secs(pause));
             return Err(PartnerError::Transient { detail });
         }
         let transient = is_transient_status(status);

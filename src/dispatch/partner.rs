@@ -3,6 +3,9 @@
 use std::future::Future;
 use std::pin::Pin;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
 use tokio::sync::oneshot;
 
 use super::mo::Mo;
@@ -86,4 +89,53 @@ pub struct Inbound {
     pub partner: String,
     pub what: Incoming,
     pub ack: oneshot::Sender<bool>,
+}
+
+/// A partner's sending pace: its `tps` cap, and pauses it asked for (`ESME_RTHROTTLED`, HTTP
+/// 429). Shared by every send of the partner.
+#[derive(Debug)]
+pub struct Pacer {
+    tps: Option<u32>,
+    /// Unix ms before which nothing is sent.
+    paused_until: AtomicU64,
+    /// When the next send may go under the cap.
+    next: tokio::sync::Mutex<tokio::time::Instant>,
+}
+
+fn now_ms() -> u64 {
+    jiff::Timestamp::now().as_millisecond().max(0) as u64
+}
+
+impl Pacer {
+    pub fn new(tps: Option<u32>) -> Pacer {
+        Pacer {
+            tps,
+            paused_until: AtomicU64::new(0),
+            next: tokio::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    /// Nothing is sent for `pause` from now.
+    pub fn pause(&self, pause: Duration) {
+        self.paused_until
+            .store(now_ms() + pause.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Waits until one more send may go.
+    pub async fn wait(&self) {
+        let paused = self.paused_until.load(Ordering::Relaxed);
+        let now = now_ms();
+        if paused > now {
+            tokio::time::sleep(Duration::from_millis(paused - now)).await;
+        }
+        if let Some(tps) = self.tps {
+            let gap = Duration::from_secs_f64(1.0 / f64::from(tps));
+            let mut next = self.next.lock().await;
+            let now = tokio::time::Instant::now();
+            let at = (*next).max(now);
+            *next = at + gap;
+            drop(next);
+            tokio::time::sleep_until(at).await;
+        }
+    }
 }

@@ -8,7 +8,7 @@
 //! Long messages go as concatenated parts with an 8-bit-reference UDH, or with the SAR TLVs.
 
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::health::Meter;
 use super::mo::{Mo, decode_text, strip_udh};
-use super::partner::{Inbound, Incoming, Outbound, Partner, PartnerError, SubmitFuture, Submitted};
+use super::partner::{Inbound, Incoming, Outbound, Pacer, Partner, PartnerError, SubmitFuture, Submitted};
 use super::receipt;
 use crate::batch::encode::segment_payloads;
 use crate::config;
@@ -38,10 +38,8 @@ pub struct SmppPartner {
     clients: Arc<RwLock<Vec<Option<Client>>>>,
     bound: Arc<Notify>,
     next: AtomicUsize,
-    /// Unix ms before which nothing is sent (after `ESME_RTHROTTLED`), and when the last
-    /// `submit_sm` may go under the `tps` cap.
-    paused_until: AtomicU64,
-    pace: tokio::sync::Mutex<tokio::time::Instant>,
+    /// The `tps` cap, and a second's pause after `ESME_RTHROTTLED`.
+    pacer: Pacer,
     reference: AtomicU16,
     incoming: mpsc::UnboundedSender<Inbound>,
     meter: Meter,
@@ -53,10 +51,6 @@ enum Role {
     Transceiver,
     Transmitter,
     Receiver,
-}
-
-fn now_ms() -> u64 {
-    jiff::Timestamp::now().as_millisecond().max(0) as u64
 }
 
 /// Whether an error `command_status` is worth trying again later.
@@ -101,8 +95,7 @@ impl SmppPartner {
             clients: Arc::new(RwLock::new(vec![None; cfg.binds])),
             bound: Arc::new(Notify::new()),
             next: AtomicUsize::new(0),
-            paused_until: AtomicU64::new(0),
-            pace: tokio::sync::Mutex::new(tokio::time::Instant::now()),
+            pacer: Pacer::new(cfg.tps),
             reference: AtomicU16::new(u16::from_be_bytes(seed)),
             incoming,
             meter: Meter::default(),
@@ -366,24 +359,6 @@ impl SmppPartner {
         }
     }
 
-    /// Waits for the `tps` cap and any throttling pause.
-    async fn pace(&self) {
-        let paused = self.paused_until.load(Ordering::Relaxed);
-        let now = now_ms();
-        if paused > now {
-            tokio::time::sleep(Duration::from_millis(paused - now)).await;
-        }
-        if let Some(tps) = self.cfg.tps {
-            let gap = Duration::from_secs_f64(1.0 / f64::from(tps));
-            let mut next = self.pace.lock().await;
-            let now = tokio::time::Instant::now();
-            let at = (*next).max(now);
-            *next = at + gap;
-            drop(next);
-            tokio::time::sleep_until(at).await;
-        }
-    }
-
     fn submit_sm(
         &self,
         m: &Outbound<'_>,
@@ -449,7 +424,7 @@ impl SmppPartner {
             let _permit = self.window.acquire().await.map_err(|_| PartnerError::Transient {
                 detail: "partner stopped".into(),
             })?;
-            self.pace().await;
+            self.pacer.wait().await;
             let Some(client) = self.client().await else {
                 self.meter.record(self.cfg.response_timeout, false);
                 return Err(PartnerError::Transient {
@@ -469,7 +444,7 @@ impl SmppPartner {
                     let detail = format!("{status:?} (0x{:08x})", u32::from(status));
                     if status == CommandStatus::EsmeRthrottled {
                         // asked to slow down: not a sign of ill health
-                        self.paused_until.store(now_ms() + 1000, Ordering::Relaxed);
+                        self.pacer.pause(Duration::from_secs(1));
                     } else {
                         self.meter.record(latency, !is_transient(status));
                     }

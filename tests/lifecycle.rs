@@ -282,3 +282,27 @@ fn sigkill_during_ingest_while_another_batch_dispatches() {
         "{status}"
     );
 }
+
+/// CPU seconds (user + system) a process has used, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // fields after the command name, which is in parentheses and may hold spaces
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap_or(0.0) + fields[12].parse::<f64>().unwrap_or(0.0);
+    ticks / 100.0
+}
+
+#[test]
+fn an_idle_sink_only_dispatcher_does_not_spin() {
+    // Regression: with only the sink partner nothing could send receipts, the dispatcher's
+    // receipt channel was closed, and a closed channel is always ready: the loop spun.
+    let mut app = Appliance::new(&tenant("acme", ""));
+    app.start();
+    app.drop_file("acme", "idle.csv", b"phone;message\n0612345678;one\n");
+    app.final_report("acme", "idle", 1);
+    let before = cpu_seconds(app.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_seconds(app.pid()) - before;
+    assert!(used < 0.5, "an idle appliance used {used:.2} CPU seconds in 2 s");
+}

@@ -241,7 +241,10 @@ impl Pending {
     }
 }
 
-type Landing = futures_util::future::BoxFuture<'static, Flight>;
+/// A flight runs as its own task, so that building and sending PDUs for thousands of messages a
+/// second does not share one thread with the dispatcher's bookkeeping. `None` only if the task
+/// died, which a panic (it aborts the process) cannot cause.
+type Landing = futures_util::future::BoxFuture<'static, Option<Flight>>;
 type Committed = tokio::task::JoinHandle<(Result<u64, std::io::Error>, Pending)>;
 
 /// A step in the dispatch log, on its way into the database.
@@ -303,6 +306,7 @@ impl Dispatcher {
         let mut swept = tokio::time::Instant::now();
         let mut sent: Vec<SentTo> = Vec::new();
         let mut last_flush = tokio::time::Instant::now();
+        let mut inbound_open = true;
         // Batches waiting only for receipts are closed after the longest receipt_timeout.
         let receipt_timeout = self
             .config
@@ -456,6 +460,8 @@ impl Dispatcher {
             };
             let no_flights = flights.is_empty();
             tokio::select! {
+                // A finished append first: it gives window slots back.
+                biased;
                 done = async {
                     match committing.as_mut() {
                         Some(handle) => handle.await.ok(),
@@ -499,17 +505,28 @@ impl Dispatcher {
                         scheduled_open.remove(&id);
                     }
                 }
-                inbound = self.incoming.recv() => {
-                    if let Some(first) = inbound {
-                        self.take_inbound(first, &mut pending);
-                        while let Ok(more) = self.incoming.try_recv() {
-                            self.take_inbound(more, &mut pending);
+                inbound = self.incoming.recv(), if inbound_open => {
+                    match inbound {
+                        Some(first) => {
+                            self.take_inbound(first, &mut pending);
+                            while let Ok(more) = self.incoming.try_recv() {
+                                self.take_inbound(more, &mut pending);
+                            }
                         }
+                        // No partner can receive anything (only `sink`): a closed channel is
+                        // always ready, and would spin this loop.
+                        None => inbound_open = false,
                     }
                 }
                 flight = flights.next(), if !no_flights => {
-                    if let Some(flight) = flight {
+                    if let Some(Some(flight)) = flight {
                         self.land(flight, &mut pending, &health);
+                    }
+                    // Whatever else landed meanwhile, in the same turn of the loop.
+                    while let Some(Some(more)) = futures_util::FutureExt::now_or_never(flights.next()) {
+                        if let Some(flight) = more {
+                            self.land(flight, &mut pending, &health);
+                        }
                     }
                 }
                 _ = self.wake.notify.notified(), if !stopping => refresh = true,
@@ -740,7 +757,7 @@ impl Dispatcher {
     fn launch(&self, partner: Arc<dyn Partner>, partner_id: String, picks: Vec<Pick>) -> Landing {
         let t = now();
         let valid_until: Vec<i64> = picks.iter().map(|p| self.valid_until(p, t)).collect();
-        Box::pin(async move {
+        let task = tokio::spawn(async move {
             let results = {
                 let outbound: Vec<Outbound<'_>> = picks
                     .iter()
@@ -760,6 +777,11 @@ impl Dispatcher {
                 picks,
                 results,
             }
+        });
+        Box::pin(async move {
+            task.await
+                .map_err(|e| tracing::error!(error = %e, "a partner submission task died"))
+                .ok()
         })
     }
 

@@ -11,12 +11,18 @@
 //! Format: records of `length (u32 LE) ‖ step number (u64 LE) ‖ sealed step`, sealed with the
 //! system key bound to the step number, so nothing in it is readable on disk and a record moved
 //! or changed does not open. A record cut short by a crash was never acknowledged (its
-//! `fdatasync` had not returned): reading stops there. The file is emptied once every step in
-//! it is applied and it has grown past [`RESET_BYTES`].
+//! `fdatasync` had not returned): reading stops there.
+//!
+//! The file is written full of zeros once ([`PREALLOC_BYTES`]) and records overwrite it in
+//! place: an `fdatasync` that must also commit a new file size or extent costs the file
+//! system a journal commit (about 0.8 ms here, against 0.08 ms without). Once every step in it is
+//! applied and it holds more than [`RESET_BYTES`], writing starts again at the beginning; step
+//! numbers only grow, so reading stops at the first record whose number does not (what is left
+//! of the previous round).
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::{self, Read};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -24,8 +30,10 @@ use crate::crypto::TenantKeys;
 
 /// The log's file inside `state_dir`.
 pub const WAL_FILE: &str = "dispatch.wal";
-/// The log is emptied, once fully applied, when it is larger than this.
-pub const RESET_BYTES: u64 = 64 << 20;
+/// Writing starts again at the beginning, once everything is applied, past this.
+pub const RESET_BYTES: u64 = 32 << 20;
+/// The zeros the file is made of before the first record.
+pub const PREALLOC_BYTES: u64 = 64 << 20;
 /// A record larger than this is not one of ours.
 const MAX_RECORD: usize = 256 << 20;
 
@@ -47,36 +55,43 @@ impl Wal {
         let path = state_dir.join(WAL_FILE);
         let mut file = OpenOptions::new()
             .read(true)
-            .append(true)
+            .write(true)
             .create(true)
+            .truncate(false)
             .mode(0o600)
             .open(&path)?;
         let mut data = Vec::new();
         file.read_to_end(&mut data)?;
-        let mut steps = Vec::new();
+        if (data.len() as u64) < PREALLOC_BYTES {
+            let zeros = vec![0u8; 1 << 20];
+            let mut at = data.len() as u64;
+            while at < PREALLOC_BYTES {
+                file.write_all_at(&zeros, at)?;
+                at += zeros.len() as u64;
+            }
+            file.sync_all()?;
+            if let Some(dir) = path.parent() {
+                File::open(dir)?.sync_all()?;
+            }
+        }
+        let mut steps: LoggedSteps = Vec::new();
         let mut at = 0usize;
         while let Some(header) = data.get(at..at + 12) {
             let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
             let mut seq_bytes = [0u8; 8];
             seq_bytes.copy_from_slice(&header[4..12]);
             let seq = u64::from_le_bytes(seq_bytes);
+            if len == 0 || steps.last().is_some_and(|(last, _)| seq <= *last) {
+                break; // zeros, or what is left of the previous round
+            }
             let Some(sealed) = data.get(at + 12..at + 12 + len).filter(|_| len <= MAX_RECORD) else {
                 break;
             };
             let Ok(plain) = keys.open("wal", &seq.to_be_bytes(), sealed) else {
-                break;
+                break; // cut short by a crash: never acknowledged
             };
             steps.push((seq, plain));
             at += 12 + len;
-        }
-        if at < data.len() {
-            tracing::warn!(
-                kept = steps.len(),
-                dropped_bytes = data.len() - at,
-                "dispatch log ends in a record cut short by a crash (never acknowledged); dropped"
-            );
-            file.set_len(at as u64)?;
-            file.sync_all()?;
         }
         let last = steps.last().map(|(s, _)| *s).unwrap_or(0);
         Ok((
@@ -98,20 +113,20 @@ impl Wal {
         record.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
         record.extend_from_slice(&seq.to_le_bytes());
         record.extend_from_slice(&sealed);
-        self.file.write_all(&record)?;
+        self.file.write_all_at(&record, self.bytes)?;
         self.file.sync_data()?;
         self.last = seq;
         self.bytes += record.len() as u64;
         Ok(())
     }
 
-    /// Empties the log if every step in it is applied (`applied`) and it is large, or `always`.
+    /// Starts writing at the beginning again if every step in the log is applied (`applied`)
+    /// and it holds more than [`RESET_BYTES`], or `always`. Nothing needs to be erased: the next
+    /// record's larger step number ends what is left of this round.
     pub fn reset_if_applied(&mut self, applied: u64, always: bool) -> io::Result<()> {
         if applied >= self.last && (always || self.bytes > RESET_BYTES) && self.bytes > 0 {
-            self.file.set_len(0)?;
-            self.file.sync_all()?;
             self.bytes = 0;
-            tracing::debug!(path = %self.path.display(), "dispatch log emptied");
+            tracing::debug!(path = %self.path.display(), "dispatch log starts a new round");
         }
         Ok(())
     }

@@ -365,9 +365,8 @@ impl HttpPartner {
         let latency = sent.elapsed();
         if status.is_success() {
             self.meter.record(latency, true);
-            let id = text
-                .as_deref()
-                .and_then(|t| serde_json::from_slice::<MessageAnswer>(t).ok())
+            let id = serde_json::from_slice::<MessageAnswer>(&text)
+                .ok()
                 .and_then(|a| a.id.or(a.message_id))
                 .and_then(|v| id_text(&v));
             if id.is_none() {
@@ -377,10 +376,7 @@ impl HttpPartner {
                 partner_id: id.unwrap_or_default(),
             });
         }
-        let start: String = text
-            .as_deref()
-            .map(|t| String::from_utf8_lossy(t).chars().take(200).collect())
-            .unwrap_or_default();
+        let start: String = String::from_utf8_lossy(&text).chars().take(200).collect();
         let detail = format!("HTTP {}: {}", status.as_u16(), start.trim());
         if status == StatusCode::TOO_MANY_REQUESTS {
             let pause = retry_after.unwrap_or(1).clamp(1, 300);
@@ -398,7 +394,7 @@ impl HttpPartner {
 }
 
 /// The start of a response body, at most [`ANSWER_MAX_BYTES`].
-async fn read_limited(mut response: reqwest::Response) -> Option<Vec<u8>> {
+async fn read_limited(mut response: reqwest::Response) -> Vec<u8> {
     let mut out = Vec::new();
     while let Ok(Some(chunk)) = response.chunk().await {
         let room = ANSWER_MAX_BYTES.saturating_sub(out.len());
@@ -407,7 +403,7 @@ async fn read_limited(mut response: reqwest::Response) -> Option<Vec<u8>> {
             break;
         }
     }
-    Some(out)
+    out
 }
 
 impl Partner for HttpPartner {

@@ -565,8 +565,7 @@ impl Dispatcher {
                     }
                 }
                 let applied = store.mark("wal_applied").map_err(|e| e.to_string())?.unwrap_or(0);
-                wal.reset_if_applied(wal.last.max(applied), true)
-                    .map_err(|e| format!("dispatch log: {e}"))?;
+                wal.reset_if_applied(wal.last.max(applied), true);
                 let next = wal.last.max(applied) + 1;
                 Ok((wal, next))
             })
@@ -1039,9 +1038,7 @@ async fn apply_log(
             if result.is_ok() {
                 let last = buffer.last().map(|l| l.seq).unwrap_or(0);
                 if let Ok(mut w) = wal.lock() {
-                    if let Err(e) = w.reset_if_applied(last, false) {
-                        tracing::warn!(error = %e, "cannot empty the dispatch log");
-                    }
+                    w.reset_if_applied(last, false);
                 }
             }
             (result, buffer, steps)

@@ -123,11 +123,10 @@ impl Wal {
     /// Starts writing at the beginning again if every step in the log is applied (`applied`)
     /// and it holds more than [`RESET_BYTES`], or `always`. Nothing needs to be erased: the next
     /// record's larger step number ends what is left of this round.
-    pub fn reset_if_applied(&mut self, applied: u64, always: bool) -> io::Result<()> {
+    pub fn reset_if_applied(&mut self, applied: u64, always: bool) {
         if applied >= self.last && (always || self.bytes > RESET_BYTES) && self.bytes > 0 {
             self.bytes = 0;
             tracing::debug!(path = %self.path.display(), "dispatch log starts a new round");
         }
-        Ok(())
     }
 }

@@ -620,6 +620,11 @@ impl Peer {
     }
 
     /// Everything it logged so far.
+    /// Where it writes its events.
+    pub fn log_file(&self) -> &Path {
+        &self.log
+    }
+
     pub fn events(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(&self.log)
             .unwrap_or_default()

@@ -462,6 +462,15 @@ pub fn status_text(
         }
         out.push('\n');
     }
+    let (anonymized, deleted, deleted_batches, at) = store.sweep_totals()?;
+    let when = at
+        .and_then(|t| jiff::Timestamp::from_second(t as i64).ok())
+        .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .unwrap_or_else(|| "never".into());
+    let _ = writeln!(
+        out,
+        "\nretention: last sweep {when}; since the store was made {deleted} messages deleted ({deleted_batches} batches), {anonymized} anonymised"
+    );
     Ok(out)
 }
 

@@ -153,6 +153,11 @@ pub struct Tenant {
     pub validity: Duration,
     /// Incoming texts that put their sender on the blocklist, besides `STOP` (upper case).
     pub optout_keywords: Vec<String>,
+    /// A finished batch's messages lose their personal data this long after its last change
+    /// (`None`: only at `delete_after`).
+    pub anonymize_after: Option<Duration>,
+    /// A finished batch leaves the store this long after its last change.
+    pub delete_after: Duration,
 }
 
 impl Tenant {
@@ -430,6 +435,8 @@ struct RawTenant {
     settle: Option<Spanned<String>>,
     dedupe_window: Option<Spanned<String>>,
     report_interval: Option<Spanned<String>>,
+    anonymize_after: Option<Spanned<String>>,
+    delete_after: Option<Spanned<String>>,
     allowed_countries: Option<Vec<Spanned<String>>>,
     url_allowlist: Option<Vec<Spanned<String>>>,
     max_per_day: Option<Spanned<i64>>,
@@ -1334,6 +1341,28 @@ impl Validator<'_> {
             Duration::from_secs(15 * 60),
             (Duration::from_secs(1), Duration::from_secs(7 * 86400)),
         );
+        let delete_after = self.duration(
+            t.delete_after.as_ref(),
+            &key("delete_after"),
+            Duration::from_secs(365 * 86400),
+            (Duration::from_secs(86400), Duration::from_secs(3652 * 86400)),
+        );
+        let anonymize_after = t.anonymize_after.as_ref().map(|raw| {
+            let d = self.duration(
+                Some(raw),
+                &key("anonymize_after"),
+                delete_after,
+                (Duration::from_secs(3600), Duration::from_secs(3652 * 86400)),
+            );
+            if d > delete_after {
+                self.problem(
+                    &raw.span(),
+                    &key("anonymize_after"),
+                    "must not be longer than delete_after (the data is gone by then)",
+                );
+            }
+            d
+        });
 
         let allowed_countries = t.allowed_countries.as_ref().map(|list| {
             list.iter()
@@ -1489,6 +1518,8 @@ impl Validator<'_> {
             settle,
             dedupe_window,
             report_interval,
+            anonymize_after,
+            delete_after,
             allowed_countries,
             url_allowlist,
             max_per_day,

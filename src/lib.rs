@@ -23,6 +23,7 @@ pub mod alert;
 pub mod audit;
 pub mod batch;
 pub mod cli;
+pub mod clock;
 pub mod codes;
 pub mod config;
 pub mod crypto;

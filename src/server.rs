@@ -185,6 +185,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         };
         tracker.spawn(writer.run(reports_rx, workers.clone()));
     }
+    tracker.spawn(sweep(store.clone(), config.clone(), audit.clone(), workers.clone()));
     let intake = CancellationToken::new();
     tracker.spawn(watcher.run(intake.clone()));
     if let Some(sftp) = crate::sftp::SftpServer::new(config.clone(), store.clone(), alerter.clone(), audit.clone())? {
@@ -215,6 +216,82 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     drop(store);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How often the sweeper looks for batches due for anonymisation or deletion.
+const SWEEP_EVERY: Duration = Duration::from_secs(2);
+/// Steps (transactions of at most `store::retention::STEP_CHUNKS` chunks) per look: the rest
+/// waits for the next look, so a million expired messages never hold the store for long.
+const SWEEP_STEPS: u64 = 64;
+
+/// Applies every tenant's retention (`anonymize_after`, `delete_after`) in small steps, off the
+/// async threads; records when it ran and what it did (for `status`) and puts each sweep that
+/// did something on the audit log.
+async fn sweep(store: Store, config: Arc<Config>, audit: Audit, shutdown: CancellationToken) {
+    use crate::store::retention::Retention;
+    let policies: std::collections::HashMap<String, Retention> = config
+        .tenants
+        .values()
+        .map(|t| {
+            (
+                t.id.clone(),
+                Retention {
+                    anonymize_after: t.anonymize_after.map(|d| d.as_secs() as i64),
+                    delete_after: t.delete_after.as_secs() as i64,
+                },
+            )
+        })
+        .collect();
+    let policies = Arc::new(policies);
+    if crate::clock::skew() != 0 {
+        tracing::warn!(
+            skew_seconds = crate::clock::skew(),
+            "{} is set: retention runs on a moved clock",
+            crate::clock::SKEW_VAR
+        );
+    }
+    let mut last_mark = 0i64;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(SWEEP_EVERY) => {}
+        }
+        let now = crate::clock::now();
+        let policies = policies.clone();
+        let mark = now - last_mark >= 60;
+        let result = store
+            .blocking(move |s| {
+                let swept = s.sweep(&policies, now, SWEEP_STEPS)?;
+                if swept.steps > 0 || mark {
+                    s.set_mark("sweep_at", now.max(0) as u64)?;
+                }
+                Ok(swept)
+            })
+            .await;
+        match result {
+            Ok(swept) => {
+                if mark {
+                    last_mark = now;
+                }
+                if swept.steps > 0 {
+                    last_mark = now;
+                    tracing::info!(
+                        anonymized = swept.anonymized_messages,
+                        deleted = swept.deleted_messages,
+                        batches_deleted = swept.deleted_batches,
+                        "retention sweep"
+                    );
+                    audit.record(
+                        Event::new("retention.sweep", "smsdrop")
+                            .detail("anonymized_messages", swept.anonymized_messages)
+                            .detail("deleted_messages", swept.deleted_messages)
+                            .detail("deleted_batches", swept.deleted_batches),
+                    );
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "retention sweep failed; retried at the next look"),
+        }
+    }
 }
 
 /// Claims whose spool file is gone: the batch finished (or a partial one was abandoned by hand).

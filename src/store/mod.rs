@@ -16,6 +16,7 @@ mod mail;
 mod receipts;
 pub mod records;
 mod replies;
+pub mod retention;
 mod traffic;
 pub mod wal;
 
@@ -286,6 +287,7 @@ impl Store {
         audit::create_tables(&tx)?;
         receipts::create_tables(&tx)?;
         replies::create_tables(&tx)?;
+        retention::create_tables(&tx)?;
         tx.commit()?;
         Ok(Store { db: Arc::new(db), keys })
     }

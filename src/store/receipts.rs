@@ -105,6 +105,16 @@ impl Store {
         Ok(outcome)
     }
 
+    /// Drops the index entries of a submitted message's parts (retention, erasure): a receipt
+    /// for it that still comes is then kept as an early receipt and swept with them.
+    pub(super) fn unindex_receipts(&self, tx: &WriteTransaction, status: &StatusRecord) -> Result<()> {
+        let mut index = tx.open_table(RECEIPT_IDS)?;
+        for part in status.partner_id.split(' ').filter(|p| !p.is_empty()) {
+            index.remove(Self::receipt_key(&status.partner, &normal_id(part)).as_slice())?;
+        }
+        Ok(())
+    }
+
     /// Applies one receipt inside `tx` (the dispatcher's steps, `Store::apply_logged`).
     pub(super) fn apply_receipt(
         &self,

@@ -117,6 +117,21 @@ impl Store {
         Ok(())
     }
 
+    /// Forgets that the tenant last sent message `id` to the number with keyed hash `hash`
+    /// (retention, erasure); a later send to the number is kept.
+    pub(super) fn forget_sent(&self, tx: &WriteTransaction, tenant: &str, hash: &[u8; 16], id: u64) -> Result<()> {
+        let key = tenant_key(tenant, hash);
+        let mut table = tx.open_table(LAST_SENT)?;
+        let last: Option<LastSent> = match table.get(key.as_slice())? {
+            Some(v) => Some(open_record(&self.keys.tenant(tenant), "last_sent", &key, v.value())?),
+            None => None,
+        };
+        if last.is_some_and(|l| l.message_id == id) {
+            table.remove(key.as_slice())?;
+        }
+        Ok(())
+    }
+
     /// Keeps one MO for the tenant it belongs to, and blocklists its number for an opt-out.
     pub(super) fn keep_mo(&self, tx: &WriteTransaction, incoming: &IncomingMo, now: i64) -> Result<MoOutcome> {
         let mut best: Option<(&MoCandidate, LastSent)> = None;

@@ -1,0 +1,257 @@
+//! Retention (SPEC §7 `anonymize_after`, `delete_after`): finished batches lose their personal
+//! data, then leave the store, in small steps.
+//!
+//! A batch is due once it is finished (`done` or `rejected`) and its last change (`updated_at`:
+//! its last status, receipt or report) is that old. Each step is one transaction over at most
+//! [`STEP_CHUNKS`] chunks (4,096 messages), so ingest and dispatch, which need the same write
+//! lock, wait a few milliseconds at most.
+//!
+//! - **Anonymising** rewrites a batch's chunks with each message's number replaced by the
+//!   tenant's keyed hash (hex) and its text, sender and reference emptied; statuses, counts and
+//!   the batch record stay, so reports and `status` still add up.
+//! - **Deleting** removes its chunks, its statuses, the receipt index entries of messages still
+//!   waiting for one, what `last_sent` remembers of it, and at last the batch record.
+//!
+//! The pages these records held are freed by the commit and reused by later writes (redb does
+//! not shrink its file): the store's size stays bounded by what the retention keeps, not by what
+//! was ever sent. What lay on a freed page stays sealed until overwritten.
+
+use std::collections::HashMap;
+
+use redb::{Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+
+use super::records::{BatchState, CHUNK_MESSAGES, StoredMessage, message_id};
+use super::{BATCHES, CHUNKS, META, Result, STATUSES, Store, chunk_key, encode, open_record, open_status};
+use crate::codes::MessageStatus;
+
+/// Chunks one step handles.
+pub const STEP_CHUNKS: u32 = 16;
+
+/// batch id → the next chunk to anonymise (`u32::MAX`: the whole batch is anonymised).
+const ANONYMIZED: TableDefinition<u64, u32> = TableDefinition::new("anonymized");
+
+pub(super) fn create_tables(tx: &WriteTransaction) -> Result<()> {
+    tx.open_table(ANONYMIZED)?;
+    Ok(())
+}
+
+/// A tenant's retention, in seconds.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub anonymize_after: Option<i64>,
+    pub delete_after: i64,
+}
+
+/// What one sweep did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    pub anonymized_messages: u64,
+    pub deleted_messages: u64,
+    pub deleted_batches: u64,
+    /// Steps (transactions) taken.
+    pub steps: u64,
+}
+
+impl Swept {
+    fn add(&mut self, other: Swept) {
+        self.anonymized_messages += other.anonymized_messages;
+        self.deleted_messages += other.deleted_messages;
+        self.deleted_batches += other.deleted_batches;
+        self.steps += other.steps;
+    }
+}
+
+enum Due {
+    Delete,
+    Anonymize,
+}
+
+impl Store {
+    /// Batches due for deletion or anonymisation at `now`, by tenant policy; batches of tenants
+    /// no longer configured are left alone (`tenant purge` handles them).
+    fn due(&self, policies: &HashMap<String, Retention>, now: i64) -> Result<Vec<(u64, String, Due)>> {
+        let anonymized: HashMap<u64, u32> = {
+            let tx = self.db.begin_read()?;
+            let table = tx.open_table(ANONYMIZED)?;
+            table
+                .iter()?
+                .map(|e| e.map(|(k, v)| (k.value(), v.value())))
+                .collect::<std::result::Result<_, _>>()?
+        };
+        let mut due = Vec::new();
+        for b in self.batches(None)? {
+            let Some(policy) = policies.get(&b.tenant) else {
+                continue;
+            };
+            if !matches!(b.state, BatchState::Done | BatchState::Rejected) {
+                continue;
+            }
+            let age = now - b.updated_at;
+            if age >= policy.delete_after {
+                due.push((b.id, b.tenant, Due::Delete));
+            } else if let Some(after) = policy.anonymize_after.filter(|a| age >= *a) {
+                let next = anonymized.get(&b.id).copied().unwrap_or(0);
+                if next != u32::MAX && b.accepted > 0 && after > 0 {
+                    due.push((b.id, b.tenant, Due::Anonymize));
+                }
+            }
+        }
+        Ok(due)
+    }
+
+    /// Applies the tenants' retention at `now`, step after step, until nothing is due or
+    /// `budget` steps were taken. `now` comes from the caller's clock (tests move it).
+    pub fn sweep(&self, policies: &HashMap<String, Retention>, now: i64, budget: u64) -> Result<Swept> {
+        let mut total = Swept::default();
+        for (batch, tenant, due) in self.due(policies, now)? {
+            loop {
+                if total.steps >= budget {
+                    return Ok(total);
+                }
+                let (step, finished) = match due {
+                    Due::Delete => self.delete_step(batch, &tenant)?,
+                    Due::Anonymize => self.anonymize_step(batch, &tenant)?,
+                };
+                total.add(step);
+                if finished {
+                    break;
+                }
+            }
+        }
+        if total.steps > 0 {
+            let tx = self.write(Durability::Immediate)?;
+            {
+                let mut meta = tx.open_table(META)?;
+                for (name, n) in [
+                    ("sweep_anonymized", total.anonymized_messages),
+                    ("sweep_deleted", total.deleted_messages),
+                    ("sweep_deleted_batches", total.deleted_batches),
+                ] {
+                    let before = meta.get(name)?.map(|v| v.value()).unwrap_or(0);
+                    meta.insert(name, before + n)?;
+                }
+            }
+            tx.commit()?;
+        }
+        Ok(total)
+    }
+
+    /// Anonymises the next chunks of a batch. Returns what it did and whether the batch is done.
+    fn anonymize_step(&self, batch: u64, tenant: &str) -> Result<(Swept, bool)> {
+        let keys = self.keys.tenant(tenant);
+        let tx = self.write(Durability::Immediate)?;
+        let mut swept = Swept {
+            steps: 1,
+            ..Swept::default()
+        };
+        let finished = {
+            let mut marks = tx.open_table(ANONYMIZED)?;
+            let from = marks.get(batch)?.map(|v| v.value()).unwrap_or(0);
+            let mut chunks = tx.open_table(CHUNKS)?;
+            let found: Vec<(u32, Vec<u8>)> = chunks
+                .range((batch, from)..(batch, from.saturating_add(STEP_CHUNKS)))?
+                .map(|e| e.map(|(k, v)| (k.value().1, v.value().to_vec())))
+                .collect::<std::result::Result<_, _>>()?;
+            for (n, sealed) in &found {
+                let key = chunk_key(batch, *n);
+                let mut messages: Vec<StoredMessage> = open_record(&keys, "chunks", &key, sealed)?;
+                for m in &mut messages {
+                    if !m.phone.starts_with('#') {
+                        m.phone = format!("#{}", hex(&keys.phone_hash(&m.phone)));
+                    }
+                    m.text.clear();
+                    m.sender.clear();
+                    m.reference.clear();
+                }
+                swept.anonymized_messages += messages.len() as u64;
+                chunks.insert((batch, *n), keys.seal("chunks", &key, &encode(&messages)).as_slice())?;
+            }
+            let more = chunks
+                .range((batch, from.saturating_add(STEP_CHUNKS))..(batch + 1, 0))?
+                .next()
+                .is_some();
+            marks.insert(
+                batch,
+                if more {
+                    from.saturating_add(STEP_CHUNKS)
+                } else {
+                    u32::MAX
+                },
+            )?;
+            !more
+        };
+        tx.commit()?;
+        Ok((swept, finished))
+    }
+
+    /// Deletes the next chunks of a batch with their statuses; the batch record goes with the
+    /// last of them. Returns what it did and whether the batch is gone.
+    fn delete_step(&self, batch: u64, tenant: &str) -> Result<(Swept, bool)> {
+        let keys = self.keys.tenant(tenant);
+        let tx = self.write(Durability::Immediate)?;
+        let mut swept = Swept {
+            steps: 1,
+            ..Swept::default()
+        };
+        let finished = {
+            let mut chunks = tx.open_table(CHUNKS)?;
+            let found: Vec<(u32, Vec<u8>)> = chunks
+                .range((batch, 0)..(batch + 1, 0))?
+                .take(STEP_CHUNKS as usize)
+                .map(|e| e.map(|(k, v)| (k.value().1, v.value().to_vec())))
+                .collect::<std::result::Result<_, _>>()?;
+            let mut statuses = tx.open_table(STATUSES)?;
+            for (n, sealed) in &found {
+                let messages: Vec<StoredMessage> = open_record(&keys, "chunks", &chunk_key(batch, *n), sealed)?;
+                let first = u64::from(*n) * CHUNK_MESSAGES;
+                for (i, m) in messages.iter().enumerate() {
+                    let id = message_id(batch, first + i as u64);
+                    if !m.phone.starts_with('#') {
+                        self.forget_sent(&tx, tenant, &keys.phone_hash(&m.phone), id)?;
+                    }
+                    if let Some(v) = statuses.remove(id)? {
+                        let status = open_status(&keys, id, v.value())?;
+                        if status.status == MessageStatus::Submitted {
+                            self.unindex_receipts(&tx, &status)?;
+                        }
+                    }
+                }
+                swept.deleted_messages += messages.len() as u64;
+                chunks.remove((batch, *n))?;
+            }
+            let more = chunks.range((batch, 0)..(batch + 1, 0))?.next().is_some();
+            if !more {
+                // Statuses of messages whose chunk is already gone (none, unless a step was
+                // cut short by hand), then the batch itself.
+                let left: Vec<u64> = statuses
+                    .range(message_id(batch, 0)..message_id(batch + 1, 0))?
+                    .map(|e| e.map(|(k, _)| k.value()))
+                    .collect::<std::result::Result<_, _>>()?;
+                for id in left {
+                    statuses.remove(id)?;
+                }
+                tx.open_table(BATCHES)?.remove(batch)?;
+                tx.open_table(ANONYMIZED)?.remove(batch)?;
+                swept.deleted_batches = 1;
+            }
+            !more
+        };
+        tx.commit()?;
+        Ok((swept, finished))
+    }
+
+    /// What the sweeper did since the store was made: (anonymised messages, deleted messages,
+    /// deleted batches), and when it last ran (unix seconds).
+    pub fn sweep_totals(&self) -> Result<(u64, u64, u64, Option<u64>)> {
+        Ok((
+            self.mark("sweep_anonymized")?.unwrap_or(0),
+            self.mark("sweep_deleted")?.unwrap_or(0),
+            self.mark("sweep_deleted_batches")?.unwrap_or(0),
+            self.mark("sweep_at")?,
+        ))
+    }
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -58,6 +58,17 @@ pub enum Request {
     BatchCancel {
         id: u64,
     },
+    /// Everything held about a number, in one tenant or all.
+    SubjectExport {
+        phone: String,
+        tenant: Option<String>,
+    },
+    /// Erases it; `block` puts the number's keyed hash on the blocklist afterwards.
+    SubjectErase {
+        phone: String,
+        tenant: Option<String>,
+        block: bool,
+    },
     AuditVerify,
     /// Entries from `since` (unix milliseconds), of one tenant or all.
     AuditExport {
@@ -79,6 +90,8 @@ impl Request {
             Request::BatchShow { .. } => "batch-show",
             Request::BatchRelease { .. } => "batch-release",
             Request::BatchCancel { .. } => "batch-cancel",
+            Request::SubjectExport { .. } => "subject-export",
+            Request::SubjectErase { .. } => "subject-erase",
             Request::AuditVerify => "audit-verify",
             Request::AuditExport { .. } => "audit-export",
         }
@@ -222,6 +235,60 @@ fn answer(ctx: &AdminContext, request: &Request, event: &mut Event) -> Result<Ve
             }
             Ok(out.into_bytes())
         }
+        Request::SubjectExport { phone, tenant } => {
+            let mut tenants = serde_json::Map::new();
+            for (tenant, e164) in subject_tenants(config, phone, tenant.as_deref())? {
+                event.push(
+                    "number_hash",
+                    format!("{}:{}", tenant.id, number_hash(store, &tenant.id, &e164)),
+                );
+                let data = store.subject_export(&tenant.id, &e164)?;
+                tenants.insert(
+                    tenant.id.clone(),
+                    serde_json::to_value(&data).map_err(|e| AdminError::Remote(e.to_string()))?,
+                );
+            }
+            let doc = serde_json::json!({ "phone": phone, "tenants": tenants });
+            let mut out = serde_json::to_vec_pretty(&doc).map_err(|e| AdminError::Remote(e.to_string()))?;
+            out.push(b'\n');
+            Ok(out)
+        }
+        Request::SubjectErase { phone, tenant, block } => {
+            let mut out = String::new();
+            for (tenant, e164) in subject_tenants(config, phone, tenant.as_deref())? {
+                event.push(
+                    "number_hash",
+                    format!("{}:{}", tenant.id, number_hash(store, &tenant.id, &e164)),
+                );
+                let erased = store.subject_erase(&tenant.id, &e164, *block, now)?;
+                event.push(
+                    &format!("erased:{}", tenant.id),
+                    format!(
+                        "{} messages, {} canceled, {} replies",
+                        erased.messages, erased.canceled, erased.replies
+                    ),
+                );
+                let _ = writeln!(
+                    out,
+                    "{}: erased {} messages ({} not yet sent, now canceled), {} replies{}{}",
+                    tenant.id,
+                    erased.messages,
+                    erased.canceled,
+                    erased.replies,
+                    if erased.blocklist { ", its blocklist entry" } else { "" },
+                    if *block {
+                        "; the number is on the blocklist (as its keyed hash)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            if let Some(d) = &ctx.dispatch {
+                d.poke();
+            }
+            tracing::info!("subject erased by an operator (number hashes on the audit log)");
+            Ok(out.into_bytes())
+        }
         Request::AuditVerify => match store.audit_verify()? {
             ChainCheck::Intact { entries } => {
                 Ok(format!("audit log intact: {entries} entries, chain unbroken\n").into_bytes())
@@ -252,6 +319,27 @@ fn number_hash(store: &Store, tenant: &str, e164: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// The tenants a subject request covers (one, or every configured one) and the number
+/// normalised with each one's region; a number no tenant can read is refused.
+fn subject_tenants<'c>(
+    config: &'c Config,
+    phone: &str,
+    tenant: Option<&str>,
+) -> Result<Vec<(&'c crate::config::Tenant, String)>, AdminError> {
+    let out: Vec<(&crate::config::Tenant, String)> = match tenant {
+        Some(t) => vec![tenant_phone(config, t, phone)?],
+        None => config
+            .tenants
+            .values()
+            .filter_map(|t| crate::batch::validate::normalize_phone(phone, t.default_region).map(|e| (t.as_ref(), e)))
+            .collect(),
+    };
+    if out.is_empty() {
+        return Err(AdminError::InvalidPhone(phone.to_string()));
+    }
+    Ok(out)
 }
 
 /// A configured tenant and a number normalised with its region.

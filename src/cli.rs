@@ -58,10 +58,37 @@ pub enum Command {
         #[command(subcommand)]
         action: BlocklistAction,
     },
+    /// A data subject's requests: everything held about a number, or its erasure.
+    Subject {
+        #[command(subcommand)]
+        action: SubjectAction,
+    },
     /// The audit log: check its hash chain, or export it.
     Audit {
         #[command(subcommand)]
         action: AuditAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SubjectAction {
+    /// Print, as JSON, every message, status, reply and blocklist entry held for the number.
+    Export {
+        #[arg(long)]
+        phone: String,
+        /// Only this tenant (default: every tenant, each under its id).
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Erase all of it; messages not yet sent are canceled.
+    Erase {
+        #[arg(long)]
+        phone: String,
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Then put the number on the blocklist (as its keyed hash only).
+        #[arg(long)]
+        block: bool,
     },
 }
 
@@ -201,6 +228,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 BlocklistAction::Add { tenant, phone } => Request::BlocklistAdd { tenant, phone },
                 BlocklistAction::Remove { tenant, phone } => Request::BlocklistRemove { tenant, phone },
                 BlocklistAction::List { tenant } => Request::BlocklistList { tenant },
+            };
+            let out = with_store(config, request)?;
+            std::io::stdout().write_all(&out)?;
+            Ok(())
+        }
+        Command::Subject { action } => {
+            let config = Config::load(&cli.config)?;
+            let request = match action {
+                SubjectAction::Export { phone, tenant } => Request::SubjectExport { phone, tenant },
+                SubjectAction::Erase { phone, tenant, block } => Request::SubjectErase { phone, tenant, block },
             };
             let out = with_store(config, request)?;
             std::io::stdout().write_all(&out)?;

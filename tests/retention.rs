@@ -46,6 +46,21 @@ fn finished_batches_are_anonymised_then_deleted_and_their_space_is_reused() {
     let full = db_size(&app);
     assert!(full > empty, "the batch takes room: {empty} -> {full} bytes");
 
+    // The first line's number, as export finds it before and after anonymisation.
+    let first = common::batches::written_phone(0);
+    let messages = |app: &Appliance| -> Vec<serde_json::Value> {
+        let out = app.cli(&["subject", "export", "--phone", &first, "--tenant", "acme"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        doc["tenants"]["acme"]["messages"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let before = messages(&app);
+    assert!(!before.is_empty() && before[0]["text"].as_str().is_some_and(|t| !t.is_empty()));
+    assert_eq!(before[0]["anonymized"], false);
+
     // Nothing goes before its time.
     std::thread::sleep(Duration::from_secs(5));
     let s = status(&app);
@@ -55,6 +70,21 @@ fn finished_batches_are_anonymised_then_deleted_and_their_space_is_reused() {
     // Three hours later: anonymised, counts kept.
     std::fs::write(&clock, (3 * 3600).to_string()).expect("clock");
     wait_status(&app, &format!("0 messages deleted (0 batches), {valid} anonymised"));
+    let after = messages(&app);
+    assert_eq!(after.len(), before.len(), "found by its keyed hash");
+    for m in &after {
+        assert_eq!(
+            (
+                m["anonymized"].as_bool(),
+                m["text"].as_str(),
+                m["reference"].as_str(),
+                m["sender"].as_str()
+            ),
+            (Some(true), Some(""), Some(""), Some("")),
+            "{m}"
+        );
+        assert_eq!(m["status"], "delivered");
+    }
     let show = app.cli(&["batch", "show", "1"]);
     let show = String::from_utf8_lossy(&show.stdout);
     assert!(show.contains(&format!("delivered               {valid}")), "{show}");
@@ -64,6 +94,7 @@ fn finished_batches_are_anonymised_then_deleted_and_their_space_is_reused() {
     wait_status(&app, &format!("{valid} messages deleted (1 batches)"));
     let show = app.cli(&["batch", "show", "1"]);
     assert!(!show.status.success(), "batch 1 no longer exists");
+    assert!(messages(&app).is_empty(), "nothing of the number is left");
     let list = app.cli(&["batch", "list", "--tenant", "acme"]);
     assert!(!String::from_utf8_lossy(&list.stdout).contains("first.csv"));
     let sweeps: Vec<serde_json::Value> = app

@@ -916,6 +916,15 @@ impl Dispatcher {
                     continue;
                 }
             }
+            if p.message.phone.is_empty() {
+                // erased (`subject erase`) after it was queued: nothing left to send
+                pending
+                    .step
+                    .outcomes
+                    .push((p.id, final_status(MessageStatus::Canceled, "", "erased", p.attempts, t)));
+                self.settle(&p, pending);
+                continue;
+            }
             let now = std::time::Instant::now();
             match self.choose(&p.message.phone, health, now) {
                 Some(partner) => {

@@ -17,6 +17,7 @@ mod receipts;
 pub mod records;
 mod replies;
 pub mod retention;
+pub mod subject;
 mod traffic;
 pub mod wal;
 

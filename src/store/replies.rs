@@ -132,6 +132,47 @@ impl Store {
         Ok(())
     }
 
+    /// The replies from `e164` waiting for the tenant's next file: (table key, reply).
+    pub(super) fn replies_from(&self, tenant: &str, e164: &str) -> Result<Vec<(Vec<u8>, ReplyRecord)>> {
+        let keys = self.keys.tenant(tenant);
+        let (start, end) = tenant_range(tenant);
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(REPLIES)?;
+        let mut out = Vec::new();
+        for e in table.range(start.as_slice()..end.as_slice())? {
+            let (k, v) = e?;
+            let reply: ReplyRecord = open_record(&keys, "replies", k.value(), v.value())?;
+            if reply.from == e164 {
+                out.push((k.value().to_vec(), reply));
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) fn remove_reply(&self, tx: &WriteTransaction, key: &[u8]) -> Result<()> {
+        tx.open_table(REPLIES)?.remove(key)?;
+        Ok(())
+    }
+
+    /// The message the tenant last sent to the number with keyed hash `hash`.
+    pub(super) fn last_sent_to(&self, tenant: &str, hash: &[u8; 16]) -> Result<Option<u64>> {
+        let key = tenant_key(tenant, hash);
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(LAST_SENT)?;
+        match table.get(key.as_slice())? {
+            Some(v) => {
+                let last: LastSent = open_record(&self.keys.tenant(tenant), "last_sent", &key, v.value())?;
+                Ok(Some(last.message_id))
+            }
+            None => Ok(None),
+        }
+    }
+
+    pub(super) fn forget_last_sent(&self, tx: &WriteTransaction, tenant: &str, hash: &[u8; 16]) -> Result<()> {
+        tx.open_table(LAST_SENT)?.remove(tenant_key(tenant, hash).as_slice())?;
+        Ok(())
+    }
+
     /// Keeps one MO for the tenant it belongs to, and blocklists its number for an opt-out.
     pub(super) fn keep_mo(&self, tx: &WriteTransaction, incoming: &IncomingMo, now: i64) -> Result<MoOutcome> {
         let mut best: Option<(&MoCandidate, LastSent)> = None;

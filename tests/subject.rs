@@ -1,0 +1,118 @@
+//! Subject requests through the real binary: `subject export` finds everything held about a
+//! number in every tenant, `subject erase` leaves nothing of it (and cancels what was not sent).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Appliance, tenant, wait_for};
+
+fn export(app: &Appliance, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["subject", "export"];
+    all.extend_from_slice(args);
+    let out = app.cli(&all);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("export is JSON")
+}
+
+fn texts(doc: &serde_json::Value, tenant: &str) -> Vec<String> {
+    doc["tenants"][tenant]["messages"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|m| m["text"].as_str().unwrap_or("?").to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn export_and_erase_across_two_tenants() {
+    let mut app = Appliance::new(&format!("{}{}", tenant("acme", ""), tenant("beta", "hold_above = 1\n")));
+    app.start();
+    app.drop_file(
+        "acme",
+        "a.csv",
+        b"phone;message;ref\n0612345678;Hello Alice;r1\n0698765432;For Bob;r2\n+33612345678;Second for Alice;r3\n",
+    );
+    app.final_report("acme", "a", 3);
+    app.drop_file(
+        "beta",
+        "b.csv",
+        b"phone;message\n06 12 34 56 78;Beta for Alice\n0698765432;Beta for Bob\n",
+    );
+    app.result("beta", "b");
+
+    // sends are remembered for reply matching about once a second
+    wait_for("last_sent written", Duration::from_secs(10), || {
+        export(&app, &["--phone", "0612345678"])["tenants"]["acme"]["last_sent"].is_u64()
+    });
+    let doc = export(&app, &["--phone", "06 12 34 56 78"]);
+    assert_eq!(texts(&doc, "acme"), ["Hello Alice", "Second for Alice"], "{doc:#}");
+    assert_eq!(texts(&doc, "beta"), ["Beta for Alice"], "{doc:#}");
+    assert_eq!(doc["tenants"]["acme"]["messages"][0]["status"], "delivered");
+    assert_eq!(doc["tenants"]["acme"]["messages"][0]["reference"], "r1");
+    assert_eq!(doc["tenants"]["beta"]["messages"][0]["status"], "held");
+    let only = export(&app, &["--phone", "+33612345678", "--tenant", "beta"]);
+    assert!(only["tenants"].get("acme").is_none(), "{only:#}");
+    assert_eq!(texts(&only, "beta"), ["Beta for Alice"]);
+
+    let out = app.cli(&["subject", "erase", "--phone", "+33612345678", "--block"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("acme: erased 2 messages"), "{said}");
+    assert!(
+        said.contains("beta: erased 1 messages (1 not yet sent, now canceled)"),
+        "{said}"
+    );
+
+    let doc = export(&app, &["--phone", "+33612345678"]);
+    for t in ["acme", "beta"] {
+        assert!(texts(&doc, t).is_empty(), "nothing left in {t}: {doc:#}");
+        assert!(doc["tenants"][t]["last_sent"].is_null(), "{doc:#}");
+        assert_eq!(doc["tenants"][t]["blocklist"]["source"], "subject-erase", "{doc:#}");
+    }
+    // Bob's messages are untouched.
+    let bob = export(&app, &["--phone", "0698765432"]);
+    assert_eq!(texts(&bob, "acme"), ["For Bob"]);
+    assert_eq!(texts(&bob, "beta"), ["Beta for Bob"]);
+
+    // The held batch, released, sends Bob's message only; Alice's stays canceled.
+    let out = app.cli(&["batch", "release", "2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows = app.final_report("beta", "b", 2);
+    // line;ref;phone;message_id;status;partner;submitted_at;done_at;error
+    assert_eq!(
+        (rows[1][2].as_str(), rows[1][4].as_str(), rows[1][8].as_str()),
+        ("", "canceled", "erased"),
+        "{rows:?}"
+    );
+    assert_eq!(
+        (rows[2][2].as_str(), rows[2][4].as_str()),
+        ("+33698765432", "delivered"),
+        "{rows:?}"
+    );
+    wait_for("Bob's beta message sent", Duration::from_secs(20), || {
+        app.sink().iter().any(|m| m["text"] == "Beta for Bob")
+    });
+    assert!(
+        !app.sink().iter().any(|m| m["text"] == "Beta for Alice"),
+        "an erased message is never sent"
+    );
+
+    // A later batch to the number is refused: it is on the blocklist.
+    app.drop_file("acme", "c.csv", b"phone;message\n0612345678;Again\n");
+    let result = app.result("acme", "c");
+    assert!(
+        result.iter().any(|r| r.iter().any(|c| c == "blocklisted")),
+        "{result:?}"
+    );
+
+    let erase = app.wait_audit("admin.subject-erase", &[("result", "ok")]);
+    assert!(
+        erase["details"]["number_hash"]
+            .as_str()
+            .is_some_and(|h| h.contains(':')),
+        "{erase:#}"
+    );
+}

@@ -46,6 +46,11 @@ pub enum Request {
     BlocklistList {
         tenant: String,
     },
+    /// Numbers from a file, one per line (`#` comments and blank lines skipped).
+    BlocklistImport {
+        tenant: String,
+        path: PathBuf,
+    },
     BatchList {
         tenant: Option<String>,
     },
@@ -86,6 +91,7 @@ impl Request {
             Request::BlocklistAdd { .. } => "blocklist-add",
             Request::BlocklistRemove { .. } => "blocklist-remove",
             Request::BlocklistList { .. } => "blocklist-list",
+            Request::BlocklistImport { .. } => "blocklist-import",
             Request::BatchList { .. } => "batch-list",
             Request::BatchShow { .. } => "batch-show",
             Request::BatchRelease { .. } => "batch-release",
@@ -153,9 +159,10 @@ fn answer(ctx: &AdminContext, request: &Request, event: &mut Event) -> Result<Ve
         Request::Validate { tenant, .. }
         | Request::BlocklistAdd { tenant, .. }
         | Request::BlocklistRemove { tenant, .. }
-        | Request::BlocklistList { tenant } => {
+        | Request::BlocklistList { tenant }
+        | Request::BlocklistImport { tenant, .. } => {
             event.set_tenant(tenant);
-            if let Request::Validate { path, .. } = request {
+            if let Request::Validate { path, .. } | Request::BlocklistImport { path, .. } = request {
                 event.push("file", path.display());
             }
         }
@@ -219,6 +226,26 @@ fn answer(ctx: &AdminContext, request: &Request, event: &mut Event) -> Result<Ve
             let removed = store.blocklist_remove(&tenant.id, &e164)?;
             let what = if removed { "removed from" } else { "was not on" };
             Ok(format!("{e164} {what} the blocklist of {}\n", tenant.id).into_bytes())
+        }
+        Request::BlocklistImport { tenant, path } => {
+            let tenant = config
+                .tenants
+                .get(tenant)
+                .ok_or_else(|| AdminError::NoTenant(tenant.clone()))?;
+            let (numbers, bad) = read_numbers(path, tenant)?;
+            let added = store.blocklist_add_all(&tenant.id, &numbers, "import", now)?;
+            event.push("numbers", numbers.len());
+            event.push("refused_lines", bad.len());
+            let mut out = format!(
+                "{} numbers read, {added} new on the blocklist of {}, {} lines refused\n",
+                numbers.len(),
+                tenant.id,
+                bad.len()
+            );
+            for (line, why) in bad.iter().take(100) {
+                let _ = writeln!(out, "line {line}: {why}");
+            }
+            Ok(out.into_bytes())
         }
         Request::BlocklistList { tenant } => {
             let tenant = config
@@ -340,6 +367,53 @@ fn subject_tenants<'c>(
         return Err(AdminError::InvalidPhone(phone.to_string()));
     }
     Ok(out)
+}
+
+/// Most numbers a blocklist import takes, and the largest file.
+const IMPORT_MAX_NUMBERS: usize = 1_000_000;
+const IMPORT_MAX_BYTES: u64 = 64 << 20;
+
+/// The numbers of a blocklist import file, normalised with the tenant's region, and the lines
+/// refused (line number, why).
+fn read_numbers(
+    path: &Path,
+    tenant: &crate::config::Tenant,
+) -> Result<(Vec<String>, Vec<(usize, String)>), AdminError> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let mut text = String::new();
+    file.take(IMPORT_MAX_BYTES + 1).read_to_string(&mut text).map_err(|e| {
+        AdminError::Io(io::Error::new(
+            e.kind(),
+            format!("{}: {e} (one number per line, UTF-8)", path.display()),
+        ))
+    })?;
+    if text.len() as u64 > IMPORT_MAX_BYTES {
+        return Err(AdminError::Io(io::Error::other(format!(
+            "{} is larger than {} MiB: split it",
+            path.display(),
+            IMPORT_MAX_BYTES >> 20
+        ))));
+    }
+    let (mut numbers, mut bad) = (Vec::new(), Vec::new());
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if numbers.len() >= IMPORT_MAX_NUMBERS {
+            bad.push((
+                i + 1,
+                format!("more than {IMPORT_MAX_NUMBERS} numbers: the rest is not read"),
+            ));
+            break;
+        }
+        match crate::batch::validate::normalize_phone(line, tenant.default_region) {
+            Some(e164) => numbers.push(e164),
+            None => bad.push((i + 1, "not a valid phone number".into())),
+        }
+    }
+    Ok((numbers, bad))
 }
 
 /// A configured tenant and a number normalised with its region.

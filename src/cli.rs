@@ -163,6 +163,12 @@ pub enum BlocklistAction {
         #[arg(long)]
         tenant: String,
     },
+    /// Put every number of a file (one per line; `#` comments) on a tenant's blocklist.
+    Import {
+        #[arg(long)]
+        tenant: String,
+        file: PathBuf,
+    },
 }
 
 /// Runs the parsed command; the process exit code follows the result.
@@ -228,6 +234,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 BlocklistAction::Add { tenant, phone } => Request::BlocklistAdd { tenant, phone },
                 BlocklistAction::Remove { tenant, phone } => Request::BlocklistRemove { tenant, phone },
                 BlocklistAction::List { tenant } => Request::BlocklistList { tenant },
+                BlocklistAction::Import { tenant, file } => Request::BlocklistImport {
+                    tenant,
+                    path: std::fs::canonicalize(&file).with_context(|| format!("{}", file.display()))?,
+                },
             };
             let out = with_store(config, request)?;
             std::io::stdout().write_all(&out)?;

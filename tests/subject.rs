@@ -116,3 +116,58 @@ fn export_and_erase_across_two_tenants() {
         "{erase:#}"
     );
 }
+
+#[test]
+fn a_number_blocklisted_after_its_message_was_queued_is_never_sent_and_lists_import_in_bulk() {
+    let mut app = Appliance::new(&tenant("acme", "hold_above = 1\n"));
+    app.start();
+    app.drop_file(
+        "acme",
+        "q.csv",
+        b"phone;message\n0611111111;one\n0622222222;two\n0633333333;three\n",
+    );
+    let result = app.result("acme", "q");
+    assert_eq!(result.len(), 4, "three lines accepted (held): {result:?}");
+
+    let list = app.path("optout.txt");
+    std::fs::write(
+        &list,
+        "# opt-outs from the CRM\n06 11 11 11 11\n\n+33622222222\nnot a number\n+33622222222\n",
+    )
+    .expect("list");
+    let out = app.cli(&["blocklist", "import", "--tenant", "acme", list.to_str().expect("path")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("3 numbers read, 2 new on the blocklist of acme, 1 lines refused"),
+        "{said}"
+    );
+    assert!(said.contains("line 5: not a valid phone number"), "{said}");
+    let listed = app.cli(&["blocklist", "list", "--tenant", "acme"]);
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert_eq!(listed.lines().filter(|l| l.ends_with(";import")).count(), 2, "{listed}");
+
+    let out = app.cli(&["batch", "release", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows = app.final_report("acme", "q", 3);
+    // line;ref;phone;message_id;status;partner;submitted_at;done_at;error
+    let outcome: Vec<(&str, &str, &str)> = rows[1..]
+        .iter()
+        .map(|r| (r[2].as_str(), r[4].as_str(), r[8].as_str()))
+        .collect();
+    assert_eq!(
+        outcome,
+        [
+            ("+33611111111", "canceled", "blocklisted"),
+            ("+33622222222", "canceled", "blocklisted"),
+            ("+33633333333", "delivered", "")
+        ]
+    );
+    let sent: Vec<String> = app
+        .sink()
+        .iter()
+        .map(|m| m["text"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(sent, ["three"]);
+    app.wait_audit("admin.blocklist-import", &[("numbers", "3"), ("refused_lines", "1")]);
+}

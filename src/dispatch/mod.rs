@@ -903,10 +903,18 @@ impl Dispatcher {
             scheduled_open.insert(*id);
         }
         let n = due.len() + fresh.len();
-        let (picks, already) = self.load(due, fresh).await?;
+        let (picks, already, blocked) = self.load(due, fresh).await?;
         // Fresh messages that already have a status were handled before a restart.
         for id in already {
             pending.settled.push(split_message_id(id));
+        }
+        for p in blocked {
+            tracing::debug!(message = p.id, tenant = %p.tenant, "number blocklisted since it was queued: canceled");
+            pending.step.outcomes.push((
+                p.id,
+                final_status(MessageStatus::Canceled, "", "blocklisted", p.attempts, t),
+            ));
+            self.settle(&p, pending);
         }
         for p in picks {
             if let (Some(at), None) = (p.message.send_at, p.scheduled) {
@@ -948,7 +956,7 @@ impl Dispatcher {
         &self,
         due: Vec<(i64, u64)>,
         fresh: Vec<(u64, String, u64)>,
-    ) -> Result<(Vec<Pick>, Vec<u64>), StoreError> {
+    ) -> Result<(Vec<Pick>, Vec<u64>, Vec<Pick>), StoreError> {
         self.blocking(move |store| {
             let mut chunks: HashMap<(u64, u32), Arc<Vec<StoredMessage>>> = HashMap::new();
             let mut tenants: HashMap<u64, Option<String>> = HashMap::new();
@@ -1007,7 +1015,19 @@ impl Dispatcher {
                     attempts,
                 });
             }
-            Ok((picks, already))
+            // A number put on the blocklist after its message was queued is never sent to.
+            let targets: Vec<(&str, &str)> = picks
+                .iter()
+                .map(|p| (p.tenant.as_str(), p.message.phone.as_str()))
+                .collect();
+            let blocked = store.blocked_among(&targets)?;
+            let (blocked, picks): (Vec<(Pick, bool)>, Vec<(Pick, bool)>) =
+                picks.into_iter().zip(blocked).partition(|(_, b)| *b);
+            Ok((
+                picks.into_iter().map(|(p, _)| p).collect(),
+                already,
+                blocked.into_iter().map(|(p, _)| p).collect(),
+            ))
         })
         .await
     }

@@ -30,7 +30,9 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -680,6 +682,63 @@ impl Store {
         tx.open_table(BLOCKLIST)?.insert(key.as_slice(), sealed.as_slice())?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// Puts many numbers on a tenant's blocklist in one transaction; returns how many were new.
+    pub fn blocklist_add_all(&self, tenant: &str, numbers: &[String], source: &str, now: i64) -> Result<usize> {
+        let keys = self.keys.tenant(tenant);
+        let entry = encode(&BlockEntry {
+            added_at: now,
+            source: source.to_string(),
+        });
+        let mut rows: Vec<(Vec<u8>, Vec<u8>)> = numbers
+            .iter()
+            .map(|n| {
+                let key = tenant_key(tenant, &keys.phone_hash(n));
+                let sealed = keys.seal("blocklist", &key, &entry);
+                (key, sealed)
+            })
+            .collect();
+        rows.sort();
+        rows.dedup_by(|a, b| a.0 == b.0);
+        let tx = self.write(Durability::Immediate)?;
+        let mut added = 0;
+        {
+            let mut table = tx.open_table(BLOCKLIST)?;
+            for (key, sealed) in &rows {
+                if table.get(key.as_slice())?.is_none() {
+                    table.insert(key.as_slice(), sealed.as_slice())?;
+                    added += 1;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(added)
+    }
+
+    /// For each (tenant, E.164 number), whether the number is on the tenant's blocklist; one
+    /// read transaction, no hashing at all while no blocklist has an entry.
+    pub fn blocked_among(&self, targets: &[(&str, &str)]) -> Result<Vec<bool>> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(BLOCKLIST)?;
+        if table.is_empty()? {
+            return Ok(vec![false; targets.len()]);
+        }
+        let mut keys: HashMap<&str, Arc<TenantKeys>> = HashMap::new();
+        let mut out = Vec::with_capacity(targets.len());
+        for (tenant, phone) in targets {
+            if phone.is_empty() {
+                out.push(false);
+                continue;
+            }
+            let k = keys.entry(tenant).or_insert_with(|| self.keys.tenant(tenant));
+            out.push(
+                table
+                    .get(tenant_key(tenant, &k.phone_hash(phone)).as_slice())?
+                    .is_some(),
+            );
+        }
+        Ok(out)
     }
 
     /// Takes an E.164 number off a tenant's blocklist. Returns whether it was there.

@@ -373,12 +373,12 @@ fn subject_tenants<'c>(
 const IMPORT_MAX_NUMBERS: usize = 1_000_000;
 const IMPORT_MAX_BYTES: u64 = 64 << 20;
 
+/// Lines of an import file refused: (line number, why).
+type Refused = Vec<(usize, String)>;
+
 /// The numbers of a blocklist import file, normalised with the tenant's region, and the lines
 /// refused (line number, why).
-fn read_numbers(
-    path: &Path,
-    tenant: &crate::config::Tenant,
-) -> Result<(Vec<String>, Vec<(usize, String)>), AdminError> {
+fn read_numbers(path: &Path, tenant: &crate::config::Tenant) -> Result<(Vec<String>, Refused), AdminError> {
     use std::io::Read;
     let file = std::fs::File::open(path)?;
     let mut text = String::new();

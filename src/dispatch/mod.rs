@@ -1021,13 +1021,11 @@ impl Dispatcher {
                 .map(|p| (p.tenant.as_str(), p.message.phone.as_str()))
                 .collect();
             let blocked = store.blocked_among(&targets)?;
-            let (blocked, picks): (Vec<(Pick, bool)>, Vec<(Pick, bool)>) =
-                picks.into_iter().zip(blocked).partition(|(_, b)| *b);
-            Ok((
-                picks.into_iter().map(|(p, _)| p).collect(),
-                already,
-                blocked.into_iter().map(|(p, _)| p).collect(),
-            ))
+            let (mut send, mut canceled) = (Vec::with_capacity(picks.len()), Vec::new());
+            for (p, b) in picks.into_iter().zip(blocked) {
+                if b { canceled.push(p) } else { send.push(p) }
+            }
+            Ok((send, already, canceled))
         })
         .await
     }

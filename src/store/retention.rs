@@ -53,6 +53,13 @@ pub struct Swept {
 }
 
 impl Swept {
+    fn one_step() -> Swept {
+        Swept {
+            steps: 1,
+            ..Swept::default()
+        }
+    }
+
     fn add(&mut self, other: Swept) {
         self.anonymized_messages += other.anonymized_messages;
         self.deleted_messages += other.deleted_messages;
@@ -140,10 +147,7 @@ impl Store {
     fn anonymize_step(&self, batch: u64, tenant: &str) -> Result<(Swept, bool)> {
         let keys = self.keys.tenant(tenant);
         let tx = self.write(Durability::Immediate)?;
-        let mut swept = Swept {
-            steps: 1,
-            ..Swept::default()
-        };
+        let mut swept = Swept::one_step();
         let finished = {
             let mut marks = tx.open_table(ANONYMIZED)?;
             let from = marks.get(batch)?.map(|v| v.value()).unwrap_or(0);
@@ -189,10 +193,7 @@ impl Store {
     fn delete_step(&self, batch: u64, tenant: &str) -> Result<(Swept, bool)> {
         let keys = self.keys.tenant(tenant);
         let tx = self.write(Durability::Immediate)?;
-        let mut swept = Swept {
-            steps: 1,
-            ..Swept::default()
-        };
+        let mut swept = Swept::one_step();
         let finished = {
             let mut chunks = tx.open_table(CHUNKS)?;
             let found: Vec<(u32, Vec<u8>)> = chunks

@@ -254,7 +254,7 @@ fn answer(ctx: &AdminContext, request: &Request, event: &mut Event) -> Result<Ve
                 .ok_or_else(|| AdminError::NoTenant(tenant.clone()))?;
             let mut out = String::from("number_hash;added_at;source\n");
             for (hash, entry) in store.blocklist_entries(&tenant.id)? {
-                let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+                let hex = crate::store::retention::hex(&hash);
                 let at = jiff::Timestamp::from_second(entry.added_at)
                     .map(|t| t.to_string())
                     .unwrap_or_default();
@@ -339,13 +339,7 @@ fn answer(ctx: &AdminContext, request: &Request, event: &mut Event) -> Result<Ve
 
 /// A number as the audit log shows it: the tenant's keyed hash, hex.
 fn number_hash(store: &Store, tenant: &str, e164: &str) -> String {
-    store
-        .keys()
-        .tenant(tenant)
-        .phone_hash(e164)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::store::retention::hex(&store.keys().tenant(tenant).phone_hash(e164))
 }
 
 /// The tenants a subject request covers (one, or every configured one) and the number

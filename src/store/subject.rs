@@ -22,6 +22,7 @@ use super::replies::ReplyRecord;
 use super::retention::hex;
 use super::{BLOCKLIST, CHUNKS, Result, STATUSES, Store, chunk_key, encode, open_record, open_status, tenant_key};
 use crate::codes::MessageStatus;
+use crate::crypto::TenantKeys;
 
 /// One message to the number.
 #[derive(Debug, Clone, Serialize)]
@@ -66,6 +67,22 @@ pub struct Erased {
 }
 
 impl Store {
+    /// The chunks of a batch that hold a message to `e164` (or to its anonymised form).
+    fn chunks_holding(&self, keys: &TenantKeys, batch: u64, e164: &str, anonymized: &str) -> Result<Vec<u32>> {
+        let tx = self.db.begin_read()?;
+        let chunks = tx.open_table(CHUNKS)?;
+        let mut out = Vec::new();
+        for e in chunks.range((batch, 0)..(batch + 1, 0))? {
+            let (k, v) = e?;
+            let n = k.value().1;
+            let messages: Vec<StoredMessage> = open_record(keys, "chunks", &chunk_key(batch, n), v.value())?;
+            if messages.iter().any(|m| m.phone == e164 || m.phone == anonymized) {
+                out.push(n);
+            }
+        }
+        Ok(out)
+    }
+
     /// Every message, status, reply and blocklist entry the tenant holds for `e164`.
     pub fn subject_export(&self, tenant: &str, e164: &str) -> Result<SubjectData> {
         let keys = self.keys.tenant(tenant);
@@ -135,16 +152,24 @@ impl Store {
         let anonymized = format!("#{}", hex(&hash));
         let mut erased = Erased::default();
         for batch in self.batches(Some(tenant))? {
+            // Found on a read transaction: the write lock is taken only for batches that hold
+            // the number, and only their chunks are opened twice.
+            let hits = self.chunks_holding(&keys, batch.id, e164, &anonymized)?;
+            if hits.is_empty() {
+                continue;
+            }
             let tx = self.write(Durability::Immediate)?;
             let mut touched = HashMap::new();
-            let mut changed = false;
             {
                 let found: Vec<(u32, Vec<u8>)> = {
                     let chunks = tx.open_table(CHUNKS)?;
-                    chunks
-                        .range((batch.id, 0)..(batch.id + 1, 0))?
-                        .map(|e| e.map(|(k, v)| (k.value().1, v.value().to_vec())))
-                        .collect::<std::result::Result<_, _>>()?
+                    let mut found = Vec::with_capacity(hits.len());
+                    for n in hits {
+                        if let Some(v) = chunks.get((batch.id, n))? {
+                            found.push((n, v.value().to_vec()));
+                        }
+                    }
+                    found
                 };
                 for (n, sealed) in found {
                     let key = chunk_key(batch.id, n);
@@ -177,18 +202,13 @@ impl Store {
                         m.reference.clear();
                     }
                     if hit {
-                        changed = true;
                         tx.open_table(CHUNKS)?
                             .insert((batch.id, n), keys.seal("chunks", &key, &encode(&messages)).as_slice())?;
                     }
                 }
             }
-            if changed {
-                self.put_touched(&tx, touched, now)?;
-                tx.commit()?;
-            } else {
-                tx.abort()?;
-            }
+            self.put_touched(&tx, touched, now)?;
+            tx.commit()?;
         }
         let tx = self.write(Durability::Immediate)?;
         for (key, _) in self.replies_from(tenant, e164)? {

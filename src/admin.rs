@@ -75,6 +75,8 @@ pub enum Request {
         block: bool,
     },
     AuditVerify,
+    /// A snapshot of the store, streamed back (see [`crate::store::backup`]).
+    Backup,
     /// Entries from `since` (unix milliseconds), of one tenant or all.
     AuditExport {
         since: i64,
@@ -99,6 +101,7 @@ impl Request {
             Request::SubjectExport { .. } => "subject-export",
             Request::SubjectErase { .. } => "subject-erase",
             Request::AuditVerify => "audit-verify",
+            Request::Backup => "backup",
             Request::AuditExport { .. } => "audit-export",
         }
     }
@@ -121,6 +124,9 @@ struct Header {
     ok: bool,
     error: Option<String>,
     len: usize,
+    /// The body is a backup stream: frames up to the end frame, then one JSON summary line.
+    #[serde(default)]
+    stream: bool,
 }
 
 /// Why a command failed.
@@ -316,6 +322,9 @@ fn answer(ctx: &AdminContext, request: &Request, event: &mut Event) -> Result<Ve
             tracing::info!("subject erased by an operator (number hashes on the audit log)");
             Ok(out.into_bytes())
         }
+        Request::Backup => Err(AdminError::Remote(
+            "a backup is streamed to the command that asks for it (smsdrop backup FILE)".into(),
+        )),
         Request::AuditVerify => match store.audit_verify()? {
             ChainCheck::Intact { entries } => {
                 Ok(format!("audit log intact: {entries} entries, chain unbroken\n").into_bytes())
@@ -683,6 +692,14 @@ async fn connection(stream: UnixStream, ctx: Arc<AdminContext>) -> io::Result<()
     let mut line = String::new();
     reader.read_line(&mut line).await?;
     let result = match serde_json::from_str::<Request>(&line) {
+        Ok(Request::Backup) => {
+            let stream = reader.into_inner().into_inner().reunite(write).map_err(io::Error::other)?;
+            let stream = stream.into_std()?;
+            stream.set_nonblocking(false)?;
+            return tokio::task::spawn_blocking(move || stream_backup(&ctx, stream, &actor))
+                .await
+                .map_err(io::Error::other)?;
+        }
         Ok(request) => tokio::task::spawn_blocking(move || handle(&ctx, &request, &actor))
             .await
             .map_err(|e| AdminError::Io(io::Error::other(e)))
@@ -695,6 +712,7 @@ async fn connection(stream: UnixStream, ctx: Arc<AdminContext>) -> io::Result<()
                 ok: true,
                 error: None,
                 len: body.len(),
+                stream: false,
             },
             body,
         ),
@@ -703,6 +721,7 @@ async fn connection(stream: UnixStream, ctx: Arc<AdminContext>) -> io::Result<()
                 ok: false,
                 error: Some(e.to_string()),
                 len: 0,
+                stream: false,
             },
             Vec::new(),
         ),
@@ -712,6 +731,113 @@ async fn connection(stream: UnixStream, ctx: Arc<AdminContext>) -> io::Result<()
     write.write_all(&head).await?;
     write.write_all(&body).await?;
     write.shutdown().await
+}
+
+/// The files a backup carries beside the store: (name, path).
+pub fn backup_files(config: &Config) -> Vec<(&'static str, &Path)> {
+    config
+        .sftp
+        .as_ref()
+        .map(|s| vec![("sftp_host_key", s.host_key.as_path())])
+        .unwrap_or_default()
+}
+
+/// Streams a backup to the admin connection: header, frames, then a summary line. A failure
+/// after the header is sent as an error frame, so the other end never takes half a backup for
+/// a whole one.
+fn stream_backup(ctx: &AdminContext, stream: std::os::unix::net::UnixStream, actor: &str) -> io::Result<()> {
+    use std::io::Write;
+    let mut out = io::BufWriter::new(stream);
+    let header = Header {
+        ok: true,
+        error: None,
+        len: 0,
+        stream: true,
+    };
+    let mut head = serde_json::to_vec(&header).map_err(io::Error::other)?;
+    head.push(b'\n');
+    out.write_all(&head)?;
+    let now = jiff::Timestamp::now().as_second();
+    let result = ctx.store.backup(&mut out, &backup_files(&ctx.config), now);
+    let mut event = Event::new("admin.backup", actor);
+    match &result {
+        Ok(summary) => {
+            event.push("entries", summary.entries);
+            event.push("bytes", summary.bytes);
+            event.push("result", "ok");
+            tracing::info!(entries = summary.entries, bytes = summary.bytes, "backup streamed to an operator");
+            let mut line = serde_json::to_vec(summary).map_err(io::Error::other)?;
+            line.push(b'\n');
+            out.write_all(&line)?;
+        }
+        Err(e) => {
+            event.push("result", "failed");
+            tracing::error!(error = %e, "backup failed");
+            let _ = crate::store::backup::write_frame(&mut out, crate::store::backup::KIND_ERROR, e.to_string().as_bytes());
+        }
+    }
+    event.record(&ctx.audit);
+    out.flush()
+}
+
+/// Asks a running `serve` for a backup and writes it to `path` (through `path.partial`, never
+/// over an existing file). `Ok(None)` when no `serve` answers.
+pub fn ask_backup(socket: &Path, path: &Path) -> Result<Option<crate::store::backup::BackupSummary>, AdminError> {
+    use crate::store::backup::{self, BackupError, KIND_END, KIND_ERROR};
+    use std::io::{BufRead, Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut stream = match std::os::unix::net::UnixStream::connect(socket) {
+        Ok(s) => s,
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let mut line = serde_json::to_vec(&Request::Backup).map_err(io::Error::other)?;
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    let mut reader = io::BufReader::with_capacity(1 << 20, stream);
+    let mut head = String::new();
+    reader.read_line(&mut head)?;
+    let header: Header = serde_json::from_str(&head).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    if !header.ok || !header.stream {
+        return Err(AdminError::Remote(header.error.unwrap_or_else(|| "no backup stream".into())));
+    }
+    let partial = backup::partial_path(path);
+    let failed = |e: String| {
+        let _ = std::fs::remove_file(&partial);
+        AdminError::Remote(e)
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&partial)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", partial.display())))?;
+    let mut out = io::BufWriter::with_capacity(1 << 20, &file);
+    let mut start = [0u8; 32];
+    reader.read_exact(&mut start).map_err(|e| failed(e.to_string()))?;
+    out.write_all(&start)?;
+    loop {
+        match backup::read_frame(&mut reader) {
+            Ok(Some((KIND_ERROR, message))) => return Err(failed(String::from_utf8_lossy(&message).into_owned())),
+            Ok(Some((kind, bytes))) => {
+                backup::write_frame(&mut out, kind, &bytes)?;
+                if kind == KIND_END {
+                    break;
+                }
+            }
+            Ok(None) => return Err(failed(BackupError::Truncated(0).to_string())),
+            Err(e) => return Err(failed(e.to_string())),
+        }
+    }
+    let mut summary = String::new();
+    reader.read_line(&mut summary)?;
+    let summary = serde_json::from_str(&summary).map_err(|e| failed(format!("summary line: {e}")))?;
+    out.flush()?;
+    drop(out);
+    file.sync_all()?;
+    backup::publish(&partial, path).map_err(|e| failed(format!("{}: {e}", path.display())))?;
+    Ok(Some(summary))
 }
 
 /// Sends a request to a running `serve`. `Ok(None)` when none answers on `path`.

@@ -68,6 +68,13 @@ pub enum Command {
         #[command(subcommand)]
         action: AuditAction,
     },
+    /// Write a consistent, encrypted snapshot of the store to FILE (also while `serve` runs).
+    Backup {
+        /// Where to write it; an existing file is never overwritten.
+        file: PathBuf,
+    },
+    /// Restore a backup into the configuration's `state_dir`, which must hold no store.
+    Restore { file: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -253,6 +260,73 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             std::io::stdout().write_all(&out)?;
             Ok(())
         }
+        Command::Backup { file } => {
+            let config = Config::load(&cli.config)?;
+            if file.exists() {
+                bail!("{} exists: a backup never overwrites a file", file.display());
+            }
+            let summary = match admin::ask_backup(&config.admin_socket, &file)? {
+                Some(summary) => summary,
+                None => {
+                    let store = offline_store(&config)?;
+                    let now = jiff::Timestamp::now().as_second();
+                    let result = store.backup_to_file(&file, &admin::backup_files(&config), now);
+                    let mut event = crate::audit::Event::new("admin.backup", cli_actor()?);
+                    event.push("result", if result.is_ok() { "ok" } else { "failed" });
+                    if let Ok(s) = &result {
+                        event.push("entries", s.entries);
+                        event.push("bytes", s.bytes);
+                    }
+                    event.record(&crate::audit::Audit::direct(store));
+                    result?
+                }
+            };
+            println!(
+                "backup written to {}: {} batches, {} records, {} bytes (sealed under the master key: keep the key apart)",
+                file.display(),
+                summary.batches,
+                summary.entries,
+                summary.bytes
+            );
+            Ok(())
+        }
+        Command::Restore { file } => {
+            let config = Config::load(&cli.config)?;
+            let master = MasterKey::load(&config.key_file)?;
+            let keys = Arc::new(crate::crypto::Keyring::new(master));
+            let input = std::fs::File::open(&file).with_context(|| format!("{}", file.display()))?;
+            let summary = crate::store::backup::restore(input, &config.state_dir, keys, &admin::backup_files(&config))
+                .with_context(|| format!("restoring {}", file.display()))?;
+            let store = offline_store(&config)?;
+            let chain = store.audit_verify()?;
+            crate::audit::Event::new("backup.restore", cli_actor()?)
+                .detail("file", file.display())
+                .detail("batches", summary.batches)
+                .detail("entries", summary.entries)
+                .record(&crate::audit::Audit::direct(store));
+            let taken = jiff::Timestamp::from_second(summary.created_at)
+                .map(|t| t.to_string())
+                .unwrap_or_default();
+            println!(
+                "restored {} into {}: backup of {taken}, {} batches, {} records{}",
+                file.display(),
+                config.state_dir.display(),
+                summary.batches,
+                summary.entries,
+                if summary.files.is_empty() {
+                    String::new()
+                } else {
+                    format!(", files: {}", summary.files.join(", "))
+                }
+            );
+            match chain {
+                crate::store::ChainCheck::Intact { entries } => println!("audit log intact: {entries} entries"),
+                crate::store::ChainCheck::Broken { seq, reason } => {
+                    bail!("the restored audit log is broken at entry {seq}: {reason}")
+                }
+            }
+            Ok(())
+        }
         Command::Audit { action } => {
             let config = Config::load(&cli.config)?;
             let request = match action {
@@ -269,22 +343,32 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Runs a request through a running `serve`, or against the store directly when none runs.
-fn with_store(config: Config, request: Request) -> anyhow::Result<Vec<u8>> {
-    if let Some(out) = admin::ask(&config.admin_socket, &request)? {
-        return Ok(out);
-    }
-    let store = match server::open_store(&config) {
-        Ok(s) => s,
+/// The store opened by this command, when no `serve` holds it.
+fn offline_store(config: &Config) -> anyhow::Result<crate::store::Store> {
+    match server::open_store(config) {
+        Ok(s) => Ok(s),
         Err(server::ServeError::Store(StoreError::Locked)) => {
             bail!(
                 "the database is in use but {} does not answer",
                 config.admin_socket.display()
             )
         }
-        Err(e) => return Err(e.into()),
-    };
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Who runs this command, for the audit log.
+fn cli_actor() -> anyhow::Result<String> {
     let uid = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self")?);
+    Ok(format!("cli uid {uid}"))
+}
+
+/// Runs a request through a running `serve`, or against the store directly when none runs.
+fn with_store(config: Config, request: Request) -> anyhow::Result<Vec<u8>> {
+    if let Some(out) = admin::ask(&config.admin_socket, &request)? {
+        return Ok(out);
+    }
+    let store = offline_store(&config)?;
     let ctx = admin::AdminContext {
         audit: crate::audit::Audit::direct(store.clone()),
         store,
@@ -293,7 +377,7 @@ fn with_store(config: Config, request: Request) -> anyhow::Result<Vec<u8>> {
         reports: None,
         partners: None,
     };
-    Ok(admin::handle(&ctx, &request, &format!("cli uid {uid}"))?)
+    Ok(admin::handle(&ctx, &request, &cli_actor()?)?)
 }
 
 fn init_logging(format: LogFormat) {

@@ -40,6 +40,18 @@ pub struct Config {
     pub email: Option<Email>,
     /// The SFTP server; `None` without an `[sftp]` table.
     pub sftp: Option<Sftp>,
+    /// Scheduled backups; `None` without a `[backup]` table.
+    pub backup: Option<BackupSchedule>,
+}
+
+/// Backups taken by `serve` on a schedule (`[backup]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupSchedule {
+    /// Where they are written, as `smsdrop-<UTC time>.backup`.
+    pub dir: PathBuf,
+    pub every: Duration,
+    /// How many are kept; older ones are deleted once a new one is whole.
+    pub keep: usize,
 }
 
 /// The embedded SFTP server (`[sftp]`, SPEC §5).
@@ -369,6 +381,15 @@ struct RawConfig {
     email: Option<Spanned<RawEmail>>,
     sftp: Option<Spanned<RawSftp>>,
     defender: Option<Spanned<RawDefender>>,
+    backup: Option<Spanned<RawBackup>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackup {
+    dir: Spanned<String>,
+    every: Option<Spanned<String>>,
+    keep: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -755,6 +776,29 @@ impl Validator<'_> {
         let email = raw.email.as_ref().and_then(|e| self.email(e));
         let defender = self.defender(raw.defender.as_ref());
         let sftp = raw.sftp.as_ref().and_then(|s| self.sftp(s, &state_dir, defender));
+        let backup = raw.backup.as_ref().map(|b| {
+            let b = b.get_ref();
+            BackupSchedule {
+                dir: self.path(b.dir.get_ref()),
+                every: self.duration(
+                    b.every.as_ref(),
+                    "backup.every",
+                    Duration::from_secs(86_400),
+                    (Duration::from_secs(1), Duration::from_secs(30 * 86_400)),
+                ),
+                keep: self.int(b.keep.as_ref(), "backup.keep", 7, (1, 1000)) as usize,
+            }
+        });
+        if let Some(b) = &backup {
+            if b.dir.starts_with(&state_dir) {
+                let span = raw.backup.as_ref().map(|r| r.get_ref().dir.span()).unwrap_or(0..0);
+                self.problem(
+                    &span,
+                    "backup.dir",
+                    "is inside state_dir: a backup must survive the loss of the disk it backs up",
+                );
+            }
+        }
 
         Config {
             path: self.file.clone(),
@@ -768,6 +812,7 @@ impl Validator<'_> {
             routes,
             email,
             sftp,
+            backup,
         }
     }
 
@@ -1637,6 +1682,17 @@ partners = ["sink"]
             Err(ConfigError::Invalid(p)) => p.iter().map(|p| p.to_string()).collect(),
             other => panic!("expected problems, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn backup_schedule() {
+        let c = parse(&format!("{GOOD}\n[backup]\ndir = \"/var/backups/smsdrop\"\n")).unwrap();
+        let b = c.backup.unwrap();
+        assert_eq!((b.every, b.keep), (Duration::from_secs(86_400), 7));
+        let p = problems(&format!("{GOOD}\n[backup]\ndir = \"state/backups\"\nevery = \"0s\"\nkeep = 0\n"));
+        assert!(p.iter().any(|p| p.contains("backup.dir: is inside state_dir")), "{p:?}");
+        assert!(p.iter().any(|p| p.contains("backup.every")), "{p:?}");
+        assert!(p.iter().any(|p| p.contains("backup.keep")), "{p:?}");
     }
 
     #[test]

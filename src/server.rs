@@ -186,6 +186,9 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         tracker.spawn(writer.run(reports_rx, workers.clone()));
     }
     tracker.spawn(sweep(store.clone(), config.clone(), audit.clone(), workers.clone()));
+    if let Some(schedule) = config.backup.clone() {
+        tracker.spawn(backups(store.clone(), config.clone(), schedule, audit.clone(), workers.clone()));
+    }
     let intake = CancellationToken::new();
     tracker.spawn(watcher.run(intake.clone()));
     if let Some(sftp) = crate::sftp::SftpServer::new(config.clone(), store.clone(), alerter.clone(), audit.clone())? {
@@ -291,6 +294,93 @@ async fn sweep(store: Store, config: Arc<Config>, audit: Audit, shutdown: Cancel
             }
             Err(e) => tracing::error!(error = %e, "retention sweep failed; retried at the next look"),
         }
+    }
+}
+
+/// Scheduled backups in `dir`, oldest first: (taken at, path).
+fn scheduled_backups(dir: &Path) -> Vec<(i64, std::path::PathBuf)> {
+    let mut out: Vec<(i64, std::path::PathBuf)> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let stamp = name.strip_prefix("smsdrop-")?.strip_suffix(".backup")?;
+            let civil = jiff::fmt::strtime::parse("%Y%m%dT%H%M%SZ", stamp).ok()?.to_datetime().ok()?;
+            let at = jiff::tz::TimeZone::UTC.to_timestamp(civil).ok()?.as_second();
+            Some((at, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Takes a backup every `every` into `dir` and keeps the newest `keep`. The first one is due
+/// `every` after the newest already there (at once when there is none); a failed one is tried
+/// again after a tenth of `every` (at most an hour).
+async fn backups(
+    store: Store,
+    config: Arc<Config>,
+    schedule: crate::config::BackupSchedule,
+    audit: Audit,
+    shutdown: CancellationToken,
+) {
+    if let Err(e) = fs::create_dir_all(&schedule.dir) {
+        tracing::error!(dir = %schedule.dir.display(), error = %e, "cannot make the backup folder; no scheduled backups");
+        return;
+    }
+    for e in fs::read_dir(&schedule.dir).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().ends_with(".backup.partial") {
+            let _ = fs::remove_file(e.path()); // cut short by a crash
+        }
+    }
+    let every = schedule.every.as_secs() as i64;
+    let retry = (every / 10).clamp(10, 3600);
+    let mut next = scheduled_backups(&schedule.dir)
+        .last()
+        .map(|(at, _)| at + every)
+        .unwrap_or(0);
+    loop {
+        let now = jiff::Timestamp::now().as_second();
+        if next > now {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs((next - now) as u64)) => {}
+            }
+            continue;
+        }
+        let name = jiff::Timestamp::from_second(now)
+            .map(|t| t.strftime("smsdrop-%Y%m%dT%H%M%SZ.backup").to_string())
+            .unwrap_or_else(|_| format!("smsdrop-{now}.backup"));
+        let path = schedule.dir.join(name);
+        let (target, config2) = (path.clone(), config.clone());
+        let result = store
+            .blocking(move |s| s.backup_to_file(&target, &crate::admin::backup_files(&config2), now))
+            .await;
+        let mut event = Event::new("backup.scheduled", "smsdrop").detail("file", path.display());
+        match result {
+            Ok(summary) => {
+                tracing::info!(file = %path.display(), entries = summary.entries, bytes = summary.bytes, "scheduled backup written");
+                event.push("entries", summary.entries);
+                event.push("bytes", summary.bytes);
+                event.push("result", "ok");
+                let _ = store.blocking(move |s| s.set_mark("backup_at", now.max(0) as u64)).await;
+                let all = scheduled_backups(&schedule.dir);
+                for (_, old) in all.iter().take(all.len().saturating_sub(schedule.keep)) {
+                    match fs::remove_file(old) {
+                        Ok(()) => tracing::info!(file = %old.display(), "old backup deleted (keep = {})", schedule.keep),
+                        Err(e) => tracing::warn!(file = %old.display(), error = %e, "cannot delete an old backup"),
+                    }
+                }
+                next = now + every;
+            }
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "scheduled backup failed; tried again in {retry} s");
+                event.push("result", "failed");
+                next = now + retry;
+            }
+        }
+        audit.record(event);
     }
 }
 

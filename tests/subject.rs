@@ -77,6 +77,21 @@ fn export_and_erase_across_two_tenants() {
     assert_eq!(texts(&bob, "acme"), ["For Bob"]);
     assert_eq!(texts(&bob, "beta"), ["Beta for Bob"]);
 
+    // Nor is anything of it in a fresh backup: restored elsewhere, the export is as empty.
+    let backup = app.path("after-erase.backup");
+    let out = app.cli(&["backup", backup.to_str().expect("path")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tables = std::fs::read_to_string(&app.config).expect("config");
+    let restored = app.twin(&tables[tables.find("\n[tenant.").expect("tenants")..]);
+    let out = restored.cli(&["restore", backup.to_str().expect("path")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc = export(&restored, &["--phone", "+33612345678"]);
+    for t in ["acme", "beta"] {
+        assert!(texts(&doc, t).is_empty(), "nothing in the restored {t}: {doc:#}");
+        assert!(doc["tenants"][t]["last_sent"].is_null(), "{doc:#}");
+    }
+    assert_eq!(texts(&export(&restored, &["--phone", "0698765432"]), "acme"), ["For Bob"]);
+
     // The held batch, released, sends Bob's message only; Alice's stays canceled.
     let out = app.cli(&["batch", "release", "2"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -13,9 +13,9 @@ use serde::{Deserialize, Serialize};
 use super::{Result, Store, StoreError, encode, open_record};
 
 /// sequence number → sealed [`AuditEntry`].
-const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+pub(super) const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 /// "head" → sealed [`Head`].
-const AUDIT_HEAD: TableDefinition<&str, &[u8]> = TableDefinition::new("audit_head");
+pub(super) const AUDIT_HEAD: TableDefinition<&str, &[u8]> = TableDefinition::new("audit_head");
 
 pub(super) fn create_tables(tx: &WriteTransaction) -> Result<()> {
     tx.open_table(AUDIT)?;

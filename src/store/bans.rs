@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::{Result, Store, encode, open_record};
 
 /// keyed hash of the address → sealed [`Ban`].
-const BANS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("bans");
+pub(super) const BANS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("bans");
 
 pub(super) fn create_tables(tx: &WriteTransaction) -> Result<()> {
     tx.open_table(BANS)?;

@@ -7,9 +7,9 @@ use super::records::{DigestRecord, MailRecord};
 use super::{META, Result, Store, encode, open_record};
 
 /// mail id → sealed [`MailRecord`].
-const MAIL: TableDefinition<u64, &[u8]> = TableDefinition::new("mail");
+pub(super) const MAIL: TableDefinition<u64, &[u8]> = TableDefinition::new("mail");
 /// keyed hash of kind ‖ 0 ‖ recipient → sealed [`DigestRecord`].
-const DIGESTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("mail_digests");
+pub(super) const DIGESTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("mail_digests");
 
 pub(super) fn create_tables(tx: &WriteTransaction) -> Result<()> {
     tx.open_table(MAIL)?;

@@ -11,6 +11,7 @@
 //! batch's `Ingesting` record, or leaves that record behind for recovery to redo the batch.
 
 mod audit;
+pub mod backup;
 mod bans;
 mod mail;
 mod receipts;
@@ -273,6 +274,11 @@ impl Store {
         let mut builder = Database::builder();
         builder.set_cache_size(CACHE_BYTES);
         let db = builder.create(state_dir.join(DB_FILE))?;
+        Store::with_database(db, keys)
+    }
+
+    /// A store on an opened database, its tables made if they are not there yet.
+    fn with_database(db: Database, keys: Arc<Keyring>) -> Result<Store> {
         let tx = db.begin_write()?;
         tx.open_table(META)?;
         tx.open_table(BATCHES)?;

@@ -24,9 +24,9 @@ use crate::codes::MessageStatus;
 use crate::dispatch::receipt::{Receipt, id_forms, normal_id};
 
 /// partner ‖ 0 ‖ normal id → message id (8 bytes) ‖ last part (1 byte).
-const RECEIPT_IDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("receipt_ids");
+pub(super) const RECEIPT_IDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("receipt_ids");
 /// partner ‖ 0 ‖ id form → sealed [`EarlyReceipt`].
-const EARLY: TableDefinition<&[u8], &[u8]> = TableDefinition::new("early_receipts");
+pub(super) const EARLY: TableDefinition<&[u8], &[u8]> = TableDefinition::new("early_receipts");
 
 pub(super) fn create_tables(tx: &WriteTransaction) -> Result<()> {
     tx.open_table(RECEIPT_IDS)?;

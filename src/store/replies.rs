@@ -16,9 +16,9 @@ use crate::dispatch::mo::{Mo, MoCandidate};
 use crate::store::records::BlockEntry;
 
 /// tenant ‖ 0 ‖ keyed phone hash → sealed [`LastSent`].
-const LAST_SENT: TableDefinition<&[u8], &[u8]> = TableDefinition::new("last_sent");
+pub(super) const LAST_SENT: TableDefinition<&[u8], &[u8]> = TableDefinition::new("last_sent");
 /// tenant ‖ 0 ‖ sequence (8 bytes, big-endian) → sealed [`ReplyRecord`].
-const REPLIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("replies");
+pub(super) const REPLIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("replies");
 
 pub(super) fn create_tables(tx: &WriteTransaction) -> Result<()> {
     tx.open_table(LAST_SENT)?;

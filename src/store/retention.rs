@@ -28,7 +28,7 @@ use crate::codes::MessageStatus;
 pub const STEP_CHUNKS: u32 = 16;
 
 /// batch id → the next chunk to anonymise (`u32::MAX`: the whole batch is anonymised).
-const ANONYMIZED: TableDefinition<u64, u32> = TableDefinition::new("anonymized");
+pub(super) const ANONYMIZED: TableDefinition<u64, u32> = TableDefinition::new("anonymized");
 
 pub(super) fn create_tables(tx: &WriteTransaction) -> Result<()> {
     tx.open_table(ANONYMIZED)?;

@@ -6,9 +6,9 @@ use redb::{Durability, ReadableTable, TableDefinition, WriteTransaction};
 use super::{Result, Store, encode, open_record, tenant_key, tenant_range};
 
 /// tenant ‖ 0 ‖ region → sealed first-seen unix seconds.
-const COUNTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("countries");
+pub(super) const COUNTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("countries");
 /// tenant ‖ 0 ‖ hour number (unix seconds / 3600, big-endian) → sealed messages queued.
-const HOURLY: TableDefinition<&[u8], &[u8]> = TableDefinition::new("hourly");
+pub(super) const HOURLY: TableDefinition<&[u8], &[u8]> = TableDefinition::new("hourly");
 
 /// Hours of history the usual rate is taken over.
 const WINDOW_HOURS: u64 = 7 * 24;

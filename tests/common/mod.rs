@@ -76,6 +76,14 @@ impl Appliance {
         app
     }
 
+    /// A second appliance with `tables` and this one's master key (for restores).
+    pub fn twin(&self, tables: &str) -> Appliance {
+        let app = Appliance::new(tables);
+        std::fs::remove_file(app.path("master.key")).expect("fresh key");
+        std::fs::copy(self.path("master.key"), app.path("master.key")).expect("same master key");
+        app
+    }
+
     pub fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
     }

@@ -35,20 +35,21 @@ pub enum Request {
         tenant: String,
         path: PathBuf,
     },
+    /// `tenant: None` is the global list (across tenants) in these four.
     BlocklistAdd {
-        tenant: String,
+        tenant: Option<String>,
         phone: String,
     },
     BlocklistRemove {
-        tenant: String,
+        tenant: Option<String>,
         phone: String,
     },
     BlocklistList {
-        tenant: String,
+        tenant: Option<String>,
     },
     /// Numbers from a file, one per line (`#` comments and blank lines skipped).
     BlocklistImport {
-        tenant: String,
+        tenant: Option<String>,
         path: PathBuf,
     },
     BatchList {
@@ -162,13 +163,19 @@ pub fn handle(ctx: &AdminContext, request: &Request, actor: &str) -> Result<Vec<
 fn answer(ctx: &AdminContext, request: &Request, event: &mut Event) -> Result<Vec<u8>, AdminError> {
     let (store, config) = (&ctx.store, ctx.config.as_ref());
     match request {
-        Request::Validate { tenant, .. }
-        | Request::BlocklistAdd { tenant, .. }
+        Request::Validate { tenant, path } => {
+            event.set_tenant(tenant);
+            event.push("file", path.display());
+        }
+        Request::BlocklistAdd { tenant, .. }
         | Request::BlocklistRemove { tenant, .. }
         | Request::BlocklistList { tenant }
         | Request::BlocklistImport { tenant, .. } => {
-            event.set_tenant(tenant);
-            if let Request::Validate { path, .. } | Request::BlocklistImport { path, .. } = request {
+            match tenant {
+                Some(t) => event.set_tenant(t),
+                None => event.push("list", "global"),
+            }
+            if let Request::BlocklistImport { path, .. } = request {
                 event.push("file", path.display());
             }
         }
@@ -221,31 +228,28 @@ fn answer(ctx: &AdminContext, request: &Request, event: &mut Event) -> Result<Ve
         Request::Status => Ok(status_text(store, config, ctx.partners.as_ref())?.into_bytes()),
         Request::Validate { tenant, path } => validate(store, config, tenant, path),
         Request::BlocklistAdd { tenant, phone } => {
-            let (tenant, e164) = tenant_phone(config, tenant, phone)?;
-            event.push("number_hash", number_hash(store, &tenant.id, &e164));
-            store.blocklist_add(&tenant.id, &e164, "cli", jiff::Timestamp::now().as_second())?;
-            Ok(format!("{e164} added to the blocklist of {}\n", tenant.id).into_bytes())
+            let (list, e164) = list_phone(config, tenant.as_deref(), phone)?;
+            event.push("number_hash", number_hash(store, list.id, &e164));
+            store.blocklist_add(list.id, &e164, "cli", jiff::Timestamp::now().as_second())?;
+            Ok(format!("{e164} added to {}\n", list.name).into_bytes())
         }
         Request::BlocklistRemove { tenant, phone } => {
-            let (tenant, e164) = tenant_phone(config, tenant, phone)?;
-            event.push("number_hash", number_hash(store, &tenant.id, &e164));
-            let removed = store.blocklist_remove(&tenant.id, &e164)?;
+            let (list, e164) = list_phone(config, tenant.as_deref(), phone)?;
+            event.push("number_hash", number_hash(store, list.id, &e164));
+            let removed = store.blocklist_remove(list.id, &e164)?;
             let what = if removed { "removed from" } else { "was not on" };
-            Ok(format!("{e164} {what} the blocklist of {}\n", tenant.id).into_bytes())
+            Ok(format!("{e164} {what} {}\n", list.name).into_bytes())
         }
         Request::BlocklistImport { tenant, path } => {
-            let tenant = config
-                .tenants
-                .get(tenant)
-                .ok_or_else(|| AdminError::NoTenant(tenant.clone()))?;
-            let (numbers, bad) = read_numbers(path, tenant)?;
-            let added = store.blocklist_add_all(&tenant.id, &numbers, "import", now)?;
+            let list = List::of(config, tenant.as_deref())?;
+            let (numbers, bad) = read_numbers(path, list.region)?;
+            let added = store.blocklist_add_all(list.id, &numbers, "import", now)?;
             event.push("numbers", numbers.len());
             event.push("refused_lines", bad.len());
             let mut out = format!(
-                "{} numbers read, {added} new on the blocklist of {}, {} lines refused\n",
+                "{} numbers read, {added} new on {}, {} lines refused\n",
                 numbers.len(),
-                tenant.id,
+                list.name,
                 bad.len()
             );
             for (line, why) in bad.iter().take(100) {
@@ -254,12 +258,9 @@ fn answer(ctx: &AdminContext, request: &Request, event: &mut Event) -> Result<Ve
             Ok(out.into_bytes())
         }
         Request::BlocklistList { tenant } => {
-            let tenant = config
-                .tenants
-                .get(tenant)
-                .ok_or_else(|| AdminError::NoTenant(tenant.clone()))?;
+            let list = List::of(config, tenant.as_deref())?;
             let mut out = String::from("number_hash;added_at;source\n");
-            for (hash, entry) in store.blocklist_entries(&tenant.id)? {
+            for (hash, entry) in store.blocklist_entries(list.id)? {
                 let hex = crate::store::retention::hex(&hash);
                 let at = jiff::Timestamp::from_second(entry.added_at)
                     .map(|t| t.to_string())
@@ -281,7 +282,17 @@ fn answer(ctx: &AdminContext, request: &Request, event: &mut Event) -> Result<Ve
                     serde_json::to_value(&data).map_err(|e| AdminError::Remote(e.to_string()))?,
                 );
             }
-            let doc = serde_json::json!({ "phone": phone, "tenants": tenants });
+            // The global list, when no tenant was named: the number as the tenants read it.
+            let first = subject_tenants(config, phone, None)
+                .ok()
+                .and_then(|v| v.first().map(|(_, e)| e.clone()));
+            let mut global = serde_json::Value::Null;
+            if let (None, Some(e164)) = (tenant, first) {
+                if let Some(entry) = store.subject_export(crate::store::GLOBAL_LIST, &e164)?.blocklist {
+                    global = serde_json::to_value(&entry).map_err(|e| AdminError::Remote(e.to_string()))?;
+                }
+            }
+            let doc = serde_json::json!({ "phone": phone, "tenants": tenants, "global_blocklist": global });
             let mut out = serde_json::to_vec_pretty(&doc).map_err(|e| AdminError::Remote(e.to_string()))?;
             out.push(b'\n');
             Ok(out)
@@ -315,6 +326,22 @@ fn answer(ctx: &AdminContext, request: &Request, event: &mut Event) -> Result<Ve
                         ""
                     }
                 );
+            }
+            // Erasing everywhere takes the number off the global list too (`--block` puts it back).
+            let first = subject_tenants(config, phone, None)
+                .ok()
+                .and_then(|v| v.first().map(|(_, e)| e.clone()));
+            if let (None, Some(e164)) = (tenant, first) {
+                let global = crate::store::GLOBAL_LIST;
+                let was_there = store.subject_export(global, &e164)?.blocklist.is_some();
+                if was_there {
+                    store.subject_erase(global, &e164, *block, now)?;
+                    let _ = writeln!(
+                        out,
+                        "the global blocklist: its entry {}",
+                        if *block { "kept (as its keyed hash)" } else { "removed" }
+                    );
+                }
             }
             if let Some(d) = &ctx.dispatch {
                 d.poke();
@@ -381,7 +408,7 @@ type Refused = Vec<(usize, String)>;
 
 /// The numbers of a blocklist import file, normalised with the tenant's region, and the lines
 /// refused (line number, why).
-fn read_numbers(path: &Path, tenant: &crate::config::Tenant) -> Result<(Vec<String>, Refused), AdminError> {
+fn read_numbers(path: &Path, region: Option<rlibphonenumber::Region>) -> Result<(Vec<String>, Refused), AdminError> {
     use std::io::Read;
     let file = std::fs::File::open(path)?;
     let mut text = String::new();
@@ -411,12 +438,51 @@ fn read_numbers(path: &Path, tenant: &crate::config::Tenant) -> Result<(Vec<Stri
             ));
             break;
         }
-        match crate::batch::validate::normalize_phone(line, tenant.default_region) {
+        match crate::batch::validate::normalize_phone(line, region) {
             Some(e164) => numbers.push(e164),
             None => bad.push((i + 1, "not a valid phone number".into())),
         }
     }
     Ok((numbers, bad))
+}
+
+/// An opt-out list: a tenant's, or the global one (whose numbers are written in international
+/// form, `+` or `00` first, as no region applies).
+struct List<'c> {
+    id: &'c str,
+    name: String,
+    region: Option<rlibphonenumber::Region>,
+}
+
+impl<'c> List<'c> {
+    fn of(config: &'c Config, tenant: Option<&str>) -> Result<List<'c>, AdminError> {
+        match tenant {
+            None => Ok(List {
+                id: crate::store::GLOBAL_LIST,
+                name: "the global blocklist".into(),
+                region: None,
+            }),
+            Some(t) => {
+                let tenant = config
+                    .tenants
+                    .get(t)
+                    .ok_or_else(|| AdminError::NoTenant(t.to_string()))?;
+                Ok(List {
+                    id: &tenant.id,
+                    name: format!("the blocklist of {}", tenant.id),
+                    region: tenant.default_region,
+                })
+            }
+        }
+    }
+}
+
+/// A list and a number normalised for it.
+fn list_phone<'c>(config: &'c Config, tenant: Option<&str>, phone: &str) -> Result<(List<'c>, String), AdminError> {
+    let list = List::of(config, tenant)?;
+    let e164 = crate::batch::validate::normalize_phone(phone, list.region)
+        .ok_or_else(|| AdminError::InvalidPhone(phone.to_string()))?;
+    Ok((list, e164))
 }
 
 /// A configured tenant and a number normalised with its region.
@@ -449,7 +515,7 @@ pub fn validate(store: &Store, config: &Config, tenant: &str, path: &Path) -> Re
     let ctx = ingest::Context {
         tenant,
         keys: &keys,
-        blocklist: store.blocklist_hashes(&tenant.id)?,
+        blocklist: store.blocklists(&tenant.id)?,
         seen: &seen,
         cancel: &cancel,
     };
@@ -693,7 +759,11 @@ async fn connection(stream: UnixStream, ctx: Arc<AdminContext>) -> io::Result<()
     reader.read_line(&mut line).await?;
     let result = match serde_json::from_str::<Request>(&line) {
         Ok(Request::Backup) => {
-            let stream = reader.into_inner().into_inner().reunite(write).map_err(io::Error::other)?;
+            let stream = reader
+                .into_inner()
+                .into_inner()
+                .reunite(write)
+                .map_err(io::Error::other)?;
             let stream = stream.into_std()?;
             stream.set_nonblocking(false)?;
             return tokio::task::spawn_blocking(move || stream_backup(&ctx, stream, &actor))
@@ -765,7 +835,11 @@ fn stream_backup(ctx: &AdminContext, stream: std::os::unix::net::UnixStream, act
             event.push("entries", summary.entries);
             event.push("bytes", summary.bytes);
             event.push("result", "ok");
-            tracing::info!(entries = summary.entries, bytes = summary.bytes, "backup streamed to an operator");
+            tracing::info!(
+                entries = summary.entries,
+                bytes = summary.bytes,
+                "backup streamed to an operator"
+            );
             let mut line = serde_json::to_vec(summary).map_err(io::Error::other)?;
             line.push(b'\n');
             out.write_all(&line)?;
@@ -773,7 +847,8 @@ fn stream_backup(ctx: &AdminContext, stream: std::os::unix::net::UnixStream, act
         Err(e) => {
             event.push("result", "failed");
             tracing::error!(error = %e, "backup failed");
-            let _ = crate::store::backup::write_frame(&mut out, crate::store::backup::KIND_ERROR, e.to_string().as_bytes());
+            let _ =
+                crate::store::backup::write_frame(&mut out, crate::store::backup::KIND_ERROR, e.to_string().as_bytes());
         }
     }
     event.record(&ctx.audit);
@@ -799,7 +874,9 @@ pub fn ask_backup(socket: &Path, path: &Path) -> Result<Option<crate::store::bac
     reader.read_line(&mut head)?;
     let header: Header = serde_json::from_str(&head).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     if !header.ok || !header.stream {
-        return Err(AdminError::Remote(header.error.unwrap_or_else(|| "no backup stream".into())));
+        return Err(AdminError::Remote(
+            header.error.unwrap_or_else(|| "no backup stream".into()),
+        ));
     }
     let partial = backup::partial_path(path);
     let failed = |e: String| {

@@ -149,31 +149,43 @@ pub enum BatchAction {
     Cancel { id: u64 },
 }
 
+/// Which opt-out list: a tenant's, or the global one across tenants.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+pub struct ListChoice {
+    #[arg(long)]
+    tenant: Option<String>,
+    /// The global list, which every tenant's batches are checked against (numbers in
+    /// international form: `+33612345678`).
+    #[arg(long)]
+    global: bool,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum BlocklistAction {
-    /// Put a number on a tenant's blocklist (stored as a keyed hash only).
+    /// Put a number on a blocklist (stored as a keyed hash only).
     Add {
-        #[arg(long)]
-        tenant: String,
+        #[command(flatten)]
+        list: ListChoice,
         #[arg(long)]
         phone: String,
     },
-    /// Take a number off a tenant's blocklist.
+    /// Take a number off a blocklist.
     Remove {
-        #[arg(long)]
-        tenant: String,
+        #[command(flatten)]
+        list: ListChoice,
         #[arg(long)]
         phone: String,
     },
-    /// List a tenant's entries (number hashes; the numbers themselves are not stored).
+    /// List a blocklist's entries (number hashes; the numbers themselves are not stored).
     List {
-        #[arg(long)]
-        tenant: String,
+        #[command(flatten)]
+        list: ListChoice,
     },
-    /// Put every number of a file (one per line; `#` comments) on a tenant's blocklist.
+    /// Put every number of a file (one per line; `#` comments) on a blocklist.
     Import {
-        #[arg(long)]
-        tenant: String,
+        #[command(flatten)]
+        list: ListChoice,
         file: PathBuf,
     },
 }
@@ -238,11 +250,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Blocklist { action } => {
             let config = Config::load(&cli.config)?;
             let request = match action {
-                BlocklistAction::Add { tenant, phone } => Request::BlocklistAdd { tenant, phone },
-                BlocklistAction::Remove { tenant, phone } => Request::BlocklistRemove { tenant, phone },
-                BlocklistAction::List { tenant } => Request::BlocklistList { tenant },
-                BlocklistAction::Import { tenant, file } => Request::BlocklistImport {
-                    tenant,
+                BlocklistAction::Add { list, phone } => Request::BlocklistAdd {
+                    tenant: list.tenant,
+                    phone,
+                },
+                BlocklistAction::Remove { list, phone } => Request::BlocklistRemove {
+                    tenant: list.tenant,
+                    phone,
+                },
+                BlocklistAction::List { list } => Request::BlocklistList { tenant: list.tenant },
+                BlocklistAction::Import { list, file } => Request::BlocklistImport {
+                    tenant: list.tenant,
                     path: std::fs::canonicalize(&file).with_context(|| format!("{}", file.display()))?,
                 },
             };

@@ -1689,7 +1689,9 @@ partners = ["sink"]
         let c = parse(&format!("{GOOD}\n[backup]\ndir = \"/var/backups/smsdrop\"\n")).unwrap();
         let b = c.backup.unwrap();
         assert_eq!((b.every, b.keep), (Duration::from_secs(86_400), 7));
-        let p = problems(&format!("{GOOD}\n[backup]\ndir = \"state/backups\"\nevery = \"0s\"\nkeep = 0\n"));
+        let p = problems(&format!(
+            "{GOOD}\n[backup]\ndir = \"state/backups\"\nevery = \"0s\"\nkeep = 0\n"
+        ));
         assert!(p.iter().any(|p| p.contains("backup.dir: is inside state_dir")), "{p:?}");
         assert!(p.iter().any(|p| p.contains("backup.every")), "{p:?}");
         assert!(p.iter().any(|p| p.contains("backup.keep")), "{p:?}");

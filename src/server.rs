@@ -187,7 +187,13 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     }
     tracker.spawn(sweep(store.clone(), config.clone(), audit.clone(), workers.clone()));
     if let Some(schedule) = config.backup.clone() {
-        tracker.spawn(backups(store.clone(), config.clone(), schedule, audit.clone(), workers.clone()));
+        tracker.spawn(backups(
+            store.clone(),
+            config.clone(),
+            schedule,
+            audit.clone(),
+            workers.clone(),
+        ));
     }
     let intake = CancellationToken::new();
     tracker.spawn(watcher.run(intake.clone()));
@@ -306,7 +312,10 @@ fn scheduled_backups(dir: &Path) -> Vec<(i64, std::path::PathBuf)> {
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
             let stamp = name.strip_prefix("smsdrop-")?.strip_suffix(".backup")?;
-            let civil = jiff::fmt::strtime::parse("%Y%m%dT%H%M%SZ", stamp).ok()?.to_datetime().ok()?;
+            let civil = jiff::fmt::strtime::parse("%Y%m%dT%H%M%SZ", stamp)
+                .ok()?
+                .to_datetime()
+                .ok()?;
             let at = jiff::tz::TimeZone::UTC.to_timestamp(civil).ok()?.as_second();
             Some((at, e.path()))
         })
@@ -364,11 +373,15 @@ async fn backups(
                 event.push("entries", summary.entries);
                 event.push("bytes", summary.bytes);
                 event.push("result", "ok");
-                let _ = store.blocking(move |s| s.set_mark("backup_at", now.max(0) as u64)).await;
+                let _ = store
+                    .blocking(move |s| s.set_mark("backup_at", now.max(0) as u64))
+                    .await;
                 let all = scheduled_backups(&schedule.dir);
                 for (_, old) in all.iter().take(all.len().saturating_sub(schedule.keep)) {
                     match fs::remove_file(old) {
-                        Ok(()) => tracing::info!(file = %old.display(), "old backup deleted (keep = {})", schedule.keep),
+                        Ok(()) => {
+                            tracing::info!(file = %old.display(), "old backup deleted (keep = {})", schedule.keep)
+                        }
                         Err(e) => tracing::warn!(file = %old.display(), error = %e, "cannot delete an old backup"),
                     }
                 }

@@ -20,7 +20,11 @@ fn ok(out: std::process::Output) -> String {
 }
 
 fn failed(out: std::process::Output) -> String {
-    assert!(!out.status.success(), "should fail: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        !out.status.success(),
+        "should fail: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
@@ -51,7 +55,11 @@ fn a_backup_taken_during_ingest_restores_the_same_queue_statuses_blocklists_and_
     );
     let mut app = Appliance::new(&tables);
     app.start();
-    app.drop_file("bob", "b.csv", b"phone;message\n0612345678;Hello Bob\n0698765432;Second one\n");
+    app.drop_file(
+        "bob",
+        "b.csv",
+        b"phone;message\n0612345678;Hello Bob\n0698765432;Second one\n",
+    );
     app.final_report("bob", "b", 2);
     ok(app.cli(&["blocklist", "add", "--tenant", "bob", "--phone", "0611111111"]));
     // sends are remembered for reply matching about once a second
@@ -70,7 +78,11 @@ fn a_backup_taken_during_ingest_restores_the_same_queue_statuses_blocklists_and_
     let said = ok(app.cli(&["backup", during.to_str().expect("path")]));
     assert!(said.contains("backup written to"), "{said}");
     let result = app.result("acme", "big");
-    assert_eq!(result.len() as u64, valid + 1, "the ingest went on: every line accepted");
+    assert_eq!(
+        result.len() as u64,
+        valid + 1,
+        "the ingest went on: every line accepted"
+    );
     let after = app.path("after.backup");
     ok(app.cli(&["backup", after.to_str().expect("path")]));
     app.stop();
@@ -81,7 +93,14 @@ fn a_backup_taken_during_ingest_restores_the_same_queue_statuses_blocklists_and_
     // Nothing in a backup is readable without the key.
     let bytes = std::fs::read(&after).expect("backup");
     assert!(bytes.len() > 1 << 20, "a real snapshot: {} bytes", bytes.len());
-    for clear in ["Hello Bob", "+33612345678", "612345678", &batches::text(7), "acme", "batches"] {
+    for clear in [
+        "Hello Bob",
+        "+33612345678",
+        "612345678",
+        &batches::text(7),
+        "acme",
+        "batches",
+    ] {
         assert!(!contains(&bytes, clear), "`{clear}` in clear in the backup");
     }
     let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&after).expect("meta").permissions());
@@ -95,7 +114,11 @@ fn a_backup_taken_during_ingest_restores_the_same_queue_statuses_blocklists_and_
     let restored_audit = audit_lines(&restored);
     let (last, before) = restored_audit.split_last().expect("entries");
     assert!(last.contains("\"backup.restore\""), "{last}");
-    assert_eq!(before, &source_audit[..before.len()], "the same chain up to the snapshot");
+    assert_eq!(
+        before,
+        &source_audit[..before.len()],
+        "the same chain up to the snapshot"
+    );
     assert_eq!(view(&restored), source);
     assert!(
         source[3].contains(&format!("accepted     {valid}")) && source[3].contains("state        held"),
@@ -122,8 +145,18 @@ fn a_backup_taken_during_ingest_restores_the_same_queue_statuses_blocklists_and_
     if let Some(big) = big {
         assert!(big.contains(&valid.to_string()) && big.contains("held"), "whole: {big}");
     }
-    eprintln!("restored from the backup taken during ingest: big batch {}", if big.is_some() { "whole" } else { "absent (was being ingested)" });
-    assert!(list.lines().any(|l| l.contains("b.csv") && l.contains("done")), "{list}");
+    eprintln!(
+        "restored from the backup taken during ingest: big batch {}",
+        if big.is_some() {
+            "whole"
+        } else {
+            "absent (was being ingested)"
+        }
+    );
+    assert!(
+        list.lines().any(|l| l.contains("b.csv") && l.contains("done")),
+        "{list}"
+    );
     assert!(ok(early.cli(&["audit", "verify"])).contains("intact"));
     early.stop();
 }
@@ -161,7 +194,9 @@ fn damaged_cut_or_misplaced_backups_are_refused_and_leave_nothing_behind() {
     let why = failed(target.cli(&["restore", cut.to_str().expect("path")]));
     assert!(why.contains("cut short") || why.contains("does not open"), "{why}");
     assert!(!db.exists());
-    let foreign = damaged_copy(&app, &good, "foreign.backup", |b| b[..16].copy_from_slice(b"NOT A BACKUP 123"));
+    let foreign = damaged_copy(&app, &good, "foreign.backup", |b| {
+        b[..16].copy_from_slice(b"NOT A BACKUP 123")
+    });
     let why = failed(target.cli(&["restore", foreign.to_str().expect("path")]));
     assert!(why.contains("not an smsdrop backup"), "{why}");
 
@@ -217,5 +252,7 @@ fn scheduled_backups_are_taken_and_pruned() {
 
 fn tables_of(app: &Appliance) -> String {
     let text = std::fs::read_to_string(&app.config).expect("config");
-    text.find("\n[tenant.").map(|i| text[i..].to_string()).unwrap_or_default()
+    text.find("\n[tenant.")
+        .map(|i| text[i..].to_string())
+        .unwrap_or_default()
 }

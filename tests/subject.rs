@@ -90,7 +90,10 @@ fn export_and_erase_across_two_tenants() {
         assert!(texts(&doc, t).is_empty(), "nothing in the restored {t}: {doc:#}");
         assert!(doc["tenants"][t]["last_sent"].is_null(), "{doc:#}");
     }
-    assert_eq!(texts(&export(&restored, &["--phone", "0698765432"]), "acme"), ["For Bob"]);
+    assert_eq!(
+        texts(&export(&restored, &["--phone", "0698765432"]), "acme"),
+        ["For Bob"]
+    );
 
     // The held batch, released, sends Bob's message only; Alice's stays canceled.
     let out = app.cli(&["batch", "release", "2"]);
@@ -185,4 +188,81 @@ fn a_number_blocklisted_after_its_message_was_queued_is_never_sent_and_lists_imp
         .collect();
     assert_eq!(sent, ["three"]);
     app.wait_audit("admin.blocklist-import", &[("numbers", "3"), ("refused_lines", "1")]);
+}
+
+fn run(app: &Appliance, args: &[&str]) -> String {
+    let out = app.cli(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_global_blocklist_holds_for_every_tenant() {
+    let mut app = Appliance::new(&format!("{}{}", tenant("acme", ""), tenant("beta", "hold_above = 1\n")));
+    app.start();
+    let refused = app.cli(&["blocklist", "add", "--phone", "+33622222222"]);
+    assert!(!refused.status.success(), "a list must be named");
+    let said = run(&app, &["blocklist", "add", "--global", "--phone", "+33 6 22 22 22 22"]);
+    assert!(said.contains("+33622222222 added to the global blocklist"), "{said}");
+    let national = app.cli(&["blocklist", "add", "--global", "--phone", "0622222222"]);
+    assert!(!national.status.success(), "no region applies to the global list");
+
+    // Refused at ingest in both tenants, whatever the number's spelling.
+    app.drop_file(
+        "acme",
+        "a.csv",
+        b"phone;message\n0622222222;to the opted-out\n0611111111;fine\n",
+    );
+    let result = app.result("acme", "a");
+    // line;ref;phone;status;reason;message_id
+    assert_eq!(result[1][4], "blocklisted", "{result:?}");
+    // A batch queued (held) before the number goes on the global list: canceled, never sent.
+    app.drop_file(
+        "beta",
+        "b.csv",
+        b"phone;message\n0033622222222;again\n0633333333;later opt-out\n0644444444;stays\n",
+    );
+    let result = app.result("beta", "b");
+    // line;ref;phone;status;reason;message_id
+    assert_eq!(result[1][4], "blocklisted", "{result:?}");
+    let file = app.path("global.txt");
+    std::fs::write(&file, "+33633333333\n0655555555\n").expect("list");
+    let said = run(&app, &["blocklist", "import", "--global", file.to_str().expect("path")]);
+    assert!(
+        said.contains("1 numbers read, 1 new on the global blocklist, 1 lines refused"),
+        "{said}"
+    );
+    let listed = run(&app, &["blocklist", "list", "--global"]);
+    assert_eq!(listed.lines().count(), 3, "header and two entries: {listed}");
+    run(&app, &["batch", "release", "2"]);
+    let rows = app.final_report("beta", "b", 2);
+    let outcome: Vec<(&str, &str)> = rows[1..].iter().map(|r| (r[4].as_str(), r[8].as_str())).collect();
+    assert_eq!(outcome, [("canceled", "blocklisted"), ("delivered", "")], "{rows:?}");
+    let sent: Vec<String> = app
+        .sink()
+        .iter()
+        .map(|m| m["text"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(
+        !sent
+            .iter()
+            .any(|t| t == "later opt-out" || t == "to the opted-out" || t == "again"),
+        "{sent:?}"
+    );
+
+    // Subject requests see it, and erasing everywhere takes the number off.
+    let doc = export(&app, &["--phone", "0622222222"]);
+    assert_eq!(doc["global_blocklist"]["source"], "cli", "{doc:#}");
+    let said = run(&app, &["subject", "erase", "--phone", "0622222222"]);
+    assert!(said.contains("the global blocklist: its entry removed"), "{said}");
+    assert!(export(&app, &["--phone", "0622222222"])["global_blocklist"].is_null());
+    app.drop_file("acme", "c.csv", b"phone;message\n0622222222;welcome back\n");
+    let result = app.result("acme", "c");
+    assert_eq!(result.len(), 2, "{result:?}");
+    assert!(!result[1].iter().any(|c| c == "blocklisted"), "{result:?}");
+    app.wait_audit("admin.blocklist-add", &[("list", "global"), ("result", "ok")]);
 }

@@ -72,7 +72,7 @@ pub trait LineSink {
 pub struct Context<'a> {
     pub tenant: &'a Tenant,
     pub keys: &'a TenantKeys,
-    pub blocklist: HashSet<[u8; 16]>,
+    pub blocklist: crate::store::Blocklists,
     /// Whether content with this keyed hash was already taken within the dedupe window.
     pub seen: &'a dyn Fn(&[u8; 32]) -> Result<bool, StoreError>,
     pub cancel: &'a AtomicBool,
@@ -242,7 +242,7 @@ pub fn process(path: &Path, ctx: &Context<'_>, sink: &mut dyn LineSink) -> Resul
             for mut checked in chunk {
                 summary.lines += 1;
                 if let Ok(acc) = &checked.outcome {
-                    if ctx.blocklist.contains(&acc.phone_hash) {
+                    if ctx.blocklist.contains(&acc.phone_hash, &acc.message.phone) {
                         checked.outcome = Err(LineReason::Blocklisted);
                     } else if !dedupe.insert(acc.dedupe) {
                         checked.outcome = Err(LineReason::DuplicateRecipient);
@@ -460,7 +460,7 @@ impl Ingestor<'_> {
         Ok(Context {
             tenant,
             keys,
-            blocklist: self.store.blocklist_hashes(&tenant.id)?,
+            blocklist: self.store.blocklists(&tenant.id)?,
             seen,
             cancel: self.cancel,
         })

@@ -21,9 +21,8 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use redb::{
-    Database, Key, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
-    Value,
-    WriteTransaction,
+    Database, Key, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    TableHandle, Value, WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
 
@@ -46,11 +45,18 @@ enum Frame {
     /// The first frame: when and by which version.
     Header { created_at: i64, version: String },
     /// Entries of one table: (key bytes, value bytes) as redb stores them.
-    Entries { table: String, entries: Vec<(Vec<u8>, Vec<u8>)> },
+    Entries {
+        table: String,
+        entries: Vec<(Vec<u8>, Vec<u8>)>,
+    },
     /// A file kept beside the database (the SFTP host key): its name and bytes.
     File { name: String, bytes: Vec<u8> },
     /// The last frame.
-    End { frames: u64, entries: u64, checksum: [u8; 32] },
+    End {
+        frames: u64,
+        entries: u64,
+        checksum: [u8; 32],
+    },
 }
 
 /// What a backup holds (or a restore gave back).
@@ -71,7 +77,10 @@ pub enum BackupError {
     Io(#[from] io::Error),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("not an smsdrop backup (its first bytes are not `{}`)", String::from_utf8_lossy(MAGIC))]
+    #[error(
+        "not an smsdrop backup (its first bytes are not `{}`)",
+        String::from_utf8_lossy(MAGIC)
+    )]
     NotABackup,
     #[error("the backup is cut short at frame {0}: it has no end frame")]
     Truncated(u64),
@@ -366,7 +375,10 @@ impl<R: Read> BackupReader<R> {
         match (kind, frame) {
             (KIND_END, Frame::End { frames, checksum, .. }) => {
                 if frames != index || checksum != *self.hasher.finalize().as_bytes() {
-                    return Err(BackupError::Damaged(index, "the end frame does not match the frames before it".into()));
+                    return Err(BackupError::Damaged(
+                        index,
+                        "the end frame does not match the frames before it".into(),
+                    ));
                 }
                 let mut rest = [0u8; 1];
                 if self.input.read(&mut rest)? != 0 {
@@ -375,9 +387,10 @@ impl<R: Read> BackupReader<R> {
                 self.done = true;
                 Ok(None)
             }
-            (KIND_DATA, Frame::End { .. }) | (KIND_END, _) => {
-                Err(BackupError::Damaged(index, "frame kind does not match its content".into()))
-            }
+            (KIND_DATA, Frame::End { .. }) | (KIND_END, _) => Err(BackupError::Damaged(
+                index,
+                "frame kind does not match its content".into(),
+            )),
             (_, frame) => {
                 self.hasher.update(&plain);
                 Ok(Some(frame))
@@ -399,7 +412,10 @@ pub fn read_frame(input: &mut impl Read) -> std::result::Result<Option<(u8, Vec<
     }
     let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
     if len > MAX_FRAME {
-        return Err(BackupError::Damaged(0, format!("a frame of {len} bytes (at most {MAX_FRAME})")));
+        return Err(BackupError::Damaged(
+            0,
+            format!("a frame of {len} bytes (at most {MAX_FRAME})"),
+        ));
     }
     let mut sealed = vec![0u8; len];
     input.read_exact(&mut sealed).map_err(|e| match e.kind() {
@@ -508,7 +524,10 @@ fn restore_into(
                 };
                 each_table(&mut load)?;
                 if !load.found {
-                    return Err(BackupError::Damaged(reader.index - 1, format!("unknown table `{table}`")));
+                    return Err(BackupError::Damaged(
+                        reader.index - 1,
+                        format!("unknown table `{table}`"),
+                    ));
                 }
                 tx.commit().map_err(StoreError::from)?;
                 summary.entries += entries.len() as u64;
@@ -521,10 +540,15 @@ fn restore_into(
         }
     }
     summary.frames += 1;
-    store.write(redb::Durability::Immediate)?.commit().map_err(StoreError::from)?;
+    store
+        .write(redb::Durability::Immediate)?
+        .commit()
+        .map_err(StoreError::from)?;
     drop(store);
     for (name, bytes) in kept_files {
-        let Some((_, path)) = files.iter().find(|(n, _)| *n == name) else { continue };
+        let Some((_, path)) = files.iter().find(|(n, _)| *n == name) else {
+            continue;
+        };
         if path.exists() {
             continue;
         }

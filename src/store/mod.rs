@@ -62,6 +62,10 @@ const CLAIMS: TableDefinition<&str, u64> = TableDefinition::new("claims");
 /// tenant ‖ 0 ‖ day (YYYY-MM-DD, tenant's time zone) → sealed count of messages queued that day.
 const DAILY: TableDefinition<&[u8], &[u8]> = TableDefinition::new("daily");
 
+/// Where the global opt-out list (across tenants) is kept in place of a tenant id: tenant ids
+/// cannot start with `@`. Its numbers are hashed under a key of its own.
+pub const GLOBAL_LIST: &str = "@global";
+
 /// The database file inside `state_dir`.
 pub const DB_FILE: &str = "smsdrop.redb";
 /// Page cache; redb's default of 1 GiB would dwarf the rest of the daemon.
@@ -128,6 +132,21 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 pub struct Store {
     pub(crate) db: Arc<Database>,
     pub(crate) keys: Arc<Keyring>,
+}
+
+/// A tenant's blocklist and the global one, as ingest checks them.
+pub struct Blocklists {
+    pub tenant: HashSet<[u8; 16]>,
+    pub global: HashSet<[u8; 16]>,
+    pub global_keys: Arc<TenantKeys>,
+}
+
+impl Blocklists {
+    /// Whether a number (its tenant-keyed hash and E.164 form) is on either list.
+    pub fn contains(&self, phone_hash: &[u8; 16], e164: &str) -> bool {
+        self.tenant.contains(phone_hash)
+            || (!self.global.is_empty() && self.global.contains(&self.global_keys.phone_hash(e164)))
+    }
 }
 
 /// The tenant's policies a batch meets when it is committed.
@@ -660,6 +679,16 @@ impl Store {
         Ok((now - seen.seen_at <= window_secs).then_some(seen))
     }
 
+    /// What ingest checks numbers against: the tenant's list and the global one (with the key
+    /// its hashes are made with).
+    pub fn blocklists(&self, tenant: &str) -> Result<Blocklists> {
+        Ok(Blocklists {
+            tenant: self.blocklist_hashes(tenant)?,
+            global: self.blocklist_hashes(GLOBAL_LIST)?,
+            global_keys: self.keys.tenant(GLOBAL_LIST),
+        })
+    }
+
     /// The keyed hashes of a tenant's blocklisted numbers.
     pub fn blocklist_hashes(&self, tenant: &str) -> Result<HashSet<[u8; 16]>> {
         let (start, end) = tenant_range(tenant);
@@ -722,14 +751,20 @@ impl Store {
         Ok(added)
     }
 
-    /// For each (tenant, E.164 number), whether the number is on the tenant's blocklist; one
-    /// read transaction, no hashing at all while no blocklist has an entry.
+    /// For each (tenant, E.164 number), whether the number is on the tenant's blocklist or the
+    /// global one; one read transaction, no hashing at all while no blocklist has an entry.
     pub fn blocked_among(&self, targets: &[(&str, &str)]) -> Result<Vec<bool>> {
         let tx = self.db.begin_read()?;
         let table = tx.open_table(BLOCKLIST)?;
         if table.is_empty()? {
             return Ok(vec![false; targets.len()]);
         }
+        let (start, end) = tenant_range(GLOBAL_LIST);
+        let global = table
+            .range(start.as_slice()..end.as_slice())?
+            .next()
+            .is_some()
+            .then(|| self.keys.tenant(GLOBAL_LIST));
         let mut keys: HashMap<&str, Arc<TenantKeys>> = HashMap::new();
         let mut out = Vec::with_capacity(targets.len());
         for (tenant, phone) in targets {
@@ -738,11 +773,15 @@ impl Store {
                 continue;
             }
             let k = keys.entry(tenant).or_insert_with(|| self.keys.tenant(tenant));
-            out.push(
-                table
-                    .get(tenant_key(tenant, &k.phone_hash(phone)).as_slice())?
-                    .is_some(),
-            );
+            let mut blocked = table
+                .get(tenant_key(tenant, &k.phone_hash(phone)).as_slice())?
+                .is_some();
+            if let (false, Some(g)) = (blocked, &global) {
+                blocked = table
+                    .get(tenant_key(GLOBAL_LIST, &g.phone_hash(phone)).as_slice())?
+                    .is_some();
+            }
+            out.push(blocked);
         }
         Ok(out)
     }

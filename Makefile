@@ -39,6 +39,7 @@ bench: test-deps
 	$(CARGO) bench --locked --bench ingest
 	$(CARGO) bench --locked --bench sftp
 	$(CARGO) bench --locked --bench dispatch
+	$(CARGO) bench --locked --bench sweep
 
 clean-demo:
 	rm -rf var

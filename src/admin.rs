@@ -702,6 +702,14 @@ pub fn status_text(
         out,
         "\nretention: last sweep {when}; since the store was made {deleted} messages deleted ({deleted_batches} batches), {anonymized} anonymised"
     );
+    let (file, used) = store.space(&config.state_dir)?;
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    let _ = writeln!(
+        out,
+        "store: {:.1} MiB on disk, {:.1} MiB in use (pages freed by deletion are reused; the file does not shrink)",
+        mib(file),
+        mib(used)
+    );
     Ok(out)
 }
 

@@ -229,9 +229,11 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
 
 /// How often the sweeper looks for batches due for anonymisation or deletion.
 const SWEEP_EVERY: Duration = Duration::from_secs(2);
-/// Steps (transactions of at most `store::retention::STEP_CHUNKS` chunks) per look: the rest
-/// waits for the next look, so a million expired messages never hold the store for long.
+/// Steps (transactions of at most `store::retention::STEP_CHUNKS` chunks) per look. A look that
+/// used them all is followed by the next one after [`SWEEP_PAUSE`], not [`SWEEP_EVERY`]: a
+/// million expired messages go in seconds, one small transaction at a time.
 const SWEEP_STEPS: u64 = 64;
+const SWEEP_PAUSE: Duration = Duration::from_millis(20);
 
 /// Applies every tenant's retention (`anonymize_after`, `delete_after`) in small steps, off the
 /// async threads; records when it ran and what it did (for `status`) and puts each sweep that
@@ -260,11 +262,13 @@ async fn sweep(store: Store, config: Arc<Config>, audit: Audit, shutdown: Cancel
         );
     }
     let mut last_mark = 0i64;
+    let mut pause = SWEEP_EVERY;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(SWEEP_EVERY) => {}
+            _ = tokio::time::sleep(pause) => {}
         }
+        pause = SWEEP_EVERY;
         let now = crate::clock::now();
         let policies = policies.clone();
         let mark = now - last_mark >= 60;
@@ -281,6 +285,9 @@ async fn sweep(store: Store, config: Arc<Config>, audit: Audit, shutdown: Cancel
             Ok(swept) => {
                 if mark {
                     last_mark = now;
+                }
+                if swept.steps >= SWEEP_STEPS {
+                    pause = SWEEP_PAUSE; // more is due
                 }
                 if swept.steps > 0 {
                     last_mark = now;

@@ -1,0 +1,156 @@
+//! `make bench`: the retention sweeper deleting 1,000,000 expired messages while a 100,000-line
+//! batch is ingested, beside the same ingest with nothing to sweep, in the same run and on the
+//! same store (this machine is noisy: the ratio holds, absolute times do not).
+//!
+//! One appliance; tenant `old` (`delete_after = "1d"`) gets the expired messages as held
+//! batches, canceled, so they are finished; tenant `live` takes the timed batches (held, so the
+//! dispatcher stays out of it). The clock is moved two days on (`SMSDROP_CLOCK_FILE`) to make
+//! `old` due. Ingest time: from the rename into the inbox to the result file. Sweep time: from
+//! the clock move until `status` counts every expired message deleted. Sizes:
+//! `SMSDROP_BENCH_EXPIRED` (default 1000000) and `SMSDROP_BENCH_INGEST` (default 100000).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{Appliance, batches};
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// A batch of `lines` valid lines, made unique by its last line (same content would be refused
+/// as `duplicate_file`).
+fn batch(path: &Path, lines: u64, tag: &str) -> u64 {
+    let valid = batches::write_batch(path, lines - 1, 0).expect("generate");
+    let mut f = std::fs::OpenOptions::new().append(true).open(path).expect("append");
+    writeln!(f, "0699999999;batch {tag};r-{tag}").expect("tag line");
+    valid + 1
+}
+
+fn status(app: &Appliance) -> String {
+    let out = app.cli(&["status"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Messages and batches the sweeper has deleted so far, as `status` counts them.
+fn deleted(app: &Appliance) -> (u64, u64) {
+    let s = status(app);
+    let line = s.lines().find(|l| l.starts_with("retention:")).unwrap_or("");
+    let num = |after: &str, before: &str| -> u64 {
+        line.split_once(after)
+            .and_then(|(_, rest)| rest.split_once(before))
+            .and_then(|(n, _)| n.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (num("was made ", " messages deleted"), num("deleted (", " batches)"))
+}
+
+fn store_line(app: &Appliance) -> String {
+    status(app)
+        .lines()
+        .find(|l| l.starts_with("store:"))
+        .unwrap_or("store: ?")
+        .to_string()
+}
+
+fn db_mib(app: &Appliance) -> f64 {
+    std::fs::metadata(app.state_dir().join("smsdrop.redb"))
+        .map(|m| m.len())
+        .unwrap_or(0) as f64
+        / f64::from(1 << 20)
+}
+
+/// Drops a prepared file into a tenant's inbox and times it to its result file.
+fn ingest(app: &Appliance, tenant: &str, staged: &Path, stem: &str) -> Duration {
+    let result = app.outbox(tenant).join(format!("{stem}.result.csv"));
+    let start = Instant::now();
+    std::fs::rename(staged, app.inbox(tenant).join(format!("{stem}.csv"))).expect("drop");
+    while !result.exists() {
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(start.elapsed() < Duration::from_secs(600), "no result for {stem}:\n{}", app.log());
+    }
+    start.elapsed()
+}
+
+fn main() {
+    let expired = env("SMSDROP_BENCH_EXPIRED", 1_000_000);
+    let lines = env("SMSDROP_BENCH_INGEST", 100_000);
+    let limits = "hold_above = 1\nsettle = \"0s\"\nmax_lines = 2000000\nmax_file_bytes = \"1 GiB\"\n";
+    let mut app = Appliance::new(&format!(
+        "\n[tenant.old]\ndefault_region = \"FR\"\nsender = \"ACME\"\ndelete_after = \"1d\"\n{limits}\n[tenant.live]\ndefault_region = \"FR\"\nsender = \"ACME\"\n{limits}"
+    ));
+    let clock = app.path("clock");
+    std::fs::write(&clock, "0").expect("clock");
+    app.start_with_env(&[("SMSDROP_CLOCK_FILE", clock.to_str().expect("utf-8 path"))]);
+
+    // The messages to expire: one batch, held, then canceled (finished without being sent).
+    let old = app.path("old.csv");
+    let queued = batch(&old, expired, "old");
+    ingest(&app, "old", &old, "old");
+    let out = app.cli(&["batch", "cancel", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let files: Vec<_> = (1..=3)
+        .map(|i| {
+            let p = app.path(&format!("live{i}.csv"));
+            batch(&p, lines, &format!("live{i}"));
+            p
+        })
+        .collect();
+    let alone_before = ingest(&app, "live", &files[0], "live1");
+    let size_before = db_mib(&app);
+    let space_before = store_line(&app);
+
+    // Two days on: the old batch is due; the next ingest runs while the sweeper deletes it.
+    let moved = Instant::now();
+    std::fs::write(&clock, (2 * 86_400).to_string()).expect("clock");
+    while deleted(&app).0 == 0 {
+        std::thread::sleep(Duration::from_millis(10));
+        assert!(moved.elapsed() < Duration::from_secs(60), "the sweep did not start:\n{}", app.log());
+    }
+    let started_after = moved.elapsed();
+    let during = ingest(&app, "live", &files[1], "live2");
+    let deleted_when_ingest_done = deleted(&app).0;
+    while deleted(&app) != (queued, 1) {
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(moved.elapsed() < Duration::from_secs(600), "the sweep did not finish:\n{}", app.log());
+    }
+    let sweep = moved.elapsed();
+    let alone_after = ingest(&app, "live", &files[2], "live3");
+    let size_after = db_mib(&app);
+    let space_after = store_line(&app);
+    app.stop();
+
+    let alone = (alone_before + alone_after) / 2;
+    println!("sweeper benchmark: {queued} expired messages deleted while a {lines}-line batch is ingested");
+    println!("{:<44} {:>10}", "", "seconds");
+    println!(
+        "{:<44} {:>10.3}   (before {:.3}, after {:.3})",
+        "ingest alone (mean of before and after)",
+        alone.as_secs_f64(),
+        alone_before.as_secs_f64(),
+        alone_after.as_secs_f64()
+    );
+    println!(
+        "{:<44} {:>10.3}   ({:+.1}% against alone; target < +20%)",
+        "ingest while the sweeper deletes",
+        during.as_secs_f64(),
+        (during.as_secs_f64() / alone.as_secs_f64() - 1.0) * 100.0
+    );
+    println!(
+        "{:<44} {:>10.3}   (first deletion seen after {:.3} s; {:.0} messages/s)",
+        "sweep of every expired message",
+        sweep.as_secs_f64(),
+        started_after.as_secs_f64(),
+        queued as f64 / sweep.as_secs_f64()
+    );
+    println!("messages deleted when that ingest ended: {deleted_when_ingest_done} of {queued}");
+    println!("store file before the sweep: {size_before:.1} MiB; after it and one more batch: {size_after:.1} MiB");
+    println!("before: {space_before}");
+    println!("after:  {space_after}");
+}

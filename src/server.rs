@@ -96,6 +96,8 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     let tracker = TaskTracker::new();
     let workers = CancellationToken::new();
     let cancel_ingest = Arc::new(AtomicBool::new(false));
+    // Set while a batch is being ingested: the sweeper gives way.
+    let ingesting = Arc::new(AtomicBool::new(false));
     let wake = Arc::new(dispatch::Signal::default());
     let (claimed_tx, claimed_rx) = mpsc::unbounded_channel::<Claimed>();
     let (reports_tx, reports_rx) = mpsc::unbounded_channel::<u64>();
@@ -137,6 +139,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     // The ingest worker: one batch at a time, on a blocking thread.
     {
         let (store, config, cancel, wake) = (store.clone(), config.clone(), cancel_ingest.clone(), wake.clone());
+        let busy = ingesting.clone();
         let alerter = alerter.clone();
         let audit = audit.clone();
         let mut claimed_rx = claimed_rx;
@@ -159,7 +162,9 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
                 if cancel.load(Ordering::Relaxed) {
                     break;
                 }
+                busy.store(true, Ordering::Relaxed);
                 ingest_one(&ingestor, &config, &next);
+                busy.store(false, Ordering::Relaxed);
                 wake.poke();
             }
         });
@@ -185,7 +190,13 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         };
         tracker.spawn(writer.run(reports_rx, workers.clone()));
     }
-    tracker.spawn(sweep(store.clone(), config.clone(), audit.clone(), workers.clone()));
+    tracker.spawn(sweep(
+        store.clone(),
+        config.clone(),
+        audit.clone(),
+        ingesting.clone(),
+        workers.clone(),
+    ));
     if let Some(schedule) = config.backup.clone() {
         tracker.spawn(backups(
             store.clone(),
@@ -234,11 +245,20 @@ const SWEEP_EVERY: Duration = Duration::from_secs(2);
 /// million expired messages go in seconds, one small transaction at a time.
 const SWEEP_STEPS: u64 = 64;
 const SWEEP_PAUSE: Duration = Duration::from_millis(20);
+/// While a batch is being ingested the sweeper gives way: one step per look, this far apart
+/// (still some 20,000 messages a second, so a steady stream of batches cannot stop retention).
+const SWEEP_YIELD: Duration = Duration::from_millis(200);
 
 /// Applies every tenant's retention (`anonymize_after`, `delete_after`) in small steps, off the
 /// async threads; records when it ran and what it did (for `status`) and puts each sweep that
 /// did something on the audit log.
-async fn sweep(store: Store, config: Arc<Config>, audit: Audit, shutdown: CancellationToken) {
+async fn sweep(
+    store: Store,
+    config: Arc<Config>,
+    audit: Audit,
+    ingesting: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) {
     use crate::store::retention::Retention;
     let policies: std::collections::HashMap<String, Retention> = config
         .tenants
@@ -272,9 +292,11 @@ async fn sweep(store: Store, config: Arc<Config>, audit: Audit, shutdown: Cancel
         let now = crate::clock::now();
         let policies = policies.clone();
         let mark = now - last_mark >= 60;
+        let busy = ingesting.clone();
+        let budget = if busy.load(Ordering::Relaxed) { 1 } else { SWEEP_STEPS };
         let result = store
             .blocking(move |s| {
-                let swept = s.sweep(&policies, now, SWEEP_STEPS)?;
+                let swept = s.sweep(&policies, now, budget, &|| busy.load(Ordering::Relaxed))?;
                 if swept.steps > 0 || mark {
                     s.set_mark("sweep_at", now.max(0) as u64)?;
                 }
@@ -286,7 +308,9 @@ async fn sweep(store: Store, config: Arc<Config>, audit: Audit, shutdown: Cancel
                 if mark {
                     last_mark = now;
                 }
-                if swept.steps >= SWEEP_STEPS {
+                if swept.steps > 0 && ingesting.load(Ordering::Relaxed) {
+                    pause = SWEEP_YIELD; // more may be due, but a batch is coming in
+                } else if swept.steps >= budget {
                     pause = SWEEP_PAUSE; // more is due
                 }
                 if swept.steps > 0 {

@@ -106,13 +106,22 @@ impl Store {
         Ok(due)
     }
 
-    /// Applies the tenants' retention at `now`, step after step, until nothing is due or
-    /// `budget` steps were taken. `now` comes from the caller's clock (tests move it).
-    pub fn sweep(&self, policies: &HashMap<String, Retention>, now: i64, budget: u64) -> Result<Swept> {
+    /// Applies the tenants' retention at `now`, step after step, until nothing is due,
+    /// `budget` steps were taken or `give_way` says another writer wants the store (checked
+    /// after each step). `now` comes from the caller's clock (tests move it). Steps are
+    /// committed without a sync; the last commit of the sweep, which adds to the totals, syncs
+    /// them all (a crash before it means the same deletions are done again).
+    pub fn sweep(
+        &self,
+        policies: &HashMap<String, Retention>,
+        now: i64,
+        budget: u64,
+        give_way: &dyn Fn() -> bool,
+    ) -> Result<Swept> {
         let mut total = Swept::default();
         'due: for (batch, tenant, due) in self.due(policies, now)? {
             loop {
-                if total.steps >= budget {
+                if total.steps >= budget || (total.steps > 0 && give_way()) {
                     break 'due; // the rest at the next look; what was done still counts
                 }
                 let (step, finished) = match due {
@@ -146,7 +155,7 @@ impl Store {
     /// Anonymises the next chunks of a batch. Returns what it did and whether the batch is done.
     fn anonymize_step(&self, batch: u64, tenant: &str) -> Result<(Swept, bool)> {
         let keys = self.keys.tenant(tenant);
-        let tx = self.write(Durability::Immediate)?;
+        let tx = self.write(Durability::None)?;
         let mut swept = Swept::one_step();
         let finished = {
             let mut marks = tx.open_table(ANONYMIZED)?;
@@ -192,7 +201,7 @@ impl Store {
     /// last of them. Returns what it did and whether the batch is gone.
     fn delete_step(&self, batch: u64, tenant: &str) -> Result<(Swept, bool)> {
         let keys = self.keys.tenant(tenant);
-        let tx = self.write(Durability::Immediate)?;
+        let tx = self.write(Durability::None)?;
         let mut swept = Swept::one_step();
         let finished = {
             let mut chunks = tx.open_table(CHUNKS)?;
@@ -301,7 +310,7 @@ mod tests {
         )]);
         let mut looks = 0;
         while store.sweep_totals().unwrap().2 == 0 {
-            let swept = store.sweep(&policies, 100, 1).unwrap();
+            let swept = store.sweep(&policies, 100, 1, &|| false).unwrap();
             assert_eq!(swept.steps, 1, "one step per look");
             looks += 1;
             assert!(looks < 10);

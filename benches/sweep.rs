@@ -72,7 +72,11 @@ fn ingest(app: &Appliance, tenant: &str, staged: &Path, stem: &str) -> Duration 
     std::fs::rename(staged, app.inbox(tenant).join(format!("{stem}.csv"))).expect("drop");
     while !result.exists() {
         std::thread::sleep(Duration::from_millis(2));
-        assert!(start.elapsed() < Duration::from_secs(600), "no result for {stem}:\n{}", app.log());
+        assert!(
+            start.elapsed() < Duration::from_secs(600),
+            "no result for {stem}:\n{}",
+            app.log()
+        );
     }
     start.elapsed()
 }
@@ -111,14 +115,22 @@ fn main() {
     std::fs::write(&clock, (2 * 86_400).to_string()).expect("clock");
     while deleted(&app).0 == 0 {
         std::thread::sleep(Duration::from_millis(10));
-        assert!(moved.elapsed() < Duration::from_secs(60), "the sweep did not start:\n{}", app.log());
+        assert!(
+            moved.elapsed() < Duration::from_secs(60),
+            "the sweep did not start:\n{}",
+            app.log()
+        );
     }
     let started_after = moved.elapsed();
     let during = ingest(&app, "live", &files[1], "live2");
     let deleted_when_ingest_done = deleted(&app).0;
     while deleted(&app) != (queued, 1) {
         std::thread::sleep(Duration::from_millis(50));
-        assert!(moved.elapsed() < Duration::from_secs(600), "the sweep did not finish:\n{}", app.log());
+        assert!(
+            moved.elapsed() < Duration::from_secs(600),
+            "the sweep did not finish:\n{}",
+            app.log()
+        );
     }
     let sweep = moved.elapsed();
     let alone_after = ingest(&app, "live", &files[2], "live3");

@@ -78,6 +78,17 @@ pub enum Request {
     AuditVerify,
     /// A snapshot of the store, streamed back (see [`crate::store::backup`]).
     Backup,
+    /// The key file changed (`action`: `rotate` to `version`, or `retire` of it): read it again
+    /// and re-seal the tenant key store under its newest version.
+    KeyReload {
+        action: String,
+        version: u8,
+    },
+    KeyStatus,
+    /// Deletes every record of a tenant no longer in the configuration, then its keys.
+    TenantPurge {
+        tenant: String,
+    },
     /// Entries from `since` (unix milliseconds), of one tenant or all.
     AuditExport {
         since: i64,
@@ -103,6 +114,9 @@ impl Request {
             Request::SubjectErase { .. } => "subject-erase",
             Request::AuditVerify => "audit-verify",
             Request::Backup => "backup",
+            Request::KeyReload { .. } => "key-reload",
+            Request::KeyStatus => "key-status",
+            Request::TenantPurge { .. } => "tenant-purge",
             Request::AuditExport { .. } => "audit-export",
         }
     }
@@ -147,6 +161,10 @@ pub enum AdminError {
     Remote(String),
     #[error("the audit log is broken at entry {seq}: {reason}")]
     ChainBroken { seq: u64, reason: String },
+    #[error(transparent)]
+    Key(#[from] crate::crypto::KeyError),
+    #[error("tenant `{0}` is in the configuration: remove it there (and restart serve) before purging it")]
+    StillConfigured(String),
 }
 
 /// Answers a request against the store, and puts it on the audit log: who (`actor`), what, on
@@ -182,6 +200,11 @@ fn answer(ctx: &AdminContext, request: &Request, event: &mut Event) -> Result<Ve
         Request::BatchList { tenant: Some(t) } => event.set_tenant(t),
         Request::BatchShow { id } | Request::BatchRelease { id } | Request::BatchCancel { id } => {
             event.push("batch", id)
+        }
+        Request::TenantPurge { tenant } => event.set_tenant(tenant),
+        Request::KeyReload { action, version } => {
+            event.push("action", action);
+            event.push("version", version);
         }
         Request::AuditExport { since, tenant } => {
             event.push("since", since);
@@ -348,6 +371,44 @@ fn answer(ctx: &AdminContext, request: &Request, event: &mut Event) -> Result<Ve
             }
             tracing::info!("subject erased by an operator (number hashes on the audit log)");
             Ok(out.into_bytes())
+        }
+        Request::KeyReload { .. } => {
+            let masters = crate::crypto::MasterKeys::load(&config.key_file)?;
+            store.keys().rekey(masters)?;
+            let (versions, sealed) = store.keys().versions();
+            event.push("versions", format!("{versions:?}"));
+            tracing::info!(
+                ?versions,
+                sealed_under = sealed,
+                "master key versions read again; tenant key store re-sealed"
+            );
+            Ok(key_status(store).into_bytes())
+        }
+        Request::KeyStatus => Ok(key_status(store).into_bytes()),
+        Request::TenantPurge { tenant } => {
+            if config.tenants.contains_key(tenant) {
+                return Err(AdminError::StillConfigured(tenant.clone()));
+            }
+            if tenant.starts_with('@') {
+                return Err(AdminError::NoTenant(tenant.clone()));
+            }
+            let purged = store.purge_tenant(tenant)?;
+            let keys = store.keys().forget(tenant)?;
+            event.push("batches", purged.batches);
+            event.push("messages", purged.messages);
+            event.push("entries", purged.entries);
+            tracing::info!(tenant = %tenant, batches = purged.batches, messages = purged.messages, "tenant purged");
+            let (_, sealed) = store.keys().versions();
+            Ok(format!(
+                "tenant {tenant} purged: {} batches, {} messages, {} other entries deleted; its keys {}.\n\
+                 Backups taken before now still hold its keys, sealed under master key version {sealed} or older:\n\
+                 `smsdrop key rotate`, then `smsdrop key retire --version V` for each older version, makes them unreadable.\n",
+                purged.batches,
+                purged.messages,
+                purged.entries,
+                if keys { "destroyed" } else { "were not in the key store" },
+            )
+            .into_bytes())
         }
         Request::Backup => Err(AdminError::Remote(
             "a backup is streamed to the command that asks for it (smsdrop backup FILE)".into(),
@@ -811,6 +872,17 @@ async fn connection(stream: UnixStream, ctx: Arc<AdminContext>) -> io::Result<()
     write.shutdown().await
 }
 
+/// `smsdrop key status`: the master key versions and what uses them.
+fn key_status(store: &Store) -> String {
+    let (versions, sealed) = store.keys().versions();
+    let list: Vec<String> = versions.iter().map(u8::to_string).collect();
+    format!(
+        "master key versions in the key file: {}\nnewest: {sealed} (seals the tenant key store and new backups)\ntenants with keys: {}\n",
+        list.join(", "),
+        store.keys().known_tenants().len()
+    )
+}
+
 /// The files a backup carries beside the store: (name, path).
 pub fn backup_files(config: &Config) -> Vec<(&'static str, &Path)> {
     config
@@ -899,7 +971,7 @@ pub fn ask_backup(socket: &Path, path: &Path) -> Result<Option<crate::store::bac
         .open(&partial)
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", partial.display())))?;
     let mut out = io::BufWriter::with_capacity(1 << 20, &file);
-    let mut start = [0u8; 32];
+    let mut start = [0u8; backup::HEAD_LEN];
     reader.read_exact(&mut start).map_err(|e| failed(e.to_string()))?;
     out.write_all(&start)?;
     loop {

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Request};
 use crate::config::{self, Config, LogFormat};
-use crate::crypto::MasterKey;
+use crate::crypto::MasterKeys;
 use crate::server;
 use crate::store::StoreError;
 
@@ -75,6 +75,36 @@ pub enum Command {
     },
     /// Restore a backup into the configuration's `state_dir`, which must hold no store.
     Restore { file: PathBuf },
+    /// Master key versions: add one, destroy an old one, or show them.
+    Key {
+        #[command(subcommand)]
+        action: KeyAction,
+    },
+    /// Tenants no longer configured: delete everything they left, and their keys.
+    Tenant {
+        #[command(subcommand)]
+        action: TenantAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyAction {
+    /// Add a new master key version to the key file; the tenant key store and new backups are
+    /// sealed under it from now on.
+    Rotate,
+    /// Destroy an old master key version: backups taken under it no longer open.
+    Retire {
+        #[arg(long)]
+        version: u8,
+    },
+    /// The versions in the key file and what uses them.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TenantAction {
+    /// Delete every record of a tenant removed from the configuration, then destroy its keys.
+    Purge { tenant: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -214,7 +244,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     .map(|c| c.key_file)
                     .context("no --out given and the configuration cannot be read for `key_file`")?,
             };
-            MasterKey::generate(&path)?;
+            MasterKeys::generate(&path)?;
             println!(
                 "wrote a new master key to {} (mode 0600): back it up, it opens every record",
                 path.display()
@@ -310,8 +340,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Restore { file } => {
             let config = Config::load(&cli.config)?;
-            let master = MasterKey::load(&config.key_file)?;
-            let keys = Arc::new(crate::crypto::Keyring::new(master));
+            let keys = Arc::new(crate::crypto::Keyring::in_memory(MasterKeys::load(&config.key_file)?));
             let input = std::fs::File::open(&file).with_context(|| format!("{}", file.display()))?;
             let summary = crate::store::backup::restore(input, &config.state_dir, keys, &admin::backup_files(&config))
                 .with_context(|| format!("restoring {}", file.display()))?;
@@ -343,6 +372,54 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     bail!("the restored audit log is broken at entry {seq}: {reason}")
                 }
             }
+            Ok(())
+        }
+        Command::Key { action } => {
+            let config = Config::load(&cli.config)?;
+            let request = match action {
+                KeyAction::Status => Request::KeyStatus,
+                KeyAction::Rotate => {
+                    let mut masters = MasterKeys::load(&config.key_file)?;
+                    let version = masters.add_version()?;
+                    masters.save(&config.key_file)?;
+                    println!("master key version {version} added to {}", config.key_file.display());
+                    Request::KeyReload {
+                        action: "rotate".into(),
+                        version,
+                    }
+                }
+                KeyAction::Retire { version } => {
+                    // Everything in state_dir under the newest version first, then the old one goes.
+                    with_store(
+                        Config::load(&cli.config)?,
+                        Request::KeyReload {
+                            action: "check".into(),
+                            version,
+                        },
+                    )?;
+                    let mut masters = MasterKeys::load(&config.key_file)?;
+                    masters.retire(version)?;
+                    masters.save(&config.key_file)?;
+                    println!(
+                        "master key version {version} destroyed in {}: backups taken under it no longer open",
+                        config.key_file.display()
+                    );
+                    Request::KeyReload {
+                        action: "retire".into(),
+                        version,
+                    }
+                }
+            };
+            let out = with_store(config, request)?;
+            std::io::stdout().write_all(&out)?;
+            Ok(())
+        }
+        Command::Tenant {
+            action: TenantAction::Purge { tenant },
+        } => {
+            let config = Config::load(&cli.config)?;
+            let out = with_store(config, Request::TenantPurge { tenant })?;
+            std::io::stdout().write_all(&out)?;
             Ok(())
         }
         Command::Audit { action } => {

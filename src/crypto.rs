@@ -1,5 +1,12 @@
-//! Keys and sealing (SPEC §9): the master key, per-tenant keys derived from it, sealed records
-//! and keyed hashes.
+//! Keys and sealing (SPEC §9): the master key, per-tenant keys, sealed records and keyed hashes.
+//!
+//! Envelope encryption, as a KMS does it. The master key file holds one or more *versions* of
+//! the master key (`key rotate` adds one). Each tenant has its own random secrets (one for
+//! sealing, one for keyed hashes), kept in `state_dir/keys`, which is sealed as a whole under the
+//! newest master key version. Rotating re-seals that file under the new version at once, so
+//! nothing live needs an older version afterwards; `key retire` then destroys one (backups taken
+//! under it no longer open). Purging a tenant removes its secrets: none of its records, wherever
+//! they are left, can be opened again.
 //!
 //! Every record the store keeps is sealed with XChaCha20-Poly1305 under its tenant's key, with a
 //! 24-byte nonce that never repeats: 16 random bytes drawn once per thread, then a counter (a
@@ -47,6 +54,18 @@ pub enum KeyError {
     Exists { path: PathBuf },
     #[error("{}: cannot write the master key: {source}", path.display())]
     Write { path: PathBuf, source: std::io::Error },
+    #[error("255 master key versions: no more can be added")]
+    TooManyVersions,
+    #[error("version {0} is the newest master key version: rotate first")]
+    RetireNewest(u8),
+    #[error("the key file holds no master key version {0}")]
+    NoVersion(u8),
+    #[error("{}: the tenant key store: {source}", path.display())]
+    Store { path: PathBuf, source: std::io::Error },
+    #[error("{}: the tenant key store is sealed under master key version {version}, which the key file does not hold", path.display())]
+    StoreVersion { path: PathBuf, version: u8 },
+    #[error("{}: the tenant key store does not open (changed, or another master key)", path.display())]
+    StoreForged { path: PathBuf },
 }
 
 /// A record that does not open: tampered with, moved, or sealed under another key.
@@ -60,7 +79,7 @@ pub enum SealError {
     Forged,
 }
 
-/// The 32-byte secret from which every at-rest key derives.
+/// One 32-byte version of the master key.
 pub struct MasterKey(Zeroizing<[u8; 32]>);
 
 impl std::fmt::Debug for MasterKey {
@@ -70,10 +89,56 @@ impl std::fmt::Debug for MasterKey {
 }
 
 impl MasterKey {
+    fn random() -> Result<MasterKey, std::io::Error> {
+        let mut key = Zeroizing::new([0u8; 32]);
+        getrandom::fill(key.as_mut()).map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok(MasterKey(key))
+    }
+
+    fn derive(&self, purpose: &str, tenant: &str) -> Zeroizing<[u8; 32]> {
+        derive(self.0.as_ref(), purpose, tenant)
+    }
+}
+
+/// HKDF-SHA256 of `secret` for `purpose` and `tenant`.
+fn derive(secret: &[u8], purpose: &str, tenant: &str) -> Zeroizing<[u8; 32]> {
+    let hk = hkdf::Hkdf::<sha2::Sha256>::new(Some(b"smsdrop/v1"), secret);
+    let mut out = Zeroizing::new([0u8; 32]);
+    let info = format!("smsdrop/{purpose}/{tenant}");
+    // 32 bytes is far below HKDF-SHA256's limit of 255 * 32, so expand cannot fail.
+    let _ = hk.expand(info.as_bytes(), out.as_mut());
+    out
+}
+
+/// The versions of the master key in the key file, oldest first.
+///
+/// The file holds 32 raw bytes or 64 hex digits (what `keygen` writes: version 1), or, once a
+/// key was rotated, lines of `<version> <64 hex digits>` (`#` comments allowed).
+pub struct MasterKeys {
+    versions: std::collections::BTreeMap<u8, MasterKey>,
+}
+
+impl std::fmt::Debug for MasterKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MasterKeys(versions {:?})", self.list())
+    }
+}
+
+fn parse_hex_key(text: &str) -> Option<MasterKey> {
+    if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut key = Zeroizing::new([0u8; 32]);
+    for (i, chunk) in text.as_bytes().chunks(2).enumerate() {
+        let hex = std::str::from_utf8(chunk).ok()?;
+        key[i] = u8::from_str_radix(hex, 16).ok()?;
+    }
+    Some(MasterKey(key))
+}
+
+impl MasterKeys {
     /// Reads the key file, refusing one that group or others may read.
-    ///
-    /// The file holds 32 raw bytes (what `keygen` writes) or 64 hex digits.
-    pub fn load(path: &Path) -> Result<MasterKey, KeyError> {
+    pub fn load(path: &Path) -> Result<MasterKeys, KeyError> {
         let read_err = |source| KeyError::Read {
             path: path.to_path_buf(),
             source,
@@ -87,32 +152,47 @@ impl MasterKey {
             });
         }
         let bytes = Zeroizing::new(fs::read(path).map_err(read_err)?);
-        let mut key = Zeroizing::new([0u8; 32]);
-        let text = std::str::from_utf8(&bytes).map(str::trim).unwrap_or("");
+        let mut versions = std::collections::BTreeMap::new();
         if bytes.len() == 32 {
+            let mut key = Zeroizing::new([0u8; 32]);
             key.copy_from_slice(&bytes);
-        } else if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
-            for (i, chunk) in text.as_bytes().chunks(2).enumerate() {
-                let hex = std::str::from_utf8(chunk).unwrap_or("00");
-                key[i] = u8::from_str_radix(hex, 16).unwrap_or(0);
-            }
-        } else {
-            return Err(KeyError::Length {
-                path: path.to_path_buf(),
-                len: bytes.len(),
-            });
+            versions.insert(1, MasterKey(key));
+            return Ok(MasterKeys { versions });
         }
-        Ok(MasterKey(key))
+        let bad = || KeyError::Length {
+            path: path.to_path_buf(),
+            len: bytes.len(),
+        };
+        let text = std::str::from_utf8(&bytes).map_err(|_| bad())?;
+        if let Some(key) = parse_hex_key(text.trim()) {
+            versions.insert(1, key);
+            return Ok(MasterKeys { versions });
+        }
+        for line in text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            let (version, hex) = line.split_once(' ').ok_or_else(bad)?;
+            let version: u8 = version.parse().ok().filter(|v| *v > 0).ok_or_else(bad)?;
+            let key = parse_hex_key(hex.trim()).ok_or_else(bad)?;
+            if versions.insert(version, key).is_some() {
+                return Err(bad());
+            }
+        }
+        if versions.is_empty() {
+            return Err(bad());
+        }
+        Ok(MasterKeys { versions })
     }
 
-    /// Writes 32 fresh random bytes to `path` with mode 0600. Refuses to overwrite.
+    /// Writes a first key (version 1) to `path` with mode 0600. Refuses to overwrite.
     pub fn generate(path: &Path) -> Result<(), KeyError> {
         let write_err = |source| KeyError::Write {
             path: path.to_path_buf(),
             source,
         };
-        let mut key = Zeroizing::new([0u8; 32]);
-        getrandom::fill(key.as_mut()).map_err(|e| write_err(std::io::Error::other(e.to_string())))?;
+        let key = MasterKey::random().map_err(write_err)?;
         let mut file = match fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -127,19 +207,92 @@ impl MasterKey {
             }
             Err(e) => return Err(write_err(e)),
         };
-        file.write_all(key.as_ref()).map_err(write_err)?;
+        file.write_all(key.0.as_ref()).map_err(write_err)?;
         file.sync_all().map_err(write_err)?;
         Ok(())
     }
 
-    fn derive(&self, purpose: &str, tenant: &str) -> Zeroizing<[u8; 32]> {
-        let hk = hkdf::Hkdf::<sha2::Sha256>::new(Some(b"smsdrop/v1"), self.0.as_ref());
-        let mut out = Zeroizing::new([0u8; 32]);
-        let info = format!("smsdrop/{purpose}/{tenant}");
-        // 32 bytes is far below HKDF-SHA256's limit of 255 * 32, so expand cannot fail.
-        let _ = hk.expand(info.as_bytes(), out.as_mut());
-        out
+    /// The versions held, oldest first.
+    pub fn list(&self) -> Vec<u8> {
+        self.versions.keys().copied().collect()
     }
+
+    /// The newest version and its key.
+    fn newest(&self) -> (u8, &MasterKey) {
+        // `load` refuses a file without a key, and `retire` never removes the newest.
+        let (v, k) = self
+            .versions
+            .iter()
+            .next_back()
+            .expect("at least one master key version");
+        (*v, k)
+    }
+
+    fn get(&self, version: u8) -> Option<&MasterKey> {
+        self.versions.get(&version)
+    }
+
+    /// Adds a fresh random version after the newest; returns its number.
+    pub fn add_version(&mut self) -> Result<u8, KeyError> {
+        let next = self.newest().0.checked_add(1).ok_or(KeyError::TooManyVersions)?;
+        let key = MasterKey::random().map_err(|source| KeyError::Write {
+            path: PathBuf::new(),
+            source,
+        })?;
+        self.versions.insert(next, key);
+        Ok(next)
+    }
+
+    /// Destroys a version (never the newest).
+    pub fn retire(&mut self, version: u8) -> Result<(), KeyError> {
+        if version == self.newest().0 {
+            return Err(KeyError::RetireNewest(version));
+        }
+        self.versions
+            .remove(&version)
+            .map(|_| ())
+            .ok_or(KeyError::NoVersion(version))
+    }
+
+    /// Writes every version to `path` (mode 0600), replacing it whole: a temporary file beside
+    /// it, synced, renamed over it, the folder synced.
+    pub fn save(&self, path: &Path) -> Result<(), KeyError> {
+        let write_err = |source| KeyError::Write {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut text = Zeroizing::new(String::from(
+            "# smsdrop master key versions, oldest first: `<version> <64 hex digits>`.\n# Keep this file apart from backups; smsdrop key rotate / key retire change it.\n",
+        ));
+        for (v, k) in &self.versions {
+            text.push_str(&format!("{v} "));
+            for b in k.0.iter() {
+                text.push_str(&format!("{b:02x}"));
+            }
+            text.push('\n');
+        }
+        write_atomic(path, text.as_bytes()).map_err(write_err)
+    }
+}
+
+/// Replaces `path` whole with `bytes` (mode 0600): temporary file, sync, rename, folder sync.
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".new");
+    let temp = path.with_file_name(name);
+    let _ = fs::remove_file(&temp);
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    fs::rename(&temp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 thread_local! {
@@ -182,13 +335,13 @@ pub struct TenantKeys {
 }
 
 impl TenantKeys {
-    fn new(master: &MasterKey, tenant: &str) -> TenantKeys {
-        let seal = master.derive("seal", tenant);
+    fn new(secret: &TenantSecret, tenant: &str) -> TenantKeys {
+        let seal = derive(&secret.seal, "seal", tenant);
         TenantKeys {
             tenant: tenant.to_string(),
             aead: XChaCha20Poly1305::new(seal.as_ref().into()),
-            phone_key: master.derive("phone-index", tenant),
-            file_key: master.derive("file-dedupe", tenant),
+            phone_key: derive(&secret.index, "phone-index", tenant),
+            file_key: derive(&secret.index, "file-dedupe", tenant),
         }
     }
 
@@ -263,35 +416,237 @@ impl TenantKeys {
     }
 }
 
-/// The master key and every tenant key derived from it so far.
+/// A tenant's own random secrets: one its records are sealed under, one its keyed hashes
+/// (phone index, file fingerprints) are made with. Only in the tenant key store.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+struct TenantSecret {
+    seal: [u8; 32],
+    index: [u8; 32],
+}
+
+impl Drop for TenantSecret {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.seal);
+        zeroize::Zeroize::zeroize(&mut self.index);
+    }
+}
+
+impl TenantSecret {
+    fn random() -> std::io::Result<TenantSecret> {
+        let mut secret = TenantSecret {
+            seal: [0; 32],
+            index: [0; 32],
+        };
+        getrandom::fill(&mut secret.seal).map_err(|e| std::io::Error::other(e.to_string()))?;
+        getrandom::fill(&mut secret.index).map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok(secret)
+    }
+}
+
+/// The tenant key store's file inside `state_dir`.
+pub const KEY_STORE_FILE: &str = "keys";
+const KEY_STORE_MAGIC: &[u8; 8] = b"SMSDKEYS";
+
+/// The keys that seal `purpose` (the key store, backups) under one master key version.
+fn master_aead(master: &MasterKey, purpose: &str) -> XChaCha20Poly1305 {
+    XChaCha20Poly1305::new(master.derive(purpose, "").as_ref().into())
+}
+
+/// The master key versions, every tenant's secrets, and the tenant keys made from them so far.
 pub struct Keyring {
-    master: MasterKey,
+    masters: RwLock<MasterKeys>,
+    /// Where the tenant key store lives; `None`: in memory only (a restore's first steps).
+    path: Option<PathBuf>,
+    secrets: std::sync::Mutex<std::collections::BTreeMap<String, TenantSecret>>,
     tenants: RwLock<HashMap<String, Arc<TenantKeys>>>,
 }
 
+/// Tenant ids that are not tenants: the mail queue and dispatch log, the global blocklist.
+const SYSTEM_TENANTS: [&str; 2] = ["@system", "@global"];
+
 impl Keyring {
-    pub fn new(master: MasterKey) -> Keyring {
+    /// Opens the tenant key store of `state_dir` (made empty on first use).
+    pub fn open(masters: MasterKeys, state_dir: &Path) -> Result<Keyring, KeyError> {
+        let path = state_dir.join(KEY_STORE_FILE);
+        let secrets = match fs::read(&path) {
+            Ok(bytes) => Self::unseal_store(&masters, &path, &bytes)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
+            Err(source) => return Err(KeyError::Store { path, source }),
+        };
+        let ring = Keyring {
+            masters: RwLock::new(masters),
+            path: Some(path),
+            secrets: std::sync::Mutex::new(secrets),
+            tenants: RwLock::new(HashMap::new()),
+        };
+        ring.ensure(&SYSTEM_TENANTS)?;
+        Ok(ring)
+    }
+
+    /// A keyring with no tenant key store: only the master key versions (backup frames).
+    pub fn in_memory(masters: MasterKeys) -> Keyring {
         Keyring {
-            master,
+            masters: RwLock::new(masters),
+            path: None,
+            secrets: std::sync::Mutex::new(Default::default()),
             tenants: RwLock::new(HashMap::new()),
         }
     }
 
-    /// The keys of records that belong to no tenant (the mail queue).
+    fn unseal_store(
+        masters: &MasterKeys,
+        path: &Path,
+        bytes: &[u8],
+    ) -> Result<std::collections::BTreeMap<String, TenantSecret>, KeyError> {
+        let forged = || KeyError::StoreForged {
+            path: path.to_path_buf(),
+        };
+        let head = KEY_STORE_MAGIC.len() + 1;
+        if bytes.len() < head + NONCE_LEN + 16 || &bytes[..KEY_STORE_MAGIC.len()] != KEY_STORE_MAGIC {
+            return Err(forged());
+        }
+        let version = bytes[KEY_STORE_MAGIC.len()];
+        let master = masters.get(version).ok_or(KeyError::StoreVersion {
+            path: path.to_path_buf(),
+            version,
+        })?;
+        let plain = Zeroizing::new(
+            master_aead(master, "key-store")
+                .decrypt(
+                    XNonce::from_slice(&bytes[head..head + NONCE_LEN]),
+                    Payload {
+                        msg: &bytes[head + NONCE_LEN..],
+                        aad: &bytes[..head],
+                    },
+                )
+                .map_err(|_| forged())?,
+        );
+        postcard::from_bytes(&plain).map_err(|_| forged())
+    }
+
+    /// Seals the tenant key store under the newest master key version and replaces its file.
+    fn save(&self, secrets: &std::collections::BTreeMap<String, TenantSecret>) -> Result<(), KeyError> {
+        let Some(path) = &self.path else { return Ok(()) };
+        let masters = self
+            .masters
+            .read()
+            .map_err(|_| KeyError::StoreForged { path: path.clone() })?;
+        let (version, master) = masters.newest();
+        let plain = Zeroizing::new(postcard::to_stdvec(secrets).unwrap_or_default());
+        let mut out = KEY_STORE_MAGIC.to_vec();
+        out.push(version);
+        let nonce = next_nonce();
+        let sealed = master_aead(master, "key-store")
+            .encrypt(XNonce::from_slice(&nonce), Payload { msg: &plain, aad: &out })
+            .unwrap_or_default();
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
+        write_atomic(path, &out).map_err(|source| KeyError::Store {
+            path: path.clone(),
+            source,
+        })
+    }
+
+    /// Makes the secrets of these tenants if they have none yet (one write of the store).
+    pub fn ensure(&self, tenants: &[&str]) -> Result<(), KeyError> {
+        let mut secrets = self.secrets.lock().map_err(|_| KeyError::TooManyVersions)?;
+        let mut added = false;
+        for t in tenants {
+            if !secrets.contains_key(*t) {
+                let secret = TenantSecret::random().map_err(|source| KeyError::Store {
+                    path: self.path.clone().unwrap_or_default(),
+                    source,
+                })?;
+                secrets.insert(t.to_string(), secret);
+                added = true;
+            }
+        }
+        if added {
+            self.save(&secrets)?;
+        }
+        Ok(())
+    }
+
+    /// The keys of records that belong to no tenant (the mail queue, the dispatch log).
     pub fn system(&self) -> Arc<TenantKeys> {
         self.tenant("@system")
     }
 
-    /// The keys of `tenant`, derived on first use.
+    /// The keys of `tenant`. A tenant without secrets yet gets them here; every configured
+    /// tenant gets them at start (`ensure`), where a failure to write the store stops the start.
     pub fn tenant(&self, tenant: &str) -> Arc<TenantKeys> {
         if let Some(k) = self.tenants.read().ok().and_then(|m| m.get(tenant).cloned()) {
             return k;
         }
-        let keys = Arc::new(TenantKeys::new(&self.master, tenant));
+        if let Err(e) = self.ensure(&[tenant]) {
+            // Sealing under a secret that is not stored would lose the records at the next start.
+            panic!("cannot keep the keys of tenant {tenant}: {e}");
+        }
+        let keys = {
+            let secrets = self.secrets.lock().unwrap_or_else(|p| p.into_inner());
+            match secrets.get(tenant) {
+                Some(secret) => Arc::new(TenantKeys::new(secret, tenant)),
+                None => panic!("the keys of tenant {tenant} vanished"),
+            }
+        };
         if let Ok(mut map) = self.tenants.write() {
             map.insert(tenant.to_string(), keys.clone());
         }
         keys
+    }
+
+    /// The keys that seal backup frames under master key version `version` (`None`: the newest).
+    pub fn backup(&self, version: Option<u8>) -> Option<(u8, Arc<TenantKeys>)> {
+        let masters = self.masters.read().ok()?;
+        let (v, master) = match version {
+            Some(v) => (v, masters.get(v)?),
+            None => masters.newest(),
+        };
+        let secret = TenantSecret {
+            seal: *master.derive("backup", ""),
+            index: *master.derive("backup-index", ""),
+        };
+        Some((v, Arc::new(TenantKeys::new(&secret, "@backup"))))
+    }
+
+    /// The master key versions held, and the one the tenant key store is sealed under.
+    pub fn versions(&self) -> (Vec<u8>, u8) {
+        match self.masters.read() {
+            Ok(m) => (m.list(), m.newest().0),
+            Err(_) => (Vec::new(), 0),
+        }
+    }
+
+    /// Takes the master key versions now in the key file and re-seals the tenant key store
+    /// under the newest: after this nothing in `state_dir` needs an older version.
+    pub fn rekey(&self, masters: MasterKeys) -> Result<(), KeyError> {
+        {
+            let mut current = self.masters.write().map_err(|_| KeyError::TooManyVersions)?;
+            *current = masters;
+        }
+        let secrets = self.secrets.lock().map_err(|_| KeyError::TooManyVersions)?;
+        self.save(&secrets)
+    }
+
+    /// Destroys a tenant's secrets: nothing sealed for it opens again.
+    pub fn forget(&self, tenant: &str) -> Result<bool, KeyError> {
+        let mut secrets = self.secrets.lock().map_err(|_| KeyError::TooManyVersions)?;
+        let gone = secrets.remove(tenant).is_some();
+        if gone {
+            self.save(&secrets)?;
+        }
+        if let Ok(mut map) = self.tenants.write() {
+            map.remove(tenant);
+        }
+        Ok(gone)
+    }
+
+    /// Tenants with secrets in the store.
+    pub fn known_tenants(&self) -> Vec<String> {
+        self.secrets
+            .lock()
+            .map(|s| s.keys().filter(|t| !t.starts_with('@')).cloned().collect())
+            .unwrap_or_default()
     }
 }
 
@@ -299,13 +654,22 @@ impl Keyring {
 mod tests {
     use super::*;
 
-    fn keyring() -> Keyring {
-        Keyring::new(MasterKey(Zeroizing::new([7u8; 32])))
+    fn masters(dir: &Path) -> MasterKeys {
+        let path = dir.join("master.key");
+        if !path.exists() {
+            MasterKeys::generate(&path).unwrap();
+        }
+        MasterKeys::load(&path).unwrap()
+    }
+
+    fn keyring(dir: &Path) -> Keyring {
+        Keyring::open(masters(dir), dir).unwrap()
     }
 
     #[test]
     fn sealed_record_opens_only_where_it_was_written() {
-        let ring = keyring();
+        let dir = tempfile::tempdir().unwrap();
+        let ring = keyring(dir.path());
         let acme = ring.tenant("acme");
         let sealed = acme.seal("messages", b"k1", b"+33612345678 hello");
         assert!(!sealed.windows(5).any(|w| w == b"hello"));
@@ -325,7 +689,8 @@ mod tests {
 
     #[test]
     fn nonces_differ_between_seals() {
-        let acme = keyring().tenant("acme");
+        let dir = tempfile::tempdir().unwrap();
+        let acme = keyring(dir.path()).tenant("acme");
         assert_ne!(acme.seal("t", b"k", b"x"), acme.seal("t", b"k", b"x"));
         let here = next_nonce();
         let there = std::thread::spawn(next_nonce).join().unwrap();
@@ -337,26 +702,74 @@ mod tests {
 
     #[test]
     fn phone_hashes_are_per_tenant() {
-        let ring = keyring();
+        let dir = tempfile::tempdir().unwrap();
+        let ring = keyring(dir.path());
         let a = ring.tenant("a").phone_hash("+33612345678");
         assert_eq!(a, ring.tenant("a").phone_hash("+33612345678"));
         assert_ne!(a, ring.tenant("b").phone_hash("+33612345678"));
     }
 
     #[test]
+    fn tenant_secrets_survive_a_restart_and_a_rotation_and_go_with_a_purge() {
+        let dir = tempfile::tempdir().unwrap();
+        let sealed = keyring(dir.path()).tenant("acme").seal("t", b"k", b"kept");
+        let hash = keyring(dir.path()).tenant("acme").phone_hash("+33612345678");
+        // rotate: a second version, the store re-sealed under it, then the first destroyed
+        let path = dir.path().join("master.key");
+        let mut m = MasterKeys::load(&path).unwrap();
+        assert_eq!(m.add_version().unwrap(), 2);
+        m.save(&path).unwrap();
+        let ring = keyring(dir.path());
+        ring.rekey(MasterKeys::load(&path).unwrap()).unwrap();
+        let mut m = MasterKeys::load(&path).unwrap();
+        assert!(matches!(m.retire(2), Err(KeyError::RetireNewest(2))));
+        m.retire(1).unwrap();
+        m.save(&path).unwrap();
+        let ring = keyring(dir.path());
+        assert_eq!(ring.versions(), (vec![2], 2));
+        let acme = ring.tenant("acme");
+        assert_eq!(acme.open("t", b"k", &sealed).unwrap(), b"kept");
+        assert_eq!(acme.phone_hash("+33612345678"), hash);
+        assert!(ring.forget("acme").unwrap());
+        let fresh = keyring(dir.path()).tenant("acme");
+        assert_eq!(
+            fresh.open("t", b"k", &sealed),
+            Err(SealError::Forged),
+            "purged: gone for good"
+        );
+        // the store does not open under a key file without its version
+        let other = tempfile::tempdir().unwrap();
+        std::fs::copy(dir.path().join(KEY_STORE_FILE), other.path().join(KEY_STORE_FILE)).unwrap();
+        assert!(matches!(
+            Keyring::open(masters(other.path()), other.path()),
+            Err(KeyError::StoreVersion { version: 2, .. })
+        ));
+    }
+
+    #[test]
     fn key_file_rules() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("master.key");
-        MasterKey::generate(&path).unwrap();
+        MasterKeys::generate(&path).unwrap();
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        assert!(matches!(MasterKey::generate(&path), Err(KeyError::Exists { .. })));
-        assert!(MasterKey::load(&path).is_ok());
+        assert!(matches!(MasterKeys::generate(&path), Err(KeyError::Exists { .. })));
+        assert_eq!(MasterKeys::load(&path).unwrap().list(), [1]);
         fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
-        assert!(matches!(MasterKey::load(&path), Err(KeyError::Permissions { .. })));
+        assert!(matches!(MasterKeys::load(&path), Err(KeyError::Permissions { .. })));
         let hex = dir.path().join("hex.key");
         fs::write(&hex, "ab".repeat(32)).unwrap();
         fs::set_permissions(&hex, fs::Permissions::from_mode(0o600)).unwrap();
-        assert_eq!(*MasterKey::load(&hex).unwrap().0, [0xab; 32]);
+        assert_eq!(*MasterKeys::load(&hex).unwrap().versions[&1].0, [0xab; 32]);
+        let lines = dir.path().join("lines.key");
+        fs::write(&lines, format!("# two\n1 {}\n3 {}\n", "ab".repeat(32), "cd".repeat(32))).unwrap();
+        fs::set_permissions(&lines, fs::Permissions::from_mode(0o600)).unwrap();
+        let m = MasterKeys::load(&lines).unwrap();
+        assert_eq!((m.list(), m.newest().0), (vec![1, 3], 3));
+        fs::write(&lines, format!("1 {}\n1 {}\n", "ab".repeat(32), "cd".repeat(32))).unwrap();
+        assert!(
+            matches!(MasterKeys::load(&lines), Err(KeyError::Length { .. })),
+            "a version twice"
+        );
     }
 }

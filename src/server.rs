@@ -22,7 +22,7 @@ use crate::alert::mailer::{Mailer, MailerError};
 use crate::audit::{Audit, Event};
 use crate::batch::ingest::{IngestError, Ingestor};
 use crate::config::Config;
-use crate::crypto::{KeyError, Keyring, MasterKey};
+use crate::crypto::{KeyError, Keyring, MasterKeys};
 use crate::dispatch::{self, Dispatcher};
 use crate::reply::ReportWriter;
 use crate::store::{Store, StoreError};
@@ -70,8 +70,11 @@ fn make_dir(path: &Path, mode: u32, what: &'static str) -> Result<(), ServeError
 /// Opens the store of `config` (for `serve` and for commands run without it).
 pub fn open_store(config: &Config) -> Result<Store, ServeError> {
     make_dir(&config.state_dir, 0o700, "state_dir")?;
-    let master = MasterKey::load(&config.key_file)?;
-    Ok(Store::open(&config.state_dir, Arc::new(Keyring::new(master)))?)
+    let masters = MasterKeys::load(&config.key_file)?;
+    let keys = Keyring::open(masters, &config.state_dir)?;
+    let tenants: Vec<&str> = config.tenants.keys().map(String::as_str).collect();
+    keys.ensure(&tenants)?;
+    Ok(Store::open(&config.state_dir, Arc::new(keys))?)
 }
 
 /// Runs the appliance until `shutdown` is cancelled.

@@ -749,7 +749,7 @@ fn finish_claim(store: &Store, spool: &Path, claim: &str) {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::crypto::{Keyring, MasterKey};
+    use crate::crypto::{Keyring, MasterKeys};
     use std::sync::Arc;
 
     fn alerter(store: &Store, tenant: &Tenant) -> Alerter {
@@ -760,7 +760,7 @@ mod tests {
 
     fn setup(dir: &Path) -> (Store, Arc<Tenant>) {
         let key = dir.join("master.key");
-        MasterKey::generate(&key).unwrap();
+        MasterKeys::generate(&key).unwrap();
         let src = format!(
             "state_dir = \"{d}\"\nkey_file = \"{d}/master.key\"\n[tenant.acme]\ndefault_region = \"FR\"\nsender = \"ACME\"\n",
             d = dir.display()
@@ -768,7 +768,11 @@ mod tests {
         let config = Config::parse(&dir.join("c.toml"), &src).unwrap();
         let tenant = config.tenants["acme"].clone();
         fs::create_dir_all(&tenant.outbox).unwrap();
-        let store = Store::open(dir, Arc::new(Keyring::new(MasterKey::load(&key).unwrap()))).unwrap();
+        let store = Store::open(
+            dir,
+            Arc::new(Keyring::open(MasterKeys::load(&key).unwrap(), dir).unwrap()),
+        )
+        .unwrap();
         (store, tenant)
     }
 

@@ -203,13 +203,17 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::{Keyring, MasterKey};
+    use crate::crypto::{Keyring, MasterKeys};
     use std::sync::Arc;
 
     fn store_in(dir: &std::path::Path) -> Store {
         let key = dir.join("master.key");
-        MasterKey::generate(&key).unwrap();
-        Store::open(dir, Arc::new(Keyring::new(MasterKey::load(&key).unwrap()))).unwrap()
+        MasterKeys::generate(&key).unwrap();
+        Store::open(
+            dir,
+            Arc::new(Keyring::open(MasterKeys::load(&key).unwrap(), dir).unwrap()),
+        )
+        .unwrap()
     }
 
     fn event(n: i64) -> AuditEvent {

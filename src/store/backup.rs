@@ -7,11 +7,16 @@
 //! frames around them are sealed again, so keys, counts and the shape of the data are not
 //! readable either.
 //!
-//! Format: `MAGIC ‖ backup id (16 random bytes) ‖ frames`; a frame is `length (u32 LE) ‖ kind
-//! (1 byte) ‖ sealed postcard [`Frame`]`, sealed with the `@backup` keys, bound to the backup
-//! id, the frame's number and its kind: a frame moved, dropped, reordered or taken from another
+//! Format: `MAGIC ‖ master key version (1 byte) ‖ backup id (16 random bytes) ‖ frames`; a
+//! frame is `length (u32 LE) ‖ kind (1 byte) ‖ sealed postcard [`Frame`]`, sealed with keys
+//! derived from that master key version, bound to the backup id, the frame's number and its
+//! kind: a frame moved, dropped, reordered or taken from another
 //! backup does not open. The last frame (kind [`KIND_END`]) counts the frames and entries and
 //! carries the BLAKE3 hash of every frame before it; a file without it is cut short.
+//!
+//! The tenant key store (`state_dir/keys`, sealed under the master key) goes along: restored
+//! with the store, it opens the records again. Retiring the master key version a backup was
+//! taken under (`key retire`) makes it unreadable.
 //!
 //! Not in a backup: dispatcher steps still in the dispatch log (a restored queue may send those
 //! messages again: at least once), files in the spool (never acknowledged; their uploads were
@@ -32,6 +37,10 @@ use crate::crypto::TenantKeys;
 /// First bytes of every backup file.
 pub const MAGIC: &[u8; 16] = b"SMSDROP BACKUP 1";
 const ID_LEN: usize = 16;
+/// Magic, master key version, backup id.
+pub const HEAD_LEN: usize = 16 + 1 + ID_LEN;
+/// The name the tenant key store goes under in a backup.
+pub const KEY_STORE: &str = "tenant_keys";
 pub const KIND_DATA: u8 = 0;
 pub const KIND_END: u8 = 1;
 /// Sent instead of the end frame when a backup taken through the admin socket fails.
@@ -84,6 +93,8 @@ pub enum BackupError {
     NotABackup,
     #[error("the backup is cut short at frame {0}: it has no end frame")]
     Truncated(u64),
+    #[error("sealed under master key version {0}, which the key file does not hold (retired, or another key)")]
+    NoMasterVersion(u8),
     #[error("frame {0} does not open: changed, moved, or sealed under another master key")]
     Forged(u64),
     #[error("frame {0} is damaged: {1}")]
@@ -92,6 +103,8 @@ pub enum BackupError {
     Failed(String),
     #[error("{0} is not empty: restore only into an empty state_dir")]
     NotEmpty(PathBuf),
+    #[error("the backup holds no tenant key store: its records could not be opened")]
+    NoKeyStore,
 }
 
 /// Something done with every table of the store, each with its own key and value types.
@@ -217,9 +230,12 @@ impl Store {
     pub fn backup(&self, out: impl Write, files: &[(&str, &Path)], now: i64) -> Result<BackupSummary> {
         let mut id = [0u8; ID_LEN];
         getrandom::fill(&mut id).map_err(|e| io_err(io::Error::other(e.to_string())))?;
-        let keys = self.keys.tenant("@backup");
+        let Some((version, keys)) = self.keys.backup(None) else {
+            return Err(io_err(io::Error::other("no master key version")));
+        };
         let mut out = io::BufWriter::with_capacity(1 << 20, out);
         out.write_all(MAGIC).map_err(io_err)?;
+        out.write_all(&[version]).map_err(io_err)?;
         out.write_all(&id).map_err(io_err)?;
         let mut writer = FrameWriter {
             out,
@@ -229,7 +245,7 @@ impl Store {
             hasher: blake3::Hasher::new(),
             summary: BackupSummary {
                 created_at: now,
-                bytes: (MAGIC.len() + ID_LEN) as u64,
+                bytes: HEAD_LEN as u64,
                 ..BackupSummary::default()
             },
             table: String::new(),
@@ -252,7 +268,11 @@ impl Store {
                 writer: &mut writer,
             })?;
         }
-        for (name, path) in files {
+        let key_store = self.key_store_path();
+        let files: Vec<(&str, &Path)> = std::iter::once((KEY_STORE, key_store.as_path()))
+            .chain(files.iter().copied())
+            .collect();
+        for (name, path) in &files {
             match std::fs::read(path) {
                 Ok(bytes) => {
                     let frame = Frame::File {
@@ -260,7 +280,9 @@ impl Store {
                         bytes,
                     };
                     writer.frame(KIND_DATA, &frame).map_err(io_err)?;
-                    writer.summary.files.push(name.to_string());
+                    if *name != KEY_STORE {
+                        writer.summary.files.push(name.to_string());
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io_err(e)),
@@ -328,6 +350,8 @@ pub struct BackupReader<R: Read> {
     input: R,
     keys: std::sync::Arc<TenantKeys>,
     id: [u8; ID_LEN],
+    /// The master key version the backup is sealed under.
+    pub version: u8,
     index: u64,
     hasher: blake3::Hasher,
     done: bool,
@@ -335,17 +359,22 @@ pub struct BackupReader<R: Read> {
 
 impl<R: Read> BackupReader<R> {
     pub fn new(mut input: R, keys: &crate::crypto::Keyring) -> std::result::Result<Self, BackupError> {
-        let mut head = [0u8; 16 + ID_LEN];
+        let mut head = [0u8; HEAD_LEN];
         input.read_exact(&mut head).map_err(|_| BackupError::NotABackup)?;
         if &head[..16] != MAGIC {
             return Err(BackupError::NotABackup);
         }
+        let version = head[16];
         let mut id = [0u8; ID_LEN];
-        id.copy_from_slice(&head[16..]);
+        id.copy_from_slice(&head[17..]);
+        let (_, frame_keys) = keys
+            .backup(Some(version))
+            .ok_or(BackupError::NoMasterVersion(version))?;
         Ok(BackupReader {
             input,
-            keys: keys.tenant("@backup"),
+            keys: frame_keys,
             id,
+            version,
             index: 0,
             hasher: blake3::Hasher::new(),
             done: false,
@@ -477,7 +506,10 @@ pub fn restore(
     files: &[(&str, &Path)],
 ) -> std::result::Result<BackupSummary, BackupError> {
     let target = state_dir.join(super::DB_FILE);
-    if target.exists() || state_dir.join(super::wal::WAL_FILE).exists() {
+    if target.exists()
+        || state_dir.join(super::wal::WAL_FILE).exists()
+        || state_dir.join(crate::crypto::KEY_STORE_FILE).exists()
+    {
         return Err(BackupError::NotEmpty(state_dir.to_path_buf()));
     }
     std::fs::create_dir_all(state_dir)?;
@@ -505,7 +537,7 @@ fn restore_into(
 ) -> std::result::Result<BackupSummary, BackupError> {
     let mut reader = BackupReader::new(io::BufReader::with_capacity(1 << 20, input), &keys)?;
     let db = Database::builder().create(path).map_err(StoreError::from)?;
-    let store = Store::with_database(db, keys.clone())?;
+    let store = Store::with_database(db, keys.clone(), path.parent().unwrap_or(Path::new(".")))?;
     let mut summary = BackupSummary::default();
     let mut kept_files = Vec::new();
     while let Some(frame) = reader.next()? {
@@ -545,6 +577,11 @@ fn restore_into(
         .commit()
         .map_err(StoreError::from)?;
     drop(store);
+    let key_store = path.with_file_name(crate::crypto::KEY_STORE_FILE);
+    let Some((_, bytes)) = kept_files.iter().find(|(n, _)| n == KEY_STORE) else {
+        return Err(BackupError::NoKeyStore);
+    };
+    write_private(&key_store, bytes)?;
     for (name, bytes) in kept_files {
         let Some((_, path)) = files.iter().find(|(n, _)| *n == name) else {
             continue;

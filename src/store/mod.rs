@@ -132,6 +132,8 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 pub struct Store {
     pub(crate) db: Arc<Database>,
     pub(crate) keys: Arc<Keyring>,
+    /// The folder the database is in (`state_dir`).
+    dir: Arc<std::path::PathBuf>,
 }
 
 /// A tenant's blocklist and the global one, as ingest checks them.
@@ -293,11 +295,11 @@ impl Store {
         let mut builder = Database::builder();
         builder.set_cache_size(CACHE_BYTES);
         let db = builder.create(state_dir.join(DB_FILE))?;
-        Store::with_database(db, keys)
+        Store::with_database(db, keys, state_dir)
     }
 
     /// A store on an opened database, its tables made if they are not there yet.
-    fn with_database(db: Database, keys: Arc<Keyring>) -> Result<Store> {
+    fn with_database(db: Database, keys: Arc<Keyring>, dir: &Path) -> Result<Store> {
         let tx = db.begin_write()?;
         tx.open_table(META)?;
         tx.open_table(BATCHES)?;
@@ -317,7 +319,16 @@ impl Store {
         replies::create_tables(&tx)?;
         retention::create_tables(&tx)?;
         tx.commit()?;
-        Ok(Store { db: Arc::new(db), keys })
+        Ok(Store {
+            db: Arc::new(db),
+            keys,
+            dir: Arc::new(dir.to_path_buf()),
+        })
+    }
+
+    /// Where the tenant key store lives (beside the database).
+    pub(crate) fn key_store_path(&self) -> std::path::PathBuf {
+        self.dir.join(crate::crypto::KEY_STORE_FILE)
     }
 
     pub fn keys(&self) -> &Arc<Keyring> {

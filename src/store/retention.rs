@@ -35,6 +35,15 @@ pub(super) fn create_tables(tx: &WriteTransaction) -> Result<()> {
     Ok(())
 }
 
+/// What `purge_tenant` removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Purged {
+    pub batches: u64,
+    pub messages: u64,
+    /// Entries of tables keyed by tenant.
+    pub entries: u64,
+}
+
 /// A tenant's retention, in seconds.
 #[derive(Debug, Clone, Copy)]
 pub struct Retention {
@@ -252,6 +261,57 @@ impl Store {
 
     /// What the sweeper did since the store was made: (anonymised messages, deleted messages,
     /// deleted batches), and when it last ran (unix seconds).
+    /// Deletes everything a tenant (no longer configured) left in the store: its batches with
+    /// their messages, statuses, receipt index entries and scheduled sends, then its entries in
+    /// every table keyed by tenant (seen files, blocklist, daily and hourly counts, countries,
+    /// replies, `last_sent`). The audit log keeps its entries (no number or text; the number
+    /// hashes in them can no longer be linked once the tenant's keys are gone).
+    pub fn purge_tenant(&self, tenant: &str) -> Result<Purged> {
+        use super::{ACTIVE, BLOCKLIST, CLAIMS, DAILY, SCHEDULED, SEEN_FILES, replies, tenant_range, traffic};
+        let mut purged = Purged::default();
+        for b in self.batches(Some(tenant))? {
+            {
+                // out of the dispatcher's sight first
+                let tx = self.write(Durability::Immediate)?;
+                tx.open_table(ACTIVE)?.remove(b.id)?;
+                tx.open_table(CLAIMS)?.remove(b.claim.as_str())?;
+                tx.open_table(SCHEDULED)?
+                    .extract_from_if((0u64, 0u64)..=(u64::MAX, u64::MAX), |k, _| {
+                        let id = k.1;
+                        id >= message_id(b.id, 0) && id < message_id(b.id + 1, 0)
+                    })?
+                    .for_each(drop);
+                tx.commit()?;
+            }
+            loop {
+                let (step, done) = self.delete_step(b.id, tenant)?;
+                purged.messages += step.deleted_messages;
+                if done {
+                    break;
+                }
+            }
+            purged.batches += 1;
+        }
+        let (start, end) = tenant_range(tenant);
+        let tx = self.write(Durability::Immediate)?;
+        for def in [
+            SEEN_FILES,
+            BLOCKLIST,
+            DAILY,
+            traffic::COUNTRIES,
+            traffic::HOURLY,
+            replies::LAST_SENT,
+            replies::REPLIES,
+        ] {
+            let mut table = tx.open_table(def)?;
+            purged.entries += table
+                .extract_from_if(start.as_slice()..end.as_slice(), |_, _| true)?
+                .count() as u64;
+        }
+        tx.commit()?;
+        Ok(purged)
+    }
+
     pub fn sweep_totals(&self) -> Result<(u64, u64, u64, Option<u64>)> {
         Ok((
             self.mark("sweep_anonymized")?.unwrap_or(0),
@@ -269,7 +329,7 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::{Keyring, MasterKey};
+    use crate::crypto::{Keyring, MasterKeys};
     use crate::store::records::{ReplyFormat, TextCoding};
     use std::sync::Arc;
 
@@ -277,9 +337,15 @@ mod tests {
     fn a_sweep_cut_by_its_budget_still_counts_what_it_did() {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("master.key");
-        MasterKey::generate(&key).unwrap();
-        let store = Store::open(dir.path(), Arc::new(Keyring::new(MasterKey::load(&key).unwrap()))).unwrap();
-        let mut batch = store.begin_batch("acme", "a.csv", "c1", ReplyFormat::default(), 0).unwrap();
+        MasterKeys::generate(&key).unwrap();
+        let store = Store::open(
+            dir.path(),
+            Arc::new(Keyring::open(MasterKeys::load(&key).unwrap(), dir.path()).unwrap()),
+        )
+        .unwrap();
+        let mut batch = store
+            .begin_batch("acme", "a.csv", "c1", ReplyFormat::default(), 0)
+            .unwrap();
         let chunks: Vec<(u32, Vec<StoredMessage>)> = (0..40)
             .map(|i| {
                 let m = StoredMessage {

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::{Appliance, batches, tenant, wait_for};
 
+#[track_caller]
 fn ok(out: std::process::Output) -> String {
     assert!(
         out.status.success(),
@@ -19,6 +20,7 @@ fn ok(out: std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+#[track_caller]
 fn failed(out: std::process::Output) -> String {
     assert!(
         !out.status.success(),

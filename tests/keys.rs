@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::{Appliance, tenant, wait_for};
 
+#[track_caller]
 fn ok(out: std::process::Output) -> String {
     assert!(
         out.status.success(),
@@ -18,6 +19,7 @@ fn ok(out: std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+#[track_caller]
 fn failed(out: std::process::Output) -> String {
     assert!(
         !out.status.success(),

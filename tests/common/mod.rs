@@ -153,7 +153,11 @@ impl Appliance {
                 if let Ok(Some(status)) = child.try_wait() {
                     panic!("serve exited with {status} at start:\n{}", this.log());
                 }
-                this.log().contains("smsdrop is serving").then_some(())
+                // this start's log only: an earlier start's line says nothing about this one
+                std::fs::read_to_string(this.log_path())
+                    .unwrap_or_default()
+                    .contains("smsdrop is serving")
+                    .then_some(())
             },
             || format!("serve did not start:\n{}", this.log()),
         );

@@ -940,7 +940,6 @@ fn stream_backup(ctx: &AdminContext, stream: std::os::unix::net::UnixStream, act
 pub fn ask_backup(socket: &Path, path: &Path) -> Result<Option<crate::store::backup::BackupSummary>, AdminError> {
     use crate::store::backup::{self, BackupError, KIND_END, KIND_ERROR};
     use std::io::{BufRead, Read, Write};
-    use std::os::unix::fs::OpenOptionsExt;
     let mut stream = match std::os::unix::net::UnixStream::connect(socket) {
         Ok(s) => s,
         Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => return Ok(None),
@@ -963,13 +962,7 @@ pub fn ask_backup(socket: &Path, path: &Path) -> Result<Option<crate::store::bac
         let _ = std::fs::remove_file(&partial);
         AdminError::Remote(e)
     };
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&partial)
-        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", partial.display())))?;
+    let file = backup::create_partial(&partial)?;
     let mut out = io::BufWriter::with_capacity(1 << 20, &file);
     let mut start = [0u8; backup::HEAD_LEN];
     reader.read_exact(&mut start).map_err(|e| failed(e.to_string()))?;

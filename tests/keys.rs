@@ -6,28 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Appliance, tenant, wait_for};
-
-#[track_caller]
-fn ok(out: std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-#[track_caller]
-fn failed(out: std::process::Output) -> String {
-    assert!(
-        !out.status.success(),
-        "should fail: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
+use common::{Appliance, failed, ok, tenant, wait_for};
 
 #[test]
 fn rotation_while_dispatching_then_retiring_the_old_version() {
@@ -158,7 +137,10 @@ fn a_purged_tenant_cannot_be_read_back() {
     );
     app.wait_audit("admin.tenant-purge", &[("batches", "1"), ("result", "ok")]);
     let chain = ok(app.cli(&["audit", "verify"]));
-    assert!(chain.contains("intact"), "the audit chain (system-sealed) survives a purge: {chain}");
+    assert!(
+        chain.contains("intact"),
+        "the audit chain (system-sealed) survives a purge: {chain}"
+    );
 
     // An older backup still holds beta's keys until the master key version it is sealed under
     // is retired; after that it does not open at all.

@@ -301,7 +301,6 @@ impl Store {
     /// Writes a backup to `path`, whole or not at all: into `path.partial` first, synced, then
     /// linked to `path` (an existing file is never overwritten).
     pub fn backup_to_file(&self, path: &Path, files: &[(&str, &Path)], now: i64) -> Result<BackupSummary> {
-        use std::os::unix::fs::OpenOptionsExt;
         let partial = partial_path(path);
         if path.exists() {
             return Err(io_err(io::Error::new(
@@ -309,13 +308,7 @@ impl Store {
                 format!("{} exists: a backup never overwrites a file", path.display()),
             )));
         }
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&partial)
-            .map_err(|e| io_err(io::Error::new(e.kind(), format!("{}: {e}", partial.display()))))?;
+        let file = create_partial(&partial).map_err(io_err)?;
         let result = self.backup(&file, files, now).and_then(|summary| {
             file.sync_all().map_err(io_err)?;
             publish(&partial, path).map_err(io_err)?;
@@ -333,6 +326,18 @@ pub fn partial_path(path: &Path) -> PathBuf {
     let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(".partial");
     path.with_file_name(name)
+}
+
+/// Opens (afresh) the `.partial` file a backup is written into, mode 0600.
+pub fn create_partial(partial: &Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(partial)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", partial.display())))
 }
 
 /// Gives a finished `partial` its name (never replacing a file) and syncs the folder.

@@ -287,6 +287,29 @@ impl Drop for Appliance {
     }
 }
 
+/// A command's stdout; fails the test (at the caller's line) when it did not succeed.
+#[track_caller]
+pub fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A command's stderr; fails the test when it succeeded.
+#[track_caller]
+pub fn failed(out: Output) -> String {
+    assert!(
+        !out.status.success(),
+        "should fail: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// Polls `ready` every few milliseconds until it gives a value; fails the test with `why()`
 /// after `timeout`.
 pub fn poll<T>(timeout: Duration, mut ready: impl FnMut() -> Option<T>, why: impl FnOnce() -> String) -> T {

@@ -108,7 +108,9 @@ fn main() {
         .collect();
     let alone_before = ingest(&app, "live", &files[0], "live1");
     let size_before = db_mib(&app);
+    let asked = Instant::now();
     let space_before = store_line(&app);
+    let status_took = asked.elapsed();
 
     // Two days on: the old batch is due; the next ingest runs while the sweeper deletes it.
     let moved = Instant::now();
@@ -163,6 +165,9 @@ fn main() {
     );
     println!("messages deleted when that ingest ended: {deleted_when_ingest_done} of {queued}");
     println!("store file before the sweep: {size_before:.1} MiB; after it and one more batch: {size_after:.1} MiB");
-    println!("before: {space_before}");
+    println!(
+        "before: {space_before} (`smsdrop status` took {:.0} ms)",
+        status_took.as_secs_f64() * 1000.0
+    );
     println!("after:  {space_after}");
 }

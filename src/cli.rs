@@ -475,22 +475,26 @@ fn with_store(config: Config, request: Request) -> anyhow::Result<Vec<u8>> {
     Ok(admin::handle(&ctx, &request, &cli_actor()?)?)
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs to stderr: `RUST_LOG` if set, else the configuration's `log_filter`. Under systemd
+/// (`JOURNAL_STREAM` set) text lines carry no time stamp and no colour: the journal stamps them.
+fn init_logging(format: LogFormat, filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        .with_ansi(!journal && std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match (format, journal) {
+        (LogFormat::Json, _) => builder.json().init(),
+        (LogFormat::Text, true) => builder.without_time().init(),
+        (LogFormat::Text, false) => builder.init(),
     }
 }
 
 fn serve(path: &Path) -> anyhow::Result<()> {
     let config = Arc::new(Config::load(path)?);
-    init_logging(config.log_format);
+    init_logging(config.log_format, &config.log_filter);
     // A half-dead daemon is worse than a restarted one: log the panic, then abort.
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {

@@ -29,6 +29,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub key_file: PathBuf,
     pub log_format: LogFormat,
+    /// What is logged, as a `RUST_LOG`-style filter (`info`, `smsdrop::dispatch=debug,info`);
+    /// the `RUST_LOG` environment variable, when set, wins.
+    pub log_filter: String,
     pub admin_socket: PathBuf,
     /// How often every inbox is listed again, for files present at start-up or missed events.
     pub rescan_interval: Duration,
@@ -370,6 +373,7 @@ struct RawConfig {
     state_dir: Option<Spanned<String>>,
     key_file: Option<Spanned<String>>,
     log_format: Option<Spanned<String>>,
+    log_filter: Option<Spanned<String>>,
     rescan_interval: Option<Spanned<String>>,
     admin: Option<RawAdmin>,
     #[serde(default)]
@@ -705,6 +709,23 @@ impl Validator<'_> {
                 LogFormat::Text
             }
         };
+        let log_filter = match &raw.log_filter {
+            None => "info".to_string(),
+            Some(f) => match tracing_subscriber::EnvFilter::builder().parse(f.get_ref()) {
+                Ok(_) => f.get_ref().clone(),
+                Err(e) => {
+                    self.problem(
+                        &f.span(),
+                        "log_filter",
+                        format!(
+                            "`{}` is not a filter ({e}); write e.g. \"info\" or \"smsdrop::dispatch=debug,info\"",
+                            f.get_ref()
+                        ),
+                    );
+                    "info".to_string()
+                }
+            },
+        };
         let admin_socket = raw
             .admin
             .as_ref()
@@ -805,6 +826,7 @@ impl Validator<'_> {
             state_dir,
             key_file,
             log_format,
+            log_filter,
             admin_socket,
             rescan_interval,
             tenants,

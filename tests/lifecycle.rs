@@ -306,3 +306,57 @@ fn an_idle_sink_only_dispatcher_does_not_spin() {
     let used = cpu_seconds(app.pid()) - before;
     assert!(used < 0.5, "an idle appliance used {used:.2} CPU seconds in 2 s");
 }
+
+#[test]
+fn logs_follow_the_configured_filter_and_leave_time_stamps_to_the_journal() {
+    let app = Appliance::new_with("log_filter = \"smsdrop::server=info,warn\"\n", &tenant("acme", ""));
+    let log = app.path("journal.log");
+    // as systemd starts it: no RUST_LOG, stderr a journal stream
+    let mut child = std::process::Command::new(common::bin())
+        .arg("--config")
+        .arg(&app.config)
+        .arg("serve")
+        .env_remove("RUST_LOG")
+        .env("JOURNAL_STREAM", "8:12345")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("serve");
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    common::wait_for("serving", Duration::from_secs(20), || {
+        read().contains("smsdrop is serving")
+    });
+    app.drop_file("acme", "a.csv", b"phone;message\n0612345678;Hello\n");
+    app.result("acme", "a");
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    assert!(child.wait().expect("wait").success());
+    let text = read();
+    assert!(
+        !text.contains("file taken"),
+        "smsdrop::watch at info is filtered out:\n{text}"
+    );
+    for line in text.lines() {
+        assert!(
+            !line.starts_with(|c: char| c.is_ascii_digit()) && !line.contains('\u{1b}'),
+            "no time stamp, no colour under the journal: {line}"
+        );
+    }
+    assert!(
+        text.lines().any(|l| l.trim_start().starts_with("INFO smsdrop::server")),
+        "{text}"
+    );
+
+    let bad = app.path("bad.toml");
+    std::fs::write(&bad, "state_dir = \"s\"\nlog_filter = \"smsdrop=loud\"\n").expect("config");
+    let out = std::process::Command::new(common::bin())
+        .arg("--config")
+        .arg(&bad)
+        .arg("check-config")
+        .output()
+        .expect("check-config");
+    assert!(!out.status.success());
+    let why = String::from_utf8_lossy(&out.stderr);
+    assert!(why.contains("bad.toml:2: log_filter: "), "{why}");
+}

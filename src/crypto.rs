@@ -56,6 +56,8 @@ pub enum KeyError {
     Write { path: PathBuf, source: std::io::Error },
     #[error("255 master key versions: no more can be added")]
     TooManyVersions,
+    #[error("the keyring's lock was poisoned by a panic elsewhere")]
+    Poisoned,
     #[error("version {0} is the newest master key version: rotate first")]
     RetireNewest(u8),
     #[error("the key file holds no master key version {0}")]
@@ -549,7 +551,7 @@ impl Keyring {
 
     /// Makes the secrets of these tenants if they have none yet (one write of the store).
     pub fn ensure(&self, tenants: &[&str]) -> Result<(), KeyError> {
-        let mut secrets = self.secrets.lock().map_err(|_| KeyError::TooManyVersions)?;
+        let mut secrets = self.secrets.lock().map_err(|_| KeyError::Poisoned)?;
         let mut added = false;
         for t in tenants {
             if !secrets.contains_key(*t) {
@@ -621,16 +623,16 @@ impl Keyring {
     /// under the newest: after this nothing in `state_dir` needs an older version.
     pub fn rekey(&self, masters: MasterKeys) -> Result<(), KeyError> {
         {
-            let mut current = self.masters.write().map_err(|_| KeyError::TooManyVersions)?;
+            let mut current = self.masters.write().map_err(|_| KeyError::Poisoned)?;
             *current = masters;
         }
-        let secrets = self.secrets.lock().map_err(|_| KeyError::TooManyVersions)?;
+        let secrets = self.secrets.lock().map_err(|_| KeyError::Poisoned)?;
         self.save(&secrets)
     }
 
     /// Destroys a tenant's secrets: nothing sealed for it opens again.
     pub fn forget(&self, tenant: &str) -> Result<bool, KeyError> {
-        let mut secrets = self.secrets.lock().map_err(|_| KeyError::TooManyVersions)?;
+        let mut secrets = self.secrets.lock().map_err(|_| KeyError::Poisoned)?;
         let gone = secrets.remove(tenant).is_some();
         if gone {
             self.save(&secrets)?;

@@ -529,10 +529,7 @@ impl Keyring {
     /// Seals the tenant key store under the newest master key version and replaces its file.
     fn save(&self, secrets: &std::collections::BTreeMap<String, TenantSecret>) -> Result<(), KeyError> {
         let Some(path) = &self.path else { return Ok(()) };
-        let masters = self
-            .masters
-            .read()
-            .map_err(|_| KeyError::StoreForged { path: path.clone() })?;
+        let masters = self.masters.read().map_err(|_| KeyError::Poisoned)?;
         let (version, master) = masters.newest();
         let plain = Zeroizing::new(postcard::to_stdvec(secrets).unwrap_or_default());
         let mut out = KEY_STORE_MAGIC.to_vec();

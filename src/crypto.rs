@@ -531,13 +531,20 @@ impl Keyring {
         let Some(path) = &self.path else { return Ok(()) };
         let masters = self.masters.read().map_err(|_| KeyError::Poisoned)?;
         let (version, master) = masters.newest();
-        let plain = Zeroizing::new(postcard::to_stdvec(secrets).unwrap_or_default());
+        // Never an empty store in place of a full one: a failure to encode is an error.
+        let plain = Zeroizing::new(postcard::to_stdvec(secrets).map_err(|e| KeyError::Store {
+            path: path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?);
         let mut out = KEY_STORE_MAGIC.to_vec();
         out.push(version);
         let nonce = next_nonce();
         let sealed = master_aead(master, "key-store")
             .encrypt(XNonce::from_slice(&nonce), Payload { msg: &plain, aad: &out })
-            .unwrap_or_default();
+            .map_err(|_| KeyError::Store {
+                path: path.clone(),
+                source: std::io::Error::other("sealing failed"),
+            })?;
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&sealed);
         write_atomic(path, &out).map_err(|source| KeyError::Store {

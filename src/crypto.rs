@@ -58,6 +58,8 @@ pub enum KeyError {
     TooManyVersions,
     #[error("the keyring's lock was poisoned by a panic elsewhere")]
     Poisoned,
+    #[error("{}: missing, but the database beside it holds records sealed under the keys it held; restore it (smsdrop restore) rather than start without", path.display())]
+    StoreMissing { path: PathBuf },
     #[error("version {0} is the newest master key version: rotate first")]
     RetireNewest(u8),
     #[error("the key file holds no master key version {0}")]
@@ -472,6 +474,10 @@ impl Keyring {
         let path = state_dir.join(KEY_STORE_FILE);
         let secrets = match fs::read(&path) {
             Ok(bytes) => Self::unseal_store(&masters, &path, &bytes)?,
+            // New secrets for a store that already has records would open none of them.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && state_dir.join(crate::store::DB_FILE).exists() => {
+                return Err(KeyError::StoreMissing { path });
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
             Err(source) => return Err(KeyError::Store { path, source }),
         };

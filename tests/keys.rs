@@ -158,4 +158,9 @@ fn a_purged_tenant_cannot_be_read_back() {
     std::fs::copy(app.path("master.key"), gone.path("master.key")).expect("the key file now");
     let why = failed(gone.cli(&["restore", before.to_str().expect("path")]));
     assert!(why.contains("master key version 1"), "{why}");
+
+    // A store whose key store is gone is refused, not given new keys that open nothing.
+    std::fs::remove_file(app.state_dir().join("keys")).expect("key store");
+    let why = failed(app.cli(&["status"]));
+    assert!(why.contains("keys: missing") && why.contains("restore"), "{why}");
 }

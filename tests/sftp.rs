@@ -491,8 +491,13 @@ fn every_refusal_is_an_audit_event_and_a_mail() {
             .success()
     );
     assert!(!sftp_batch(d.port, &filed_key, "locked", "ls /\n").status.success());
+    let logins = |app: &common::Appliance| app.audit().iter().filter(|e| e["action"] == "sftp.login").count();
+    let before = logins(&d.app);
     let mut held = hold_session(&d);
-    d.app.wait_audit("sftp.login", &[]);
+    // this session's own login, not an earlier one
+    common::wait_for("the held session logged in", Duration::from_secs(20), || {
+        logins(&d.app) > before
+    });
     assert!(
         !sftp_batch(d.port, &d.key, "acme", "ls /\n").status.success(),
         "max_sessions = 1"

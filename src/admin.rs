@@ -294,24 +294,22 @@ fn answer(ctx: &AdminContext, request: &Request, event: &mut Event) -> Result<Ve
         }
         Request::SubjectExport { phone, tenant } => {
             let mut tenants = serde_json::Map::new();
-            for (tenant, e164) in subject_tenants(config, phone, tenant.as_deref())? {
+            let covered = subject_tenants(config, phone, tenant.as_deref())?;
+            for (tenant, e164) in &covered {
                 event.push(
                     "number_hash",
-                    format!("{}:{}", tenant.id, number_hash(store, &tenant.id, &e164)),
+                    format!("{}:{}", tenant.id, number_hash(store, &tenant.id, e164)),
                 );
-                let data = store.subject_export(&tenant.id, &e164)?;
+                let data = store.subject_export(&tenant.id, e164)?;
                 tenants.insert(
                     tenant.id.clone(),
                     serde_json::to_value(&data).map_err(|e| AdminError::Remote(e.to_string()))?,
                 );
             }
-            // The global list, when no tenant was named: the number as the tenants read it.
-            let first = subject_tenants(config, phone, None)
-                .ok()
-                .and_then(|v| v.first().map(|(_, e)| e.clone()));
+            // The global list, when no tenant was named: the number as the first tenant reads it.
             let mut global = serde_json::Value::Null;
-            if let (None, Some(e164)) = (tenant, first) {
-                if let Some(entry) = store.subject_export(crate::store::GLOBAL_LIST, &e164)?.blocklist {
+            if let (None, Some((_, e164))) = (tenant, covered.first()) {
+                if let Some(entry) = store.blocklist_entry(crate::store::GLOBAL_LIST, e164)? {
                     global = serde_json::to_value(&entry).map_err(|e| AdminError::Remote(e.to_string()))?;
                 }
             }
@@ -322,12 +320,13 @@ fn answer(ctx: &AdminContext, request: &Request, event: &mut Event) -> Result<Ve
         }
         Request::SubjectErase { phone, tenant, block } => {
             let mut out = String::new();
-            for (tenant, e164) in subject_tenants(config, phone, tenant.as_deref())? {
+            let covered = subject_tenants(config, phone, tenant.as_deref())?;
+            for (tenant, e164) in &covered {
                 event.push(
                     "number_hash",
-                    format!("{}:{}", tenant.id, number_hash(store, &tenant.id, &e164)),
+                    format!("{}:{}", tenant.id, number_hash(store, &tenant.id, e164)),
                 );
-                let erased = store.subject_erase(&tenant.id, &e164, *block, now)?;
+                let erased = store.subject_erase(&tenant.id, e164, *block, now)?;
                 event.push(
                     &format!("erased:{}", tenant.id),
                     format!(
@@ -350,15 +349,13 @@ fn answer(ctx: &AdminContext, request: &Request, event: &mut Event) -> Result<Ve
                     }
                 );
             }
-            // Erasing everywhere takes the number off the global list too (`--block` puts it back).
-            let first = subject_tenants(config, phone, None)
-                .ok()
-                .and_then(|v| v.first().map(|(_, e)| e.clone()));
-            if let (None, Some(e164)) = (tenant, first) {
+            // Erasing everywhere takes the number off the global list too (`--block` keeps it).
+            if let (None, Some((_, e164))) = (tenant, covered.first()) {
                 let global = crate::store::GLOBAL_LIST;
-                let was_there = store.subject_export(global, &e164)?.blocklist.is_some();
-                if was_there {
-                    store.subject_erase(global, &e164, *block, now)?;
+                if store.blocklist_entry(global, e164)?.is_some() {
+                    if !*block {
+                        store.blocklist_remove(global, e164)?;
+                    }
                     let _ = writeln!(
                         out,
                         "the global blocklist: its entry {}",

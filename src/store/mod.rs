@@ -807,6 +807,17 @@ impl Store {
         Ok(removed)
     }
 
+    /// The blocklist entry of an E.164 number, if it is on the tenant's (or global) list.
+    pub fn blocklist_entry(&self, tenant: &str, e164: &str) -> Result<Option<BlockEntry>> {
+        let keys = self.keys.tenant(tenant);
+        let key = tenant_key(tenant, &keys.phone_hash(e164));
+        let tx = self.db.begin_read()?;
+        match tx.open_table(BLOCKLIST)?.get(key.as_slice())? {
+            Some(v) => Ok(Some(open_record(&keys, "blocklist", &key, v.value())?)),
+            None => Ok(None),
+        }
+    }
+
     /// A tenant's blocklist entries: (keyed hash of the number, entry). The numbers themselves
     /// are not stored.
     pub fn blocklist_entries(&self, tenant: &str) -> Result<Vec<([u8; 16], BlockEntry)>> {

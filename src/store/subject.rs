@@ -136,11 +136,7 @@ impl Store {
         }
         out.replies = self.replies_from(tenant, e164)?.into_iter().map(|(_, r)| r).collect();
         out.last_sent = self.last_sent_to(tenant, &hash)?;
-        let key = tenant_key(tenant, &hash);
-        let tx = self.db.begin_read()?;
-        if let Some(v) = tx.open_table(BLOCKLIST)?.get(key.as_slice())? {
-            out.blocklist = Some(open_record(&keys, "blocklist", &key, v.value())?);
-        }
+        out.blocklist = self.blocklist_entry(tenant, e164)?;
         Ok(out)
     }
 

@@ -369,7 +369,7 @@ fn answer(ctx: &AdminContext, request: &Request, event: &mut Event) -> Result<Ve
             tracing::info!("subject erased by an operator (number hashes on the audit log)");
             Ok(out.into_bytes())
         }
-        Request::KeyReload { .. } => {
+        Request::KeyReload { action, .. } => {
             let masters = crate::crypto::MasterKeys::load(&config.key_file)?;
             store.keys().rekey(masters)?;
             let (versions, sealed) = store.keys().versions();
@@ -379,6 +379,15 @@ fn answer(ctx: &AdminContext, request: &Request, event: &mut Event) -> Result<Ve
                 sealed_under = sealed,
                 "master key versions read again; tenant key store re-sealed"
             );
+            if action == "rotate" {
+                // New records under new sealing generations; the old records follow in the
+                // background (serve) or here and now (no serve running).
+                store.keys().new_generation()?;
+                if ctx.dispatch.is_none() {
+                    let look = crate::store::reseal::reseal_all(store)?;
+                    event.push("resealed", look.resealed);
+                }
+            }
             Ok(key_status(store).into_bytes())
         }
         Request::KeyStatus => Ok(key_status(store).into_bytes()),
@@ -760,6 +769,14 @@ pub fn status_text(
         out,
         "\nretention: last sweep {when}; since the store was made {deleted} messages deleted ({deleted_batches} batches), {anonymized} anonymised"
     );
+    let reseal = store.reseal_progress();
+    if reseal.running || store.keys().has_old_generations() {
+        let _ = writeln!(
+            out,
+            "keys: re-sealing after a rotation, {} records looked at, {} re-sealed (smsdrop key status)",
+            reseal.examined, reseal.resealed
+        );
+    }
     let (file, used) = store.space(&config.state_dir)?;
     let mib = |b: u64| b as f64 / f64::from(1 << 20);
     let _ = writeln!(
@@ -869,15 +886,67 @@ async fn connection(stream: UnixStream, ctx: Arc<AdminContext>) -> io::Result<()
     write.shutdown().await
 }
 
-/// `smsdrop key status`: the master key versions and what uses them.
+/// `smsdrop key status`: the master key versions and what uses them, the sealing generations
+/// and the re-sealer's progress.
 fn key_status(store: &Store) -> String {
     let (versions, sealed) = store.keys().versions();
     let list: Vec<String> = versions.iter().map(u8::to_string).collect();
-    format!(
+    let mut out = format!(
         "master key versions in the key file: {}\nnewest: {sealed} (seals the tenant key store and new backups)\ntenants with keys: {}\n",
         list.join(", "),
         store.keys().known_tenants().len()
-    )
+    );
+    let generations = store.keys().generations();
+    let newest = generations
+        .values()
+        .filter_map(|g| g.last())
+        .max()
+        .copied()
+        .unwrap_or(0);
+    let older = generations.values().filter(|g| g.len() > 1).count();
+    let progress = store.reseal_progress();
+    if older == 0 {
+        let _ = writeln!(
+            out,
+            "record sealing: every record under its tenant's newest generation (up to {newest}), nothing to re-seal"
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "record sealing: {older} tenants (with the system's records) still hold an older generation; \
+             re-sealer {}: {} records looked at, {} re-sealed{}",
+            if progress.running {
+                "running"
+            } else {
+                "waiting for its next pass"
+            },
+            progress.examined,
+            progress.resealed,
+            progress
+                .waiting
+                .as_deref()
+                .map(|w| format!(" ({w})"))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(at) = progress.finished_at.and_then(|t| jiff::Timestamp::from_second(t).ok()) {
+        let _ = writeln!(
+            out,
+            "last re-seal pass ended {}: {} records re-sealed, {} older generations destroyed{}",
+            at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            progress.resealed,
+            progress.dropped,
+            if progress.damaged > 0 {
+                format!(
+                    ", {} records did not open (run `smsdrop audit verify`)",
+                    progress.damaged
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
+    out
 }
 
 /// The files a backup carries beside the store: (name, path).

@@ -1,12 +1,18 @@
 //! Keys and sealing (SPEC §9): the master key, per-tenant keys, sealed records and keyed hashes.
 //!
 //! Envelope encryption, as a KMS does it. The master key file holds one or more *versions* of
-//! the master key (`key rotate` adds one). Each tenant has its own random secrets (one for
-//! sealing, one for keyed hashes), kept in `state_dir/keys`, which is sealed as a whole under the
-//! newest master key version. Rotating re-seals that file under the new version at once, so
-//! nothing live needs an older version afterwards; `key retire` then destroys one (backups taken
-//! under it no longer open). Purging a tenant removes its secrets: none of its records, wherever
-//! they are left, can be opened again.
+//! the master key (`key rotate` adds one). Each tenant has its own random secrets (sealing
+//! secrets, one per *generation*, and one for keyed hashes), kept in `state_dir/keys`, which is
+//! sealed as a whole under the newest master key version. Rotating re-seals that file under the
+//! new version at once, so nothing live needs an older version afterwards (`key retire` then
+//! destroys one; backups taken under it no longer open), and gives every tenant a new sealing
+//! generation: new records are sealed under it, the store's re-sealer moves the old ones over in
+//! the background and then drops the old generation ([`Keyring::drop_old_generations`]).
+//! Purging a tenant removes its secrets: none of its records, wherever they are left, can be
+//! opened again.
+//!
+//! The keyed-hash secret is not rotated: the blocklist and anonymised records keep only hashes,
+//! and a hash cannot be re-keyed without the number it stands for.
 //!
 //! Every record the store keeps is sealed with XChaCha20-Poly1305 under its tenant's key, with a
 //! 24-byte nonce that never repeats: 16 random bytes drawn once per thread, then a counter (a
@@ -30,8 +36,8 @@ use zeroize::Zeroizing;
 
 /// Version of the sealed-record envelope.
 const ENVELOPE_VERSION: u8 = 1;
-/// Version of the master key that sealed a record; key rotation adds more.
-const KEY_ID: u8 = 1;
+/// The sealing generation a tenant starts with; each rotation adds one.
+const FIRST_GENERATION: u8 = 1;
 const NONCE_LEN: usize = 24;
 const HEADER_LEN: usize = 2 + NONCE_LEN;
 /// What sealing adds to a plaintext.
@@ -56,6 +62,8 @@ pub enum KeyError {
     Write { path: PathBuf, source: std::io::Error },
     #[error("255 master key versions: no more can be added")]
     TooManyVersions,
+    #[error("tenant {0} has 255 sealing generations: let the re-sealer finish (key status) before rotating again")]
+    TooManyGenerations(String),
     #[error("the keyring's lock was poisoned by a panic elsewhere")]
     Poisoned,
     #[error("{}: missing, but the database beside it holds records sealed under the keys it held; restore it (smsdrop restore) rather than start without", path.display())]
@@ -330,28 +338,50 @@ fn next_nonce() -> [u8; NONCE_LEN] {
     })
 }
 
-/// One tenant's keys: erasing the master key (or the tenant's derivation) makes its data unreadable.
+/// One tenant's keys: erasing the master key (or the tenant's secrets) makes its data unreadable.
 pub struct TenantKeys {
     tenant: String,
-    aead: XChaCha20Poly1305,
+    /// Sealing keys by generation, oldest first; the last seals.
+    generations: RwLock<Vec<(u8, XChaCha20Poly1305)>>,
     phone_key: Zeroizing<[u8; 32]>,
     file_key: Zeroizing<[u8; 32]>,
 }
 
+/// The sealing generation of a sealed record (`None`: not one of ours).
+pub fn generation_of(sealed: &[u8]) -> Option<u8> {
+    (sealed.len() >= SEAL_OVERHEAD && sealed[0] == ENVELOPE_VERSION).then(|| sealed[1])
+}
+
 impl TenantKeys {
     fn new(secret: &TenantSecret, tenant: &str) -> TenantKeys {
-        let seal = derive(&secret.seal, "seal", tenant);
         TenantKeys {
             tenant: tenant.to_string(),
-            aead: XChaCha20Poly1305::new(seal.as_ref().into()),
+            generations: RwLock::new(Self::aeads(secret, tenant)),
             phone_key: derive(&secret.index, "phone-index", tenant),
             file_key: derive(&secret.index, "file-dedupe", tenant),
         }
     }
 
-    fn associated_data(&self, table: &str, record_key: &[u8]) -> Vec<u8> {
+    fn aeads(secret: &TenantSecret, tenant: &str) -> Vec<(u8, XChaCha20Poly1305)> {
+        secret
+            .seals
+            .iter()
+            .map(|(g, seal)| (*g, XChaCha20Poly1305::new(derive(seal, "seal", tenant).as_ref().into())))
+            .collect()
+    }
+
+    /// Takes the generations now in `secret` (after a rotation or a drop).
+    fn refresh(&self, secret: &TenantSecret) {
+        let fresh = Self::aeads(secret, &self.tenant);
+        match self.generations.write() {
+            Ok(mut g) => *g = fresh,
+            Err(p) => *p.into_inner() = fresh,
+        }
+    }
+
+    fn associated_data(&self, generation: u8, table: &str, record_key: &[u8]) -> Vec<u8> {
         let mut ad = Vec::with_capacity(4 + table.len() + self.tenant.len() + record_key.len());
-        ad.extend_from_slice(&[ENVELOPE_VERSION, KEY_ID]);
+        ad.extend_from_slice(&[ENVELOPE_VERSION, generation]);
         ad.extend_from_slice(table.as_bytes());
         ad.push(0);
         ad.extend_from_slice(self.tenant.as_bytes());
@@ -360,12 +390,22 @@ impl TenantKeys {
         ad
     }
 
-    /// Seals `plaintext` for storage in `table` under `record_key`.
+    /// The generation new records are sealed under.
+    pub fn newest_generation(&self) -> u8 {
+        let g = self.generations.read().unwrap_or_else(|p| p.into_inner());
+        g.last().map(|(g, _)| *g).unwrap_or(0)
+    }
+
+    /// Seals `plaintext` for storage in `table` under `record_key`, with the newest generation.
     pub fn seal(&self, table: &str, record_key: &[u8], plaintext: &[u8]) -> Vec<u8> {
         let nonce = next_nonce();
-        let ad = self.associated_data(table, record_key);
-        let ciphertext = self
-            .aead
+        let generations = self.generations.read().unwrap_or_else(|p| p.into_inner());
+        // A tenant always has a generation: its secret is made with one and never left without.
+        let Some((generation, aead)) = generations.last() else {
+            panic!("tenant {} has no sealing generation", self.tenant);
+        };
+        let ad = self.associated_data(*generation, table, record_key);
+        let ciphertext = aead
             .encrypt(
                 XNonce::from_slice(&nonce),
                 Payload {
@@ -375,7 +415,7 @@ impl TenantKeys {
             )
             .unwrap_or_default();
         let mut out = Vec::with_capacity(HEADER_LEN + ciphertext.len());
-        out.extend_from_slice(&[ENVELOPE_VERSION, KEY_ID]);
+        out.extend_from_slice(&[ENVELOPE_VERSION, *generation]);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&ciphertext);
         out
@@ -386,19 +426,33 @@ impl TenantKeys {
         if sealed.len() < SEAL_OVERHEAD {
             return Err(SealError::Truncated);
         }
-        if sealed[0] != ENVELOPE_VERSION || sealed[1] != KEY_ID {
+        if sealed[0] != ENVELOPE_VERSION {
             return Err(SealError::UnknownVersion);
         }
-        let ad = self.associated_data(table, record_key);
-        self.aead
-            .decrypt(
-                XNonce::from_slice(&sealed[2..HEADER_LEN]),
-                Payload {
-                    msg: &sealed[HEADER_LEN..],
-                    aad: &ad,
-                },
-            )
-            .map_err(|_| SealError::Forged)
+        let generation = sealed[1];
+        let generations = self.generations.read().unwrap_or_else(|p| p.into_inner());
+        let (_, aead) = generations
+            .iter()
+            .find(|(g, _)| *g == generation)
+            .ok_or(SealError::UnknownVersion)?;
+        let ad = self.associated_data(generation, table, record_key);
+        aead.decrypt(
+            XNonce::from_slice(&sealed[2..HEADER_LEN]),
+            Payload {
+                msg: &sealed[HEADER_LEN..],
+                aad: &ad,
+            },
+        )
+        .map_err(|_| SealError::Forged)
+    }
+
+    /// The record sealed again under the newest generation, or `None` if it already is.
+    pub fn reseal(&self, table: &str, record_key: &[u8], sealed: &[u8]) -> Result<Option<Vec<u8>>, SealError> {
+        if generation_of(sealed) == Some(self.newest_generation()) {
+            return Ok(None);
+        }
+        let plain = Zeroizing::new(self.open(table, record_key, sealed)?);
+        Ok(Some(self.seal(table, record_key, &plain)))
     }
 
     /// The keyed hash that stands for a phone number in lookups (blocklist, subject requests).
@@ -420,30 +474,40 @@ impl TenantKeys {
     }
 }
 
-/// A tenant's own random secrets: one its records are sealed under, one its keyed hashes
-/// (phone index, file fingerprints) are made with. Only in the tenant key store.
+/// A tenant's own random secrets: the ones its records are sealed under (by generation, oldest
+/// first), one its keyed hashes (phone index, file fingerprints) are made with. Only in the
+/// tenant key store.
 #[derive(Clone, serde::Serialize, serde::Deserialize)]
 struct TenantSecret {
-    seal: [u8; 32],
+    seals: Vec<(u8, [u8; 32])>,
     index: [u8; 32],
 }
 
 impl Drop for TenantSecret {
     fn drop(&mut self) {
-        zeroize::Zeroize::zeroize(&mut self.seal);
+        for (_, seal) in &mut self.seals {
+            zeroize::Zeroize::zeroize(seal);
+        }
         zeroize::Zeroize::zeroize(&mut self.index);
     }
 }
 
+fn random_32() -> std::io::Result<[u8; 32]> {
+    let mut out = [0u8; 32];
+    getrandom::fill(&mut out).map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(out)
+}
+
 impl TenantSecret {
     fn random() -> std::io::Result<TenantSecret> {
-        let mut secret = TenantSecret {
-            seal: [0; 32],
-            index: [0; 32],
-        };
-        getrandom::fill(&mut secret.seal).map_err(|e| std::io::Error::other(e.to_string()))?;
-        getrandom::fill(&mut secret.index).map_err(|e| std::io::Error::other(e.to_string()))?;
-        Ok(secret)
+        Ok(TenantSecret {
+            seals: vec![(FIRST_GENERATION, random_32()?)],
+            index: random_32()?,
+        })
+    }
+
+    fn newest(&self) -> u8 {
+        self.seals.last().map(|(g, _)| *g).unwrap_or(0)
     }
 }
 
@@ -594,17 +658,14 @@ impl Keyring {
             // Sealing under a secret that is not stored would lose the records at the next start.
             panic!("cannot keep the keys of tenant {tenant}: {e}");
         }
-        let keys = {
-            let secrets = self.secrets.lock().unwrap_or_else(|p| p.into_inner());
-            match secrets.get(tenant) {
-                Some(secret) => Arc::new(TenantKeys::new(secret, tenant)),
-                None => panic!("the keys of tenant {tenant} vanished"),
-            }
+        // Made and cached under the secrets' lock, so that a rotation cannot slip in between.
+        let secrets = self.secrets.lock().unwrap_or_else(|p| p.into_inner());
+        let keys = match secrets.get(tenant) {
+            Some(secret) => Arc::new(TenantKeys::new(secret, tenant)),
+            None => panic!("the keys of tenant {tenant} vanished"),
         };
-        if let Ok(mut map) = self.tenants.write() {
-            map.insert(tenant.to_string(), keys.clone());
-        }
-        keys
+        let mut map = self.tenants.write().unwrap_or_else(|p| p.into_inner());
+        map.entry(tenant.to_string()).or_insert(keys).clone()
     }
 
     /// The keys that seal backup frames under master key version `version` (`None`: the newest).
@@ -615,7 +676,7 @@ impl Keyring {
             None => masters.newest(),
         };
         let secret = TenantSecret {
-            seal: *master.derive("backup", ""),
+            seals: vec![(FIRST_GENERATION, *master.derive("backup", ""))],
             index: *master.derive("backup-index", ""),
         };
         Some((v, Arc::new(TenantKeys::new(&secret, "@backup"))))
@@ -651,6 +712,79 @@ impl Keyring {
             map.remove(tenant);
         }
         Ok(gone)
+    }
+
+    /// Gives every tenant (and the system's records) a new sealing generation: records sealed
+    /// from now on use it; older ones still open until [`Keyring::drop_old_generations`].
+    pub fn new_generation(&self) -> Result<(), KeyError> {
+        let mut secrets = self.secrets.lock().map_err(|_| KeyError::Poisoned)?;
+        let store_error = |source| KeyError::Store {
+            path: self.path.clone().unwrap_or_default(),
+            source,
+        };
+        let mut next = secrets.clone();
+        for (tenant, secret) in next.iter_mut() {
+            let generation = secret
+                .newest()
+                .checked_add(1)
+                .ok_or_else(|| KeyError::TooManyGenerations(tenant.clone()))?;
+            secret.seals.push((generation, random_32().map_err(store_error)?));
+        }
+        self.save(&next)?;
+        *secrets = next;
+        self.refresh(&secrets);
+        Ok(())
+    }
+
+    /// Destroys every sealing generation but the newest of these tenants (all when `None`):
+    /// only once no record is sealed under one. Returns how many were destroyed.
+    pub fn drop_old_generations(&self, tenants: Option<&[String]>) -> Result<usize, KeyError> {
+        let mut secrets = self.secrets.lock().map_err(|_| KeyError::Poisoned)?;
+        let mut next = secrets.clone();
+        let mut dropped = 0;
+        for (tenant, secret) in next.iter_mut() {
+            if tenants.is_some_and(|t| !t.contains(tenant)) || secret.seals.len() < 2 {
+                continue;
+            }
+            dropped += secret.seals.len() - 1;
+            secret.seals.drain(..secret.seals.len() - 1);
+        }
+        if dropped > 0 {
+            self.save(&next)?;
+            *secrets = next;
+            self.refresh(&secrets);
+        }
+        Ok(dropped)
+    }
+
+    /// Each tenant's sealing generations, oldest first (`key status`).
+    pub fn generations(&self) -> std::collections::BTreeMap<String, Vec<u8>> {
+        self.secrets
+            .lock()
+            .map(|s| {
+                s.iter()
+                    .map(|(t, secret)| (t.clone(), secret.seals.iter().map(|(g, _)| *g).collect()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Whether some tenant still has a generation older than its newest.
+    pub fn has_old_generations(&self) -> bool {
+        self.secrets
+            .lock()
+            .map(|s| s.values().any(|secret| secret.seals.len() > 1))
+            .unwrap_or(false)
+    }
+
+    /// The cached tenant keys take the generations now in the store.
+    fn refresh(&self, secrets: &std::collections::BTreeMap<String, TenantSecret>) {
+        let map = self.tenants.read().unwrap_or_else(|p| p.into_inner());
+        for (tenant, keys) in map.iter() {
+            if let Some(secret) = secrets.get(tenant) {
+                keys.refresh(secret);
+            }
+        }
     }
 
     /// Tenants with secrets in the store.
@@ -756,6 +890,36 @@ mod tests {
             Keyring::open(masters(other.path()), other.path()),
             Err(KeyError::StoreVersion { version: 2, .. })
         ));
+    }
+
+    #[test]
+    fn a_new_generation_seals_new_records_and_the_old_one_goes_when_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = keyring(dir.path());
+        let acme = ring.tenant("acme");
+        let old = acme.seal("t", b"k", b"old");
+        assert_eq!(generation_of(&old), Some(1));
+        assert_eq!(acme.reseal("t", b"k", &old).unwrap(), None, "already the newest");
+        ring.new_generation().unwrap();
+        assert!(ring.has_old_generations());
+        // the cached keys follow, and a reopened keyring has both generations
+        let new = acme.seal("t", b"k", b"new");
+        assert_eq!(generation_of(&new), Some(2));
+        assert_eq!(
+            keyring(dir.path()).tenant("acme").open("t", b"k", &old).unwrap(),
+            b"old"
+        );
+        let moved = acme.reseal("t", b"k", &old).unwrap().unwrap();
+        assert_eq!(generation_of(&moved), Some(2));
+        assert_eq!(acme.open("t", b"k", &moved).unwrap(), b"old");
+        assert_eq!(ring.generations()["acme"], [1, 2]);
+        assert_eq!(ring.drop_old_generations(None).unwrap(), SYSTEM_TENANTS.len() + 1);
+        assert!(!ring.has_old_generations());
+        for keys in [acme, keyring(dir.path()).tenant("acme")] {
+            assert_eq!(keys.open("t", b"k", &old), Err(SealError::UnknownVersion));
+            assert_eq!(keys.open("t", b"k", &moved).unwrap(), b"old");
+            assert_eq!(keys.open("t", b"k", &new).unwrap(), b"new");
+        }
     }
 
     #[test]

@@ -200,6 +200,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         ingesting.clone(),
         workers.clone(),
     ));
+    tracker.spawn(reseal(store.clone(), audit.clone(), ingesting.clone(), workers.clone()));
     if let Some(schedule) = config.backup.clone() {
         tracker.spawn(backups(
             store.clone(),
@@ -333,6 +334,70 @@ async fn sweep(
                 }
             }
             Err(e) => tracing::error!(error = %e, "retention sweep failed; retried at the next look"),
+        }
+    }
+}
+
+/// How often the re-sealer looks for a rotation to follow up.
+const RESEAL_EVERY: Duration = Duration::from_secs(2);
+/// Steps (of `store::reseal::STEP_RECORDS` records) per look while a pass is under way; the
+/// next look follows after [`SWEEP_PAUSE`], or [`SWEEP_YIELD`] with one step while ingesting.
+const RESEAL_STEPS: u64 = 16;
+
+/// After `key rotate`: re-seals every record under the new generations in small steps, giving
+/// way to ingest like the sweeper, and puts each finished pass on the audit log.
+async fn reseal(store: Store, audit: Audit, ingesting: Arc<AtomicBool>, shutdown: CancellationToken) {
+    let state = Arc::new(std::sync::Mutex::new(crate::store::reseal::Resealer::default()));
+    let mut pause = RESEAL_EVERY;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        let busy = ingesting.clone();
+        let budget = if busy.load(Ordering::Relaxed) { 1 } else { RESEAL_STEPS };
+        let state = state.clone();
+        let result = store
+            .blocking(move |s| {
+                let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+                s.reseal(&mut state, budget, &|| busy.load(Ordering::Relaxed))
+            })
+            .await;
+        pause = RESEAL_EVERY;
+        match result {
+            Ok(look) if look.finished => {
+                let progress = store.reseal_progress();
+                tracing::info!(
+                    examined = progress.examined,
+                    resealed = progress.resealed,
+                    damaged = progress.damaged,
+                    generations_destroyed = look.dropped,
+                    "re-seal pass over"
+                );
+                audit.record(
+                    Event::new("key.reseal", "smsdrop")
+                        .detail("examined", progress.examined)
+                        .detail("resealed", progress.resealed)
+                        .detail("damaged", progress.damaged)
+                        .detail("generations_destroyed", look.dropped),
+                );
+            }
+            Ok(look) if look.dropped > 0 => {
+                tracing::info!(
+                    generations_destroyed = look.dropped,
+                    "the system's older key generation destroyed"
+                );
+                audit.record(Event::new("key.reseal", "smsdrop").detail("generations_destroyed", look.dropped));
+            }
+            Ok(look) if look.steps >= budget => {
+                pause = if ingesting.load(Ordering::Relaxed) {
+                    SWEEP_YIELD
+                } else {
+                    SWEEP_PAUSE
+                };
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "re-sealing failed; retried at the next look"),
         }
     }
 }

@@ -49,6 +49,9 @@ fn rotation_while_dispatching_then_retiring_the_old_version() {
         let p = pending(&app);
         p > 0 && p < valid
     });
+    // What a thief might have kept from before: the key store and the key file of version 1.
+    std::fs::copy(app.state_dir().join("keys"), app.path("keys.v1")).expect("key store");
+    std::fs::copy(app.path("master.key"), app.path("master.key.v1")).expect("key file");
     let said = ok(app.cli(&["key", "rotate"]));
     let left = pending(&app);
     assert!(left > 1000, "the rotation came with {left} messages still to go");
@@ -60,6 +63,18 @@ fn rotation_while_dispatching_then_retiring_the_old_version() {
         report[1..].iter().all(|r| r[4] == "delivered"),
         "every message sent across the rotation"
     );
+    // The re-sealer moves every record to the new generation, then destroys the old one.
+    wait_for("the re-seal pass", Duration::from_secs(60), || {
+        ok(app.cli(&["key", "status"])).contains("nothing to re-seal")
+    });
+    let status = ok(app.cli(&["key", "status"]));
+    let resealed: u64 = status
+        .split("last re-seal pass ended ")
+        .nth(1)
+        .and_then(|l| l.split(": ").nth(1)?.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{status}"));
+    assert!(resealed > 0, "the queue's records were re-sealed: {status}");
+    assert!(status.contains("older generations destroyed"), "{status}");
     let after = app.path("after.backup");
     ok(app.cli(&["backup", after.to_str().expect("path")]));
 
@@ -75,7 +90,27 @@ fn rotation_while_dispatching_then_retiring_the_old_version() {
     let restarted = app.log();
     assert!(!restarted.contains("ERROR"), "{restarted}");
     app.stop();
+    // The store as it is now, with the keys from before the rotation: nothing in it opens.
+    let thief = app.twin(&tables);
+    std::fs::create_dir_all(thief.state_dir()).expect("state dir");
+    std::fs::copy(
+        app.state_dir().join("smsdrop.redb"),
+        thief.state_dir().join("smsdrop.redb"),
+    )
+    .expect("db");
+    std::fs::copy(app.path("keys.v1"), thief.state_dir().join("keys")).expect("old key store");
+    std::fs::copy(app.path("master.key.v1"), thief.path("master.key")).expect("old key file");
+    let why = failed(thief.cli(&["batch", "show", "1"]));
+    assert!(why.contains("does not open"), "{why}");
+    // The audit log's first entries were written before the rotation and never since: only the
+    // re-sealer moved them.
+    let why = failed(thief.cli(&["audit", "verify"]));
+    assert!(why.contains("broken at entry 1:"), "{why}");
     let audit = app.audit();
+    assert!(
+        audit.iter().any(|e| e["action"] == "key.reseal"),
+        "the re-seal pass on the audit log"
+    );
     for action in ["rotate", "retire"] {
         assert!(
             audit
@@ -163,4 +198,25 @@ fn a_purged_tenant_cannot_be_read_back() {
     std::fs::remove_file(app.state_dir().join("keys")).expect("key store");
     let why = failed(app.cli(&["status"]));
     assert!(why.contains("keys: missing") && why.contains("restore"), "{why}");
+}
+
+#[test]
+fn a_rotation_without_serve_re_seals_everything_before_it_returns() {
+    let mut app = Appliance::new(&tenant("acme", ""));
+    app.start();
+    app.drop_file("acme", "a.csv", b"phone;message\n0612345678;Before the rotation\n");
+    app.final_report("acme", "a", 1);
+    ok(app.cli(&["blocklist", "add", "--tenant", "acme", "--phone", "0611111111"]));
+    app.stop();
+    let said = ok(app.cli(&["key", "rotate"]));
+    assert!(said.contains("nothing to re-seal"), "{said}");
+    assert!(said.contains("older generations destroyed"), "{said}");
+    let doc = ok(app.cli(&["subject", "export", "--phone", "0612345678"]));
+    assert!(doc.contains("Before the rotation"), "{doc}");
+    let list = ok(app.cli(&["blocklist", "list", "--tenant", "acme"]));
+    assert_eq!(list.lines().count(), 2, "a header and the number: {list}");
+    assert!(ok(app.cli(&["audit", "verify"])).contains("intact"));
+    app.start();
+    let status = ok(app.cli(&["key", "status"]));
+    assert!(status.contains("nothing to re-seal"), "{status}");
 }

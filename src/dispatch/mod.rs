@@ -545,8 +545,10 @@ impl Dispatcher {
         loop {
             let (store, dir, reports) = (self.store.clone(), self.config.state_dir.clone(), self.reports.clone());
             let opened = tokio::task::spawn_blocking(move || -> Result<(Wal, u64), String> {
+                let announcer = store.clone();
+                let announce = Box::new(move |seq| announcer.wal_announce(seq));
                 let (mut wal, records) =
-                    Wal::open(&dir, store.keys().system()).map_err(|e| format!("dispatch log: {e}"))?;
+                    Wal::open(&dir, store.keys().system(), announce).map_err(|e| format!("dispatch log: {e}"))?;
                 let mut steps = Vec::with_capacity(records.len());
                 for (seq, plain) in records {
                     match postcard::from_bytes::<DispatchCommit>(&plain) {

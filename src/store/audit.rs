@@ -3,7 +3,9 @@
 //!
 //! Entry `n` is stored under key `n` (from 1) as `seal(postcard(AuditEntry))`, where the entry
 //! holds `prev`, the chain hash after entry `n - 1`. The chain hash after entry `n` is
-//! `BLAKE3(prev ‖ n ‖ sealed bytes of n)`. The head (last sequence number and chain hash) is a
+//! `BLAKE3(prev ‖ n ‖ postcard(entry n))`: of the entry, not of its sealed bytes, so that the
+//! re-sealer can move an entry to a new key generation without breaking the chain (the seal
+//! still proves the bytes are ours). The head (last sequence number and chain hash) is a
 //! sealed record of its own, so cutting entries off the end is found too. Only the holder of the
 //! master key can write an entry that opens, so an entry cannot be forged, only damaged.
 
@@ -66,11 +68,11 @@ pub enum ChainCheck {
     },
 }
 
-fn chain(prev: &[u8; 32], seq: u64, sealed: &[u8]) -> [u8; 32] {
-    let mut h = blake3::Hasher::new_derive_key("smsdrop audit chain v1");
+fn chain(prev: &[u8; 32], seq: u64, plain: &[u8]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_derive_key("smsdrop audit chain v2");
     h.update(prev);
     h.update(&seq.to_be_bytes());
-    h.update(sealed);
+    h.update(plain);
     *h.finalize().as_bytes()
 }
 
@@ -100,11 +102,12 @@ impl Store {
                     prev: head.hash,
                     event: event.clone(),
                 };
-                let sealed = keys.seal("audit", &seq.to_be_bytes(), &encode(&entry));
+                let plain = encode(&entry);
+                let sealed = keys.seal("audit", &seq.to_be_bytes(), &plain);
                 table.insert(seq, sealed.as_slice())?;
                 head = Head {
                     seq,
-                    hash: chain(&head.hash, seq, &sealed),
+                    hash: chain(&head.hash, seq, &plain),
                 };
             }
         }
@@ -171,7 +174,7 @@ impl Store {
             }
             running = Head {
                 seq,
-                hash: chain(&running.hash, seq, v.value()),
+                hash: chain(&running.hash, seq, &encode(&entry)),
             };
         }
         let head: Option<Head> = match tx.open_table(AUDIT_HEAD)?.get("head")? {

@@ -17,6 +17,7 @@ mod mail;
 mod receipts;
 pub mod records;
 mod replies;
+pub mod reseal;
 pub mod retention;
 pub mod subject;
 mod traffic;
@@ -90,6 +91,8 @@ pub enum StoreError {
         key: String,
         source: postcard::Error,
     },
+    #[error("keys: {0}")]
+    Keys(#[from] crate::crypto::KeyError),
     #[error("no batch {0}")]
     NoBatch(u64),
     #[error("batch {id} is {state}: {action} applies only to {wanted} batches")]
@@ -134,6 +137,9 @@ pub struct Store {
     pub(crate) keys: Arc<Keyring>,
     /// The folder the database is in (`state_dir`).
     dir: Arc<std::path::PathBuf>,
+    /// The last dispatch log step about to be sealed ([`Store::wal_announce`]).
+    wal_announced: Arc<std::sync::atomic::AtomicU64>,
+    reseal: Arc<std::sync::Mutex<reseal::ResealProgress>>,
 }
 
 /// A tenant's blocklist and the global one, as ingest checks them.
@@ -282,7 +288,7 @@ pub(crate) fn tenant_range(tenant: &str) -> (Vec<u8>, Vec<u8>) {
     (start, end)
 }
 
-fn chunk_key(batch: u64, chunk: u32) -> [u8; 12] {
+pub(crate) fn chunk_key(batch: u64, chunk: u32) -> [u8; 12] {
     let mut k = [0u8; 12];
     k[..8].copy_from_slice(&batch.to_be_bytes());
     k[8..].copy_from_slice(&chunk.to_be_bytes());
@@ -323,6 +329,8 @@ impl Store {
             db: Arc::new(db),
             keys,
             dir: Arc::new(dir.to_path_buf()),
+            wal_announced: Default::default(),
+            reseal: Default::default(),
         })
     }
 
@@ -458,6 +466,18 @@ impl Store {
             .map(|(n, msgs)| (*n, keys.seal("chunks", &chunk_key(batch.id, *n), &encode(msgs))))
             .collect();
         let tx = self.write(Durability::None)?;
+        // Sealed outside the transaction (it holds the writer's lock): one sealed under a
+        // generation a rotation has since replaced is sealed again here, so that the re-sealer's
+        // next pass, which starts after this commit, finds every older record (see `reseal`).
+        let newest = Some(keys.newest_generation());
+        let sealed: Vec<(u32, Vec<u8>)> = if sealed.iter().all(|(_, v)| crate::crypto::generation_of(v) == newest) {
+            sealed
+        } else {
+            chunks
+                .iter()
+                .map(|(n, msgs)| (*n, keys.seal("chunks", &chunk_key(batch.id, *n), &encode(msgs))))
+                .collect()
+        };
         {
             let mut table = tx.open_table(CHUNKS)?;
             for (n, value) in &sealed {
@@ -723,8 +743,8 @@ impl Store {
             added_at: now,
             source: source.to_string(),
         };
-        let sealed = keys.seal("blocklist", &key, &encode(&entry));
         let tx = self.write(Durability::Immediate)?;
+        let sealed = keys.seal("blocklist", &key, &encode(&entry));
         tx.open_table(BLOCKLIST)?.insert(key.as_slice(), sealed.as_slice())?;
         tx.commit()?;
         Ok(())
@@ -737,6 +757,8 @@ impl Store {
             added_at: now,
             source: source.to_string(),
         });
+        // Sealed inside the transaction, so a key rotation cannot come in between (see `reseal`).
+        let tx = self.write(Durability::Immediate)?;
         let mut rows: Vec<(Vec<u8>, Vec<u8>)> = numbers
             .iter()
             .map(|n| {
@@ -747,7 +769,6 @@ impl Store {
             .collect();
         rows.sort();
         rows.dedup_by(|a, b| a.0 == b.0);
-        let tx = self.write(Durability::Immediate)?;
         let mut added = 0;
         {
             let mut table = tx.open_table(BLOCKLIST)?;

@@ -44,6 +44,9 @@ pub struct Wal {
     file: File,
     path: PathBuf,
     keys: Arc<TenantKeys>,
+    /// Told each step number before it is sealed (the re-sealer keeps the generation it was
+    /// sealed under until it is applied).
+    announce: Box<dyn Fn(u64) + Send>,
     /// The last step appended.
     pub last: u64,
     bytes: u64,
@@ -51,7 +54,11 @@ pub struct Wal {
 
 impl Wal {
     /// Opens the log and reads the steps in it: (step number, plain bytes), in order.
-    pub fn open(state_dir: &Path, keys: Arc<TenantKeys>) -> io::Result<(Wal, LoggedSteps)> {
+    pub fn open(
+        state_dir: &Path,
+        keys: Arc<TenantKeys>,
+        announce: Box<dyn Fn(u64) + Send>,
+    ) -> io::Result<(Wal, LoggedSteps)> {
         let path = state_dir.join(WAL_FILE);
         let mut file = OpenOptions::new()
             .read(true)
@@ -99,6 +106,7 @@ impl Wal {
                 file,
                 path,
                 keys,
+                announce,
                 last,
                 bytes: at as u64,
             },
@@ -108,6 +116,7 @@ impl Wal {
 
     /// Appends one step and waits for the disk.
     pub fn append(&mut self, seq: u64, plain: &[u8]) -> io::Result<()> {
+        (self.announce)(seq);
         let sealed = self.keys.seal("wal", &seq.to_be_bytes(), plain);
         let mut record = Vec::with_capacity(12 + sealed.len());
         record.extend_from_slice(&(sealed.len() as u32).to_le_bytes());

@@ -3,7 +3,7 @@ CARGO   ?= cargo
 DEMO    := etc/smsdrop.demo.toml
 BIN     := target/release/smsdrop
 
-.PHONY: run test test-deps lint bench build clean-demo
+.PHONY: run test test-deps lint bench build deb clean-demo
 
 build:
 	$(CARGO) build --release --locked
@@ -19,6 +19,10 @@ run: build
 	@echo "  status: $(BIN) --config $(DEMO) status      stop: Ctrl-C"
 	@echo
 	exec $(BIN) --config $(DEMO) serve
+
+## The Debian package: target/debian/smsdrop_<version>_<arch>.deb (packaging/build-deb.sh).
+deb: build
+	@sh packaging/build-deb.sh
 
 ## What the tests need beyond the Rust toolchain (see tests/peers/README.md).
 test-deps:

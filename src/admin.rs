@@ -83,6 +83,9 @@ pub enum Request {
     KeyReload {
         action: String,
         version: u8,
+        /// The key file as the command read it: under systemd `serve` cannot read the file
+        /// (root's), only the credential copy it was started with.
+        key: Option<crate::crypto::KeyFileText>,
     },
     KeyStatus,
     /// Deletes every record of a tenant no longer in the configuration, then its keys.
@@ -202,7 +205,7 @@ fn answer(ctx: &AdminContext, request: &Request, event: &mut Event) -> Result<Ve
             event.push("batch", id)
         }
         Request::TenantPurge { tenant } => event.set_tenant(tenant),
-        Request::KeyReload { action, version } => {
+        Request::KeyReload { action, version, .. } => {
             event.push("action", action);
             event.push("version", version);
         }
@@ -369,8 +372,11 @@ fn answer(ctx: &AdminContext, request: &Request, event: &mut Event) -> Result<Ve
             tracing::info!("subject erased by an operator (number hashes on the audit log)");
             Ok(out.into_bytes())
         }
-        Request::KeyReload { action, .. } => {
-            let masters = crate::crypto::MasterKeys::load(&config.key_file)?;
+        Request::KeyReload { action, key, .. } => {
+            let masters = match key {
+                Some(text) => text.keys(&config.key_file)?,
+                None => crate::crypto::MasterKeys::load(&crate::server::key_path(config))?,
+            };
             store.keys().rekey(masters)?;
             let (versions, sealed) = store.keys().versions();
             event.push("versions", format!("{versions:?}"));
@@ -789,8 +795,12 @@ pub fn status_text(
 }
 
 /// Serves the admin socket until `shutdown`.
-pub async fn serve(path: PathBuf, ctx: Arc<AdminContext>, shutdown: CancellationToken) -> io::Result<()> {
-    let listener = bind(&path)?;
+pub async fn serve(
+    listener: UnixListener,
+    path: PathBuf,
+    ctx: Arc<AdminContext>,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -815,7 +825,8 @@ pub async fn serve(path: PathBuf, ctx: Arc<AdminContext>, shutdown: Cancellation
     Ok(())
 }
 
-fn bind(path: &Path) -> io::Result<UnixListener> {
+/// Binds the admin socket (mode 0600), replacing a stale one a crash left.
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
     if path.exists() {
         // A live serve answers; a stale socket from a crash does not and is replaced.
         if std::os::unix::net::UnixStream::connect(path).is_ok() {

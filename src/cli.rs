@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Request};
 use crate::config::{self, Config, LogFormat};
-use crate::crypto::MasterKeys;
+use crate::crypto::{KeyFileText, MasterKeys};
 use crate::server;
 use crate::store::StoreError;
 
@@ -32,6 +32,10 @@ pub struct Cli {
 pub enum Command {
     /// Run the appliance.
     Serve,
+    /// Write the man page (smsdrop.8) and shell completions (bash, zsh, fish) into DIR, from
+    /// this command line's own definition (used by `make deb`).
+    #[command(hide = true)]
+    Generate { dir: PathBuf },
     /// Validate the configuration; exits non-zero with the reasons.
     CheckConfig,
     /// Write a new master key (refuses to overwrite one).
@@ -223,6 +227,7 @@ pub enum BlocklistAction {
 /// Runs the parsed command; the process exit code follows the result.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Generate { dir } => generate(&dir),
         Command::CheckConfig => {
             let config = Config::load(&cli.config)?;
             if !config.routes.iter().any(|r| r.prefix.is_empty()) && !config.tenants.is_empty() {
@@ -386,6 +391,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     Request::KeyReload {
                         action: "rotate".into(),
                         version,
+                        key: Some(KeyFileText::read(&config.key_file)?),
                     }
                 }
                 KeyAction::Retire { version } => {
@@ -395,6 +401,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                         Request::KeyReload {
                             action: "check".into(),
                             version,
+                            key: Some(KeyFileText::read(&config.key_file)?),
                         },
                     )?;
                     let mut masters = MasterKeys::load(&config.key_file)?;
@@ -407,6 +414,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     Request::KeyReload {
                         action: "retire".into(),
                         version,
+                        key: Some(KeyFileText::read(&config.key_file)?),
                     }
                 }
             };
@@ -492,6 +500,48 @@ fn init_logging(format: LogFormat, filter: &str) {
     }
 }
 
+/// The man page and completions, generated from the clap definition so they never drift.
+fn generate(dir: &Path) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+    let cmd = Cli::command().long_about(
+        "smsdrop takes CSV batches of SMS from business systems (over its own SFTP server or a \
+         watched folder), validates them line by line, queues accepted messages in an encrypted \
+         store and delivers them through telecom partners over SMPP or HTTP, writing result, \
+         delivery-report and reply files back for the sender. The configuration is \
+         /etc/smsdrop/smsdrop.toml; the service runs as `smsdrop.service`.",
+    );
+    let mut page = Vec::new();
+    clap_mangen::Man::new(cmd.clone()).section("8").render(&mut page)?;
+    std::fs::write(dir.join("smsdrop.8"), page)?;
+    for (shell, name) in [
+        (clap_complete::Shell::Bash, "smsdrop"),
+        (clap_complete::Shell::Zsh, "_smsdrop"),
+        (clap_complete::Shell::Fish, "smsdrop.fish"),
+    ] {
+        let mut out = Vec::new();
+        clap_complete::generate(shell, &mut cmd.clone(), "smsdrop", &mut out);
+        std::fs::write(dir.join(name), out)?;
+    }
+    Ok(())
+}
+
+/// SIGHUP: the configuration is read and checked again; an invalid one is refused with its
+/// errors and the running one kept.
+fn reload(path: &Path) {
+    crate::service::reloading();
+    match Config::load(path) {
+        Ok(_) => tracing::warn!(
+            config = %path.display(),
+            "SIGHUP: the configuration is valid; this version applies changes at the next restart"
+        ),
+        Err(e) => {
+            tracing::error!(config = %path.display(), error = %e, "SIGHUP: the new configuration is refused; the running one is kept")
+        }
+    }
+    crate::service::ready("serving");
+}
+
 fn serve(path: &Path) -> anyhow::Result<()> {
     let config = Arc::new(Config::load(path)?);
     init_logging(config.log_format, &config.log_filter);
@@ -506,19 +556,24 @@ fn serve(path: &Path) -> anyhow::Result<()> {
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
         let trigger = shutdown.clone();
+        use tokio::signal::unix::{SignalKind, signal};
+        // Listened for before anything starts: SIGHUP's default action would end the daemon.
+        let signals = |kind| signal(kind).map_err(server::ServeError::Signals);
+        let (mut term, mut hup) = (signals(SignalKind::terminate())?, signals(SignalKind::hangup())?);
+        let config_path = path.to_path_buf();
         tokio::spawn(async move {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot listen for SIGTERM");
-                    return;
+            loop {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM received"),
+                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+                    _ = hup.recv() => {
+                        reload(&config_path);
+                        continue;
+                    }
                 }
-            };
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received"),
-                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+                trigger.cancel();
+                return;
             }
-            trigger.cancel();
         });
         server::run(config, shutdown).await
     })?;

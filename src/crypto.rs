@@ -49,7 +49,7 @@ pub enum KeyError {
     #[error("{}: cannot read the master key: {source}", path.display())]
     Read { path: PathBuf, source: std::io::Error },
     #[error(
-        "{}: the master key is readable by group or others (mode {mode:o}); run `chmod 600 {}`",
+        "{}: a key file readable by group or others (mode {mode:o}); run `chmod 600 {}`",
         path.display(),
         path.display()
     )]
@@ -89,6 +89,35 @@ pub enum SealError {
     UnknownVersion,
     #[error("sealed record does not authenticate (tampered, moved, or another key)")]
     Forged,
+}
+
+/// A key file's content in transit (the admin socket): never shown, wiped when dropped.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct KeyFileText(String);
+
+impl std::fmt::Debug for KeyFileText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyFileText(..)")
+    }
+}
+
+impl Drop for KeyFileText {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
+
+impl KeyFileText {
+    /// Reads a key file (as `load` would, refusing loose permissions) for handing to `serve`.
+    pub fn read(path: &Path) -> Result<KeyFileText, KeyError> {
+        let keys = MasterKeys::load(path)?;
+        Ok(KeyFileText(keys.to_text()))
+    }
+
+    pub fn keys(&self, path: &Path) -> Result<MasterKeys, KeyError> {
+        MasterKeys::parse(self.0.as_bytes(), path)
+    }
 }
 
 /// One 32-byte version of the master key.
@@ -164,10 +193,15 @@ impl MasterKeys {
             });
         }
         let bytes = Zeroizing::new(fs::read(path).map_err(read_err)?);
+        Self::parse(&bytes, path)
+    }
+
+    /// The key file's content (`path` only names it in errors).
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<MasterKeys, KeyError> {
         let mut versions = std::collections::BTreeMap::new();
         if bytes.len() == 32 {
             let mut key = Zeroizing::new([0u8; 32]);
-            key.copy_from_slice(&bytes);
+            key.copy_from_slice(bytes);
             versions.insert(1, MasterKey(key));
             return Ok(MasterKeys { versions });
         }
@@ -175,7 +209,7 @@ impl MasterKeys {
             path: path.to_path_buf(),
             len: bytes.len(),
         };
-        let text = std::str::from_utf8(&bytes).map_err(|_| bad())?;
+        let text = std::str::from_utf8(bytes).map_err(|_| bad())?;
         if let Some(key) = parse_hex_key(text.trim()) {
             versions.insert(1, key);
             return Ok(MasterKeys { versions });
@@ -273,9 +307,15 @@ impl MasterKeys {
             path: path.to_path_buf(),
             source,
         };
-        let mut text = Zeroizing::new(String::from(
+        let text = Zeroizing::new(self.to_text());
+        write_atomic(path, text.as_bytes()).map_err(write_err)
+    }
+
+    /// The key file's text: comments, then `<version> <64 hex digits>` lines.
+    fn to_text(&self) -> String {
+        let mut text = String::from(
             "# smsdrop master key versions, oldest first: `<version> <64 hex digits>`.\n# Keep this file apart from backups; smsdrop key rotate / key retire change it.\n",
-        ));
+        );
         for (v, k) in &self.versions {
             text.push_str(&format!("{v} "));
             for b in k.0.iter() {
@@ -283,7 +323,7 @@ impl MasterKeys {
             }
             text.push('\n');
         }
-        write_atomic(path, text.as_bytes()).map_err(write_err)
+        text
     }
 }
 
@@ -536,6 +576,12 @@ impl Keyring {
     /// Opens the tenant key store of `state_dir` (made empty on first use).
     pub fn open(masters: MasterKeys, state_dir: &Path) -> Result<Keyring, KeyError> {
         let path = state_dir.join(KEY_STORE_FILE);
+        if let Ok(meta) = fs::metadata(&path) {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(KeyError::Permissions { path, mode });
+            }
+        }
         let secrets = match fs::read(&path) {
             Ok(bytes) => Self::unseal_store(&masters, &path, &bytes)?,
             // New secrets for a store that already has records would open none of them.

@@ -30,6 +30,7 @@ pub mod crypto;
 pub mod dispatch;
 pub mod reply;
 pub mod server;
+pub mod service;
 pub mod sftp;
 pub mod store;
 pub mod watch;

@@ -46,6 +46,14 @@ pub enum ServeError {
     },
     #[error("admin socket: {0}")]
     Admin(io::Error),
+    #[error("cannot listen for signals: {0}")]
+    Signals(io::Error),
+    #[error("{}: {problem}; run `{fix}`", path.display())]
+    Unsafe {
+        path: std::path::PathBuf,
+        problem: String,
+        fix: String,
+    },
     #[error("mail: {0}")]
     Mailer(#[from] MailerError),
     #[error("SFTP: {0}")]
@@ -67,10 +75,49 @@ fn make_dir(path: &Path, mode: u32, what: &'static str) -> Result<(), ServeError
     Ok(())
 }
 
+/// The master key file to read: the credential `master.key` when the service manager passes
+/// one (`LoadCredential=`), else the configuration's `key_file`.
+pub fn key_path(config: &Config) -> std::path::PathBuf {
+    crate::service::credential("master.key").unwrap_or_else(|| config.key_file.clone())
+}
+
+/// Refuses a `state_dir` that others could change (or, for `serve`, that another user owns):
+/// whoever can write there can swap the store or the key store under the daemon.
+fn check_state_dir(path: &Path, serving: bool) -> Result<(), ServeError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(path).map_err(|source| ServeError::Folder {
+        what: "state_dir",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(ServeError::Unsafe {
+            path: path.to_path_buf(),
+            problem: format!("state_dir is writable by group or others (mode {mode:o})"),
+            fix: format!("chmod go-w {}", path.display()),
+        });
+    }
+    // /proc/self belongs to the process's effective uid.
+    let me = fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(meta.uid());
+    if serving && meta.uid() != me {
+        return Err(ServeError::Unsafe {
+            path: path.to_path_buf(),
+            problem: format!(
+                "state_dir belongs to uid {}, not to the uid smsdrop runs as ({me})",
+                meta.uid()
+            ),
+            fix: format!("chown -R {me} {}", path.display()),
+        });
+    }
+    Ok(())
+}
+
 /// Opens the store of `config` (for `serve` and for commands run without it).
 pub fn open_store(config: &Config) -> Result<Store, ServeError> {
     make_dir(&config.state_dir, 0o700, "state_dir")?;
-    let masters = MasterKeys::load(&config.key_file)?;
+    check_state_dir(&config.state_dir, false)?;
+    let masters = MasterKeys::load(&key_path(config))?;
     let keys = Keyring::open(masters, &config.state_dir)?;
     let tenants: Vec<&str> = config.tenants.keys().map(String::as_str).collect();
     keys.ensure(&tenants)?;
@@ -79,6 +126,8 @@ pub fn open_store(config: &Config) -> Result<Store, ServeError> {
 
 /// Runs the appliance until `shutdown` is cancelled.
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), ServeError> {
+    make_dir(&config.state_dir, 0o700, "state_dir")?;
+    check_state_dir(&config.state_dir, true)?;
     let store = {
         let config = config.clone();
         tokio::task::spawn_blocking(move || open_store(&config))
@@ -117,8 +166,10 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
             partners: Some(board.clone()),
         };
         let stop = workers.clone();
+        // Bound before anything else starts: `READY=1` means commands reach this serve.
+        let listener = crate::admin::bind(&path).map_err(ServeError::Admin)?;
         tracker.spawn(async move {
-            if let Err(e) = crate::admin::serve(path, Arc::new(ctx), stop).await {
+            if let Err(e) = crate::admin::serve(listener, path, Arc::new(ctx), stop).await {
                 tracing::error!(error = %e, "admin socket failed; commands will not reach this serve");
             }
         });
@@ -216,6 +267,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         let listener = sftp.bind().await?;
         tracker.spawn(sftp.run(listener, intake.clone()));
     }
+    tracker.spawn(crate::service::watchdog(store.clone(), workers.clone()));
     tracker.close();
     tracing::info!(
         tenants = config.tenants.len(),
@@ -223,8 +275,14 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         admin = %config.admin_socket.display(),
         "smsdrop is serving"
     );
+    crate::service::ready(&format!(
+        "serving {} tenants through {} partners",
+        config.tenants.len(),
+        config.partners.len()
+    ));
 
     shutdown.cancelled().await;
+    crate::service::stopping();
     tracing::info!("stopping: no new files are taken");
     intake.cancel();
     cancel_ingest.store(true, Ordering::Relaxed);

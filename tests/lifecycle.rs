@@ -360,3 +360,124 @@ fn logs_follow_the_configured_filter_and_leave_time_stamps_to_the_journal() {
     let why = String::from_utf8_lossy(&out.stderr);
     assert!(why.contains("bad.toml:2: log_filter: "), "{why}");
 }
+
+/// The datagrams a service manager's notify socket received, one string each.
+fn notifications(socket: &std::os::unix::net::UnixDatagram, until: Duration) -> Vec<String> {
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let end = std::time::Instant::now() + until;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while std::time::Instant::now() < end {
+        if let Ok(n) = socket.recv(&mut buf) {
+            out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    out
+}
+
+#[test]
+fn the_service_manager_hears_ready_watchdog_reload_and_stopping() {
+    let mut app = Appliance::new(&tenant("acme", ""));
+    // The service manager's side of sd_notify(3): a datagram socket named by NOTIFY_SOCKET.
+    let path = app.path("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).expect("notify socket");
+    app.start_with_env(&[
+        ("NOTIFY_SOCKET", path.to_str().expect("path")),
+        ("WATCHDOG_USEC", "400000"),
+    ]);
+    let first = notifications(&socket, Duration::from_millis(1500));
+    let ready = first.iter().position(|m| m.lines().any(|l| l == "READY=1"));
+    let ready = ready.unwrap_or_else(|| panic!("no READY=1 in {first:?}"));
+    assert!(first[ready].contains("STATUS=serving 1 tenants"), "{first:?}");
+    // at half the watchdog interval, each after the store answered
+    let pings = first[ready..].iter().filter(|m| m.trim() == "WATCHDOG=1").count();
+    assert!(pings >= 2, "watchdog pings in 1.5 s: {first:?}");
+    // READY=1 came once the admin socket was up
+    common::ok(app.cli(&["status"]));
+
+    // SIGHUP: RELOADING=1 (with the monotonic time), READY=1 again, still serving; an invalid
+    // configuration is refused and the running one kept.
+    let good = std::fs::read_to_string(&app.config).expect("config");
+    std::fs::write(&app.config, format!("{good}\nnot valid toml = = =\n")).expect("bad config");
+    unsafe {
+        libc::kill(app.pid() as i32, libc::SIGHUP);
+    }
+    let reload = notifications(&socket, Duration::from_millis(800));
+    let reloading = reload.iter().position(|m| m.contains("RELOADING=1"));
+    let reloading = reloading.unwrap_or_else(|| panic!("no RELOADING=1 in {reload:?}"));
+    assert!(reload[reloading].contains("MONOTONIC_USEC="), "{reload:?}");
+    assert!(reload[reloading..].iter().any(|m| m.contains("READY=1")), "{reload:?}");
+    wait_log(&app, "the new configuration is refused", Duration::from_secs(5));
+    app.drop_file("acme", "a.csv", b"phone;message\n0612345678;Still serving\n");
+    app.result("acme", "a");
+    std::fs::write(&app.config, good).expect("config back");
+
+    let status = app.stop();
+    assert!(status.success(), "{status}");
+    let last = notifications(&socket, Duration::from_millis(200));
+    assert!(last.iter().any(|m| m.contains("STOPPING=1")), "{last:?}");
+}
+
+#[test]
+fn the_master_key_comes_from_the_credentials_directory_when_systemd_passes_one() {
+    let mut app = Appliance::new(&tenant("acme", ""));
+    app.start();
+    app.drop_file("acme", "a.csv", b"phone;message\n0612345678;Sealed before\n");
+    app.final_report("acme", "a", 1);
+    app.stop();
+    // as LoadCredential= leaves it: the key in $CREDENTIALS_DIRECTORY, and key_file another key
+    let creds = app.path("credentials");
+    std::fs::create_dir(&creds).expect("credentials dir");
+    std::fs::rename(app.path("master.key"), creds.join("master.key")).expect("move key");
+    common::ok(app.cli(&["keygen"]));
+    app.start_with_env(&[("CREDENTIALS_DIRECTORY", creds.to_str().expect("path"))]);
+    app.drop_file("acme", "b.csv", b"phone;message\n0612345678;Sealed after\n");
+    app.final_report("acme", "b", 1);
+    app.stop();
+    // without the credential, key_file's key opens nothing of this store
+    std::process::Command::new(common::bin())
+        .arg("--config")
+        .arg(&app.config)
+        .arg("serve")
+        .stderr(std::fs::File::create(app.path("wrong.log")).expect("log"))
+        .status()
+        .map(|s| assert!(!s.success()))
+        .expect("serve");
+    let log = std::fs::read_to_string(app.path("wrong.log")).expect("log");
+    assert!(log.contains("does not open"), "{log}");
+}
+
+#[test]
+fn start_up_refuses_a_state_dir_or_key_store_others_could_change() {
+    let mut app = Appliance::new(&tenant("acme", ""));
+    app.start();
+    app.stop();
+    let state = app.state_dir();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let serve = |app: &Appliance| {
+        let out = std::process::Command::new(common::bin())
+            .arg("--config")
+            .arg(&app.config)
+            .arg("serve")
+            .output()
+            .expect("serve");
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let said = serve(&app);
+    assert!(
+        said.contains("writable by group or others") && said.contains("chmod go-w"),
+        "{said}"
+    );
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    std::fs::set_permissions(state.join("keys"), std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let said = serve(&app);
+    assert!(
+        said.contains("readable by group or others") && said.contains("chmod 600"),
+        "{said}"
+    );
+    std::fs::set_permissions(state.join("keys"), std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    app.start();
+}

@@ -6,6 +6,7 @@
 #   - openssl (Debian) for the test CA of the STARTTLS tests
 #   - openssh-client (Debian): sftp, scp, ssh-keygen, the SFTP clients of the SFTP tests
 #   - openssh-server (Debian): sshd, run as a plain process by the SFTP benchmark (not as a service)
+#   - lintian, systemd (systemd-analyze), dpkg and binutils (Debian): build and check the .deb
 #   - nodejs + npm (Debian) and tests/peers/node_modules with the npm `smpp` package: the loopback
 #     SMSC (tests/peers/smsc.js) of the partner tests and the dispatch benchmark
 set -euo pipefail
@@ -23,6 +24,9 @@ command -v sftp >/dev/null 2>&1 && command -v ssh-keygen >/dev/null 2>&1 || need
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
+command -v lintian >/dev/null 2>&1 || need_apt+=(lintian)                 # checks the .deb
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)         # the unit's exposure score
+command -v dpkg-deb >/dev/null 2>&1 && command -v objdump >/dev/null 2>&1 || need_apt+=(dpkg binutils)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing Debian packages: ${need_apt[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"

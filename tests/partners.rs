@@ -307,7 +307,7 @@ fn replies_reach_the_outbox_and_stop_blocklists() {
     let db = std::fs::read(app.state_dir().join("smsdrop.redb")).expect("db");
     for needle in ["Oui merci", "who is this", "33699990000"] {
         assert!(
-            !db.windows(needle.len()).any(|w| w == needle.as_bytes()),
+            memchr::memmem::find(&db, needle.as_bytes()).is_none(),
             "{needle} in clear"
         );
     }

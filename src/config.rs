@@ -45,6 +45,8 @@ pub struct Config {
     pub sftp: Option<Sftp>,
     /// Scheduled backups; `None` without a `[backup]` table.
     pub backup: Option<BackupSchedule>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; `None` without a `[metrics]` table.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Backups taken by `serve` on a schedule (`[backup]`).
@@ -386,6 +388,13 @@ struct RawConfig {
     sftp: Option<Spanned<RawSftp>>,
     defender: Option<Spanned<RawDefender>>,
     backup: Option<Spanned<RawBackup>>,
+    metrics: Option<Spanned<RawMetrics>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -821,6 +830,21 @@ impl Validator<'_> {
             }
         }
 
+        let metrics_listen = raw.metrics.as_ref().and_then(|m| {
+            let listen = &m.get_ref().listen;
+            match listen.get_ref().parse::<std::net::SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    self.problem(
+                        &listen.span(),
+                        "metrics.listen",
+                        format!("`{}` is not an address:port like \"127.0.0.1:9185\"", listen.get_ref()),
+                    );
+                    None
+                }
+            }
+        });
+
         Config {
             path: self.file.clone(),
             state_dir,
@@ -835,6 +859,7 @@ impl Validator<'_> {
             email,
             sftp,
             backup,
+            metrics_listen,
         }
     }
 
@@ -1794,9 +1819,11 @@ partners = ["sink"]
     }
 
     #[test]
-    fn tables_of_later_capabilities_are_refused_not_ignored() {
-        let p = problems("[metrics]\nlisten = \"0.0.0.0:9100\"\n");
-        assert!(p[0].contains("metrics"), "{p:?}");
+    fn a_metrics_listen_that_is_no_address_is_refused() {
+        let p = problems("[metrics]\nlisten = \"everywhere\"\n");
+        assert!(p.iter().any(|p| p.contains("metrics.listen")), "{p:?}");
+        let p = problems("[metrics]\nlisten = \"127.0.0.1:9185\"\nport = 1\n");
+        assert!(p.iter().any(|p| p.contains("port")), "{p:?}");
     }
 
     #[test]

@@ -46,6 +46,11 @@ pub enum ServeError {
     },
     #[error("admin socket: {0}")]
     Admin(io::Error),
+    #[error("metrics: cannot listen on {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: io::Error,
+    },
     #[error("cannot listen for signals: {0}")]
     Signals(io::Error),
     #[error("{}: {problem}; run `{fix}`", path.display())]
@@ -233,7 +238,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
             reports: reports_tx,
             incoming: incoming_rx,
             alerts: alerter.clone(),
-            board,
+            board: board.clone(),
         };
         tracker.spawn(dispatcher.run(workers.clone()));
     }
@@ -266,6 +271,18 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     if let Some(sftp) = crate::sftp::SftpServer::new(config.clone(), store.clone(), alerter.clone(), audit.clone())? {
         let listener = sftp.bind().await?;
         tracker.spawn(sftp.run(listener, intake.clone()));
+    }
+    if let Some(addr) = config.metrics_listen {
+        let listener = crate::metrics::Exporter::bind(addr)
+            .await
+            .map_err(|source| ServeError::Metrics { addr, source })?;
+        let exporter = crate::metrics::Exporter {
+            store: store.clone(),
+            config: config.clone(),
+            partners: board.clone(),
+        };
+        tracing::info!(%addr, "metrics listening (/metrics, /healthz, /readyz)");
+        tracker.spawn(exporter.run(listener, workers.clone()));
     }
     tracker.spawn(crate::service::watchdog(store.clone(), workers.clone()));
     tracker.close();

@@ -1,0 +1,110 @@
+//! `/metrics`, `/healthz` and `/readyz` during an end-to-end run, the scrape parsed by the
+//! Prometheus project's Python client (`tests/peers/parse_metrics.py`), its numbers checked
+//! against the run.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Appliance, ok, tenant};
+
+fn scrape(port: u16) -> Vec<serde_json::Value> {
+    let out = std::process::Command::new(common::venv_python())
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/parse_metrics.py"))
+        .arg(format!("http://127.0.0.1:{port}/metrics"))
+        .output()
+        .expect("parser");
+    assert!(
+        out.status.success(),
+        "the scrape does not parse: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect()
+}
+
+fn value(samples: &[serde_json::Value], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .find(|s| s["name"] == name && labels.iter().all(|(k, v)| s["labels"][*k] == *v))
+        .and_then(|s| s["value"].as_f64())
+        .unwrap_or_else(|| panic!("no {name} {labels:?} in {samples:?}"))
+}
+
+fn get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("write");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read");
+    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, text)
+}
+
+#[test]
+fn metrics_follow_an_end_to_end_run() {
+    let port = common::free_port();
+    let tables = format!(
+        "{}{}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n",
+        tenant("acme", "hold_above = 3\n"),
+        tenant("beta", "")
+    );
+    let mut app = Appliance::new(&tables);
+    app.start();
+    assert_eq!(get(port, "/healthz").0, 200);
+    assert_eq!(get(port, "/readyz").0, 200);
+    assert_eq!(get(port, "/nothing").0, 404);
+
+    // beta: two delivered; acme: five held (above hold_above)
+    app.drop_file("beta", "b.csv", b"phone;message\n0612345678;One\n0612345679;Two\n");
+    app.final_report("beta", "b", 2);
+    let mut held = String::from("phone;message\n");
+    for i in 0..5 {
+        held.push_str(&format!("06123450{i:02};Held\n"));
+    }
+    app.drop_file("acme", "a.csv", held.as_bytes());
+    app.result("acme", "a");
+    let samples = scrape(port);
+    assert_eq!(
+        value(
+            &samples,
+            "smsdrop_messages",
+            &[("tenant", "beta"), ("status", "delivered")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        value(&samples, "smsdrop_messages", &[("tenant", "acme"), ("status", "held")]),
+        5.0
+    );
+    assert_eq!(value(&samples, "smsdrop_queue_depth", &[("tenant", "acme")]), 5.0);
+    assert_eq!(value(&samples, "smsdrop_queue_depth", &[("tenant", "beta")]), 0.0);
+    assert_eq!(value(&samples, "smsdrop_open_batches", &[("tenant", "acme")]), 1.0);
+    assert_eq!(value(&samples, "smsdrop_partner_up", &[("partner", "sink")]), 1.0);
+    assert!(value(&samples, "smsdrop_store_file_bytes", &[]) > 0.0);
+    assert!(value(&samples, "smsdrop_store_used_bytes", &[]) > 0.0);
+    assert_eq!(value(&samples, "smsdrop_retention_deleted_messages_total", &[]), 0.0);
+    for s in &samples {
+        let name = s["name"].as_str().unwrap_or_default();
+        assert!(name.starts_with("smsdrop_"), "{name}");
+        if s["type"] == "counter" {
+            assert!(name.ends_with("_total") || name.ends_with("_created"), "{name}");
+        }
+    }
+
+    // released: the five go out, the gauges follow
+    ok(app.cli(&["batch", "release", "2"]));
+    app.final_report("acme", "a", 5);
+    common::wait_for("the scrape to follow", Duration::from_secs(10), || {
+        let samples = scrape(port);
+        value(
+            &samples,
+            "smsdrop_messages",
+            &[("tenant", "acme"), ("status", "delivered")],
+        ) == 5.0
+            && value(&samples, "smsdrop_queue_depth", &[("tenant", "acme")]) == 0.0
+    });
+    app.stop();
+}

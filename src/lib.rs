@@ -28,6 +28,7 @@ pub mod codes;
 pub mod config;
 pub mod crypto;
 pub mod dispatch;
+pub mod httpd;
 pub mod metrics;
 pub mod reply;
 pub mod server;

@@ -8,11 +8,9 @@
 //!
 //! `/healthz` answers while the process does; `/readyz` only when the store answers a read.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -21,7 +19,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::codes::MessageStatus;
@@ -30,8 +27,8 @@ use crate::dispatch::HealthBoard;
 use crate::store::records::BatchState;
 use crate::store::{Store, StoreError};
 
-/// Scrapes served at once; more wait their turn (a scrape reads every batch record).
-const SCRAPES: usize = 4;
+/// Connections at once (a scrape reads every batch record); more are refused.
+const SCRAPES: usize = 16;
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -244,33 +241,10 @@ impl Exporter {
     }
 
     pub async fn run(self, listener: tokio::net::TcpListener, shutdown: CancellationToken) {
-        let slots = Arc::new(Semaphore::new(SCRAPES * 4));
-        loop {
-            let accepted = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                a = listener.accept() => a,
-            };
-            let Ok((stream, _)) = accepted else { continue };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                continue; // too many connections: this one is dropped
-            };
-            let (me, stop) = (self.clone(), shutdown.clone());
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let me = me.clone();
-                    async move { Ok::<_, Infallible>(me.answer(req).await) }
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(10))
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-                tokio::select! {
-                    _ = conn => {}
-                    _ = stop.cancelled() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(60)) => {}
-                }
-                drop(slot);
-            });
-        }
+        crate::httpd::serve(listener, SCRAPES, "metrics", shutdown, move |req, _| {
+            let me = self.clone();
+            async move { me.answer(req).await }
+        })
+        .await;
     }
 }

@@ -206,37 +206,16 @@ impl HttpPartner {
             .map_err(|source| HttpSetupError::Listen { addr, source })?;
         tracing::info!(partner = %self.id, %addr, "HTTP partner webhook listening");
         let me = self.clone();
-        tracker.spawn(async move {
-            let slots = Arc::new(Semaphore::new(WEBHOOK_CONNECTIONS));
-            loop {
-                let accepted = tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    a = listener.accept() => a,
-                };
-                let Ok((stream, peer)) = accepted else { continue };
-                let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    tracing::warn!(partner = %me.id, %peer, "webhook: too many connections; refused");
-                    continue;
-                };
-                let (me, secret, stop) = (me.clone(), secret.clone(), shutdown.clone());
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let (me, secret) = (me.clone(), secret.clone());
-                        async move { Ok::<_, std::convert::Infallible>(me.webhook(req, &secret, peer).await) }
-                    });
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .timer(hyper_util::rt::TokioTimer::new())
-                        .header_read_timeout(Duration::from_secs(10))
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-                    tokio::select! {
-                        _ = conn => {}
-                        _ = stop.cancelled() => {}
-                        _ = tokio::time::sleep(Duration::from_secs(60)) => {}
-                    }
-                    drop(slot);
-                });
-            }
-        });
+        tracker.spawn(crate::httpd::serve(
+            listener,
+            WEBHOOK_CONNECTIONS,
+            "webhook",
+            shutdown,
+            move |req, peer| {
+                let (me, secret) = (me.clone(), secret.clone());
+                async move { me.webhook(req, &secret, peer).await }
+            },
+        ));
         Ok(())
     }
 

@@ -1,0 +1,64 @@
+//! The small HTTP/1 listener the HTTP partner's webhook and the metrics endpoint share: a cap on
+//! connections (more are refused), a deadline for the request head, a lifetime per connection,
+//! and everything ended at shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+/// How long a client may take to send its request head.
+const HEADER_DEADLINE: Duration = Duration::from_secs(10);
+/// How long one connection may stay open.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// Accepts on `listener` until `shutdown`, at most `limit` connections at once, each request
+/// answered by `handler` (given the peer's address). `what` names the listener in logs.
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    limit: usize,
+    what: &'static str,
+    shutdown: CancellationToken,
+    handler: H,
+) where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(limit));
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let Ok((stream, peer)) = accepted else { continue };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(listener = what, %peer, "too many connections; refused");
+            continue;
+        };
+        let (handler, stop) = (handler.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let answer = handler(req, peer);
+                async move { Ok::<_, Infallible>(answer.await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_DEADLINE)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::select! {
+                _ = conn => {}
+                _ = stop.cancelled() => {}
+                _ = tokio::time::sleep(CONNECTION_LIFETIME) => {}
+            }
+            drop(slot);
+        });
+    }
+}

@@ -88,6 +88,8 @@ pub enum Request {
         key: Option<crate::crypto::KeyFileText>,
     },
     KeyStatus,
+    /// Reads the configuration file again and applies it (only to a running `serve`).
+    Reload,
     /// Deletes every record of a tenant no longer in the configuration, then its keys.
     TenantPurge {
         tenant: String,
@@ -119,6 +121,7 @@ impl Request {
             Request::Backup => "backup",
             Request::KeyReload { .. } => "key-reload",
             Request::KeyStatus => "key-status",
+            Request::Reload => "reload",
             Request::TenantPurge { .. } => "tenant-purge",
             Request::AuditExport { .. } => "audit-export",
         }
@@ -128,13 +131,16 @@ impl Request {
 /// What commands work on: the store, the configuration, and (inside `serve`) the dispatcher.
 pub struct AdminContext {
     pub store: Store,
-    pub config: Arc<Config>,
+    /// The configuration in force (a reload swaps it).
+    pub live: crate::reload::Live,
     pub dispatch: Option<Arc<crate::dispatch::Signal>>,
     /// Asks for a batch's final report (a cancel can finish a batch).
     pub reports: Option<crate::reply::ReportRequests>,
     pub audit: Audit,
     /// Partner health as the running dispatcher sees it.
     pub partners: Option<crate::dispatch::HealthBoard>,
+    /// Inside `serve`: applies `reload`.
+    pub reloader: Option<Arc<crate::reload::Reloader>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -166,8 +172,12 @@ pub enum AdminError {
     ChainBroken { seq: u64, reason: String },
     #[error(transparent)]
     Key(#[from] crate::crypto::KeyError),
-    #[error("tenant `{0}` is in the configuration: remove it there (and restart serve) before purging it")]
+    #[error("tenant `{0}` is in the configuration: remove it there (and reload) before purging it")]
     StillConfigured(String),
+    #[error("the new configuration is refused; the running one is kept: {0}")]
+    Refused(#[from] crate::reload::Refused),
+    #[error("serve is not running: the configuration is read when it starts")]
+    NotServing,
 }
 
 /// Answers a request against the store, and puts it on the audit log: who (`actor`), what, on
@@ -182,7 +192,8 @@ pub fn handle(ctx: &AdminContext, request: &Request, actor: &str) -> Result<Vec<
 }
 
 fn answer(ctx: &AdminContext, request: &Request, event: &mut Event) -> Result<Vec<u8>, AdminError> {
-    let (store, config) = (&ctx.store, ctx.config.as_ref());
+    let config = ctx.live.get();
+    let (store, config) = (&ctx.store, config.as_ref());
     match request {
         Request::Validate { tenant, path } => {
             event.set_tenant(tenant);
@@ -397,6 +408,8 @@ fn answer(ctx: &AdminContext, request: &Request, event: &mut Event) -> Result<Ve
             Ok(key_status(store).into_bytes())
         }
         Request::KeyStatus => Ok(key_status(store).into_bytes()),
+        // Inside `serve` a reload is answered by `connection`; here no serve is running.
+        Request::Reload => Err(AdminError::NotServing),
         Request::TenantPurge { tenant } => {
             if config.tenants.contains_key(tenant) {
                 return Err(AdminError::StillConfigured(tenant.clone()));
@@ -825,6 +838,18 @@ pub async fn serve(
     Ok(())
 }
 
+/// `smsdrop reload`: the reload's summary, or why it was refused (the reload records itself on
+/// the audit log).
+async fn reload(ctx: &AdminContext, actor: &str) -> Result<Vec<u8>, AdminError> {
+    let Some(reloader) = &ctx.reloader else {
+        return Err(AdminError::NotServing);
+    };
+    crate::service::reloading();
+    let result = reloader.reload(actor).await;
+    crate::service::ready("serving");
+    Ok(result?.to_string().into_bytes())
+}
+
 /// Binds the admin socket (mode 0600), replacing a stale one a crash left.
 pub fn bind(path: &Path) -> io::Result<UnixListener> {
     if path.exists() {
@@ -864,6 +889,7 @@ async fn connection(stream: UnixStream, ctx: Arc<AdminContext>) -> io::Result<()
                 .await
                 .map_err(io::Error::other)?;
         }
+        Ok(Request::Reload) if ctx.reloader.is_some() => reload(&ctx, &actor).await,
         Ok(request) => tokio::task::spawn_blocking(move || handle(&ctx, &request, &actor))
             .await
             .map_err(|e| AdminError::Io(io::Error::other(e)))
@@ -985,7 +1011,7 @@ fn stream_backup(ctx: &AdminContext, stream: std::os::unix::net::UnixStream, act
     head.push(b'\n');
     out.write_all(&head)?;
     let now = jiff::Timestamp::now().as_second();
-    let result = ctx.store.backup(&mut out, &backup_files(&ctx.config), now);
+    let result = ctx.store.backup(&mut out, &backup_files(&ctx.live.get()), now);
     let mut event = Event::new("admin.backup", actor);
     match &result {
         Ok(summary) => {

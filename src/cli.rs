@@ -38,6 +38,9 @@ pub enum Command {
     Generate { dir: PathBuf },
     /// Validate the configuration; exits non-zero with the reasons.
     CheckConfig,
+    /// Make the running `serve` read its configuration again (as SIGHUP does) and print what
+    /// changed; a configuration with errors is refused and the running one kept.
+    Reload,
     /// Write a new master key (refuses to overwrite one).
     Keygen {
         /// Where to write it (default: the configuration's `key_file`).
@@ -257,6 +260,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve => serve(&cli.config),
+        Command::Reload => {
+            let config = Config::load(&cli.config).context("the running configuration is kept")?;
+            match admin::ask(&config.admin_socket, &Request::Reload)? {
+                Some(out) => {
+                    std::io::stdout().write_all(&out)?;
+                    Ok(())
+                }
+                None => Err(admin::AdminError::NotServing.into()),
+            }
+        }
         Command::Validate { tenant, file } => {
             let config = Config::load(&cli.config)?;
             let file = std::fs::canonicalize(&file).with_context(|| format!("{}", file.display()))?;
@@ -475,10 +488,11 @@ fn with_store(config: Config, request: Request) -> anyhow::Result<Vec<u8>> {
     let ctx = admin::AdminContext {
         audit: crate::audit::Audit::direct(store.clone()),
         store,
-        config: Arc::new(config),
+        live: crate::reload::Live::new(Arc::new(config)),
         dispatch: None,
         reports: None,
         partners: None,
+        reloader: None,
     };
     Ok(admin::handle(&ctx, &request, &cli_actor()?)?)
 }
@@ -526,22 +540,6 @@ fn generate(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGHUP: the configuration is read and checked again; an invalid one is refused with its
-/// errors and the running one kept.
-fn reload(path: &Path) {
-    crate::service::reloading();
-    match Config::load(path) {
-        Ok(_) => tracing::warn!(
-            config = %path.display(),
-            "SIGHUP: the configuration is valid; this version applies changes at the next restart"
-        ),
-        Err(e) => {
-            tracing::error!(config = %path.display(), error = %e, "SIGHUP: the new configuration is refused; the running one is kept")
-        }
-    }
-    crate::service::ready("serving");
-}
-
 fn serve(path: &Path) -> anyhow::Result<()> {
     let config = Arc::new(Config::load(path)?);
     init_logging(config.log_format, &config.log_filter);
@@ -560,14 +558,15 @@ fn serve(path: &Path) -> anyhow::Result<()> {
         // Listened for before anything starts: SIGHUP's default action would end the daemon.
         let signals = |kind| signal(kind).map_err(server::ServeError::Signals);
         let (mut term, mut hup) = (signals(SignalKind::terminate())?, signals(SignalKind::hangup())?);
-        let config_path = path.to_path_buf();
+        let (reload_tx, reloads) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
                     _ = term.recv() => tracing::info!("SIGTERM received"),
                     _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
                     _ = hup.recv() => {
-                        reload(&config_path);
+                        tracing::info!("SIGHUP received: reading the configuration again");
+                        let _ = reload_tx.send(());
                         continue;
                     }
                 }
@@ -575,7 +574,7 @@ fn serve(path: &Path) -> anyhow::Result<()> {
                 return;
             }
         });
-        server::run(config, shutdown).await
+        server::run(config, shutdown, reloads).await
     })?;
     Ok(())
 }

@@ -60,7 +60,7 @@ pub struct BackupSchedule {
 }
 
 /// The embedded SFTP server (`[sftp]`, SPEC §5).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Sftp {
     pub listen: std::net::SocketAddr,
     /// Ed25519 host key (OpenSSH format), made on first start with mode 0600.
@@ -86,7 +86,7 @@ pub struct Defender {
 }
 
 /// How alerts and reports leave by mail (`[email]`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Email {
     pub security: SmtpSecurity,
     pub host: String,

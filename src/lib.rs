@@ -30,6 +30,7 @@ pub mod crypto;
 pub mod dispatch;
 pub mod httpd;
 pub mod metrics;
+pub mod reload;
 pub mod reply;
 pub mod server;
 pub mod service;

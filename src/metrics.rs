@@ -9,7 +9,6 @@
 //! `/healthz` answers while the process does; `/readyz` only when the store answers a read.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use http_body_util::Full;
@@ -22,7 +21,6 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 use crate::codes::MessageStatus;
-use crate::config::Config;
 use crate::dispatch::HealthBoard;
 use crate::store::records::BatchState;
 use crate::store::{Store, StoreError};
@@ -36,7 +34,7 @@ type Labels = Vec<(&'static str, String)>;
 #[derive(Clone)]
 pub struct Exporter {
     pub store: Store,
-    pub config: Arc<Config>,
+    pub config: crate::reload::Live,
     pub partners: HealthBoard,
 }
 
@@ -61,6 +59,7 @@ fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
 impl Exporter {
     /// The text of one scrape.
     pub fn render(&self) -> Result<String, StoreError> {
+        let config = self.config.get();
         let mut registry = Registry::with_prefix("smsdrop");
         let messages = gauge_family(
             &mut registry,
@@ -77,7 +76,7 @@ impl Exporter {
             "open_batches",
             "Batches not finished yet (ingesting, queued, held), by tenant",
         );
-        for tenant in self.config.tenants.keys() {
+        for tenant in config.tenants.keys() {
             let mut counts = [0u64; 9];
             let mut open_batches = 0;
             for b in self.store.batches(Some(tenant))? {
@@ -143,7 +142,7 @@ impl Exporter {
             }
         }
 
-        let (file, used) = self.store.space(&self.config.state_dir)?;
+        let (file, used) = self.store.space(&config.state_dir)?;
         gauge(
             &mut registry,
             "store_file_bytes",
@@ -182,7 +181,7 @@ impl Exporter {
             "Records re-sealed by the re-sealer's pass under way or last",
             reseal.resealed,
         );
-        if self.config.sftp.is_some() {
+        if config.sftp.is_some() {
             let bans = crate::sftp::defender::active_bans(&self.store).len() as u64;
             gauge(
                 &mut registry,

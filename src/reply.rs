@@ -9,14 +9,12 @@
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use encoding_rs::{Encoding, UTF_8, UTF_16BE, UTF_16LE};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
 use crate::store::records::{BatchRecord, CHUNK_MESSAGES, ReplyFormat, message_id};
 use crate::store::{Store, StoreError};
 
@@ -316,7 +314,7 @@ pub enum ReplyError {
 /// replies files within a second of their arrival.
 pub struct ReportWriter {
     pub store: Store,
-    pub config: Arc<Config>,
+    pub config: crate::reload::Live,
 }
 
 /// Asks the report writer for a batch's final report.
@@ -358,7 +356,7 @@ impl ReportWriter {
 
     async fn final_report(&self, id: u64) {
         let store = self.store.clone();
-        let config = self.config.clone();
+        let config = self.config.get();
         let res = tokio::task::spawn_blocking(move || -> Result<(), ReplyError> {
             let Some(batch) = store.batch(id)? else { return Ok(()) };
             let Some(tenant) = config.tenants.get(&batch.tenant) else { return Ok(()) };
@@ -375,7 +373,7 @@ impl ReportWriter {
 
     async fn replies(&self) {
         let store = self.store.clone();
-        let config = self.config.clone();
+        let config = self.config.get();
         let res = tokio::task::spawn_blocking(move || -> Result<(), ReplyError> {
             for tenant in config.tenants.values() {
                 while write_replies(&store, tenant)? == REPLIES_PER_FILE {}
@@ -395,7 +393,7 @@ impl ReportWriter {
         };
         let now = std::time::Instant::now();
         for batch in active {
-            let Some(tenant) = self.config.tenants.get(&batch.tenant) else {
+            let Some(tenant) = self.config.get().tenants.get(&batch.tenant).cloned() else {
                 continue;
             };
             let since = last.entry(batch.id).or_insert(now);

@@ -23,7 +23,9 @@ use crate::audit::{Audit, Event};
 use crate::batch::ingest::{IngestError, Ingestor};
 use crate::config::Config;
 use crate::crypto::{KeyError, Keyring, MasterKeys};
+use crate::dispatch::fleet::Fleet;
 use crate::dispatch::{self, Dispatcher};
+use crate::reload::{Live, Reloader};
 use crate::reply::ReportWriter;
 use crate::store::{Store, StoreError};
 use crate::watch::{self, Claimed, InboxWatcher};
@@ -67,7 +69,7 @@ pub enum ServeError {
     Partner(#[from] crate::dispatch::http::HttpSetupError),
 }
 
-fn make_dir(path: &Path, mode: u32, what: &'static str) -> Result<(), ServeError> {
+pub(crate) fn make_dir(path: &Path, mode: u32, what: &'static str) -> Result<(), ServeError> {
     let err = |source| ServeError::Folder {
         what,
         path: path.to_path_buf(),
@@ -129,8 +131,13 @@ pub fn open_store(config: &Config) -> Result<Store, ServeError> {
     Ok(Store::open(&config.state_dir, Arc::new(keys))?)
 }
 
-/// Runs the appliance until `shutdown` is cancelled.
-pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), ServeError> {
+/// Runs the appliance until `shutdown` is cancelled; each message on `reloads` (SIGHUP) reads
+/// the configuration again ([`crate::reload`]).
+pub async fn run(
+    config: Arc<Config>,
+    shutdown: CancellationToken,
+    mut reloads: mpsc::UnboundedReceiver<()>,
+) -> Result<(), ServeError> {
     make_dir(&config.state_dir, 0o700, "state_dir")?;
     check_state_dir(&config.state_dir, true)?;
     let store = {
@@ -159,16 +166,28 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     let (claimed_tx, claimed_rx) = mpsc::unbounded_channel::<Claimed>();
     let (reports_tx, reports_rx) = mpsc::unbounded_channel::<u64>();
     let board = dispatch::HealthBoard::default();
+    let live = Live::new(config.clone());
+    let (incoming_tx, incoming_rx) = mpsc::unbounded_channel();
+    let fleet = Fleet::start(&config.partners, incoming_tx, tracker.clone(), workers.clone()).await?;
+    let partners = fleet.subscribe();
+    let reloader = Arc::new(Reloader::new(
+        live.clone(),
+        store.clone(),
+        audit.clone(),
+        fleet,
+        wake.clone(),
+    ));
 
     {
         let path = config.admin_socket.clone();
         let ctx = crate::admin::AdminContext {
             store: store.clone(),
-            config: config.clone(),
+            live: live.clone(),
             dispatch: Some(wake.clone()),
             reports: Some(reports_tx.clone()),
             audit: audit.clone(),
             partners: Some(board.clone()),
+            reloader: Some(reloader.clone()),
         };
         let stop = workers.clone();
         // Bound before anything else starts: `READY=1` means commands reach this serve.
@@ -181,7 +200,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     }
 
     let watcher = InboxWatcher {
-        config: config.clone(),
+        config: live.clone(),
         claimed: claimed_tx,
     };
     let recovered = watcher.recover();
@@ -190,14 +209,14 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         tracing::info!(files = recovered.len(), "resuming files claimed before the last stop");
     }
     let mail_wake = Arc::new(tokio::sync::Notify::new());
-    let alerter = Alerter::new(store.clone(), config.clone(), mail_wake.clone());
+    let alerter = Alerter::new(store.clone(), live.clone(), mail_wake.clone());
     if config.email.is_some() {
-        let mailer = Mailer::new(store.clone(), config.clone(), alerter.clone(), mail_wake.clone())?;
+        let mailer = Mailer::new(store.clone(), live.clone(), alerter.clone(), mail_wake.clone())?;
         tracker.spawn(mailer.run(workers.clone()));
     }
     // The ingest worker: one batch at a time, on a blocking thread.
     {
-        let (store, config, cancel, wake) = (store.clone(), config.clone(), cancel_ingest.clone(), wake.clone());
+        let (store, live, cancel, wake) = (store.clone(), live.clone(), cancel_ingest.clone(), wake.clone());
         let busy = ingesting.clone();
         let alerter = alerter.clone();
         let audit = audit.clone();
@@ -222,18 +241,20 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
                     break;
                 }
                 busy.store(true, Ordering::Relaxed);
-                ingest_one(&ingestor, &config, &next);
+                ingest_one(&ingestor, &live.get(), &next);
                 busy.store(false, Ordering::Relaxed);
                 wake.poke();
             }
         });
     }
     {
-        let (incoming_tx, incoming_rx) = mpsc::unbounded_channel();
+        let first = partners.borrow().clone();
         let dispatcher = Dispatcher {
             store: store.clone(),
             config: config.clone(),
-            partners: dispatch::build_partners(&config, &incoming_tx, &tracker, &workers).await?,
+            live: live.subscribe(),
+            partners: first,
+            fleet: partners,
             wake: wake.clone(),
             reports: reports_tx,
             incoming: incoming_rx,
@@ -245,13 +266,13 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     {
         let writer = ReportWriter {
             store: store.clone(),
-            config: config.clone(),
+            config: live.clone(),
         };
         tracker.spawn(writer.run(reports_rx, workers.clone()));
     }
     tracker.spawn(sweep(
         store.clone(),
-        config.clone(),
+        live.clone(),
         audit.clone(),
         ingesting.clone(),
         workers.clone(),
@@ -268,7 +289,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     }
     let intake = CancellationToken::new();
     tracker.spawn(watcher.run(intake.clone()));
-    if let Some(sftp) = crate::sftp::SftpServer::new(config.clone(), store.clone(), alerter.clone(), audit.clone())? {
+    if let Some(sftp) = crate::sftp::SftpServer::new(live.clone(), store.clone(), alerter.clone(), audit.clone())? {
         let listener = sftp.bind().await?;
         tracker.spawn(sftp.run(listener, intake.clone()));
     }
@@ -278,13 +299,27 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
             .map_err(|source| ServeError::Metrics { addr, source })?;
         let exporter = crate::metrics::Exporter {
             store: store.clone(),
-            config: config.clone(),
+            config: live.clone(),
             partners: board.clone(),
         };
         tracing::info!(%addr, "metrics listening (/metrics, /healthz, /readyz)");
         tracker.spawn(exporter.run(listener, workers.clone()));
     }
     tracker.spawn(crate::service::watchdog(store.clone(), workers.clone()));
+    {
+        let stop = workers.clone();
+        tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    got = reloads.recv() => if got.is_none() { return },
+                }
+                crate::service::reloading();
+                let _ = reloader.reload("SIGHUP").await;
+                crate::service::ready("serving");
+            }
+        });
+    }
     tracker.close();
     tracing::info!(
         tenants = config.tenants.len(),
@@ -331,28 +366,26 @@ const SWEEP_YIELD: Duration = Duration::from_millis(200);
 /// Applies every tenant's retention (`anonymize_after`, `delete_after`) in small steps, off the
 /// async threads; records when it ran and what it did (for `status`) and puts each sweep that
 /// did something on the audit log.
-async fn sweep(
-    store: Store,
-    config: Arc<Config>,
-    audit: Audit,
-    ingesting: Arc<AtomicBool>,
-    shutdown: CancellationToken,
-) {
+async fn sweep(store: Store, live: Live, audit: Audit, ingesting: Arc<AtomicBool>, shutdown: CancellationToken) {
     use crate::store::retention::Retention;
-    let policies: std::collections::HashMap<String, Retention> = config
-        .tenants
-        .values()
-        .map(|t| {
-            (
-                t.id.clone(),
-                Retention {
-                    anonymize_after: t.anonymize_after.map(|d| d.as_secs() as i64),
-                    delete_after: t.delete_after.as_secs() as i64,
-                },
-            )
-        })
-        .collect();
-    let policies = Arc::new(policies);
+    // Read at each look: a reload changes retention from the next one.
+    let policies = || -> Arc<std::collections::HashMap<String, Retention>> {
+        let policies = live
+            .get()
+            .tenants
+            .values()
+            .map(|t| {
+                (
+                    t.id.clone(),
+                    Retention {
+                        anonymize_after: t.anonymize_after.map(|d| d.as_secs() as i64),
+                        delete_after: t.delete_after.as_secs() as i64,
+                    },
+                )
+            })
+            .collect();
+        Arc::new(policies)
+    };
     if crate::clock::skew() != 0 {
         tracing::warn!(
             skew_seconds = crate::clock::skew(),
@@ -369,7 +402,7 @@ async fn sweep(
         }
         pause = SWEEP_EVERY;
         let now = crate::clock::now();
-        let policies = policies.clone();
+        let policies = policies();
         let mark = now - last_mark >= 60;
         let busy = ingesting.clone();
         let budget = if busy.load(Ordering::Relaxed) { 1 } else { SWEEP_STEPS };

@@ -9,18 +9,18 @@
 //!
 //! This module hands claimed files on; it never reads their content.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use notify::{EventKind, RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, Tenant};
+use crate::config::Tenant;
+use crate::reload::Live;
 
 /// A file moved into the spool, waiting for ingest.
 #[derive(Debug, Clone)]
@@ -133,9 +133,10 @@ struct Candidate {
 /// Files with no close event are still taken after this many `settle` periods of quiet.
 const QUIET_FACTOR: u32 = 10;
 
-/// Watches all inboxes and sends claimed files to `claimed`.
+/// Watches all inboxes and sends claimed files to `claimed`; follows reloads (a new tenant's
+/// inbox is watched, a removed one's no longer).
 pub struct InboxWatcher {
-    pub config: Arc<Config>,
+    pub config: Live,
     pub claimed: mpsc::UnboundedSender<Claimed>,
 }
 
@@ -143,8 +144,9 @@ impl InboxWatcher {
     /// Lists the spool for files claimed before a stop; they go first.
     pub fn recover(&self) -> Vec<Claimed> {
         let mut out = Vec::new();
-        for tenant in self.config.tenants.values() {
-            let dir = spool_dir(&self.config.state_dir, &tenant.id);
+        let config = self.config.get();
+        for tenant in config.tenants.values() {
+            let dir = spool_dir(&config.state_dir, &tenant.id);
             // Half-finished copies from another file system are done again from the inbox copy.
             if let Ok(entries) = fs::read_dir(&tenant.inbox) {
                 for e in entries.flatten() {
@@ -199,20 +201,13 @@ impl InboxWatcher {
                 None
             }
         };
+        let mut reloads = self.config.subscribe();
         let mut by_dir: HashMap<PathBuf, String> = HashMap::new();
-        for t in self.config.tenants.values() {
-            by_dir.insert(t.inbox.clone(), t.id.clone());
-            if let Ok(real) = fs::canonicalize(&t.inbox) {
-                by_dir.insert(real, t.id.clone());
-            }
-            if let Some(w) = &mut watcher {
-                if let Err(e) = w.watch(&t.inbox, RecursiveMode::NonRecursive) {
-                    tracing::warn!(tenant = %t.id, inbox = %t.inbox.display(), error = %e, "cannot watch the inbox; relying on the periodic rescan");
-                }
-            }
-        }
+        let mut watched: HashSet<PathBuf> = HashSet::new();
+        self.rewatch(&mut watcher, &mut watched, &mut by_dir);
         let mut candidates: HashMap<PathBuf, Candidate> = HashMap::new();
-        let mut rescan = tokio::time::interval(self.config.rescan_interval);
+        let mut rescan = tokio::time::interval(self.config.get().rescan_interval);
+        let mut reloads_open = true;
         let mut check = tokio::time::interval(Duration::from_millis(100));
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -221,9 +216,52 @@ impl InboxWatcher {
                 Some(event) = events.recv() => self.on_event(event, &by_dir, &mut candidates),
                 _ = rescan.tick() => self.rescan(&mut candidates),
                 _ = check.tick() => self.take_ready(&mut candidates),
+                changed = reloads.changed(), if reloads_open => match changed {
+                    Ok(()) => {
+                        self.rewatch(&mut watcher, &mut watched, &mut by_dir);
+                        self.rescan(&mut candidates);
+                    }
+                    Err(_) => reloads_open = false,
+                },
             }
         }
         drop(watcher);
+    }
+
+    /// Watches the inboxes of the configuration in force, and only those.
+    fn rewatch(
+        &self,
+        watcher: &mut Option<notify::RecommendedWatcher>,
+        watched: &mut HashSet<PathBuf>,
+        by_dir: &mut HashMap<PathBuf, String>,
+    ) {
+        let config = self.config.get();
+        by_dir.clear();
+        let wanted: HashSet<PathBuf> = config.tenants.values().map(|t| t.inbox.clone()).collect();
+        for t in config.tenants.values() {
+            by_dir.insert(t.inbox.clone(), t.id.clone());
+            if let Ok(real) = fs::canonicalize(&t.inbox) {
+                by_dir.insert(real, t.id.clone());
+            }
+        }
+        let Some(w) = watcher else { return };
+        for dir in watched.difference(&wanted) {
+            let _ = w.unwatch(dir);
+        }
+        watched.retain(|d| wanted.contains(d));
+        for t in config.tenants.values() {
+            if watched.contains(&t.inbox) {
+                continue;
+            }
+            match w.watch(&t.inbox, RecursiveMode::NonRecursive) {
+                Ok(()) => {
+                    watched.insert(t.inbox.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(tenant = %t.id, inbox = %t.inbox.display(), error = %e, "cannot watch the inbox; relying on the periodic rescan")
+                }
+            }
+        }
     }
 
     fn on_event(
@@ -297,7 +335,7 @@ impl InboxWatcher {
     }
 
     fn rescan(&self, candidates: &mut HashMap<PathBuf, Candidate>) {
-        for t in self.config.tenants.values() {
+        for t in self.config.get().tenants.values() {
             let entries = match fs::read_dir(&t.inbox) {
                 Ok(e) => e,
                 Err(e) => {
@@ -314,8 +352,10 @@ impl InboxWatcher {
     fn take_ready(&self, candidates: &mut HashMap<PathBuf, Candidate>) {
         let now = Instant::now();
         let mut ready = Vec::new();
+        let config = self.config.get();
         for (path, c) in candidates.iter_mut() {
-            let Some(tenant) = self.config.tenants.get(&c.tenant) else {
+            let Some(tenant) = config.tenants.get(&c.tenant) else {
+                ready.push((path.clone(), None)); // its tenant was removed by a reload
                 continue;
             };
             // Refresh: a write with no event (network file systems) still counts as a change.
@@ -346,7 +386,7 @@ impl InboxWatcher {
         for (path, tenant) in ready {
             candidates.remove(&path);
             let Some(tenant) = tenant else { continue };
-            let spool = spool_dir(&self.config.state_dir, &tenant.id);
+            let spool = spool_dir(&config.state_dir, &tenant.id);
             match claim(&path, &tenant, &spool) {
                 Ok(claimed) => {
                     tracing::info!(tenant = %tenant.id, file = %claimed.file_name, claim = %claimed.claim, "file taken");

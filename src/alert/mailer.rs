@@ -50,7 +50,7 @@ enum Sent {
 
 pub struct Mailer {
     store: Store,
-    config: Arc<crate::config::Config>,
+    config: crate::reload::Live,
     email: Email,
     transport: AsyncSmtpTransport<Tokio1Executor>,
     alerter: Alerter,
@@ -77,11 +77,11 @@ fn read_secret(path: &std::path::Path) -> Result<String, MailerError> {
 impl Mailer {
     pub fn new(
         store: Store,
-        config: Arc<crate::config::Config>,
+        config: crate::reload::Live,
         alerter: Alerter,
         wake: Arc<Notify>,
     ) -> Result<Mailer, MailerError> {
-        let Some(email) = config.email.clone() else {
+        let Some(email) = config.get().email.clone() else {
             return Err(MailerError::NoEmail);
         };
         let tls = || -> Result<TlsParameters, MailerError> {
@@ -161,7 +161,7 @@ impl Mailer {
         self.blocking(move |s| s.flush_digests(now, min_interval, |d| alerter.render_digest(d, now)))
             .await?;
         if self.email.daily_report_at.is_some() {
-            let (alerter, config) = (self.alerter.clone(), self.config.clone());
+            let (alerter, config) = (self.alerter.clone(), self.config.get());
             self.blocking(move |s| super::daily::send_due(s, &config, &alerter))
                 .await?;
         }

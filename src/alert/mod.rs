@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use tokio::sync::Notify;
 
-use crate::config::Config;
+use crate::reload::Live;
 use crate::store::Store;
 use crate::store::records::{DigestRecord, MailRecord};
 
@@ -96,13 +96,13 @@ fn utc(t: i64) -> String {
 #[derive(Clone)]
 pub struct Alerter {
     store: Store,
-    config: Arc<Config>,
+    config: Live,
     wake: Arc<Notify>,
     pub(crate) host: String,
 }
 
 impl Alerter {
-    pub fn new(store: Store, config: Arc<Config>, wake: Arc<Notify>) -> Alerter {
+    pub fn new(store: Store, config: Live, wake: Arc<Notify>) -> Alerter {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "this host".into());
@@ -117,10 +117,11 @@ impl Alerter {
     /// Who receives an alert: the tenant's `alert_to` and the admin's `admin_to`.
     fn recipients(&self, alert: &Alert) -> BTreeSet<String> {
         let mut to = BTreeSet::new();
-        if let Some(email) = &self.config.email {
+        let config = self.config.get();
+        if let Some(email) = &config.email {
             to.extend(email.admin_to.iter().map(|m| m.to_string()));
         }
-        if let Some(t) = alert.tenant.as_ref().and_then(|t| self.config.tenants.get(t)) {
+        if let Some(t) = alert.tenant.as_ref().and_then(|t| config.tenants.get(t)) {
             if !matches!(alert.kind, AlertKind::PartnerDown | AlertKind::PartnerUp) {
                 to.extend(t.alert_to.iter().map(|m| m.to_string()));
             }
@@ -137,7 +138,8 @@ impl Alerter {
             "alert: {}",
             alert.what
         );
-        let Some(email) = &self.config.email else { return };
+        let config = self.config.get();
+        let Some(email) = &config.email else { return };
         let min_interval = email.min_interval.as_secs() as i64;
         let line = format!("{}  {}", utc(alert.at), alert.what);
         let (subject, body) = self.render(&alert);
@@ -173,7 +175,7 @@ impl Alerter {
         let mut body = format!("{}\n\n", alert.what);
         let _ = writeln!(body, "When:    {}", utc(alert.at));
         if let Some(id) = &alert.tenant {
-            match self.config.tenants.get(id) {
+            match self.config.get().tenants.get(id) {
                 Some(t) => {
                     let local = jiff::Timestamp::from_second(alert.at)
                         .map(|ts| {
@@ -220,6 +222,7 @@ impl Alerter {
             if digest.pending == 1 { "" } else { "s" },
             utc(digest.since),
             self.config
+                .get()
                 .email
                 .as_ref()
                 .map(|e| humantime::format_duration(e.min_interval).to_string())

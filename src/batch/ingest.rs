@@ -755,7 +755,11 @@ mod tests {
     fn alerter(store: &Store, tenant: &Tenant) -> Alerter {
         let src = format!("[tenant.{}]\n", tenant.id);
         let config = Arc::new(Config::parse(Path::new("/x.toml"), &src).unwrap());
-        Alerter::new(store.clone(), config, Arc::new(tokio::sync::Notify::new()))
+        Alerter::new(
+            store.clone(),
+            crate::reload::Live::new(config),
+            Arc::new(tokio::sync::Notify::new()),
+        )
     }
 
     fn setup(dir: &Path) -> (Store, Arc<Tenant>) {

@@ -10,6 +10,7 @@
 //! Each step's outcomes and the batches' cursors are committed in one durable transaction after
 //! the partner answered: a crash can resend at most the step that was in flight, never lose one.
 
+pub mod fleet;
 pub mod health;
 pub mod http;
 pub mod mo;
@@ -41,34 +42,6 @@ use partner::{Inbound, Incoming, Outbound, Partner, PartnerError, Submitted};
 pub const QUANTUM: u64 = 32;
 /// Transient failures are retried this many times, with growing delays, before `failed`.
 const MAX_ATTEMPTS: u32 = 12;
-
-/// Builds the partners named in the configuration and starts their connections and webhook
-/// listeners; receipts and incoming messages go to `incoming`.
-pub async fn build_partners(
-    config: &Config,
-    incoming: &tokio::sync::mpsc::UnboundedSender<partner::Inbound>,
-    tracker: &tokio_util::task::TaskTracker,
-    shutdown: &CancellationToken,
-) -> Result<HashMap<String, Arc<dyn Partner>>, http::HttpSetupError> {
-    let mut out: HashMap<String, Arc<dyn Partner>> = HashMap::new();
-    for (id, p) in &config.partners {
-        let partner: Arc<dyn Partner> = match p {
-            config::Partner::Sink { path } => Arc::new(sink::SinkPartner::new(id, path)),
-            config::Partner::Smpp(cfg) => {
-                let smpp = smpp::SmppPartner::new(id, cfg.clone(), incoming.clone());
-                smpp.start(tracker, shutdown.clone());
-                smpp
-            }
-            config::Partner::Http(cfg) => {
-                let http = http::HttpPartner::new(id, cfg.clone(), incoming.clone())?;
-                http.start(tracker, shutdown.clone()).await?;
-                http
-            }
-        };
-        out.insert(id.clone(), partner);
-    }
-    Ok(out)
-}
 
 /// A batch with messages not yet taken.
 #[derive(Debug, Clone)]
@@ -181,8 +154,12 @@ pub type HealthBoard = Arc<std::sync::RwLock<std::collections::BTreeMap<String, 
 /// Sends queued messages through partners.
 pub struct Dispatcher {
     pub store: Store,
+    /// The configuration of this turn, taken from `live` when a reload changed it.
     pub config: Arc<Config>,
-    pub partners: HashMap<String, Arc<dyn Partner>>,
+    pub live: tokio::sync::watch::Receiver<Arc<Config>>,
+    /// The partners of this turn, taken from `fleet` when a reload changed them.
+    pub partners: fleet::PartnerMap,
+    pub fleet: tokio::sync::watch::Receiver<fleet::PartnerMap>,
     /// Poked when batches change.
     pub wake: Arc<Signal>,
     pub reports: ReportRequests,
@@ -302,19 +279,20 @@ impl Dispatcher {
             .iter()
             .filter_map(|(id, p)| p.health().map(|h| (id.clone(), Health::new(h))))
             .collect();
+        self.live.mark_unchanged();
+        self.fleet.mark_unchanged();
         let mut checked = tokio::time::Instant::now();
         let mut swept = tokio::time::Instant::now();
         let mut sent: Vec<SentTo> = Vec::new();
         let mut last_flush = tokio::time::Instant::now();
         let mut inbound_open = true;
         // Batches waiting only for receipts are closed after the longest receipt_timeout.
-        let receipt_timeout = self
-            .config
-            .partners
-            .values()
-            .filter_map(config::Partner::receipt_timeout)
-            .max();
+        let mut receipt_timeout = self.receipt_timeout();
         loop {
+            if self.live.has_changed().unwrap_or(false) || self.fleet.has_changed().unwrap_or(false) {
+                self.reconfigure(&mut health, &mut ready, &mut pending);
+                receipt_timeout = self.receipt_timeout();
+            }
             if checked.elapsed() >= Duration::from_millis(200) {
                 checked = tokio::time::Instant::now();
                 self.check_health(&mut health, &mut ready, &outstanding);
@@ -586,6 +564,61 @@ impl Dispatcher {
         }
     }
 
+    /// Batches waiting only for receipts are closed after the longest `receipt_timeout`.
+    fn receipt_timeout(&self) -> Option<Duration> {
+        self.config
+            .partners
+            .values()
+            .filter_map(config::Partner::receipt_timeout)
+            .max()
+    }
+
+    /// Takes a reloaded configuration and partner set: partners that were replaced start with a
+    /// fresh health record, and every message waiting for a partner is routed again under the
+    /// new routes (one left without a route ends `failed` with `no_route`, as at any other time).
+    fn reconfigure(
+        &mut self,
+        health: &mut HashMap<String, Health>,
+        ready: &mut HashMap<String, VecDeque<Pick>>,
+        pending: &mut Pending,
+    ) {
+        let before = self.partners.clone();
+        self.config = self.live.borrow_and_update().clone();
+        self.partners = self.fleet.borrow_and_update().clone();
+        health
+            .retain(|id, _| matches!((before.get(id), self.partners.get(id)), (Some(a), Some(b)) if Arc::ptr_eq(a, b)));
+        for (id, p) in &self.config.partners {
+            if let (Some(policy), false) = (p.health(), health.contains_key(id)) {
+                health.insert(id.clone(), Health::new(policy));
+            }
+        }
+        if let Ok(mut board) = self.board.write() {
+            board.retain(|id, _| self.partners.contains_key(id));
+        }
+        let now = std::time::Instant::now();
+        let t = self::now();
+        let waiting: Vec<Pick> = ready.drain().flat_map(|(_, q)| q).collect();
+        let moved = waiting.len();
+        for p in waiting {
+            match self.choose(&p.message.phone, health, now) {
+                Some(target) => ready.entry(target).or_default().push_back(p),
+                None => {
+                    pending
+                        .step
+                        .outcomes
+                        .push((p.id, final_status(MessageStatus::Failed, "", "no_route", p.attempts, t)));
+                    self.settle(&p, pending);
+                }
+            }
+        }
+        tracing::info!(
+            partners = self.partners.len(),
+            routes = self.config.routes.len(),
+            routed_again = moved,
+            "dispatcher took the reloaded configuration"
+        );
+    }
+
     /// Reads every partner's meter; moves partners out of their routes and back, with alerts;
     /// messages waiting for a partner that went down go to the next one of their route.
     fn check_health(
@@ -637,7 +670,7 @@ impl Dispatcher {
             }
         }
         if let Ok(mut board) = self.board.write() {
-            for (id, partner) in &self.partners {
+            for (id, partner) in self.partners.iter() {
                 let (state, since, reason, latency, failed, samples) = match health.get(id) {
                     Some(h) => {
                         let (latency, failed, samples) = h.summary();

@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::alert::{Alert, AlertKind, Alerter};
 use crate::audit::{self, Audit, Event};
 use crate::config::{Config, Sftp, Tenant};
+use crate::reload::Live;
 
 /// Why the SFTP server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -127,9 +128,38 @@ fn ssh_config(sftp: &Sftp, key: PrivateKey) -> russh::server::Config {
 /// Sessions per tenant, shared by all connections.
 type Sessions = Arc<Mutex<HashMap<String, usize>>>;
 
+/// Every connection by number, with what a reload needs to close it: its handle once the
+/// handshake is done, and who logged in.
+type Connections = Arc<Mutex<HashMap<u64, Connection>>>;
+
+#[derive(Default)]
+struct Connection {
+    handle: Option<russh::server::Handle>,
+    login: Option<(Arc<Tenant>, PublicKey, SocketAddr)>,
+}
+
+/// Why a reload takes a logged-in session away, if it does: the session was let in under the
+/// old configuration, and would not be under the new one (or writes to a folder no longer
+/// watched).
+fn revoked(config: &Config, tenant: &Tenant, key: &PublicKey, ip: std::net::IpAddr) -> Option<&'static str> {
+    let Some(now) = config.tenants.get(&tenant.id) else {
+        return Some("tenant removed");
+    };
+    if !now.keys.iter().any(|k| k.key_data() == key.key_data()) {
+        return Some("key removed");
+    }
+    if !now.allow_ips.is_empty() && !now.allow_ips.iter().any(|n| n.contains(&ip)) {
+        return Some("address no longer allowed");
+    }
+    if now.inbox != tenant.inbox || now.outbox != tenant.outbox {
+        return Some("folders moved");
+    }
+    None
+}
+
 /// The SFTP server of `serve`.
 pub struct SftpServer {
-    config: Arc<Config>,
+    config: Live,
     alerts: Alerter,
     audit: Audit,
     defender: Arc<defender::Defender>,
@@ -140,12 +170,12 @@ pub struct SftpServer {
 
 impl SftpServer {
     pub fn new(
-        config: Arc<Config>,
+        config: Live,
         store: crate::store::Store,
         alerts: Alerter,
         audit: Audit,
     ) -> Result<Option<SftpServer>, SftpError> {
-        let Some(sftp) = config.sftp.clone() else {
+        let Some(sftp) = config.get().sftp.clone() else {
             return Ok(None);
         };
         let key = host_key(&sftp.host_key)?;
@@ -181,10 +211,21 @@ impl SftpServer {
     pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) {
         let unauthenticated = Arc::new(Semaphore::new(self.sftp.max_unauthenticated));
         let sessions: Sessions = Arc::default();
+        let connections: Connections = Arc::default();
+        let mut reloads = self.config.subscribe();
+        let mut reloads_open = true;
+        let mut number = 0u64;
         tracing::info!(listen = %self.sftp.listen, host_key = %self.fingerprint, "SFTP server listening");
         loop {
             let (socket, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
+                changed = reloads.changed(), if reloads_open => {
+                    match changed {
+                        Ok(()) => self.revoke(&connections),
+                        Err(_) => reloads_open = false,
+                    }
+                    continue;
+                }
                 accepted = listener.accept() => match accepted {
                     Ok(a) => a,
                     Err(e) => {
@@ -207,7 +248,11 @@ impl SftpServer {
             };
             let _ = socket.set_nodelay(true);
             let authenticated = Arc::new(AtomicBool::new(false));
+            number += 1;
+            let id = number;
             let handler = SshSession {
+                id,
+                connections: connections.clone(),
                 config: self.config.clone(),
                 alerts: self.alerts.clone(),
                 audit: self.audit.clone(),
@@ -225,6 +270,7 @@ impl SftpServer {
             let defender = self.defender.clone();
             let deadline = self.sftp.login_deadline;
             let stop = shutdown.clone();
+            let connections = connections.clone();
             tokio::spawn(async move {
                 let running =
                     match tokio::time::timeout(deadline, russh::server::run_stream(ssh, socket, handler)).await {
@@ -239,6 +285,9 @@ impl SftpServer {
                         }
                     };
                 let handle = running.handle();
+                if let Ok(mut all) = connections.lock() {
+                    all.entry(id).or_default().handle = Some(handle.clone());
+                }
                 let login = async {
                     tokio::time::sleep(deadline).await;
                     if !authenticated.load(Ordering::Acquire) {
@@ -262,6 +311,42 @@ impl SftpServer {
                     _ = login => {}
                     _ = stop.cancelled() => {}
                 }
+                if let Ok(mut all) = connections.lock() {
+                    all.remove(&id);
+                }
+            });
+        }
+    }
+
+    /// After a reload: closes the sessions the new configuration would not let in; every other
+    /// session carries on.
+    fn revoke(&self, connections: &Connections) {
+        let config = self.config.get();
+        let Ok(all) = connections.lock() else { return };
+        for c in all.values() {
+            let (Some(handle), Some((tenant, key, peer))) = (&c.handle, &c.login) else {
+                continue;
+            };
+            let Some(reason) = revoked(&config, tenant, key, peer.ip()) else {
+                continue;
+            };
+            let print = fingerprint(key);
+            tracing::warn!(tenant = %tenant.id, peer = %peer, fingerprint = %print, reason, "SFTP session closed by a reload");
+            self.audit.record(
+                Event::new("sftp.revoked", audit::sftp_actor(*peer))
+                    .tenant(&tenant.id)
+                    .detail("fingerprint", print)
+                    .detail("reason", reason),
+            );
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                let _ = handle
+                    .disconnect(
+                        russh::Disconnect::ByApplication,
+                        format!("access changed: {reason}"),
+                        "en".into(),
+                    )
+                    .await;
             });
         }
     }
@@ -282,7 +367,10 @@ fn deadline_passed(alerts: &Alerter, audit: &Audit, defender: &defender::Defende
 
 /// One SSH connection.
 struct SshSession {
-    config: Arc<Config>,
+    /// This connection's number in `connections`.
+    id: u64,
+    connections: Connections,
+    config: Live,
     alerts: Alerter,
     audit: Audit,
     defender: Arc<defender::Defender>,
@@ -313,7 +401,7 @@ impl SshSession {
         );
         // A user name is shown as tried, cut short and without control characters.
         let shown: String = user.chars().filter(|c| !c.is_control()).take(64).collect();
-        let tenant = self.config.tenants.contains_key(user).then_some(user);
+        let tenant = self.config.get().tenants.contains_key(user).then_some(user);
         let mut event = Event::new("sftp.refused", audit::sftp_actor(self.peer))
             .detail("user", &shown)
             .detail("method", method)
@@ -346,7 +434,8 @@ impl SshSession {
 
     /// Checks user, source address and key; `Ok(tenant)` when they fit.
     fn check(&self, user: &str, key: &PublicKey) -> Result<Arc<Tenant>, &'static str> {
-        let tenant = self.config.tenants.get(user).ok_or("unknown user")?;
+        let config = self.config.get();
+        let tenant = config.tenants.get(user).ok_or("unknown user")?;
         if !tenant.allow_ips.is_empty() && !tenant.allow_ips.iter().any(|n| n.contains(&self.peer.ip())) {
             return Err("IP not allowed");
         }
@@ -414,6 +503,9 @@ impl russh::server::Handler for SshSession {
                 .tenant(&tenant.id)
                 .detail("fingerprint", print),
         );
+        if let Ok(mut all) = self.connections.lock() {
+            all.entry(self.id).or_default().login = Some((tenant.clone(), key.public_key.clone(), self.peer));
+        }
         self.tenant = Some(tenant);
         self.authenticated.store(true, Ordering::Release);
         self.permit = None;
@@ -481,6 +573,9 @@ impl russh::server::Handler for SshSession {
 
 impl Drop for SshSession {
     fn drop(&mut self) {
+        if let Ok(mut all) = self.connections.lock() {
+            all.remove(&self.id);
+        }
         if let Some(t) = &self.tenant {
             if let Ok(mut sessions) = self.sessions.lock() {
                 if let Some(n) = sessions.get_mut(&t.id) {

@@ -6,6 +6,9 @@ usage: paramiko_client.py PORT USER MODE [ARGS...]
   upload KEYFILE LOCAL REMOTE    upload with an Ed25519 key; exit 0 on success
   escape KEYFILE                 try to leave the two folders; prints one line per attempt, exit 0
                                  if every attempt was refused
+  session KEYFILE                log in and keep the session: reads `put LOCAL REMOTE` and `alive`
+                                 lines on stdin, answers each with one line (`ok`, `error ...`,
+                                 `alive` or `closed`)
 """
 import sys
 
@@ -94,3 +97,21 @@ if mode == "escape":
         except (IOError, OSError) as e:
             print(f"refused {op} {path[:40]!r}: {e}")
     sys.exit(1 if allowed else 0)
+
+if mode == "session":
+    print("ready", flush=True)
+    for line in sys.stdin:
+        words = line.split()
+        if not words:
+            continue
+        try:
+            if words[0] == "put":
+                sftp.put(words[1], words[2])
+                print("ok", flush=True)
+            elif words[0] == "alive":
+                # A round trip: a session the server closed fails here, not only later.
+                sftp.listdir("/")
+                print("alive" if t.is_active() else "closed", flush=True)
+        except Exception as e:  # noqa: BLE001 - the test wants to know, not the type
+            print("closed" if not t.is_active() else f"error {type(e).__name__}: {e}", flush=True)
+    sys.exit(0)

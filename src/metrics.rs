@@ -6,6 +6,10 @@
 //! the sweeper's and the re-sealer's totals, active bans. Names follow Prometheus conventions:
 //! the `smsdrop_` prefix, `_total` on counters, seconds and bytes.
 //!
+//! What happened since start (files and lines by outcome, line rejections by reason, SFTP
+//! logins, refusals and open sessions, mails, reloads, submit latency per partner) is counted
+//! as it happens in [`events`], one process-wide set of counters, and read by each scrape.
+//!
 //! `/healthz` answers while the process does; `/readyz` only when the store answers a read.
 
 use std::net::SocketAddr;
@@ -17,6 +21,7 @@ use hyper::{Request, Response, StatusCode};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
@@ -29,6 +34,140 @@ use crate::store::{Store, StoreError};
 const SCRAPES: usize = 16;
 
 type Labels = Vec<(&'static str, String)>;
+
+/// A histogram of seconds from 1 ms to about 16 s.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+/// Counters of events since start; see [`events`].
+pub struct Events {
+    files: Family<Labels, Counter>,
+    lines: Family<Labels, Counter>,
+    line_rejections: Family<Labels, Counter>,
+    sftp_logins: Family<Labels, Counter>,
+    sftp_refusals: Family<Labels, Counter>,
+    sftp_sessions: Gauge,
+    mails: Family<Labels, Counter>,
+    reloads: Family<Labels, Counter>,
+    submit_latency: Family<Labels, Histogram, fn() -> Histogram>,
+}
+
+/// The process's event counters.
+pub fn events() -> &'static Events {
+    static EVENTS: std::sync::LazyLock<Events> = std::sync::LazyLock::new(|| Events {
+        files: Family::default(),
+        lines: Family::default(),
+        line_rejections: Family::default(),
+        sftp_logins: Family::default(),
+        sftp_refusals: Family::default(),
+        sftp_sessions: Gauge::default(),
+        mails: Family::default(),
+        reloads: Family::default(),
+        submit_latency: Family::new_with_constructor(latency_histogram),
+    });
+    &EVENTS
+}
+
+impl Events {
+    /// A batch file was ingested: its outcome, its lines, its rejections by reason.
+    pub fn batch(&self, batch: &crate::store::records::BatchRecord) {
+        let tenant = || ("tenant", batch.tenant.clone());
+        let outcome = batch.file_reason.map(|r| r.as_str()).unwrap_or("accepted");
+        self.files
+            .get_or_create(&vec![tenant(), ("outcome", outcome.to_string())])
+            .inc();
+        self.lines
+            .get_or_create(&vec![tenant(), ("outcome", "accepted".to_string())])
+            .inc_by(batch.accepted);
+        self.lines
+            .get_or_create(&vec![tenant(), ("outcome", "rejected".to_string())])
+            .inc_by(batch.rejected);
+        for (reason, n) in &batch.reasons {
+            self.line_rejections
+                .get_or_create(&vec![tenant(), ("reason", reason.as_str().to_string())])
+                .inc_by(*n);
+        }
+    }
+
+    pub fn sftp_login(&self, tenant: &str) {
+        self.sftp_logins
+            .get_or_create(&vec![("tenant", tenant.to_string())])
+            .inc();
+        self.sftp_sessions.inc();
+    }
+
+    pub fn sftp_logout(&self) {
+        self.sftp_sessions.dec();
+    }
+
+    pub fn sftp_refused(&self, reason: &str) {
+        self.sftp_refusals
+            .get_or_create(&vec![("reason", reason.to_string())])
+            .inc();
+    }
+
+    /// `what`: `queued`, `sent` or `failed` (given up).
+    pub fn mail(&self, what: &'static str) {
+        self.mails.get_or_create(&vec![("outcome", what.to_string())]).inc();
+    }
+
+    pub fn reload(&self, applied: bool) {
+        let result = if applied { "applied" } else { "refused" };
+        self.reloads.get_or_create(&vec![("result", result.to_string())]).inc();
+    }
+
+    /// The histogram a partner's submit latencies go to.
+    pub fn submit_latency(&self, partner: &str) -> Histogram {
+        self.submit_latency
+            .get_or_create(&vec![("partner", partner.to_string())])
+            .clone()
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "files",
+            "Batch files taken in, by tenant and outcome (accepted or the file's reason code)",
+            self.files.clone(),
+        );
+        registry.register(
+            "lines",
+            "Data lines of batch files, by tenant and outcome (accepted, rejected)",
+            self.lines.clone(),
+        );
+        registry.register(
+            "line_rejections",
+            "Rejected lines by tenant and reason code",
+            self.line_rejections.clone(),
+        );
+        registry.register("sftp_logins", "SFTP logins let in, by tenant", self.sftp_logins.clone());
+        registry.register(
+            "sftp_refusals",
+            "SFTP connections and logins refused, by reason",
+            self.sftp_refusals.clone(),
+        );
+        registry.register(
+            "sftp_sessions",
+            "SFTP sessions logged in now",
+            self.sftp_sessions.clone(),
+        );
+        registry.register(
+            "mails",
+            "Alert and report mails, by outcome (queued, sent, failed)",
+            self.mails.clone(),
+        );
+        registry.register(
+            "reloads",
+            "Configuration reloads, by result (applied, refused)",
+            self.reloads.clone(),
+        );
+        registry.register(
+            "submit_latency_seconds",
+            "Time from handing a message to a partner to its answer (submit_sm_resp, HTTP response)",
+            self.submit_latency.clone(),
+        );
+    }
+}
 
 /// What the listener needs to answer.
 #[derive(Clone)]
@@ -61,6 +200,7 @@ impl Exporter {
     pub fn render(&self) -> Result<String, StoreError> {
         let config = self.config.get();
         let mut registry = Registry::with_prefix("smsdrop");
+        events().register(&mut registry);
         let messages = gauge_family(
             &mut registry,
             "messages",

@@ -157,6 +157,7 @@ impl Reloader {
         let old = self.live.get();
         let result = self.apply(&old, &mut fleet).await;
         let event = Event::new("config.reload", by).detail("file", old.path.display());
+        crate::metrics::events().reload(result.is_ok());
         match &result {
             Ok(summary) => {
                 tracing::info!(config = %old.path.display(), by, changes = %summary.to_string().trim_end().replace('\n', "; "), "configuration reloaded");

@@ -629,7 +629,7 @@ fn ingest_one(ingestor: &Ingestor<'_>, config: &Config, claimed: &Claimed) {
         ingestor.ingest_claimed(tenant, &claimed.spool, &claimed.claim, &claimed.file_name)
     };
     match result {
-        Ok(_) => {}
+        Ok(batch) => crate::metrics::events().batch(&batch),
         Err(IngestError::Cancelled) => {
             tracing::info!(tenant = %tenant.id, file = %claimed.file_name, "ingest cut short by shutdown; resumed at next start")
         }

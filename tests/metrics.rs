@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Appliance, ok, tenant};
+use common::{Appliance, Smsc, ok, tenant};
 
 fn scrape(port: u16) -> Vec<serde_json::Value> {
     let out = std::process::Command::new(common::venv_python())
@@ -45,21 +45,38 @@ fn get(port: u16, path: &str) -> (u16, String) {
 
 #[test]
 fn metrics_follow_an_end_to_end_run() {
-    let port = common::free_port();
+    let dir = tempfile::tempdir().expect("dir");
+    let smsc = Smsc::start(dir.path(), &[]);
+    let (port, sftp_port) = (common::free_port(), common::free_port());
     let tables = format!(
-        "{}{}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n",
+        "{}{}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n\n[sftp]\nlisten = \"127.0.0.1:{sftp_port}\"\n\n[partner.smsc]\nkind = \"smpp\"\naddress = \"127.0.0.1:{}\"\nsystem_id = \"smsdrop\"\npassword_file = \"smsc.secret\"\n\n[[route]]\nprefix = \"+33\"\npartners = [\"smsc\"]\n",
         tenant("acme", "hold_above = 3\n"),
-        tenant("beta", "")
+        tenant("beta", ""),
+        smsc.port
     );
     let mut app = Appliance::new(&tables);
+    std::fs::write(app.path("smsc.secret"), "secret\n").expect("password file");
     app.start();
     assert_eq!(get(port, "/healthz").0, 200);
     assert_eq!(get(port, "/readyz").0, 200);
     assert_eq!(get(port, "/nothing").0, 404);
 
     // beta: two delivered; acme: five held (above hold_above)
-    app.drop_file("beta", "b.csv", b"phone;message\n0612345678;One\n0612345679;Two\n");
+    app.drop_file(
+        "beta",
+        "b.csv",
+        b"phone;message\n0612345678;One\n0612345679;Two\n12;not a number\n",
+    );
     app.final_report("beta", "b", 2);
+    app.drop_file("beta", "nocol.csv", b"number;words\n0612345678;x\n");
+    app.result("beta", "nocol");
+    // A password login is refused (and counted).
+    let refused = std::process::Command::new(common::venv_python())
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/paramiko_client.py"))
+        .args([&sftp_port.to_string(), "beta", "password", "secret"])
+        .output()
+        .expect("paramiko");
+    assert!(refused.status.success(), "{}", String::from_utf8_lossy(&refused.stdout));
     let mut held = String::from("phone;message\n");
     for i in 0..5 {
         held.push_str(&format!("06123450{i:02};Held\n"));
@@ -86,6 +103,37 @@ fn metrics_follow_an_end_to_end_run() {
     assert!(value(&samples, "smsdrop_store_file_bytes", &[]) > 0.0);
     assert!(value(&samples, "smsdrop_store_used_bytes", &[]) > 0.0);
     assert_eq!(value(&samples, "smsdrop_retention_deleted_messages_total", &[]), 0.0);
+    // Events since start: files and lines by outcome, rejections by reason, refusals.
+    let files = |t: &str, o: &str| value(&samples, "smsdrop_files_total", &[("tenant", t), ("outcome", o)]);
+    assert_eq!(files("beta", "accepted"), 1.0);
+    assert_eq!(files("beta", "missing_column"), 1.0);
+    assert_eq!(files("acme", "accepted"), 1.0);
+    let lines = |t: &str, o: &str| value(&samples, "smsdrop_lines_total", &[("tenant", t), ("outcome", o)]);
+    assert_eq!(lines("beta", "accepted"), 2.0);
+    assert_eq!(lines("beta", "rejected"), 1.0);
+    assert_eq!(lines("acme", "accepted"), 5.0);
+    assert_eq!(
+        value(
+            &samples,
+            "smsdrop_line_rejections_total",
+            &[("tenant", "beta"), ("reason", "invalid_phone")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &samples,
+            "smsdrop_sftp_refusals_total",
+            &[("reason", "password authentication is not allowed")]
+        ),
+        1.0
+    );
+    assert_eq!(value(&samples, "smsdrop_sftp_sessions", &[]), 0.0);
+    assert_eq!(
+        value(&samples, "smsdrop_submit_latency_seconds_count", &[("partner", "smsc")]),
+        2.0,
+        "beta's two went through the SMSC"
+    );
     for s in &samples {
         let name = s["name"].as_str().unwrap_or_default();
         assert!(name.starts_with("smsdrop_"), "{name}");
@@ -95,7 +143,14 @@ fn metrics_follow_an_end_to_end_run() {
     }
 
     // released: the five go out, the gauges follow
-    ok(app.cli(&["batch", "release", "2"]));
+    let list = ok(app.cli(&["batch", "list", "--tenant", "acme"]));
+    let id = list
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().next())
+        .expect("acme's batch")
+        .to_string();
+    ok(app.cli(&["batch", "release", &id]));
     app.final_report("acme", "a", 5);
     common::wait_for("the scrape to follow", Duration::from_secs(10), || {
         let samples = scrape(port);
@@ -106,5 +161,21 @@ fn metrics_follow_an_end_to_end_run() {
         ) == 5.0
             && value(&samples, "smsdrop_queue_depth", &[("tenant", "acme")]) == 0.0
     });
+    let samples = scrape(port);
+    assert_eq!(
+        value(&samples, "smsdrop_submit_latency_seconds_count", &[("partner", "smsc")]),
+        7.0
+    );
+    let slow = value(
+        &samples,
+        "smsdrop_submit_latency_seconds_bucket",
+        &[("partner", "smsc"), ("le", "+Inf")],
+    );
+    assert_eq!(slow, 7.0, "the +Inf bucket holds every submission");
+    ok(app.cli(&["reload"]));
+    assert_eq!(
+        value(&scrape(port), "smsdrop_reloads_total", &[("result", "applied")]),
+        1.0
+    );
     app.stop();
 }

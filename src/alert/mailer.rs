@@ -170,10 +170,12 @@ impl Mailer {
             match self.send(&mail).await {
                 Sent::Done => {
                     tracing::info!(kind = %mail.kind, mail = id, "mail sent");
+                    crate::metrics::events().mail("sent");
                     self.blocking(move |s| s.mail_done(id)).await?;
                 }
                 Sent::Refused(why) => {
                     tracing::error!(kind = %mail.kind, mail = id, "mail refused for good and dropped: {why}");
+                    crate::metrics::events().mail("failed");
                     self.blocking(move |s| s.mail_done(id)).await?;
                 }
                 Sent::Retry(why) => {

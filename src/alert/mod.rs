@@ -158,7 +158,12 @@ impl Alerter {
                 .store
                 .raise_mail(&mail, &line, alert.at, min_interval, DIGEST_DETAILS)
             {
-                Ok(now) => queued |= now,
+                Ok(now) => {
+                    if now {
+                        crate::metrics::events().mail("queued");
+                    }
+                    queued |= now
+                }
                 Err(e) => tracing::error!(kind = alert.kind.as_str(), error = %e, "cannot queue an alert mail"),
             }
         }

@@ -43,11 +43,24 @@ pub struct Sample {
 #[derive(Debug, Default)]
 pub struct Meter {
     samples: Mutex<Vec<Sample>>,
+    /// Every latency also goes to the partner's `smsdrop_submit_latency_seconds`.
+    histogram: Option<prometheus_client::metrics::histogram::Histogram>,
 }
 
 impl Meter {
+    /// The meter of partner `id`.
+    pub fn of(id: &str) -> Meter {
+        Meter {
+            samples: Mutex::default(),
+            histogram: Some(crate::metrics::events().submit_latency(id)),
+        }
+    }
+
     /// Records one submission: `ok` unless it failed in a way that says the partner is unwell.
     pub fn record(&self, latency: Duration, ok: bool) {
+        if let Some(h) = &self.histogram {
+            h.observe(latency.as_secs_f64());
+        }
         if let Ok(mut s) = self.samples.lock() {
             if s.len() < 4 * SAMPLES {
                 s.push(Sample { latency, ok });

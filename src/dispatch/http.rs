@@ -183,7 +183,7 @@ impl HttpPartner {
             id: id.to_string(),
             window: Semaphore::new(cfg.window),
             pacer: Pacer::new(cfg.tps),
-            meter: Meter::default(),
+            meter: Meter::of(id),
             client,
             token,
             incoming,

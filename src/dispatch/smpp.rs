@@ -98,7 +98,7 @@ impl SmppPartner {
             pacer: Pacer::new(cfg.tps),
             reference: AtomicU16::new(u16::from_be_bytes(seed)),
             incoming,
-            meter: Meter::default(),
+            meter: Meter::of(id),
             cfg,
         })
     }

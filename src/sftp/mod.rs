@@ -412,6 +412,7 @@ impl SshSession {
             event = event.tenant(t);
         }
         self.audit.record(event);
+        crate::metrics::events().sftp_refused(reason);
         self.defender.score(self.peer.ip(), reason);
         self.alerts.raise(
             Alert::new(
@@ -506,6 +507,7 @@ impl russh::server::Handler for SshSession {
         if let Ok(mut all) = self.connections.lock() {
             all.entry(self.id).or_default().login = Some((tenant.clone(), key.public_key.clone(), self.peer));
         }
+        crate::metrics::events().sftp_login(&tenant.id);
         self.tenant = Some(tenant);
         self.authenticated.store(true, Ordering::Release);
         self.permit = None;
@@ -582,6 +584,7 @@ impl Drop for SshSession {
                     *n = n.saturating_sub(1);
                 }
             }
+            crate::metrics::events().sftp_logout();
             tracing::info!(peer = %self.peer, tenant = %t.id, "SFTP session closed");
             self.audit
                 .record(Event::new("sftp.logout", audit::sftp_actor(self.peer)).tenant(&t.id));

@@ -36,6 +36,7 @@ install -m 0644 "$gen/_smsdrop" "$stage/usr/share/zsh/vendor-completions/_smsdro
 install -m 0644 "$gen/smsdrop.fish" "$stage/usr/share/fish/vendor_completions.d/smsdrop.fish"
 
 install -m 0644 "$top/packaging/deb/copyright" "$stage/usr/share/doc/smsdrop/copyright"
+install -m 0644 "$top/packaging/grafana-dashboard.json" "$stage/usr/share/doc/smsdrop/grafana-dashboard.json"
 mkdir -p "$stage/usr/share/lintian/overrides"
 install -m 0644 "$top/packaging/deb/lintian-overrides" "$stage/usr/share/lintian/overrides/smsdrop"
 sed "s/@VERSION@/$version/" "$top/packaging/deb/changelog" | gzip -9n >"$stage/usr/share/doc/smsdrop/changelog.gz"

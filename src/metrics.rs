@@ -55,16 +55,26 @@ pub struct Events {
 
 /// The process's event counters.
 pub fn events() -> &'static Events {
-    static EVENTS: std::sync::LazyLock<Events> = std::sync::LazyLock::new(|| Events {
-        files: Family::default(),
-        lines: Family::default(),
-        line_rejections: Family::default(),
-        sftp_logins: Family::default(),
-        sftp_refusals: Family::default(),
-        sftp_sessions: Gauge::default(),
-        mails: Family::default(),
-        reloads: Family::default(),
-        submit_latency: Family::new_with_constructor(latency_histogram),
+    static EVENTS: std::sync::LazyLock<Events> = std::sync::LazyLock::new(|| {
+        let events = Events {
+            files: Family::default(),
+            lines: Family::default(),
+            line_rejections: Family::default(),
+            sftp_logins: Family::default(),
+            sftp_refusals: Family::default(),
+            sftp_sessions: Gauge::default(),
+            mails: Family::default(),
+            reloads: Family::default(),
+            submit_latency: Family::new_with_constructor(latency_histogram),
+        };
+        // Series with fixed labels exist from the start at 0, so that rates see the first one.
+        for outcome in ["queued", "sent", "failed"] {
+            events.mails.get_or_create(&vec![("outcome", outcome.to_string())]);
+        }
+        for result in ["applied", "refused"] {
+            events.reloads.get_or_create(&vec![("result", result.to_string())]);
+        }
+        events
     });
     &EVENTS
 }

@@ -134,7 +134,7 @@ fn metrics_follow_an_end_to_end_run() {
         2.0,
         "beta's two went through the SMSC"
     );
-    for s in &samples {
+    for s in samples.iter().filter(|s| s.get("family").is_none()) {
         let name = s["name"].as_str().unwrap_or_default();
         assert!(name.starts_with("smsdrop_"), "{name}");
         if s["type"] == "counter" {
@@ -172,6 +172,31 @@ fn metrics_follow_an_end_to_end_run() {
         &[("partner", "smsc"), ("le", "+Inf")],
     );
     assert_eq!(slow, 7.0, "the +Inf bucket holds every submission");
+    // Every series the Grafana dashboard draws is one this scrape has.
+    let families: std::collections::HashSet<String> = samples
+        .iter()
+        .filter_map(|s| s["family"].as_str().map(String::from))
+        .collect();
+    let dashboard = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/grafana-dashboard.json"))
+        .expect("dashboard");
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard).expect("dashboard is JSON");
+    let mut drawn = 0;
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if let Some(metric) = word.strip_prefix("smsdrop_") {
+                    let family = ["_bucket", "_count", "_sum", "_total"]
+                        .iter()
+                        .find_map(|suffix| metric.strip_suffix(suffix))
+                        .unwrap_or(metric);
+                    assert!(families.contains(&format!("smsdrop_{family}")), "{word} in {expr}");
+                    drawn += 1;
+                }
+            }
+        }
+    }
+    assert!(drawn >= 16, "{drawn}");
     ok(app.cli(&["reload"]));
     assert_eq!(
         value(&scrape(port), "smsdrop_reloads_total", &[("result", "applied")]),

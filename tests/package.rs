@@ -119,6 +119,7 @@ fn the_deb_installs_into_a_root_starts_as_systemd_would_and_purges() {
             "./usr/share/fish/vendor_completions.d/smsdrop.fish",
         ),
         ("-rw-r--r-- root/root", "./usr/share/doc/smsdrop/copyright"),
+        ("-rw-r--r-- root/root", "./usr/share/doc/smsdrop/grafana-dashboard.json"),
         ("-rw-r--r-- root/root", "./usr/lib/sysusers.d/smsdrop.conf"),
     ] {
         assert!(

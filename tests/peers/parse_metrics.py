@@ -1,5 +1,6 @@
 """Reads a scrape of smsdrop's /metrics with the Prometheus project's own Python client parser
-(OpenMetrics text) and prints every sample as JSON lines: {"name", "labels", "value"}. A scrape
+(OpenMetrics text) and prints every family ({"family", "type"}) and every sample as JSON lines: {"name", "type", "labels",
+"value"}. A scrape
 the parser refuses makes this exit non-zero with its error."""
 import json
 import sys
@@ -13,5 +14,6 @@ with urllib.request.urlopen(sys.argv[1], timeout=10) as r:
 if not kind.startswith("application/openmetrics-text"):
     sys.exit(f"unexpected content type {kind!r}")
 for family in text_string_to_metric_families(text):
+    print(json.dumps({"family": family.name, "type": family.type}))
     for s in family.samples:
         print(json.dumps({"name": s.name, "type": family.type, "labels": s.labels, "value": s.value}))

@@ -40,6 +40,11 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 15))
 }
 
+/// A histogram of whole seconds from 1 s to about 9 hours (receipts are stamped in seconds).
+fn delay_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 16))
+}
+
 /// Counters of events since start; see [`events`].
 pub struct Events {
     files: Family<Labels, Counter>,
@@ -51,6 +56,7 @@ pub struct Events {
     mails: Family<Labels, Counter>,
     reloads: Family<Labels, Counter>,
     submit_latency: Family<Labels, Histogram, fn() -> Histogram>,
+    receipt_delay: Family<Labels, Histogram, fn() -> Histogram>,
 }
 
 /// The process's event counters.
@@ -66,13 +72,14 @@ pub fn events() -> &'static Events {
             mails: Family::default(),
             reloads: Family::default(),
             submit_latency: Family::new_with_constructor(latency_histogram),
+            receipt_delay: Family::new_with_constructor(delay_histogram),
         };
         // Series with fixed labels exist from the start at 0, so that rates see the first one.
         for outcome in ["queued", "sent", "failed"] {
-            events.mails.get_or_create(&vec![("outcome", outcome.to_string())]);
+            let _ = events.mails.get_or_create(&vec![("outcome", outcome.to_string())]);
         }
         for result in ["applied", "refused"] {
-            events.reloads.get_or_create(&vec![("result", result.to_string())]);
+            let _ = events.reloads.get_or_create(&vec![("result", result.to_string())]);
         }
         events
     });
@@ -134,6 +141,13 @@ impl Events {
             .clone()
     }
 
+    /// A delivery receipt was applied `seconds` after its message was submitted.
+    pub fn receipt_delay(&self, partner: &str, seconds: i64) {
+        self.receipt_delay
+            .get_or_create(&vec![("partner", partner.to_string())])
+            .observe(seconds.max(0) as f64);
+    }
+
     fn register(&self, registry: &mut Registry) {
         registry.register(
             "files",
@@ -175,6 +189,11 @@ impl Events {
             "submit_latency_seconds",
             "Time from handing a message to a partner to its answer (submit_sm_resp, HTTP response)",
             self.submit_latency.clone(),
+        );
+        registry.register(
+            "receipt_delay_seconds",
+            "Time from a message's submission to its delivery receipt, by partner",
+            self.receipt_delay.clone(),
         );
     }
 }

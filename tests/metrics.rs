@@ -172,6 +172,11 @@ fn metrics_follow_an_end_to_end_run() {
         &[("partner", "smsc"), ("le", "+Inf")],
     );
     assert_eq!(slow, 7.0, "the +Inf bucket holds every submission");
+    assert_eq!(
+        value(&samples, "smsdrop_receipt_delay_seconds_count", &[("partner", "smsc")]),
+        7.0,
+        "seven receipts came"
+    );
     // Every series the Grafana dashboard draws is one this scrape has.
     let families: std::collections::HashSet<String> = samples
         .iter()

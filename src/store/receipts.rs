@@ -92,6 +92,10 @@ impl Store {
                     early.remove(key.as_slice())?;
                     index.remove(primary.as_slice())?;
                     if r.status != MessageStatus::Delivered || last {
+                        if outcome.is_none() {
+                            let delay = r.at - status.submitted_at.unwrap_or(r.at);
+                            crate::metrics::events().receipt_delay(&status.partner, delay);
+                        }
                         outcome.get_or_insert(StatusRecord {
                             status: r.status,
                             done_at: Some(r.at),
@@ -177,6 +181,9 @@ impl Store {
             };
             self.set_status(tx, touched, id, &record)?;
             tx.open_table(RECEIPT_IDS)?.remove(key.as_slice())?;
+            if let Some(submitted) = previous.submitted_at {
+                crate::metrics::events().receipt_delay(partner, now - submitted);
+            }
         }
         Ok(())
     }

@@ -600,16 +600,7 @@ impl Dispatcher {
         let waiting: Vec<Pick> = ready.drain().flat_map(|(_, q)| q).collect();
         let moved = waiting.len();
         for p in waiting {
-            match self.choose(&p.message.phone, health, now) {
-                Some(target) => ready.entry(target).or_default().push_back(p),
-                None => {
-                    pending
-                        .step
-                        .outcomes
-                        .push((p.id, final_status(MessageStatus::Failed, "", "no_route", p.attempts, t)));
-                    self.settle(&p, pending);
-                }
-            }
+            self.route(p, health, ready, pending, now, t);
         }
         tracing::info!(
             partners = self.partners.len(),
@@ -617,6 +608,29 @@ impl Dispatcher {
             routed_again = moved,
             "dispatcher took the reloaded configuration"
         );
+    }
+
+    /// Puts a message in the queue of the partner its route chooses; one without a route ends
+    /// `failed` (`no_route`).
+    fn route(
+        &self,
+        p: Pick,
+        health: &mut HashMap<String, Health>,
+        ready: &mut HashMap<String, VecDeque<Pick>>,
+        pending: &mut Pending,
+        now: std::time::Instant,
+        t: i64,
+    ) {
+        match self.choose(&p.message.phone, health, now) {
+            Some(partner) => ready.entry(partner).or_default().push_back(p),
+            None => {
+                pending
+                    .step
+                    .outcomes
+                    .push((p.id, final_status(MessageStatus::Failed, "", "no_route", p.attempts, t)));
+                self.settle(&p, pending);
+            }
+        }
     }
 
     /// Reads every partner's meter; moves partners out of their routes and back, with alerts;
@@ -968,19 +982,7 @@ impl Dispatcher {
                 self.settle(&p, pending);
                 continue;
             }
-            let now = std::time::Instant::now();
-            match self.choose(&p.message.phone, health, now) {
-                Some(partner) => {
-                    ready.entry(partner).or_default().push_back(p);
-                }
-                None => {
-                    pending
-                        .step
-                        .outcomes
-                        .push((p.id, final_status(MessageStatus::Failed, "", "no_route", p.attempts, t)));
-                    self.settle(&p, pending);
-                }
-            }
+            self.route(p, health, ready, pending, std::time::Instant::now(), t);
         }
         Ok(n)
     }

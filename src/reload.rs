@@ -160,15 +160,13 @@ impl Reloader {
         crate::metrics::events().reload(result.is_ok());
         match &result {
             Ok(summary) => {
-                tracing::info!(config = %old.path.display(), by, changes = %summary.to_string().trim_end().replace('\n', "; "), "configuration reloaded");
+                let changes = summary.to_string().trim_end().replace('\n', "; ");
+                tracing::info!(config = %old.path.display(), by, %changes, "configuration reloaded");
                 for key in &summary.at_restart {
                     tracing::warn!(key, "this setting changed; it applies at the next restart");
                 }
-                self.audit.record(
-                    event
-                        .detail("result", "applied")
-                        .detail("changes", summary.to_string().trim_end().replace('\n', "; ")),
-                );
+                self.audit
+                    .record(event.detail("result", "applied").detail("changes", changes));
             }
             Err(e) => {
                 tracing::error!(config = %old.path.display(), by, error = %e, "the new configuration is refused; the running one is kept");

@@ -215,11 +215,13 @@ impl Appliance {
         parse_csv(&bytes, b';')
     }
 
-    /// Waits until the final report says every message is final, then returns its rows.
+    /// Waits until the final report says every message is final, then returns its rows. The
+    /// wait grows with the batch (a minute, and a second more per thousand messages): the test
+    /// machine runs other tests beside this one.
     pub fn final_report(&self, tenant: &str, stem: &str, expected: usize) -> Vec<Vec<String>> {
         let path = self.outbox(tenant).join(format!("{stem}.report.csv"));
         poll(
-            Duration::from_secs(60),
+            Duration::from_secs(60 + expected as u64 / 1000),
             || {
                 let rows = parse_csv(&std::fs::read(&path).ok()?, b';');
                 let finals = rows
@@ -310,16 +312,20 @@ pub fn failed(out: Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// Polls `ready` every few milliseconds until it gives a value; fails the test with `why()`
-/// after `timeout`.
+/// Polls `ready` until it gives a value; fails the test with `why()` after `timeout`. The
+/// first looks come every 10 ms, later ones further apart (up to 200 ms): a look may read and
+/// parse a large file, and on two cores a test that looks a hundred times a second takes the
+/// time the appliance under test needs.
 pub fn poll<T>(timeout: Duration, mut ready: impl FnMut() -> Option<T>, why: impl FnOnce() -> String) -> T {
     let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(10);
     loop {
         if let Some(v) = ready() {
             return v;
         }
         assert!(Instant::now() < deadline, "{}", why());
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(pause);
+        pause = (pause * 3 / 2).min(Duration::from_millis(200));
     }
 }
 

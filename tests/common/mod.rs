@@ -312,20 +312,20 @@ pub fn failed(out: Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// Polls `ready` until it gives a value; fails the test with `why()` after `timeout`. The
-/// first looks come every 10 ms, later ones further apart (up to 200 ms): a look may read and
-/// parse a large file, and on two cores a test that looks a hundred times a second takes the
+/// Polls `ready` until it gives a value; fails the test with `why()` after `timeout`. Looks
+/// come every 10 ms, or four times as far apart as a look takes: a look may read and parse a
+/// large file, and on two cores a test that did that a hundred times a second would take the
 /// time the appliance under test needs.
 pub fn poll<T>(timeout: Duration, mut ready: impl FnMut() -> Option<T>, why: impl FnOnce() -> String) -> T {
     let deadline = Instant::now() + timeout;
-    let mut pause = Duration::from_millis(10);
     loop {
+        let look = Instant::now();
         if let Some(v) = ready() {
             return v;
         }
         assert!(Instant::now() < deadline, "{}", why());
+        let pause = (look.elapsed() * 4).clamp(Duration::from_millis(10), Duration::from_millis(500));
         std::thread::sleep(pause);
-        pause = (pause * 3 / 2).min(Duration::from_millis(200));
     }
 }
 

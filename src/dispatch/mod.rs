@@ -222,7 +222,6 @@ impl Pending {
 /// second does not share one thread with the dispatcher's bookkeeping. `None` only if the task
 /// died, which a panic (it aborts the process) cannot cause.
 type Landing = futures_util::future::BoxFuture<'static, Option<Flight>>;
-type Committed = tokio::task::JoinHandle<(Result<u64, std::io::Error>, Pending)>;
 
 /// A step in the dispatch log, on its way into the database.
 struct Logged {
@@ -248,7 +247,7 @@ impl Dispatcher {
     /// `window` messages per partner were sent and not recorded (and are sent again).
     pub async fn run(mut self, shutdown: CancellationToken) {
         use futures_util::StreamExt;
-        let Some((wal, mut next_seq)) = self.open_log(&shutdown).await else {
+        let Some((wal, writer, mut next_seq)) = self.open_log(&shutdown).await else {
             return;
         };
         let (logged_tx, logged_rx) = tokio::sync::mpsc::unbounded_channel::<Logged>();
@@ -271,7 +270,6 @@ impl Dispatcher {
         let mut outstanding: HashMap<String, usize> = HashMap::new();
         let mut flights: futures_util::stream::FuturesUnordered<Landing> = Default::default();
         let mut pending = Pending::default();
-        let mut committing: Option<Committed> = None;
         let mut idle_since_fill = false;
         let mut health: HashMap<String, Health> = self
             .config
@@ -314,7 +312,7 @@ impl Dispatcher {
                 }
             }
             let stopping = shutdown.is_cancelled();
-            if stopping && flights.is_empty() && committing.is_none() && pending.is_empty() {
+            if stopping && flights.is_empty() && pending.is_empty() {
                 if sent.is_empty() {
                     break;
                 }
@@ -377,9 +375,9 @@ impl Dispatcher {
                     }
                 }
             }
-            // Commit what landed, one durable transaction at a time.
+            // Commit what landed, here and now: the windows wait for it.
             let flush_due = !sent.is_empty() && last_flush.elapsed() >= Duration::from_secs(1);
-            if committing.is_none() && (!pending.is_empty() || flush_due) {
+            if !pending.is_empty() || flush_due {
                 let mut batch = std::mem::take(&mut pending);
                 // Who was sent what goes in at most once a second, sorted: one random page per
                 // message would double the cost of every commit (see `Store::record_sent`).
@@ -408,16 +406,37 @@ impl Dispatcher {
                         batch.step.cursors.push((b, c));
                     }
                 }
-                let (wal, seq) = (wal.clone(), next_seq);
+                let seq = next_seq;
                 next_seq += 1;
-                committing = Some(tokio::task::spawn_blocking(move || {
-                    let plain = crate::store::encode(&batch.step);
-                    let result = match wal.lock() {
-                        Ok(mut w) => w.append(seq, &plain).map(|()| seq),
-                        Err(_) => Err(std::io::Error::other("dispatch log lock poisoned")),
-                    };
-                    (result, batch)
-                }));
+                let plain = crate::store::encode(&batch.step);
+                let slot = wal
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .reserve(seq, &plain);
+                // The write waits for the disk, a few hundred microseconds: on this thread, as
+                // the loop has nothing to do meanwhile that does not wait for it, and a hand-over
+                // to another thread and back would cost the windows as much again.
+                tokio::task::block_in_place(|| {
+                    while let Err(e) = slot.write(&writer) {
+                        tracing::error!(error = %e, seq, "cannot write the dispatch log; retrying");
+                        std::thread::sleep(Duration::from_millis(500));
+                    }
+                });
+                for ack in batch.acks {
+                    let _ = ack.send(true);
+                }
+                for (p, n) in batch.release {
+                    if let Some(used) = outstanding.get_mut(&p) {
+                        *used = used.saturating_sub(n);
+                    }
+                }
+                tracing::debug!(messages = batch.step.outcomes.len(), seq, "dispatch step logged");
+                let _ = logged_tx.send(Logged {
+                    seq,
+                    step: batch.step,
+                    scheduled: batch.scheduled,
+                });
+                continue;
             }
             // Wait for something to happen.
             let has_ready = ready.values().any(|q| !q.is_empty());
@@ -425,7 +444,7 @@ impl Dispatcher {
                 let next = self.blocking(|s| s.next_scheduled()).await.ok().flatten();
                 next.map(|due| Duration::from_secs((due - now()).clamp(0, 5) as u64))
                     .unwrap_or(Duration::from_secs(5))
-            } else if has_ready && flights.is_empty() && committing.is_none() {
+            } else if has_ready && flights.is_empty() {
                 Duration::from_millis(50) // a partner without window room: look again soon
             } else {
                 Duration::from_secs(5)
@@ -438,46 +457,7 @@ impl Dispatcher {
             };
             let no_flights = flights.is_empty();
             tokio::select! {
-                // A finished append first: it gives window slots back.
                 biased;
-                done = async {
-                    match committing.as_mut() {
-                        Some(handle) => handle.await.ok(),
-                        None => std::future::pending().await,
-                    }
-                } => {
-                    committing = None;
-                    match done {
-                        Some((Ok(seq), batch)) => {
-                            for ack in batch.acks {
-                                let _ = ack.send(true);
-                            }
-                            for (p, n) in batch.release {
-                                if let Some(used) = outstanding.get_mut(&p) {
-                                    *used = used.saturating_sub(n);
-                                }
-                            }
-                            tracing::debug!(messages = batch.step.outcomes.len(), seq, "dispatch step logged");
-                            let _ = logged_tx.send(Logged {
-                                seq,
-                                step: batch.step,
-                                scheduled: batch.scheduled,
-                            });
-                        }
-                        Some((Err(e), mut batch)) => {
-                            tracing::error!(error = %e, "cannot commit dispatch outcomes; retrying");
-                            // Receipts and MOs are refused: the partner sends them again.
-                            for ack in batch.acks.drain(..) {
-                                let _ = ack.send(false);
-                            }
-                            batch.step.receipts.clear();
-                            batch.step.mos.clear();
-                            pending = merge(batch, pending);
-                            tokio::time::sleep(Duration::from_millis(500)).await;
-                        }
-                        None => tracing::error!("dispatch commit task failed"),
-                    }
-                }
                 Some(ids) = applied_rx.recv() => {
                     for id in ids {
                         scheduled_open.remove(&id);
@@ -519,10 +499,10 @@ impl Dispatcher {
 
     /// Opens the dispatch log and applies what a crash left in it, before anything reads the
     /// queue; retries until it can or `shutdown`. Returns the log and the next step number.
-    async fn open_log(&self, shutdown: &CancellationToken) -> Option<(SharedWal, u64)> {
+    async fn open_log(&self, shutdown: &CancellationToken) -> Option<(SharedWal, Arc<std::fs::File>, u64)> {
         loop {
             let (store, dir, reports) = (self.store.clone(), self.config.state_dir.clone(), self.reports.clone());
-            let opened = tokio::task::spawn_blocking(move || -> Result<(Wal, u64), String> {
+            let opened = tokio::task::spawn_blocking(move || -> Result<(Wal, std::fs::File, u64), String> {
                 let announcer = store.clone();
                 let announce = Box::new(move |seq| announcer.wal_announce(seq));
                 let (mut wal, records) =
@@ -547,11 +527,14 @@ impl Dispatcher {
                 let applied = store.mark("wal_applied").map_err(|e| e.to_string())?.unwrap_or(0);
                 wal.reset_if_applied(wal.last.max(applied), true);
                 let next = wal.last.max(applied) + 1;
-                Ok((wal, next))
+                let writer = wal.writer().map_err(|e| format!("dispatch log: {e}"))?;
+                Ok((wal, writer, next))
             })
             .await;
             match opened {
-                Ok(Ok((wal, next))) => return Some((Arc::new(std::sync::Mutex::new(wal)), next)),
+                Ok(Ok((wal, writer, next))) => {
+                    return Some((Arc::new(std::sync::Mutex::new(wal)), Arc::new(writer), next));
+                }
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "cannot open the dispatch log; nothing is sent until it opens")
                 }
@@ -1139,23 +1122,6 @@ async fn apply_log(
 }
 
 /// Outcomes of a failed commit, put back before newer ones.
-fn merge(mut older: Pending, newer: Pending) -> Pending {
-    older.step.outcomes.extend(newer.step.outcomes);
-    older.step.schedule.extend(newer.step.schedule);
-    older.step.unschedule.extend(newer.step.unschedule);
-    older.step.cursors.clear();
-    for (p, n) in newer.release {
-        *older.release.entry(p).or_default() += n;
-    }
-    older.settled.extend(newer.settled);
-    older.scheduled.extend(newer.scheduled);
-    older.step.receipts.extend(newer.step.receipts);
-    older.step.sent.extend(newer.step.sent);
-    older.step.mos.extend(newer.step.mos);
-    older.acks.extend(newer.acks);
-    older
-}
-
 /// Logs where an incoming message went, without its number or text.
 fn log_mo(mo: &IncomingMo, outcome: &MoOutcome) {
     match outcome {

@@ -237,6 +237,26 @@ pub(crate) fn open_record<T: DeserializeOwned>(
 
 /// A `statuses` value: the status code, then the sealed record (the code is bound to it as the
 /// record's own `status`, checked when opened).
+/// The tables every dispatch step writes, opened once for a whole `apply_steps` transaction
+/// (opening a table costs about as much as the insert that follows).
+pub(super) struct StepTables<'tx> {
+    pub(super) statuses: redb::Table<'tx, u64, &'static [u8]>,
+    pub(super) receipt_ids: redb::Table<'tx, &'static [u8], &'static [u8]>,
+    pub(super) early: redb::Table<'tx, &'static [u8], &'static [u8]>,
+    pub(super) scheduled: redb::Table<'tx, (u64, u64), ()>,
+}
+
+impl<'tx> StepTables<'tx> {
+    fn open(tx: &'tx WriteTransaction) -> Result<StepTables<'tx>> {
+        Ok(StepTables {
+            statuses: tx.open_table(STATUSES)?,
+            receipt_ids: tx.open_table(receipts::RECEIPT_IDS)?,
+            early: tx.open_table(receipts::EARLY)?,
+            scheduled: tx.open_table(SCHEDULED)?,
+        })
+    }
+}
+
 fn seal_status(keys: &TenantKeys, id: u64, status: &StatusRecord) -> Vec<u8> {
     let sealed = keys.seal("statuses", &id.to_be_bytes(), &encode(status));
     let mut value = Vec::with_capacity(1 + sealed.len());
@@ -936,8 +956,15 @@ impl Store {
         tx.set_quick_repair(false);
         let mut touched: HashMap<u64, BatchRecord> = HashMap::new();
         let mut mos = Vec::new();
-        for step in steps {
-            mos.extend(self.apply_step(&tx, &mut touched, step, now)?);
+        {
+            let mut tables = StepTables::open(&tx)?;
+            for step in steps {
+                self.apply_step(&tx, &mut tables, &mut touched, step, now)?;
+                self.record_sent(&tx, &step.sent)?;
+                for mo in &step.mos {
+                    mos.push(self.keep_mo(&tx, mo, now)?);
+                }
+            }
         }
         tx.open_table(META)?.insert("wal_applied", logged)?;
         let finished = self.put_touched(&tx, touched, now)?;
@@ -945,13 +972,16 @@ impl Store {
         Ok(DispatchDone { finished, mos })
     }
 
+    /// The statuses, receipts and schedule of one step (who was sent what and the incoming
+    /// messages follow in `apply_steps`).
     fn apply_step(
         &self,
         tx: &WriteTransaction,
+        tables: &mut StepTables<'_>,
         touched: &mut HashMap<u64, BatchRecord>,
         step: &DispatchCommit,
         now: i64,
-    ) -> Result<Vec<MoOutcome>> {
+    ) -> Result<()> {
         for (batch, cursor) in &step.cursors {
             if let std::collections::hash_map::Entry::Vacant(e) = touched.entry(*batch) {
                 match self.batch_in(tx, *batch) {
@@ -970,35 +1000,36 @@ impl Store {
             let mut status = status.clone();
             if status.status == MessageStatus::Submitted && !status.partner_id.is_empty() {
                 // A receipt that came before its submit_sm_resp is waiting for this id.
-                if let Some(early) = self.index_submitted(tx, *id, &status)? {
+                if let Some(early) = self.index_submitted(tables, *id, &status)? {
                     status = early;
                 }
             }
-            self.set_status(tx, touched, *id, &status)?;
+            self.set_status_in(tx, &mut tables.statuses, touched, *id, &status)?;
         }
         for (partner, receipt) in &step.receipts {
-            self.apply_receipt(tx, touched, partner, receipt, now)?;
+            self.apply_receipt(tx, tables, touched, partner, receipt, now)?;
         }
-        self.record_sent(tx, &step.sent)?;
-        let mut mos = Vec::with_capacity(step.mos.len());
-        for mo in &step.mos {
-            mos.push(self.keep_mo(tx, mo, now)?);
-        }
-        let mut scheduled = tx.open_table(SCHEDULED)?;
         for (due, id) in &step.schedule {
-            scheduled.insert(((*due).max(0) as u64, *id), ())?;
+            tables.scheduled.insert(((*due).max(0) as u64, *id), ())?;
         }
         for (due, id) in &step.unschedule {
-            scheduled.remove(((*due).max(0) as u64, *id))?;
+            tables.scheduled.remove(((*due).max(0) as u64, *id))?;
         }
-        Ok(mos)
+        Ok(())
     }
 
     /// The status record of a message, if one was written.
     pub(crate) fn status_in(&self, tx: &WriteTransaction, tenant: &str, id: u64) -> Result<Option<StatusRecord>> {
-        let keys = self.keys.tenant(tenant);
-        match tx.open_table(STATUSES)?.get(id)? {
-            Some(v) => Ok(Some(open_status(&keys, id, v.value())?)),
+        Self::status_of(&tx.open_table(STATUSES)?, &self.keys.tenant(tenant), id)
+    }
+
+    fn status_of(
+        statuses: &impl ReadableTable<u64, &'static [u8]>,
+        keys: &TenantKeys,
+        id: u64,
+    ) -> Result<Option<StatusRecord>> {
+        match statuses.get(id)? {
+            Some(v) => Ok(Some(open_status(keys, id, v.value())?)),
             None => Ok(None),
         }
     }
@@ -1009,6 +1040,18 @@ impl Store {
     pub(crate) fn set_status(
         &self,
         tx: &WriteTransaction,
+        touched: &mut HashMap<u64, BatchRecord>,
+        id: u64,
+        status: &StatusRecord,
+    ) -> Result<bool> {
+        self.set_status_in(tx, &mut tx.open_table(STATUSES)?, touched, id, status)
+    }
+
+    /// [`Store::set_status`] with the statuses table already open.
+    fn set_status_in(
+        &self,
+        tx: &WriteTransaction,
+        statuses: &mut redb::Table<'_, u64, &'static [u8]>,
         touched: &mut HashMap<u64, BatchRecord>,
         id: u64,
         status: &StatusRecord,
@@ -1026,8 +1069,6 @@ impl Store {
         let Some(batch) = touched.get_mut(&batch_id) else {
             return Ok(false);
         };
-        let keys = self.keys.tenant(&batch.tenant);
-        let mut statuses = tx.open_table(STATUSES)?;
         let (previous, recorded) = match statuses.get(id)? {
             Some(v) => (status_code(id, v.value())?, true),
             None => (batch.implicit_status(index), false),
@@ -1037,7 +1078,7 @@ impl Store {
         }
         batch.counts[previous as usize] = batch.counts[previous as usize].saturating_sub(1);
         batch.counts[status.status as usize] += 1;
-        let sealed = seal_status(&keys, id, status);
+        let sealed = seal_status(&self.keys.tenant(&batch.tenant), id, status);
         statuses.insert(id, sealed.as_slice())?;
         Ok(true)
     }

@@ -19,7 +19,7 @@ use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransacti
 use serde::{Deserialize, Serialize};
 
 use super::records::{BatchRecord, StatusRecord};
-use super::{Result, Store, encode, open_record};
+use super::{Result, StepTables, Store, encode, open_record};
 use crate::codes::MessageStatus;
 use crate::dispatch::receipt::{Receipt, id_forms, normal_id};
 
@@ -62,13 +62,12 @@ impl Store {
     /// receipt for it was waiting.
     pub(super) fn index_submitted(
         &self,
-        tx: &WriteTransaction,
+        tables: &mut StepTables<'_>,
         id: u64,
         status: &StatusRecord,
     ) -> Result<Option<StatusRecord>> {
         let parts: Vec<&str> = status.partner_id.split(' ').filter(|p| !p.is_empty()).collect();
-        let mut index = tx.open_table(RECEIPT_IDS)?;
-        let mut early = tx.open_table(EARLY)?;
+        let (index, early) = (&mut tables.receipt_ids, &mut tables.early);
         // Nearly always: no receipt came before its response.
         let none_early = early.is_empty()?;
         let keys = self.keys.system();
@@ -123,67 +122,64 @@ impl Store {
     pub(super) fn apply_receipt(
         &self,
         tx: &WriteTransaction,
+        tables: &mut StepTables<'_>,
         touched: &mut HashMap<u64, BatchRecord>,
         partner: &str,
         r: &Receipt,
         now: i64,
     ) -> Result<()> {
         let keys = self.keys.system();
-        {
-            let Some(status) = r.status else { return Ok(()) };
-            let mut found = None;
-            {
-                let index = tx.open_table(RECEIPT_IDS)?;
-                for form in id_forms(&r.id) {
-                    let key = Self::receipt_key(partner, &form);
-                    if let Some(v) = index.get(key.as_slice())? {
-                        found = Some((key, v.value().to_vec()));
-                        break;
-                    }
-                }
+        let Some(status) = r.status else { return Ok(()) };
+        let mut found = None;
+        for form in id_forms(&r.id) {
+            let key = Self::receipt_key(partner, &form);
+            if let Some(v) = tables.receipt_ids.get(key.as_slice())? {
+                found = Some((key, v.value().to_vec()));
+                break;
             }
-            let Some((key, hit)) = found else {
-                let key = Self::receipt_key(partner, &normal_id(&r.id));
-                let early = EarlyReceipt {
-                    status,
-                    detail: detail(r),
-                    at: now,
-                };
-                tx.open_table(EARLY)?.insert(
-                    key.as_slice(),
-                    keys.seal("early_receipts", &key, &encode(&early)).as_slice(),
-                )?;
-                return Ok(());
-            };
-            let (Some(id), Some(&last)) = (
-                hit.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes),
-                hit.get(8),
-            ) else {
-                return Ok(());
-            };
-            if status == MessageStatus::Delivered && last == 0 {
-                return Ok(()); // an early part arrived; the last one decides
-            }
-            let (batch_id, _) = crate::store::records::split_message_id(id);
-            let tenant = match touched.get(&batch_id) {
-                Some(b) => Some(b.tenant.clone()),
-                None => self.batch_in(tx, batch_id).ok().map(|b| b.tenant),
-            };
-            let Some(tenant) = tenant else {
-                return Ok(());
-            };
-            let previous = self.status_in(tx, &tenant, id)?.unwrap_or_else(StatusRecord::queued);
-            let record = StatusRecord {
+        }
+        let Some((key, hit)) = found else {
+            let key = Self::receipt_key(partner, &normal_id(&r.id));
+            let early = EarlyReceipt {
                 status,
-                done_at: Some(now),
-                error: detail(r),
-                ..previous
+                detail: detail(r),
+                at: now,
             };
-            self.set_status(tx, touched, id, &record)?;
-            tx.open_table(RECEIPT_IDS)?.remove(key.as_slice())?;
-            if let Some(submitted) = previous.submitted_at {
-                crate::metrics::events().receipt_delay(partner, now - submitted);
-            }
+            tables.early.insert(
+                key.as_slice(),
+                keys.seal("early_receipts", &key, &encode(&early)).as_slice(),
+            )?;
+            return Ok(());
+        };
+        let (Some(id), Some(&last)) = (
+            hit.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes),
+            hit.get(8),
+        ) else {
+            return Ok(());
+        };
+        if status == MessageStatus::Delivered && last == 0 {
+            return Ok(()); // an early part arrived; the last one decides
+        }
+        let (batch_id, _) = crate::store::records::split_message_id(id);
+        let tenant = match touched.get(&batch_id) {
+            Some(b) => Some(b.tenant.clone()),
+            None => self.batch_in(tx, batch_id).ok().map(|b| b.tenant),
+        };
+        let Some(tenant) = tenant else {
+            return Ok(());
+        };
+        let previous =
+            Self::status_of(&tables.statuses, &self.keys.tenant(&tenant), id)?.unwrap_or_else(StatusRecord::queued);
+        let record = StatusRecord {
+            status,
+            done_at: Some(now),
+            error: detail(r),
+            ..previous
+        };
+        self.set_status_in(tx, &mut tables.statuses, touched, id, &record)?;
+        tables.receipt_ids.remove(key.as_slice())?;
+        if let Some(submitted) = previous.submitted_at {
+            crate::metrics::events().receipt_delay(partner, now - submitted);
         }
         Ok(())
     }

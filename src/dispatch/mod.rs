@@ -247,7 +247,7 @@ impl Dispatcher {
     /// `window` messages per partner were sent and not recorded (and are sent again).
     pub async fn run(mut self, shutdown: CancellationToken) {
         use futures_util::StreamExt;
-        let Some((wal, writer, mut next_seq)) = self.open_log(&shutdown).await else {
+        let Some((wal, mut next_seq)) = self.open_log(&shutdown).await else {
             return;
         };
         let (logged_tx, logged_rx) = tokio::sync::mpsc::unbounded_channel::<Logged>();
@@ -409,15 +409,13 @@ impl Dispatcher {
                 let seq = next_seq;
                 next_seq += 1;
                 let plain = crate::store::encode(&batch.step);
-                let slot = wal
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .reserve(seq, &plain);
-                // The write waits for the disk, a few hundred microseconds: on this thread, as
+                // The append waits for the disk, a few hundred microseconds: on this thread, as
                 // the loop has nothing to do meanwhile that does not wait for it, and a hand-over
-                // to another thread and back would cost the windows as much again.
+                // to another thread and back would cost the windows as much again. A step that
+                // cannot be written is written again at its place: the later ones wait for it.
                 tokio::task::block_in_place(|| {
-                    while let Err(e) = slot.write(&writer) {
+                    let mut log = wal.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    while let Err(e) = log.append(seq, &plain) {
                         tracing::error!(error = %e, seq, "cannot write the dispatch log; retrying");
                         std::thread::sleep(Duration::from_millis(500));
                     }
@@ -499,10 +497,10 @@ impl Dispatcher {
 
     /// Opens the dispatch log and applies what a crash left in it, before anything reads the
     /// queue; retries until it can or `shutdown`. Returns the log and the next step number.
-    async fn open_log(&self, shutdown: &CancellationToken) -> Option<(SharedWal, Arc<std::fs::File>, u64)> {
+    async fn open_log(&self, shutdown: &CancellationToken) -> Option<(SharedWal, u64)> {
         loop {
             let (store, dir, reports) = (self.store.clone(), self.config.state_dir.clone(), self.reports.clone());
-            let opened = tokio::task::spawn_blocking(move || -> Result<(Wal, std::fs::File, u64), String> {
+            let opened = tokio::task::spawn_blocking(move || -> Result<(Wal, u64), String> {
                 let announcer = store.clone();
                 let announce = Box::new(move |seq| announcer.wal_announce(seq));
                 let (mut wal, records) =
@@ -527,14 +525,11 @@ impl Dispatcher {
                 let applied = store.mark("wal_applied").map_err(|e| e.to_string())?.unwrap_or(0);
                 wal.reset_if_applied(wal.last.max(applied), true);
                 let next = wal.last.max(applied) + 1;
-                let writer = wal.writer().map_err(|e| format!("dispatch log: {e}"))?;
-                Ok((wal, writer, next))
+                Ok((wal, next))
             })
             .await;
             match opened {
-                Ok(Ok((wal, writer, next))) => {
-                    return Some((Arc::new(std::sync::Mutex::new(wal)), Arc::new(writer), next));
-                }
+                Ok(Ok((wal, next))) => return Some((Arc::new(std::sync::Mutex::new(wal)), next)),
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "cannot open the dispatch log; nothing is sent until it opens")
                 }
@@ -1121,7 +1116,6 @@ async fn apply_log(
     }
 }
 
-/// Outcomes of a failed commit, put back before newer ones.
 /// Logs where an incoming message went, without its number or text.
 fn log_mo(mo: &IncomingMo, outcome: &MoOutcome) {
     match outcome {

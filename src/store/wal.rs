@@ -3,24 +3,24 @@
 //!
 //! A partner's window slot, and the acknowledgement of a receipt or an incoming message, wait
 //! for their step to be durable. A database commit costs several hundred microseconds however
-//! small it is; an append to this log costs one synchronous write of a few pages. So the dispatcher
-//! appends here, gets its slots back, and [`Store::apply_logged`] folds many steps into one
+//! small it is; an append to this log costs one synchronous write of a few pages. So the
+//! dispatcher appends here, gets its slots back, and [`Store::apply_logged`] folds many steps into one
 //! transaction that also records the last step it applied (`meta.wal_applied`). At start-up
 //! the steps after that one are applied before anything else reads the queue.
 //!
 //! Format: records of `length (u32 LE) ‖ step number (u64 LE) ‖ sealed step`, sealed with the
 //! system key bound to the step number, so nothing in it is readable on disk and a record moved
-//! or changed does not open. A record cut short by a crash was never acknowledged (its
-//! `fdatasync` had not returned): reading stops there.
+//! or changed does not open. A record cut short by a crash was never acknowledged (its write
+//! had not returned): reading stops there.
 //!
 //! The file is opened `O_DSYNC`: each record's write returns once it is on the disk, without
 //! a separate `fdatasync` (which also walks the page cache: 130 µs a record here, against
 //! 210 µs for write and `fdatasync`). It is written full of zeros once ([`PREALLOC_BYTES`]) and
 //! records overwrite it in place: a synchronous write that must also commit a new file size or
-//! extent costs the file system a journal commit (about 0.8 ms here, against 0.08 ms without). Once every step in it is
-//! applied and it holds more than [`RESET_BYTES`], writing starts again at the beginning; step
-//! numbers only grow, so reading stops at the first record whose number does not (what is left
-//! of the previous round).
+//! extent costs the file system a journal commit (about 0.8 ms here, against 0.08 ms without).
+//! Once every step in it is applied and it holds more than [`RESET_BYTES`], writing starts again
+//! at the beginning; step numbers only grow, so reading stops at the first record whose number
+//! does not (what is left of the previous round).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
@@ -52,20 +52,6 @@ pub struct Wal {
     /// The last step appended.
     pub last: u64,
     bytes: u64,
-}
-
-/// A sealed step and its place in the log ([`Wal::reserve`]).
-pub struct Slot {
-    at: u64,
-    record: Vec<u8>,
-}
-
-impl Slot {
-    /// Writes the step at its place and waits for the disk (the file is `O_DSYNC`). Writing it
-    /// again after an error is safe: nothing else is ever written there in this round.
-    pub fn write(&self, file: &File) -> io::Result<()> {
-        file.write_all_at(&self.record, self.at)
-    }
 }
 
 impl Wal {
@@ -131,26 +117,19 @@ impl Wal {
         ))
     }
 
-    /// Seals one step and gives it its place after the last one; [`Slot::write`] puts it
-    /// there. Several slots may be written at once, by other threads: a step counts as durable
-    /// only once it and every step before it are written (the dispatcher takes them in order),
-    /// since reading after a crash stops at the first one missing.
-    pub fn reserve(&mut self, seq: u64, plain: &[u8]) -> Slot {
+    /// Appends one step and waits for the disk (the file is `O_DSYNC`). After an error nothing
+    /// has moved: the same step may be appended again, at the same place.
+    pub fn append(&mut self, seq: u64, plain: &[u8]) -> io::Result<()> {
         (self.announce)(seq);
         let sealed = self.keys.seal("wal", &seq.to_be_bytes(), plain);
         let mut record = Vec::with_capacity(12 + sealed.len());
         record.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
         record.extend_from_slice(&seq.to_le_bytes());
         record.extend_from_slice(&sealed);
-        let at = self.bytes;
+        self.file.write_all_at(&record, self.bytes)?;
         self.last = seq;
         self.bytes += record.len() as u64;
-        Slot { at, record }
-    }
-
-    /// A handle to write reserved slots through, without holding the log.
-    pub fn writer(&self) -> io::Result<File> {
-        self.file.try_clone()
+        Ok(())
     }
 
     /// Starts writing at the beginning again if every step in the log is applied (`applied`)

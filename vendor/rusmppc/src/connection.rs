@@ -24,9 +24,12 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 const CONN: &str = "rusmppc::connection::smpp";
 const TIMER: &str = "rusmppc::connection::smpp::timer";
 
-const ACTIONS_POLL_LIMIT: u8 = 5;
+// smsdrop patch: 5 in the release; a window of requests and their answers is taken in one poll.
+const ACTIONS_POLL_LIMIT: u8 = 64;
 const SINK_POLL_LIMIT: u8 = 5;
-const STREAM_POLL_LIMIT: u8 = 5;
+/// smsdrop patch: requests encoded before one flush, at most.
+const WRITE_BATCH: usize = 64;
+const STREAM_POLL_LIMIT: u8 = 64;
 
 #[derive(Debug)]
 enum State {
@@ -46,8 +49,8 @@ pin_project! {
         state: State,
         sequence_number: u32,
         requests: VecDeque<Request>,
-        // This is a request that has been written to the sink using start_send, but not yet flushed.
-        pending_request: Option<Request>,
+        // Requests that have been written to the sink using start_send, but not yet flushed.
+        pending_requests: Vec<Request>,
         responses: BTreeMap<u32, oneshot::Sender<Command>>,
         enquire_link_interval: Option<Duration>,
         last_enquire_link_sequence_number: Option<u32>,
@@ -89,7 +92,7 @@ impl<D1: Delay, D2: Delay> Connection<(), D1, D2> {
                 state: State::Active,
                 sequence_number: 2,
                 requests: VecDeque::new(),
-                pending_request: None,
+                pending_requests: Vec::new(),
                 responses: BTreeMap::new(),
                 enquire_link_interval,
                 last_enquire_link_sequence_number: None,
@@ -115,7 +118,7 @@ impl<D1: Delay, D2: Delay> Connection<(), D1, D2> {
             state: self.state,
             sequence_number: self.sequence_number,
             requests: self.requests,
-            pending_request: self.pending_request,
+            pending_requests: self.pending_requests,
             responses: self.responses,
             enquire_link_interval: self.enquire_link_interval,
             last_enquire_link_sequence_number: self.last_enquire_link_sequence_number,
@@ -162,12 +165,14 @@ where
         self.project().requests.pop_front()
     }
 
-    fn set_pending_request(self: Pin<&mut Self>, request: Request) {
-        *self.project().pending_request = Some(request);
-    }
+    /// smsdrop patch: the connection failed while writing `request`: its sender learns why
+    /// (or, not waiting any more, the event stream does), and the connection ends.
+    fn fail(mut self: Pin<&mut Self>, request: Request, err: Error) {
+        self.as_mut().set_state(State::Errored);
 
-    fn take_pending_request(self: Pin<&mut Self>) -> Option<Request> {
-        self.project().pending_request.take()
+        if let Err(Err(err)) = request.send_ack(Err(err)) {
+            let _ = self.as_mut().events.send(Event::error(err));
+        }
     }
 
     fn set_state(self: Pin<&mut Self>, state: State) {
@@ -371,6 +376,9 @@ where
 
                 let mut i: u8 = 0;
 
+                // smsdrop patch: every queued request (up to WRITE_BATCH) is encoded into the
+                // sink's buffer, then the buffer is flushed once: one write to the socket for a
+                // window's worth of submit_sm and deliver_sm_resp, not one per command.
                 'sink: loop {
                     i += 1;
 
@@ -384,139 +392,50 @@ where
                         break 'sink;
                     }
 
-                    match self.as_mut().take_pending_request() {
-                        Some(request) => {
-                            let sequence_number = request.command().sequence_number();
-                            let status = request.command().status();
-                            let id = request.command().id();
+                    while self.pending_requests.len() < WRITE_BATCH {
+                        let Some(request) = self.as_mut().requests_pop_front() else {
+                            break;
+                        };
 
-                            tracing::debug!(target: CONN, sequence_number, ?status, ?id, "Sending command");
+                        match Sink::<&Command>::poll_ready(self.as_mut().project().framed, cx) {
+                            Poll::Ready(Ok(())) => {
+                                let sequence_number = request.command().sequence_number();
+                                let status = request.command().status();
+                                let id = request.command().id();
 
-                            match Sink::<&Command>::poll_flush(self.as_mut().project().framed, cx) {
-                                Poll::Ready(Ok(_)) => {
-                                    tracing::debug!(target: CONN, sequence_number, ?status, ?id, "Sent command");
+                                tracing::debug!(target: CONN, sequence_number, ?status, ?id, "Writing command");
 
-                                    match request {
-                                        Request::Registered(request) => {
-                                            tracing::debug!(target: CONN, sequence_number, ?status, ?id, "Registered");
+                                if let Err(err) =
+                                    self.as_mut().project().framed.start_send(request.command())
+                                {
+                                    tracing::error!(target: CONN, sequence_number, ?status, ?id, ?err);
 
-                                            let _ = request.ack.send(Ok(()));
+                                    self.as_mut().fail(request, Error::from(err));
 
-                                            self.as_mut()
-                                                .insert_response(sequence_number, request.response);
-                                        }
-                                        Request::Unregistered(request) => {
-                                            let _ = request.ack.send(Ok(()));
-                                        }
-                                    }
-
-                                    continue 'sink;
+                                    return Poll::Ready(());
                                 }
-                                Poll::Ready(Err(err)) => {
-                                    tracing::error!(target: CONN, ?err);
 
-                                    self.as_mut().set_state(State::Errored);
-
-                                    match request.send_ack(Err(Error::from(err))) {
-                                        Ok(()) => {
-                                            return Poll::Ready(());
-                                        }
-                                        Err(Err(err)) => {
-                                            // Client not waiting
-
-                                            let _ = self.as_mut().events.send(Event::error(err));
-
-                                            return Poll::Ready(());
-                                        }
-                                        Err(Ok(_)) => {
-                                            unreachable!()
-                                        }
-                                    }
-                                }
-                                Poll::Pending => {
-                                    self.as_mut().set_pending_request(request);
-
-                                    tracing::trace!(target: CONN, "Sink poll flush pending");
-
-                                    break 'sink;
-                                }
+                                self.as_mut().project().pending_requests.push(request);
                             }
-                        }
-                        None => {
-                            tracing::trace!(target: CONN, "No pending request");
+                            Poll::Ready(Err(err)) => {
+                                tracing::error!(target: CONN, ?err);
+
+                                self.as_mut().fail(request, Error::from(err));
+
+                                return Poll::Ready(());
+                            }
+                            Poll::Pending => {
+                                self.as_mut().requests_push_front(request);
+
+                                tracing::trace!(target: CONN, "Sink poll ready pending");
+
+                                break;
+                            }
                         }
                     }
 
-                    match self.as_mut().requests_pop_front() {
-                        Some(request) => {
-                            match Sink::<&Command>::poll_ready(self.as_mut().project().framed, cx) {
-                                Poll::Ready(Ok(())) => {
-                                    let sequence_number = request.command().sequence_number();
-                                    let status = request.command().status();
-                                    let id = request.command().id();
-
-                                    tracing::debug!(target: CONN, sequence_number, ?status, ?id, "Writing command");
-
-                                    if let Err(err) =
-                                        self.as_mut().project().framed.start_send(request.command())
-                                    {
-                                        tracing::error!(target: CONN, sequence_number, ?status, ?id, ?err);
-
-                                        self.as_mut().set_state(State::Errored);
-
-                                        match request.send_ack(Err(Error::from(err))) {
-                                            Ok(()) => {
-                                                return Poll::Ready(());
-                                            }
-                                            Err(Err(err)) => {
-                                                let _ =
-                                                    self.as_mut().events.send(Event::error(err));
-
-                                                return Poll::Ready(());
-                                            }
-                                            Err(Ok(_)) => {
-                                                unreachable!()
-                                            }
-                                        }
-                                    }
-
-                                    // Start send was ok, we encoded the command now we set the request as a pending request.
-
-                                    self.as_mut().set_pending_request(request);
-
-                                    continue 'sink;
-                                }
-                                Poll::Ready(Err(err)) => {
-                                    tracing::error!(target: CONN, ?err);
-
-                                    self.as_mut().set_state(State::Errored);
-
-                                    match request.send_ack(Err(Error::from(err))) {
-                                        Ok(()) => {
-                                            return Poll::Ready(());
-                                        }
-                                        Err(Err(err)) => {
-                                            // Client not waiting
-
-                                            let _ = self.as_mut().events.send(Event::error(err));
-
-                                            return Poll::Ready(());
-                                        }
-                                        Err(Ok(_)) => {
-                                            unreachable!()
-                                        }
-                                    }
-                                }
-                                Poll::Pending => {
-                                    self.as_mut().requests_push_front(request);
-
-                                    tracing::trace!(target: CONN, "Sink poll ready pending");
-
-                                    break 'sink;
-                                }
-                            }
-                        }
-                        None => {
+                    if self.pending_requests.is_empty() {
+                        if self.requests.is_empty() {
                             tracing::trace!(target: CONN, "No requests in queue");
 
                             if matches!(self.state, State::Closing) {
@@ -529,6 +448,52 @@ where
 
                                 return Poll::Ready(());
                             }
+                        }
+
+                        break 'sink;
+                    }
+
+                    match Sink::<&Command>::poll_flush(self.as_mut().project().framed, cx) {
+                        Poll::Ready(Ok(_)) => {
+                            let sent = std::mem::take(self.as_mut().project().pending_requests);
+
+                            for request in sent {
+                                let sequence_number = request.command().sequence_number();
+
+                                tracing::debug!(target: CONN, sequence_number, "Sent command");
+
+                                match request {
+                                    Request::Registered(request) => {
+                                        let _ = request.ack.send(Ok(()));
+
+                                        self.as_mut()
+                                            .insert_response(sequence_number, request.response);
+                                    }
+                                    Request::Unregistered(request) => {
+                                        let _ = request.ack.send(Ok(()));
+                                    }
+                                }
+                            }
+
+                            continue 'sink;
+                        }
+                        Poll::Ready(Err(err)) => {
+                            tracing::error!(target: CONN, ?err);
+
+                            let sent = std::mem::take(self.as_mut().project().pending_requests);
+
+                            let mut err = Some(Error::from(err));
+
+                            for request in sent {
+                                let err = err.take().unwrap_or(Error::ConnectionClosed);
+
+                                self.as_mut().fail(request, err);
+                            }
+
+                            return Poll::Ready(());
+                        }
+                        Poll::Pending => {
+                            tracing::trace!(target: CONN, "Sink poll flush pending");
 
                             break 'sink;
                         }

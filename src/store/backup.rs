@@ -512,7 +512,7 @@ pub fn restore(
 ) -> std::result::Result<BackupSummary, BackupError> {
     let target = state_dir.join(super::DB_FILE);
     if target.exists()
-        || state_dir.join(super::wal::WAL_FILE).exists()
+        || super::wal::WAL_FILES.iter().any(|f| state_dir.join(f).exists())
         || state_dir.join(crate::crypto::KEY_STORE_FILE).exists()
     {
         return Err(BackupError::NotEmpty(state_dir.to_path_buf()));

@@ -59,14 +59,32 @@ pub fn gsm_septets(c: char) -> Option<u8> {
 pub fn to_gsm7(text: &str) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(text.len());
     for c in text.chars() {
-        if let Some(&(_, code)) = EXTENSION.iter().find(|(e, _)| *e == c) {
-            out.extend_from_slice(&[0x1b, code]);
-        } else {
-            let code = BASIC.iter().position(|b| *b == c && c != '\u{1b}')?;
-            out.push(code as u8);
-        }
+        let (code, n) = gsm7_char(c)?;
+        out.extend_from_slice(&code[..n]);
     }
     Some(out)
+}
+
+/// One character's septets (the escape and its extension code, or one basic code) and how many.
+type Septets = ([u8; 2], usize);
+
+/// The septets of `c`, if GSM-7 has it.
+fn gsm7_char(c: char) -> Option<Septets> {
+    /// ASCII, looked up once: the dispatcher encodes every message it sends.
+    static ASCII: std::sync::LazyLock<[Option<Septets>; 128]> =
+        std::sync::LazyLock::new(|| std::array::from_fn(|i| gsm7_lookup(char::from(i as u8))));
+    match ASCII.get(c as usize) {
+        Some(code) => *code,
+        None => gsm7_lookup(c),
+    }
+}
+
+fn gsm7_lookup(c: char) -> Option<Septets> {
+    if let Some(&(_, code)) = EXTENSION.iter().find(|(e, _)| *e == c) {
+        return Some(([0x1b, code], 2));
+    }
+    let code = BASIC.iter().position(|b| *b == c && c != '\u{1b}')?;
+    Some(([code as u8, 0], 1))
 }
 
 /// Reads unpacked GSM 03.38 septets back into text (an incoming message with `data_coding` 0).
@@ -142,44 +160,41 @@ fn segments(costs: impl Iterator<Item = u8> + Clone, single: usize, part: usize)
 /// concatenation header), never splitting an escape pair or a surrogate pair. The number of
 /// segments is the one [`encode`] counted.
 pub fn segment_payloads(text: &str, coding: TextCoding) -> Vec<Vec<u8>> {
-    let units: Vec<Vec<u8>> = match coding {
-        TextCoding::Gsm7 => text
-            .chars()
-            .map(|c| to_gsm7(c.encode_utf8(&mut [0u8; 4])).unwrap_or_else(|| vec![0x3f]))
-            .collect(),
-        TextCoding::Ucs2 => text
-            .chars()
-            .map(|c| {
-                let mut buf = [0u16; 2];
-                c.encode_utf16(&mut buf).iter().flat_map(|u| u.to_be_bytes()).collect()
-            })
-            .collect(),
+    // Bytes per septet or unit, and the sizes in them.
+    let (unit, single, part) = match coding {
+        TextCoding::Gsm7 => (1, 160, 153),
+        TextCoding::Ucs2 => (2, 70, 67),
     };
-    // Sizes in septets (GSM) or 16-bit units (UCS-2).
-    let size = |u: &Vec<u8>| match coding {
-        TextCoding::Gsm7 => u.len(),
-        TextCoding::Ucs2 => u.len() / 2,
-    };
-    let (single, part) = match coding {
-        TextCoding::Gsm7 => (160, 153),
-        TextCoding::Ucs2 => (70, 67),
-    };
-    let total: usize = units.iter().map(size).sum();
-    if total <= single {
-        return vec![units.concat()];
-    }
-    let mut out = vec![Vec::new()];
-    let mut used = 0;
-    for u in &units {
-        if used + size(u) > part {
-            out.push(Vec::new());
-            used = 0;
+    let mut bytes = Vec::with_capacity(text.len() * unit);
+    // Where each character's bytes end: segments are cut only there.
+    let mut ends = Vec::with_capacity(text.len());
+    for c in text.chars() {
+        match coding {
+            TextCoding::Gsm7 => match gsm7_char(c) {
+                Some((code, n)) => bytes.extend_from_slice(&code[..n]),
+                None => bytes.push(0x3f),
+            },
+            TextCoding::Ucs2 => {
+                for u in c.encode_utf16(&mut [0u16; 2]) {
+                    bytes.extend_from_slice(&u.to_be_bytes());
+                }
+            }
         }
-        used += size(u);
-        if let Some(last) = out.last_mut() {
-            last.extend_from_slice(u);
-        }
+        ends.push(bytes.len());
     }
+    if bytes.len() <= single * unit {
+        return vec![bytes];
+    }
+    let mut out = Vec::new();
+    let (mut start, mut previous) = (0, 0);
+    for end in ends {
+        if end - start > part * unit {
+            out.push(bytes[start..previous].to_vec());
+            start = previous;
+        }
+        previous = end;
+    }
+    out.push(bytes[start..].to_vec());
     out
 }
 

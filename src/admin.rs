@@ -249,6 +249,16 @@ fn answer(ctx: &AdminContext, request: &Request, event: &mut Event) -> Result<Ve
             Ok(format!("batch {id} released: {} messages queued\n", batch.accepted).into_bytes())
         }
         Request::BatchCancel { id } => {
+            // What partners already answered goes into the database first: a message delivered
+            // a moment ago stays delivered, not canceled.
+            if let Some(d) = &ctx.dispatch {
+                if !d.settle(std::time::Duration::from_secs(5)) {
+                    tracing::warn!(
+                        batch = id,
+                        "the dispatch log is not applied yet; canceling from the database's view"
+                    );
+                }
+            }
             let batch = store.cancel_batch(*id, now)?;
             if let Some(d) = &ctx.dispatch {
                 d.poke();

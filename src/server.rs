@@ -67,6 +67,8 @@ pub enum ServeError {
     Sftp(#[from] crate::sftp::SftpError),
     #[error("partner: {0}")]
     Partner(#[from] crate::dispatch::http::HttpSetupError),
+    #[error("cannot start the dispatcher's runtime: {0}")]
+    Dispatcher(io::Error),
 }
 
 pub(crate) fn make_dir(path: &Path, mode: u32, what: &'static str) -> Result<(), ServeError> {
@@ -261,7 +263,9 @@ pub async fn run(
             alerts: alerter.clone(),
             board: board.clone(),
         };
-        tracker.spawn(dispatcher.run(workers.clone()));
+        dispatcher
+            .spawn(&tracker, workers.clone())
+            .map_err(ServeError::Dispatcher)?;
     }
     {
         let writer = ReportWriter {

@@ -114,11 +114,19 @@ impl Rotation {
     }
 }
 
-/// Tells the dispatcher that batches changed (queued, released, canceled).
+/// Tells the dispatcher that batches changed (queued, released, canceled), and lets an
+/// operator's command wait until what the dispatcher logged is in the database.
 #[derive(Debug, Default)]
 pub struct Signal {
     notify: Notify,
     refresh: AtomicBool,
+    /// The last dispatch step logged.
+    logged: std::sync::atomic::AtomicU64,
+    /// The last dispatch step applied to the database.
+    applied: std::sync::Mutex<u64>,
+    applied_moved: std::sync::Condvar,
+    /// Asks the applier not to wait for its interval.
+    hurry: Notify,
 }
 
 impl Signal {
@@ -126,6 +134,33 @@ impl Signal {
     pub fn poke(&self) {
         self.refresh.store(true, Ordering::Release);
         self.notify.notify_one();
+    }
+
+    /// Waits (at most `timeout`) until every step logged so far is applied: `batch cancel`
+    /// then sees the outcomes the partners already gave, instead of canceling a message a
+    /// partner has delivered. Returns whether they are applied.
+    pub fn settle(&self, timeout: Duration) -> bool {
+        let target = self.logged.load(Ordering::Acquire);
+        let applied = self.applied.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *applied >= target {
+            return true;
+        }
+        self.hurry.notify_one();
+        let (applied, _) = self
+            .applied_moved
+            .wait_timeout_while(applied, timeout, |a| *a < target)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *applied >= target
+    }
+
+    fn logged(&self, seq: u64) {
+        self.logged.store(seq, Ordering::Release);
+    }
+
+    fn applied(&self, seq: u64) {
+        let mut applied = self.applied.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *applied = (*applied).max(seq);
+        self.applied_moved.notify_all();
     }
 }
 
@@ -237,6 +272,11 @@ type SharedWal = Arc<std::sync::Mutex<crate::store::wal::Wal>>;
 /// Sends remembered for reply matching are written at least this many at a time (or each second).
 const SENT_FLUSH: usize = 8192;
 
+/// Logged steps are applied to the database at most this often, in one transaction: a commit
+/// costs the same for ten messages as for a thousand, and a receipt that comes in the same
+/// group as its message's submission is applied with it in one write.
+const APPLY_EVERY: Duration = Duration::from_millis(100);
+
 /// Messages read ahead of the partners' windows, at most.
 const READY_MAX: usize = 2048;
 
@@ -245,7 +285,17 @@ impl Dispatcher {
     /// to their partner within its window, and their outcomes committed in groups. A partner's
     /// window slot comes back only when the outcome is durable, so after a crash at most
     /// `window` messages per partner were sent and not recorded (and are sent again).
-    pub async fn run(mut self, shutdown: CancellationToken) {
+    /// Runs the dispatcher on a thread of its own with a single-threaded runtime, until
+    /// `shutdown` and every logged step is applied. Its loop writes the dispatch log in place
+    /// (see `run`); on the shared runtime each such write would move the worker's other tasks
+    /// to another thread and back. The partners' connections stay on the shared runtime.
+    pub fn spawn(self, tracker: &tokio_util::task::TaskTracker, shutdown: CancellationToken) -> std::io::Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        tracker.spawn_blocking(move || runtime.block_on(self.run(shutdown)));
+        Ok(())
+    }
+
+    async fn run(mut self, shutdown: CancellationToken) {
         use futures_util::StreamExt;
         let Some((wal, mut next_seq)) = self.open_log(&shutdown).await else {
             return;
@@ -254,6 +304,7 @@ impl Dispatcher {
         let (applied_tx, mut applied_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u64>>();
         let applier = tokio::spawn(apply_log(
             self.store.clone(),
+            self.wake.clone(),
             wal.clone(),
             self.reports.clone(),
             logged_rx,
@@ -409,17 +460,19 @@ impl Dispatcher {
                 let seq = next_seq;
                 next_seq += 1;
                 let plain = crate::store::encode(&batch.step);
-                // The append waits for the disk, a few hundred microseconds: on this thread, as
-                // the loop has nothing to do meanwhile that does not wait for it, and a hand-over
-                // to another thread and back would cost the windows as much again. A step that
-                // cannot be written is written again at its place: the later ones wait for it.
-                tokio::task::block_in_place(|| {
+                // The append waits for the disk, a few hundred microseconds, right here: the
+                // dispatcher has its own thread (`Dispatcher::spawn`), and the loop has nothing
+                // to do meanwhile that does not wait for it; a hand-over to another thread and
+                // back would cost the windows as much again. A step that cannot be written is
+                // written again at its place: the later ones wait for it.
+                {
                     let mut log = wal.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     while let Err(e) = log.append(seq, &plain) {
                         tracing::error!(error = %e, seq, "cannot write the dispatch log; retrying");
                         std::thread::sleep(Duration::from_millis(500));
                     }
-                });
+                }
+                self.wake.logged(seq);
                 for ack in batch.acks {
                     let _ = ack.send(true);
                 }
@@ -1051,14 +1104,20 @@ impl Dispatcher {
 /// ids the steps settled go back to the dispatcher.
 async fn apply_log(
     store: Store,
+    wake: Arc<Signal>,
     wal: SharedWal,
     reports: ReportRequests,
     mut logged: tokio::sync::mpsc::UnboundedReceiver<Logged>,
     applied: tokio::sync::mpsc::UnboundedSender<Vec<u64>>,
 ) {
     let mut buffer: Vec<Logged> = Vec::new();
+    let mut last = tokio::time::Instant::now();
     loop {
         if buffer.is_empty() {
+            tokio::select! {
+                _ = tokio::time::sleep_until(last + APPLY_EVERY) => {}
+                _ = wake.hurry.notified() => {}
+            }
             match logged.recv().await {
                 Some(l) => buffer.push(l),
                 None => break,
@@ -1070,6 +1129,7 @@ async fn apply_log(
                 Err(_) => break,
             }
         }
+        last = tokio::time::Instant::now();
         let (store, wal) = (store.clone(), wal.clone());
         let task = tokio::task::spawn_blocking(move || {
             let steps: Vec<(u64, DispatchCommit)> = buffer
@@ -1091,6 +1151,9 @@ async fn apply_log(
         };
         match result {
             Ok(done) => {
+                if let Some(l) = taken.last() {
+                    wake.applied(l.seq);
+                }
                 for b in done.finished {
                     tracing::info!(tenant = %b.tenant, batch = b.id, "every message of the batch is final");
                     let _ = reports.send(b.id);

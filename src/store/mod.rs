@@ -235,8 +235,6 @@ pub(crate) fn open_record<T: DeserializeOwned>(
     })
 }
 
-/// A `statuses` value: the status code, then the sealed record (the code is bound to it as the
-/// record's own `status`, checked when opened).
 /// The tables every dispatch step writes, opened once for a whole `apply_steps` transaction
 /// (opening a table costs about as much as the insert that follows).
 pub(super) struct StepTables<'tx> {
@@ -257,6 +255,8 @@ impl<'tx> StepTables<'tx> {
     }
 }
 
+/// A `statuses` value: the status code, then the sealed record (the code is bound to it as the
+/// record's own `status`, checked when opened).
 fn seal_status(keys: &TenantKeys, id: u64, status: &StatusRecord) -> Vec<u8> {
     let sealed = keys.seal("statuses", &id.to_be_bytes(), &encode(status));
     let mut value = Vec::with_capacity(1 + sealed.len());
@@ -958,8 +958,9 @@ impl Store {
         let mut mos = Vec::new();
         {
             let mut tables = StepTables::open(&tx)?;
-            for step in steps {
-                self.apply_step(&tx, &mut tables, &mut touched, step, now)?;
+            let folds = receipts::Folds::of(steps);
+            for (i, step) in steps.iter().enumerate() {
+                self.apply_step(&tx, &mut tables, &mut touched, (i, step), &folds, now)?;
                 self.record_sent(&tx, &step.sent)?;
                 for mo in &step.mos {
                     mos.push(self.keep_mo(&tx, mo, now)?);
@@ -979,7 +980,8 @@ impl Store {
         tx: &WriteTransaction,
         tables: &mut StepTables<'_>,
         touched: &mut HashMap<u64, BatchRecord>,
-        step: &DispatchCommit,
+        (index, step): (usize, &DispatchCommit),
+        folds: &receipts::Folds<'_>,
         now: i64,
     ) -> Result<()> {
         for (batch, cursor) in &step.cursors {
@@ -996,9 +998,14 @@ impl Store {
                 b.cursor = b.cursor.max(*cursor);
             }
         }
-        for (id, status) in &step.outcomes {
+        for (o, (id, status)) in step.outcomes.iter().enumerate() {
             let mut status = status.clone();
-            if status.status == MessageStatus::Submitted && !status.partner_id.is_empty() {
+            if let Some(settled) = folds
+                .receipt_for(index, o)
+                .and_then(|r| receipts::receipted(&status, r, now))
+            {
+                status = settled;
+            } else if status.status == MessageStatus::Submitted && !status.partner_id.is_empty() {
                 // A receipt that came before its submit_sm_resp is waiting for this id.
                 if let Some(early) = self.index_submitted(tables, *id, &status)? {
                     status = early;
@@ -1006,16 +1013,44 @@ impl Store {
             }
             self.set_status_in(tx, &mut tables.statuses, touched, *id, &status)?;
         }
-        for (partner, receipt) in &step.receipts {
-            self.apply_receipt(tx, tables, touched, partner, receipt, now)?;
+        for (r, (partner, receipt)) in step.receipts.iter().enumerate() {
+            if !folds.settled(index, r) {
+                self.apply_receipt(tx, tables, touched, partner, receipt, now)?;
+            }
         }
         for (due, id) in &step.schedule {
+            // A batch canceled after the dispatcher set this message aside (a `send_at` ahead,
+            // a retry), but before the step was applied: the cancel did not see it in the
+            // scheduled table, so it is canceled here.
+            if self.canceled(tx, touched, *id)? {
+                let mut status = StatusRecord::queued();
+                status.status = MessageStatus::Canceled;
+                status.done_at = Some(now);
+                status.error = "canceled by operator".into();
+                self.set_status_in(tx, &mut tables.statuses, touched, *id, &status)?;
+                continue;
+            }
             tables.scheduled.insert(((*due).max(0) as u64, *id), ())?;
         }
         for (due, id) in &step.unschedule {
             tables.scheduled.remove(((*due).max(0) as u64, *id))?;
         }
         Ok(())
+    }
+
+    /// Whether the batch of message `id` was canceled (its record joins `touched`).
+    fn canceled(&self, tx: &WriteTransaction, touched: &mut HashMap<u64, BatchRecord>, id: u64) -> Result<bool> {
+        let (batch_id, _) = split_message_id(id);
+        if let std::collections::hash_map::Entry::Vacant(e) = touched.entry(batch_id) {
+            match self.batch_in(tx, batch_id) {
+                Ok(b) => {
+                    e.insert(b);
+                }
+                Err(StoreError::NoBatch(_)) => return Ok(false),
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(touched.get(&batch_id).is_some_and(|b| b.canceled_from.is_some()))
     }
 
     /// The status record of a message, if one was written.

@@ -19,7 +19,7 @@ use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransacti
 use serde::{Deserialize, Serialize};
 
 use super::records::{BatchRecord, StatusRecord};
-use super::{Result, StepTables, Store, encode, open_record};
+use super::{DispatchCommit, Result, StepTables, Store, encode, open_record};
 use crate::codes::MessageStatus;
 use crate::dispatch::receipt::{Receipt, id_forms, normal_id};
 
@@ -47,6 +47,80 @@ fn detail(r: &Receipt) -> String {
     } else {
         format!("{} err:{}", r.state, r.error)
     }
+}
+
+/// Receipts applied with the outcome of their own `submit_sm` (the same group of logged steps):
+/// the message goes from queued to its final status in one write, without an index entry to
+/// add and remove. At full speed nearly every receipt comes this way: a partner's receipt
+/// follows its response by a few milliseconds, a group of steps spans a tenth of a second.
+#[derive(Default)]
+pub(super) struct Folds<'a> {
+    /// (step, outcome) → the receipt that settles it.
+    outcomes: HashMap<(usize, usize), &'a Receipt>,
+    /// (step, receipt) already settled with its outcome.
+    receipts: std::collections::HashSet<(usize, usize)>,
+}
+
+impl<'a> Folds<'a> {
+    /// Pairs the submitted single-part messages of `steps` with their receipts in `steps`
+    /// (a receipt before its response included). A long message's parts each have a receipt and
+    /// take the index.
+    pub(super) fn of(steps: &[&'a DispatchCommit]) -> Folds<'a> {
+        let mut folds = Folds::default();
+        let mut submitted: HashMap<(&str, String), (usize, usize)> = HashMap::new();
+        for (si, step) in steps.iter().enumerate() {
+            for (oi, (_, status)) in step.outcomes.iter().enumerate() {
+                if status.status == MessageStatus::Submitted
+                    && !status.partner_id.is_empty()
+                    && !status.partner_id.contains(' ')
+                {
+                    submitted.insert((status.partner.as_str(), normal_id(&status.partner_id)), (si, oi));
+                }
+            }
+        }
+        if submitted.is_empty() {
+            return folds;
+        }
+        for (si, step) in steps.iter().enumerate() {
+            for (ri, (partner, r)) in step.receipts.iter().enumerate() {
+                if r.status.is_none() {
+                    continue;
+                }
+                for form in id_forms(&r.id) {
+                    if let Some(at) = submitted.remove(&(partner.as_str(), form)) {
+                        folds.outcomes.insert(at, r);
+                        folds.receipts.insert((si, ri));
+                        break;
+                    }
+                }
+            }
+        }
+        folds
+    }
+
+    /// The receipt that settles outcome `outcome` of step `step`.
+    pub(super) fn receipt_for(&self, step: usize, outcome: usize) -> Option<&'a Receipt> {
+        self.outcomes.get(&(step, outcome)).copied()
+    }
+
+    /// Whether receipt `receipt` of step `step` was settled with its outcome.
+    pub(super) fn settled(&self, step: usize, receipt: usize) -> bool {
+        self.receipts.contains(&(step, receipt))
+    }
+}
+
+/// `submitted` as settled by its receipt `r` at `now`.
+pub(super) fn receipted(submitted: &StatusRecord, r: &Receipt, now: i64) -> Option<StatusRecord> {
+    let status = r.status?;
+    if let Some(at) = submitted.submitted_at {
+        crate::metrics::events().receipt_delay(&submitted.partner, now - at);
+    }
+    Some(StatusRecord {
+        status,
+        done_at: Some(now),
+        error: detail(r),
+        ..submitted.clone()
+    })
 }
 
 impl Store {

@@ -291,11 +291,15 @@ impl Dispatcher {
     /// to another thread and back. The partners' connections stay on the shared runtime.
     pub fn spawn(self, tracker: &tokio_util::task::TaskTracker, shutdown: CancellationToken) -> std::io::Result<()> {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        tracker.spawn_blocking(move || runtime.block_on(self.run(shutdown)));
+        let shared = tokio::runtime::Handle::current();
+        tracker.spawn_blocking(move || runtime.block_on(self.run(shutdown, shared)));
         Ok(())
     }
 
-    async fn run(mut self, shutdown: CancellationToken) {
+    /// `shared`: the runtime the partners' submissions run on. This loop blocks on the disk
+    /// for each step; a submission waiting for its `tps` turn must not wait for that too, or
+    /// its turn passes and the partner gets less than its cap.
+    async fn run(mut self, shutdown: CancellationToken, shared: tokio::runtime::Handle) {
         use futures_util::StreamExt;
         let Some((wal, mut next_seq)) = self.open_log(&shutdown).await else {
             return;
@@ -422,7 +426,7 @@ impl Dispatcher {
                         let n = (partner.window() - *used).min(partner.batch_size()).min(queue.len());
                         let picks: Vec<Pick> = queue.drain(..n).collect();
                         *used += n;
-                        flights.push(self.launch(partner.clone(), partner_id.clone(), picks));
+                        flights.push(self.launch(&shared, partner.clone(), partner_id.clone(), picks));
                     }
                 }
             }
@@ -832,11 +836,17 @@ impl Dispatcher {
         p.message.send_at.unwrap_or(now).min(now) + validity
     }
 
-    /// Hands `picks` to a partner; lands as a [`Flight`].
-    fn launch(&self, partner: Arc<dyn Partner>, partner_id: String, picks: Vec<Pick>) -> Landing {
+    /// Hands `picks` to a partner, on the shared runtime; lands as a [`Flight`].
+    fn launch(
+        &self,
+        shared: &tokio::runtime::Handle,
+        partner: Arc<dyn Partner>,
+        partner_id: String,
+        picks: Vec<Pick>,
+    ) -> Landing {
         let t = now();
         let valid_until: Vec<i64> = picks.iter().map(|p| self.valid_until(p, t)).collect();
-        let task = tokio::spawn(async move {
+        let task = shared.spawn(async move {
             let results = {
                 let outbound: Vec<Outbound<'_>> = picks
                     .iter()

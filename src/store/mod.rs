@@ -1041,16 +1041,28 @@ impl Store {
     /// Whether the batch of message `id` was canceled (its record joins `touched`).
     fn canceled(&self, tx: &WriteTransaction, touched: &mut HashMap<u64, BatchRecord>, id: u64) -> Result<bool> {
         let (batch_id, _) = split_message_id(id);
+        Ok(self
+            .touch(tx, touched, batch_id)?
+            .is_some_and(|b| b.canceled_from.is_some()))
+    }
+
+    /// The record of batch `batch_id` in `touched`, read in first; `None` if there is none.
+    fn touch<'t>(
+        &self,
+        tx: &WriteTransaction,
+        touched: &'t mut HashMap<u64, BatchRecord>,
+        batch_id: u64,
+    ) -> Result<Option<&'t mut BatchRecord>> {
         if let std::collections::hash_map::Entry::Vacant(e) = touched.entry(batch_id) {
             match self.batch_in(tx, batch_id) {
                 Ok(b) => {
                     e.insert(b);
                 }
-                Err(StoreError::NoBatch(_)) => return Ok(false),
+                Err(StoreError::NoBatch(_)) => return Ok(None),
                 Err(err) => return Err(err),
             }
         }
-        Ok(touched.get(&batch_id).is_some_and(|b| b.canceled_from.is_some()))
+        Ok(touched.get_mut(&batch_id))
     }
 
     /// The status record of a message, if one was written.
@@ -1092,16 +1104,7 @@ impl Store {
         status: &StatusRecord,
     ) -> Result<bool> {
         let (batch_id, index) = split_message_id(id);
-        if let std::collections::hash_map::Entry::Vacant(e) = touched.entry(batch_id) {
-            match self.batch_in(tx, batch_id) {
-                Ok(b) => {
-                    e.insert(b);
-                }
-                Err(StoreError::NoBatch(_)) => return Ok(false),
-                Err(err) => return Err(err),
-            }
-        }
-        let Some(batch) = touched.get_mut(&batch_id) else {
+        let Some(batch) = self.touch(tx, touched, batch_id)? else {
             return Ok(false);
         };
         let (previous, recorded) = match statuses.get(id)? {

@@ -281,14 +281,16 @@ const APPLY_EVERY: Duration = Duration::from_millis(100);
 const READY_MAX: usize = 2048;
 
 impl Dispatcher {
-    /// Runs until `shutdown`. Messages flow continuously: picked in fair order, routed, handed
-    /// to their partner within its window, and their outcomes committed in groups. A partner's
-    /// window slot comes back only when the outcome is durable, so after a crash at most
-    /// `window` messages per partner were sent and not recorded (and are sent again).
-    /// Runs the dispatcher on a thread of its own with a single-threaded runtime, until
-    /// `shutdown` and every logged step is applied. Its loop writes the dispatch log in place
-    /// (see `run`); on the shared runtime each such write would move the worker's other tasks
-    /// to another thread and back. The partners' connections stay on the shared runtime.
+    /// Runs until `shutdown` and every logged step is applied. Messages flow continuously:
+    /// picked in fair order, routed, handed to their partner within its window, and their
+    /// outcomes committed in groups. A partner's window slot comes back only when the outcome
+    /// is durable, so after a crash at most `window` messages per partner were sent and not
+    /// recorded (and are sent again).
+    ///
+    /// The loop has a thread of its own with a single-threaded runtime: it writes the dispatch
+    /// log in place (see `run`), and on the shared runtime each such write would move the
+    /// worker's other tasks to another thread and back. The partners' connections and the
+    /// submissions stay on the shared runtime.
     pub fn spawn(self, tracker: &tokio_util::task::TaskTracker, shutdown: CancellationToken) -> std::io::Result<()> {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let shared = tokio::runtime::Handle::current();

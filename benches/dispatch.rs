@@ -30,13 +30,22 @@ fn number(i: usize) -> String {
     format!("0612{:06}", i * 10 % 1_000_000 + i / 100_000)
 }
 
-/// Submits per second at the SMSC between its first and last tick, once `n` were seen. The log
-/// is looked at twice a second, and only its tick lines are parsed: on two cores, a harness that
-/// re-read a growing log every few milliseconds would take CPU from the peers it measures.
-fn smsc_rate(smsc: &Smsc, n: usize, timeout: Duration) -> f64 {
+/// Submits per second at the SMSC between its first and last tick, once `n` were seen, and the
+/// CPU milliseconds each of `pids` used per 1,000 of those submits (sampled at the first look that
+/// saw a tick and at the last look). The log is looked at twice a second, and only its tick lines
+/// are parsed: on two cores, a harness that re-read a growing log every few milliseconds would
+/// take CPU from the peers it measures.
+fn smsc_rate(smsc: &Smsc, n: usize, timeout: Duration, pids: &[u32]) -> (f64, Vec<f64>) {
     let deadline = Instant::now() + timeout;
+    let mut start: Option<(f64, Vec<f64>)> = None;
     let ticks = loop {
         let ticks = ticks(smsc);
+        if start.is_none() && !ticks.is_empty() {
+            start = Some((
+                ticks[ticks.len() - 1].0,
+                pids.iter().map(|p| common::cpu_secs(*p)).collect(),
+            ));
+        }
         if ticks.len() >= n / 1000 {
             break ticks;
         }
@@ -47,8 +56,16 @@ fn smsc_rate(smsc: &Smsc, n: usize, timeout: Duration) -> f64 {
         );
         std::thread::sleep(Duration::from_millis(500));
     };
+    let cpu_end: Vec<f64> = pids.iter().map(|p| common::cpu_secs(*p)).collect();
     let (first, last) = (ticks[0], ticks[ticks.len() - 1]);
-    (last.0 - first.0).max(1.0) * 1000.0 / (last.1 - first.1).max(1.0)
+    let (from, cpu_start) = start.unwrap_or((first.0, cpu_end.clone()));
+    let counted = (last.0 - from).max(1.0);
+    let cpu = cpu_start
+        .iter()
+        .zip(&cpu_end)
+        .map(|(a, b)| (b - a) * 1_000_000.0 / counted)
+        .collect();
+    ((last.0 - first.0).max(1.0) * 1000.0 / (last.1 - first.1).max(1.0), cpu)
 }
 
 /// The SMSC's ticks: (submits so far, its clock in ms).
@@ -177,22 +194,31 @@ fn main() {
         "dispatch benchmark: {n} messages, one bind, window {WINDOW}, loopback SMSC (npm smpp), rate at the SMSC; {rounds} rounds, each the bare client then smsdrop"
     );
     println!(
-        "{:<8} {:>22} {:>22} {:>10}",
+        "{:<8} {:>22} {:>22} {:>10}   CPU ms per 1,000 messages: bare client (SMSC) / smsdrop (SMSC)",
         "round", "bare rusmppc submit/s", "smsdrop submit/s", "ratio"
     );
     let mut results = Vec::with_capacity(rounds);
     let mut rss: f64 = 0.0;
     for round in 1..=rounds {
         let smsc = Smsc::start(dir.path(), if quiet { &[("SMSC_QUIET", "1")] } else { &[] });
-        bare_client(smsc.port, n);
-        let bare = smsc_rate(&smsc, n, Duration::from_secs(30));
+        let port = smsc.port;
+        let client = std::thread::spawn(move || bare_client(port, n));
+        let (bare, bare_cpu) = smsc_rate(&smsc, n, Duration::from_secs(60), &[std::process::id(), smsc.pid()]);
+        client.join().expect("bare client");
         drop(smsc);
         let (smsc, app) = smsdrop_run(dir.path(), n, "", quiet);
-        let ours = smsc_rate(&smsc, n, Duration::from_secs(600));
+        let (ours, our_cpu) = smsc_rate(&smsc, n, Duration::from_secs(600), &[app.pid(), smsc.pid()]);
         rss = rss.max(common::peak_rss_kib(app.pid()) as f64 / 1024.0);
         drop(app);
         drop(smsc);
-        println!("{round:<8} {bare:>22.0} {ours:>22.0} {:>9.0}%", ours * 100.0 / bare);
+        println!(
+            "{round:<8} {bare:>22.0} {ours:>22.0} {:>9.0}%   {:.0} ({:.0}) / {:.0} ({:.0})",
+            ours * 100.0 / bare,
+            bare_cpu[0],
+            bare_cpu[1],
+            our_cpu[0],
+            our_cpu[1]
+        );
         results.push((bare, ours));
     }
     let median = |mut v: Vec<f64>| {

@@ -287,25 +287,40 @@ impl Dispatcher {
     /// is durable, so after a crash at most `window` messages per partner were sent and not
     /// recorded (and are sent again).
     ///
-    /// The loop has a thread of its own with a single-threaded runtime: it writes the dispatch
-    /// log in place (see `run`), and on the shared runtime each such write would move the
-    /// worker's other tasks to another thread and back. The partners' connections and the
-    /// submissions stay on the shared runtime.
+    /// The loop runs on the shared runtime with the partners' connections and submissions (a
+    /// submission it launches starts on the same worker, and its answer wakes the loop there).
+    /// Each turn of the loop that landed something hands one step to the dispatch log's own
+    /// thread ([`log_writer`]), which writes every step waiting for it in one synchronous write
+    /// (a group commit) while the loop goes on landing answers and handing out what the
+    /// windows allow.
     pub fn spawn(self, tracker: &tokio_util::task::TaskTracker, shutdown: CancellationToken) -> std::io::Result<()> {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let shared = tokio::runtime::Handle::current();
-        tracker.spawn_blocking(move || runtime.block_on(self.run(shutdown, shared)));
+        tracker.spawn(self.run(shutdown));
         Ok(())
     }
 
-    /// `shared`: the runtime the partners' submissions run on. This loop blocks on the disk
-    /// for each step; a submission waiting for its `tps` turn must not wait for that too, or
-    /// its turn passes and the partner gets less than its cap.
-    async fn run(mut self, shutdown: CancellationToken, shared: tokio::runtime::Handle) {
+    async fn run(mut self, shutdown: CancellationToken) {
         use futures_util::StreamExt;
+        let shared = tokio::runtime::Handle::current();
         let Some((wal, mut next_seq)) = self.open_log(&shutdown).await else {
             return;
         };
+        let (to_log, from_loop) = tokio::sync::mpsc::unbounded_channel::<(u64, Vec<u8>)>();
+        let (durable_tx, mut durable) = tokio::sync::mpsc::unbounded_channel::<u64>();
+        let writer = {
+            let wal = wal.clone();
+            std::thread::Builder::new()
+                .name("smsdrop-log".into())
+                .spawn(move || log_writer(wal, from_loop, durable_tx))
+        };
+        let writer = match writer {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the dispatch log writer; nothing is sent");
+                return;
+            }
+        };
+        // Steps handed to the writer, in order, and what waits for each to be durable.
+        let mut writing: VecDeque<(u64, Pending)> = VecDeque::new();
         let (logged_tx, logged_rx) = tokio::sync::mpsc::unbounded_channel::<Logged>();
         let (applied_tx, mut applied_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u64>>();
         let applier = tokio::spawn(apply_log(
@@ -369,7 +384,7 @@ impl Dispatcher {
                 }
             }
             let stopping = shutdown.is_cancelled();
-            if stopping && flights.is_empty() && pending.is_empty() {
+            if stopping && flights.is_empty() && pending.is_empty() && writing.is_empty() {
                 if sent.is_empty() {
                     break;
                 }
@@ -432,7 +447,7 @@ impl Dispatcher {
                     }
                 }
             }
-            // Commit what landed, here and now: the windows wait for it.
+            // Log what landed: the windows wait for it.
             let flush_due = !sent.is_empty() && last_flush.elapsed() >= Duration::from_secs(1);
             if !pending.is_empty() || flush_due {
                 let mut batch = std::mem::take(&mut pending);
@@ -465,35 +480,11 @@ impl Dispatcher {
                 }
                 let seq = next_seq;
                 next_seq += 1;
-                let plain = crate::store::encode(&batch.step);
-                // The append waits for the disk, a few hundred microseconds, right here: the
-                // dispatcher has its own thread (`Dispatcher::spawn`), and the loop has nothing
-                // to do meanwhile that does not wait for it; a hand-over to another thread and
-                // back would cost the windows as much again. A step that cannot be written is
-                // written again at its place: the later ones wait for it.
-                {
-                    let mut log = wal.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                    while let Err(e) = log.append(seq, &plain) {
-                        tracing::error!(error = %e, seq, "cannot write the dispatch log; retrying");
-                        std::thread::sleep(Duration::from_millis(500));
-                    }
+                if to_log.send((seq, crate::store::encode(&batch.step))).is_err() {
+                    tracing::error!("the dispatch log writer stopped; nothing more is sent");
+                    break;
                 }
-                self.wake.logged(seq);
-                for ack in batch.acks {
-                    let _ = ack.send(true);
-                }
-                for (p, n) in batch.release {
-                    if let Some(used) = outstanding.get_mut(&p) {
-                        *used = used.saturating_sub(n);
-                    }
-                }
-                tracing::debug!(messages = batch.step.outcomes.len(), seq, "dispatch step logged");
-                let _ = logged_tx.send(Logged {
-                    seq,
-                    step: batch.step,
-                    scheduled: batch.scheduled,
-                });
-                continue;
+                writing.push_back((seq, batch));
             }
             // Wait for something to happen.
             let has_ready = ready.values().any(|q| !q.is_empty());
@@ -515,6 +506,29 @@ impl Dispatcher {
             let no_flights = flights.is_empty();
             tokio::select! {
                 biased;
+                Some(mut upto) = durable.recv(), if !writing.is_empty() => {
+                    while let Ok(more) = durable.try_recv() {
+                        upto = upto.max(more);
+                    }
+                    self.wake.logged(upto);
+                    while writing.front().is_some_and(|(seq, _)| *seq <= upto) {
+                        let Some((seq, batch)) = writing.pop_front() else { break };
+                        for ack in batch.acks {
+                            let _ = ack.send(true);
+                        }
+                        for (p, n) in batch.release {
+                            if let Some(used) = outstanding.get_mut(&p) {
+                                *used = used.saturating_sub(n);
+                            }
+                        }
+                        tracing::debug!(messages = batch.step.outcomes.len(), seq, "dispatch step logged");
+                        let _ = logged_tx.send(Logged {
+                            seq,
+                            step: batch.step,
+                            scheduled: batch.scheduled,
+                        });
+                    }
+                }
                 Some(ids) = applied_rx.recv() => {
                     for id in ids {
                         scheduled_open.remove(&id);
@@ -550,6 +564,8 @@ impl Dispatcher {
             }
         }
         // Every logged step goes into the database before the store closes.
+        drop(to_log);
+        let _ = tokio::task::spawn_blocking(move || writer.join()).await;
         drop(logged_tx);
         let _ = applier.await;
     }
@@ -1108,6 +1124,41 @@ impl Dispatcher {
             Ok((send, already, canceled))
         })
         .await
+    }
+}
+
+/// Writes the steps the dispatcher hands it to the dispatch log until the dispatcher closes
+/// `steps`: every step waiting when a write begins goes in that one synchronous write, and the
+/// last step number goes back once it is durable. Steps that cannot be written are written
+/// again at their place, every half second: the later ones wait for them.
+fn log_writer(
+    wal: SharedWal,
+    mut steps: tokio::sync::mpsc::UnboundedReceiver<(u64, Vec<u8>)>,
+    durable: tokio::sync::mpsc::UnboundedSender<u64>,
+) {
+    let mut group: Vec<(u64, Vec<u8>)> = Vec::new();
+    while let Some(first) = steps.blocking_recv() {
+        group.push(first);
+        while let Ok(more) = steps.try_recv() {
+            group.push(more);
+        }
+        loop {
+            let written = wal
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .append_group(&group);
+            match written {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, steps = group.len(), "cannot write the dispatch log; retrying");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
+        }
+        if let Some((last, _)) = group.last() {
+            let _ = durable.send(*last);
+        }
+        group.clear();
     }
 }
 

@@ -151,17 +151,29 @@ impl Wal {
     /// Appends one step and waits for the disk (the file is `O_DSYNC`). After an error nothing
     /// has moved: the same step may be appended again, at the same place.
     pub fn append(&mut self, seq: u64, plain: &[u8]) -> io::Result<()> {
-        (self.announce)(seq);
-        let sealed = self.keys.seal("wal", &seq.to_be_bytes(), plain);
-        let mut record = Vec::with_capacity(12 + sealed.len());
-        record.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
-        record.extend_from_slice(&seq.to_le_bytes());
-        record.extend_from_slice(&sealed);
+        self.append_group(&[(seq, plain.to_vec())])
+    }
+
+    /// Appends steps, in order, in one write, and waits for the disk (a group commit: one
+    /// synchronous write costs about the same for one step as for twenty). After an error
+    /// nothing has moved: the same steps may be appended again, at the same place.
+    pub fn append_group(&mut self, steps: &[(u64, Vec<u8>)]) -> io::Result<()> {
+        let Some((last, _)) = steps.last() else {
+            return Ok(());
+        };
+        let mut records = Vec::with_capacity(steps.iter().map(|(_, p)| 12 + p.len() + 64).sum());
+        for (seq, plain) in steps {
+            (self.announce)(*seq);
+            let sealed = self.keys.seal("wal", &seq.to_be_bytes(), plain);
+            records.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
+            records.extend_from_slice(&seq.to_le_bytes());
+            records.extend_from_slice(&sealed);
+        }
         let round = &mut self.files[self.current];
-        round.file.write_all_at(&record, round.bytes)?;
-        round.bytes += record.len() as u64;
-        round.last = seq;
-        self.last = seq;
+        round.file.write_all_at(&records, round.bytes)?;
+        round.bytes += records.len() as u64;
+        round.last = *last;
+        self.last = *last;
         Ok(())
     }
 

@@ -170,7 +170,15 @@ pub async fn run(
     let board = dispatch::HealthBoard::default();
     let live = Live::new(config.clone());
     let (incoming_tx, incoming_rx) = mpsc::unbounded_channel();
-    let fleet = Fleet::start(&config.partners, incoming_tx, tracker.clone(), workers.clone()).await?;
+    let lane = dispatch::Lane::start().map_err(ServeError::Dispatcher)?;
+    let fleet = Fleet::start(
+        &config.partners,
+        incoming_tx,
+        tracker.clone(),
+        lane.handle(),
+        workers.clone(),
+    )
+    .await?;
     let partners = fleet.subscribe();
     let reloader = Arc::new(Reloader::new(
         live.clone(),
@@ -263,9 +271,7 @@ pub async fn run(
             alerts: alerter.clone(),
             board: board.clone(),
         };
-        dispatcher
-            .spawn(&tracker, workers.clone())
-            .map_err(ServeError::Dispatcher)?;
+        dispatcher.spawn(&tracker, &lane, workers.clone());
     }
     {
         let writer = ReportWriter {
@@ -346,6 +352,7 @@ pub async fn run(
     if tokio::time::timeout(STOP_DEADLINE, tracker.wait()).await.is_err() {
         tracing::warn!("some workers did not stop in time; what they had not committed is redone at next start");
     }
+    lane.finish();
     // Last: the audit writer appends what the others recorded on their way out.
     audit.record(Event::new("service.stop", "smsdrop"));
     drop(audit);

@@ -104,6 +104,63 @@ fn a_file_reaches_the_smsc_and_receipts_make_the_report() {
 }
 
 #[test]
+fn tls_binds_in_transmitter_receiver_pairs_and_long_messages_in_sar_parts() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (ca, cert, key) = common::test_ca(dir.path());
+    let path = |p: &std::path::Path| p.to_str().expect("utf-8 path").to_string();
+    let smsc = Smsc::start(
+        dir.path(),
+        &[("SMSC_TLS_CERT", &path(&cert)), ("SMSC_TLS_KEY", &path(&key))],
+    );
+    let mut app = with_smsc(
+        &smsc,
+        "tls = true\nbind = \"transmitter+receiver\"\nbinds = 2\nconcatenation = \"sar\"\n",
+    );
+    // The SMSC's certificate is signed by the test CA, given as the system's roots.
+    app.start_with_env(&[("SSL_CERT_FILE", &path(&ca))]);
+    let long = "Un message assez long pour partir en plusieurs parties avec les TLV SAR plutot qu'un en-tete UDH, que le SMSC recolle dans l'ordre, sans perte ni doublon, meme quand les parties passent par deux connexions TLS. Fin.";
+    app.drop_file(
+        "acme",
+        "tls.csv",
+        format!("phone;message\n0612340000;Bonjour\n0612340010;{long}\n").as_bytes(),
+    );
+    let report = app.final_report("acme", "tls", 2);
+    // the receipts came back on the receiver binds
+    assert_eq!(status_of(&report, "+33612340000"), "delivered");
+    assert_eq!(status_of(&report, "+33612340010"), "delivered");
+
+    let binds = smsc.of("bind");
+    let count = |command: &str| binds.iter().filter(|b| b["command"] == command).count();
+    assert_eq!(
+        (
+            count("bind_transmitter"),
+            count("bind_receiver"),
+            count("bind_transceiver")
+        ),
+        (2, 2, 0),
+        "{binds:?}"
+    );
+    let message = smsc
+        .of("message")
+        .into_iter()
+        .find(|m| m["to"] == "33612340010")
+        .expect("the long message, whole");
+    assert_eq!(message["text"], long);
+    assert_eq!(message["parts"], 2);
+    let submits = smsc.of("submit");
+    let parts: Vec<_> = submits.iter().filter(|s| s["to"] == "33612340010").collect();
+    assert_eq!(parts.len(), 2);
+    assert!(
+        parts.iter().all(|s| s["sar"] == true && s["esm"] == 0),
+        "SAR TLVs, no UDH: {parts:?}"
+    );
+    let acks = smsc.wait("receipt_ack", 2, Duration::from_secs(10));
+    assert!(acks.iter().all(|a| a["status"] == 0), "{acks:?}");
+    assert!(app.stop().success());
+    smsc.wait("unbind", 4, Duration::from_secs(5));
+}
+
+#[test]
 fn receipt_ids_match_in_decimal_with_zeros_and_other_case() {
     let dir = tempfile::tempdir().expect("dir");
     for format in ["decimal", "hex-upper-zeros"] {

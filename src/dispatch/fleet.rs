@@ -53,6 +53,8 @@ pub struct Fleet {
     running: BTreeMap<String, Running>,
     incoming: mpsc::UnboundedSender<Inbound>,
     tracker: TaskTracker,
+    /// Where SMPP connections run: the dispatcher's thread ([`super::Lane`]).
+    lane: tokio::runtime::Handle,
     shutdown: CancellationToken,
     published: watch::Sender<PartnerMap>,
 }
@@ -63,6 +65,7 @@ impl Fleet {
         partners: &BTreeMap<String, config::Partner>,
         incoming: mpsc::UnboundedSender<Inbound>,
         tracker: TaskTracker,
+        lane: tokio::runtime::Handle,
         shutdown: CancellationToken,
     ) -> Result<Fleet, HttpSetupError> {
         let (published, _) = watch::channel(PartnerMap::default());
@@ -70,6 +73,7 @@ impl Fleet {
             running: BTreeMap::new(),
             incoming,
             tracker,
+            lane,
             shutdown,
             published,
         };
@@ -142,7 +146,7 @@ impl Fleet {
         let partner: Arc<dyn Partner> = match made {
             Made::Sink(s) => s,
             Made::Smpp(s) => {
-                s.start(&self.tracker, stop.clone());
+                s.start(&self.tracker, &self.lane, stop.clone());
                 s
             }
             Made::Http(h) => {

@@ -103,11 +103,17 @@ impl SmppPartner {
         })
     }
 
-    /// Starts the connection tasks; they end at `shutdown`, after an `unbind`.
-    pub fn start(self: &Arc<Self>, tracker: &tokio_util::task::TaskTracker, shutdown: CancellationToken) {
+    /// Starts the connection tasks on `lane` (the dispatcher's thread, where the submissions
+    /// run); they end at `shutdown`, after an `unbind`.
+    pub fn start(
+        self: &Arc<Self>,
+        tracker: &tokio_util::task::TaskTracker,
+        lane: &tokio::runtime::Handle,
+        shutdown: CancellationToken,
+    ) {
         for slot in 0..self.cfg.binds {
             let me = self.clone();
-            tracker.spawn(me.keep_bound(slot, shutdown.clone()));
+            tracker.spawn_on(me.keep_bound(slot, shutdown.clone()), lane);
         }
     }
 

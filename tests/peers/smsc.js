@@ -16,6 +16,7 @@
 //   SMSC_DROP_AFTER                close the TCP connection (once) after this many submit_sm,
 //                                  without answering the last ones
 //   SMSC_RECEIPT_DELAY_MS          receipts this long after the response (default 5)
+//   SMSC_TLS_CERT, SMSC_TLS_KEY    PEM files: listen with TLS (ssmpp) instead of plain TCP
 //   SMSC_QUIET                     1: log no submit, receipt or message line, only
 //                                  {"ev":"tick","n","t"} every SMSC_TICK (1000) submit_sm
 //                                  (for the benchmark: the log costs the SMSC time)
@@ -25,7 +26,11 @@
 //   ...0405  the receipt comes before the submit_sm_resp
 //   ...0406  no receipt at all
 // Receipts not acknowledged when a session ends are sent again after the next bind (as real
-// SMSCs do), logged as {"ev":"redeliver","receipts":n}.
+// SMSCs do), logged as {"ev":"redeliver","receipts":n}. Receipts and incoming messages go to a
+// receiver or transceiver bind: those of a message submitted on a transmitter bind go to a
+// receiver bind of the same system_id. Long messages are reassembled from their UDH or from the
+// SAR TLVs (sar_msg_ref_num, sar_total_segments, sar_segment_seqnum); a submit logs "sar" when
+// it carried them.
 // Control on stdin, one JSON object per line:
 //   {"mo": {"from": "+33612345678", "to": "ACME", "text": "STOP"}}   an incoming message
 //   {"delay_ms": 3000}                                               answer submit_sm this late
@@ -88,8 +93,18 @@ function smscTime(d) {
 const unacked = new Map(); // session -> Map(rid -> fields)
 let redeliver = [];
 
-function deliverReceipt(session, rid, stat, fields) {
-  if (!sessions.has(session)) {
+// Where deliver_sm for what `session` submitted go: itself, unless it is a transmitter.
+function receiverFor(session) {
+  if (session.role !== "bind_transmitter") return session;
+  for (const s of sessions) {
+    if (s.role && s.role !== "bind_transmitter" && s.systemId === session.systemId) return s;
+  }
+  return null;
+}
+
+function deliverReceipt(submitter, rid, stat, fields) {
+  const session = sessions.has(submitter) ? receiverFor(submitter) : null;
+  if (!session) {
     // the session ended before its receipt was due: keep it for the next bind
     redeliver.push({ rid, stat, fields });
     return;
@@ -124,13 +139,14 @@ function sendReceipt(session, pdu, n, stat, err) {
 function noteParts(pdu, text) {
   const udh = pdu.short_message && pdu.short_message.udh;
   const concat = udh && udh.find((u) => u[0] === 0x00 || u[0] === 0x08);
-  if (!concat) {
+  const sar = pdu.sar_msg_ref_num !== undefined;
+  if (!concat && !sar) {
     write({ ev: "message", to: pdu.destination_addr, text, parts: 1 });
     return;
   }
-  const ref = concat[0] === 0x00 ? concat[2] : concat[2] * 256 + concat[3];
-  const total = concat[0] === 0x00 ? concat[3] : concat[4];
-  const seq = concat[0] === 0x00 ? concat[4] : concat[5];
+  const ref = sar ? pdu.sar_msg_ref_num : concat[0] === 0x00 ? concat[2] : concat[2] * 256 + concat[3];
+  const total = sar ? pdu.sar_total_segments : concat[0] === 0x00 ? concat[3] : concat[4];
+  const seq = sar ? pdu.sar_segment_seqnum : concat[0] === 0x00 ? concat[4] : concat[5];
   const key = `${pdu.destination_addr}/${ref}`;
   const entry = partsSeen.get(key) || { total, parts: [] };
   entry.parts[seq - 1] = text;
@@ -141,7 +157,13 @@ function noteParts(pdu, text) {
   }
 }
 
-const server = smpp.createServer({ debug: false }, (session) => {
+const serverOptions = { debug: false };
+if (env.SMSC_TLS_CERT && env.SMSC_TLS_KEY) {
+  serverOptions.cert = fs.readFileSync(env.SMSC_TLS_CERT);
+  serverOptions.key = fs.readFileSync(env.SMSC_TLS_KEY);
+}
+
+const server = smpp.createServer(serverOptions, (session) => {
   sessions.add(session);
   let bound = false;
   session.on("error", () => {});
@@ -160,6 +182,8 @@ const server = smpp.createServer({ debug: false }, (session) => {
       return;
     }
     bound = true;
+    session.role = pdu.command;
+    session.systemId = pdu.system_id;
     write({ ev: "bind", command: pdu.command, system_id: pdu.system_id, system_type: pdu.system_type });
     session.send(pdu.response({ system_id: "loopback-smsc" }));
     if (pdu.command !== "bind_transmitter" && redeliver.length) {
@@ -226,6 +250,7 @@ const server = smpp.createServer({ debug: false }, (session) => {
         esm: pdu.esm_class,
         registered: pdu.registered_delivery,
         validity: pdu.validity_period || "",
+        sar: pdu.sar_msg_ref_num !== undefined,
       });
       noteParts(pdu, text);
       const wantsReceipt = (pdu.registered_delivery & 0x03) !== 0 && tail !== "0406";
@@ -258,6 +283,7 @@ readline.createInterface({ input: process.stdin }).on("line", (line) => {
   }
   if (cmd.mo) {
     for (const session of sessions) {
+      if (session.role === "bind_transmitter") continue;
       session.deliver_sm(
         {
           source_addr: cmd.mo.from.replace(/^\+/, ""),

@@ -6,7 +6,8 @@
 //! median of the rounds' ratios is the figure. Then the `tps` cap:
 //! smsdrop with `tps = 1000` for a minute, the rate measured over that minute.
 //! `SMSDROP_BENCH_MESSAGES` and `SMSDROP_BENCH_TPS_SECS` shrink it; `SMSDROP_BENCH_SMSC_LOG=1`
-//! runs the SMSC with its per-message log (a slower SMSC) in the rate comparison.
+//! runs the SMSC with its per-message log (a slower SMSC) in the rate comparison;
+//! `SMSDROP_BENCH_BARE_SINGLE=1` runs the bare client on a single-threaded runtime.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -79,10 +80,14 @@ fn ticks(smsc: &Smsc) -> Vec<(f64, f64)> {
 }
 
 fn bare_client(port: u16, n: usize) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    // SMSDROP_BENCH_BARE_SINGLE=1: the bare client on a single-threaded runtime, as smsdrop's
+    // dispatcher runs (the default is tokio's usual multi-threaded one).
+    let runtime = if std::env::var_os("SMSDROP_BENCH_BARE_SINGLE").is_some() {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().enable_all().build()
+    }
+    .expect("runtime");
     runtime.block_on(async {
         let (client, mut events) = ConnectionBuilder::new()
             .enable_auto_enquire_link_response()

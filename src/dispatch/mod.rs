@@ -172,9 +172,11 @@ impl Signal {
 /// the connection writes it and reads the answer, the answer lands in the loop, a receipt is
 /// handed over and acknowledged once durable). On one thread each hand-over is a queue push; on
 /// a pool of workers most were a wake-up of another thread, and on two cores the SMSC, smsdrop's
-/// workers and its log writer then took the processors from each other (dispatch benchmark:
-/// 75 to 78% of the bare client's rate on the shared pool, NN% here). What blocks (the database,
-/// the dispatch log) runs on threads of its own.
+/// workers and its log writer then took the processors from each other (dispatch benchmark,
+/// median of three rounds: 78% of the bare client's rate on the shared pool, 100 to 105% here).
+/// What blocks (the database, the dispatch log) runs on threads of its own. smsdrop as a whole
+/// spends about 55 µs of CPU per message there, this thread less: at 13,000 messages a second
+/// it is not the limit.
 pub struct Lane {
     handle: tokio::runtime::Handle,
     stop: CancellationToken,

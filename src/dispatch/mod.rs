@@ -191,7 +191,12 @@ impl Lane {
         let until = stop.clone();
         let thread = std::thread::Builder::new()
             .name("smsdrop-dispatch".into())
-            .spawn(move || runtime.block_on(until.cancelled()))?;
+            .spawn(move || {
+                runtime.block_on(until.cancelled());
+                // Whatever is still running on its blocking threads after the service's stop
+                // deadline (see `server`) is not waited for without end.
+                runtime.shutdown_timeout(Duration::from_secs(5));
+            })?;
         Ok(Lane {
             handle,
             stop,

@@ -336,6 +336,15 @@ const SENT_FLUSH: usize = 8192;
 /// group as its message's submission is applied with it in one write.
 const APPLY_EVERY: Duration = Duration::from_millis(100);
 
+/// After a write of fewer than [`GATHER_BELOW`] steps, the log writer lets the next group
+/// gather this long. Each synchronous write costs the processor about 80 µs here (most of it
+/// the kernel's and the virtual disk's), the same for one step as for ten: writing back to back
+/// under load took a third of smsdrop's CPU from the two cores it shares with the SMSC. With the
+/// pause, CPU per 1,000 messages fell from 52–59 ms to 35–48 ms and the rate rose (dispatch
+/// benchmark); a lone message waits 150 µs more.
+const GATHER: Duration = Duration::from_micros(150);
+const GATHER_BELOW: usize = 4;
+
 /// Step numbers skipped at each start (see `open_log`).
 const RESTART_GAP: u64 = 1 << 20;
 
@@ -1193,7 +1202,7 @@ impl Dispatcher {
 
 /// Writes the steps the dispatcher hands it to the dispatch log until the dispatcher closes
 /// `steps`: every step waiting when a write begins goes in that one synchronous write, and the
-/// last step number goes back once it is durable. Steps that cannot be written are written
+/// last step number goes back once it is durable; after a small group it waits [`GATHER`]. Steps that cannot be written are written
 /// again at their place, every half second: the later ones wait for them.
 fn log_writer(
     wal: SharedWal,
@@ -1221,6 +1230,9 @@ fn log_writer(
         }
         if let Some((last, _)) = group.last() {
             let _ = durable.send(*last);
+        }
+        if group.len() < GATHER_BELOW {
+            std::thread::sleep(GATHER);
         }
         group.clear();
     }

@@ -108,7 +108,11 @@ fn finished_batches_are_anonymised_then_deleted_and_their_space_is_reused() {
         .sum();
     assert_eq!(deleted, valid, "the sweeps are on the audit log: {sweeps:?}");
 
-    // The freed pages take the next batch of the same size: the file hardly grows.
+    // The freed pages take the next batch of the same size: the file hardly grows. redb hands
+    // out pages freed by a commit only after later commits found no reader older than it; the
+    // sweeper commits every 2 s, so after 5 s they are free whatever else was reading then (on
+    // a loaded machine the ingest could otherwise begin while they were still pending).
+    std::thread::sleep(Duration::from_secs(5));
     std::fs::write(&clock, "0").expect("clock");
     let staging = app.path("second.csv");
     // one line more: the same content would be refused as a duplicate file

@@ -340,7 +340,7 @@ const APPLY_EVERY: Duration = Duration::from_millis(100);
 /// gather this long. Each synchronous write costs the processor about 80 µs here (most of it
 /// the kernel's and the virtual disk's), the same for one step as for ten: writing back to back
 /// under load took a third of smsdrop's CPU from the two cores it shares with the SMSC. With the
-/// pause, CPU per 1,000 messages fell from 52–59 ms to 35–48 ms and the rate rose (dispatch
+/// pause, CPU per 1,000 messages fell from 49–58 ms to 35–50 ms and the rate rose (dispatch
 /// benchmark); a lone message waits 150 µs more.
 const GATHER: Duration = Duration::from_micros(150);
 const GATHER_BELOW: usize = 4;
@@ -369,7 +369,6 @@ impl Dispatcher {
 
     async fn run(mut self, shutdown: CancellationToken) {
         use futures_util::StreamExt;
-        let shared = tokio::runtime::Handle::current();
         let Some((wal, mut next_seq)) = self.open_log(&shutdown).await else {
             return;
         };
@@ -512,7 +511,7 @@ impl Dispatcher {
                         let n = (partner.window() - *used).min(partner.batch_size()).min(queue.len());
                         let picks: Vec<Pick> = queue.drain(..n).collect();
                         *used += n;
-                        flights.push(self.launch(&shared, partner.clone(), partner_id.clone(), picks));
+                        flights.push(self.launch(partner.clone(), partner_id.clone(), picks));
                     }
                 }
             }
@@ -927,17 +926,11 @@ impl Dispatcher {
         p.message.send_at.unwrap_or(now).min(now) + validity
     }
 
-    /// Hands `picks` to a partner, on the shared runtime; lands as a [`Flight`].
-    fn launch(
-        &self,
-        shared: &tokio::runtime::Handle,
-        partner: Arc<dyn Partner>,
-        partner_id: String,
-        picks: Vec<Pick>,
-    ) -> Landing {
+    /// Hands `picks` to a partner in a task of their own (on the [`Lane`]); lands as a [`Flight`].
+    fn launch(&self, partner: Arc<dyn Partner>, partner_id: String, picks: Vec<Pick>) -> Landing {
         let t = now();
         let valid_until: Vec<i64> = picks.iter().map(|p| self.valid_until(p, t)).collect();
-        let task = shared.spawn(async move {
+        let task = tokio::spawn(async move {
             let results = {
                 let outbound: Vec<Outbound<'_>> = picks
                     .iter()

@@ -831,7 +831,14 @@ pub async fn serve(
                 let (stream, _) = match accepted {
                     Ok(s) => s,
                     Err(e) => {
-                        tracing::warn!(error = %e, "admin socket accept failed");
+                        // Out of descriptors, most likely: wait instead of spinning (the
+                        // error repeats at once), and say so once a minute at most.
+                        static FAILURES: crate::limits::Throttle =
+                            crate::limits::Throttle::new(std::time::Duration::from_secs(60));
+                        if let Some(held) = FAILURES.allow("accept") {
+                            tracing::warn!(error = %e, held_back = held, "admin socket accept failed");
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                         continue;
                     }
                 };

@@ -71,6 +71,10 @@ pub struct Sftp {
     pub idle_timeout: Duration,
     /// Connections not yet authenticated, at most, across all clients.
     pub max_unauthenticated: usize,
+    /// Connections not yet authenticated, at most, from one source address.
+    pub max_unauthenticated_per_ip: usize,
+    /// Channels open at once on one connection (SFTP sessions and channels not yet started).
+    pub max_channels: usize,
     /// The defender (`[defender]`; on with its defaults whenever SFTP is).
     pub defender: Defender,
 }
@@ -164,8 +168,10 @@ pub struct Tenant {
     pub keys: Vec<russh::keys::PublicKey>,
     /// Where SFTP logins may come from (empty: anywhere).
     pub allow_ips: Vec<ipnet::IpNet>,
-    /// SFTP sessions at once.
+    /// SFTP connections at once.
     pub max_sessions: usize,
+    /// Files and folders open at once over SFTP, across all of the tenant's connections.
+    pub max_open_files: usize,
     /// How long a message is worth delivering after its send time: SMPP `validity_period`.
     pub validity: Duration,
     /// Incoming texts that put their sender on the blocklist, besides `STOP` (upper case).
@@ -421,6 +427,8 @@ struct RawSftp {
     login_deadline: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<String>>,
     max_unauthenticated: Option<Spanned<i64>>,
+    max_unauthenticated_per_ip: Option<Spanned<i64>>,
+    max_channels: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -486,6 +494,7 @@ struct RawTenant {
     #[serde(default)]
     allow_ips: Vec<Spanned<String>>,
     max_sessions: Option<Spanned<i64>>,
+    max_open_files: Option<Spanned<i64>>,
     validity: Option<Spanned<String>>,
     #[serde(default)]
     optout_keywords: Vec<Spanned<String>>,
@@ -918,6 +927,13 @@ impl Validator<'_> {
             64,
             (1, 100_000),
         ) as usize;
+        let max_unauthenticated_per_ip = self.int(
+            r.max_unauthenticated_per_ip.as_ref(),
+            "sftp.max_unauthenticated_per_ip",
+            16,
+            (1, 100_000),
+        ) as usize;
+        let max_channels = self.int(r.max_channels.as_ref(), "sftp.max_channels", 4, (1, 64)) as usize;
         Some(Sftp {
             listen,
             host_key: r
@@ -928,6 +944,8 @@ impl Validator<'_> {
             login_deadline,
             idle_timeout,
             max_unauthenticated,
+            max_unauthenticated_per_ip,
+            max_channels,
             defender,
         })
     }
@@ -1573,6 +1591,7 @@ impl Validator<'_> {
             })
             .collect();
         let max_sessions = self.int(t.max_sessions.as_ref(), &key("max_sessions"), 4, (1, 1000)) as usize;
+        let max_open_files = self.int(t.max_open_files.as_ref(), &key("max_open_files"), 64, (1, 100_000)) as usize;
         let validity = self.duration(
             t.validity.as_ref(),
             &key("validity"),
@@ -1623,6 +1642,7 @@ impl Validator<'_> {
             keys,
             allow_ips,
             max_sessions,
+            max_open_files,
             validity,
             optout_keywords,
         })

@@ -20,6 +20,9 @@ const HEADER_DEADLINE: Duration = Duration::from_secs(10);
 /// How long one connection may stay open.
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
+/// Repeated warnings of the listeners, at most one line a minute each.
+static FAILURES: crate::limits::Throttle = crate::limits::Throttle::new(Duration::from_secs(60));
+
 /// Accepts on `listener` until `shutdown`, at most `limit` connections at once, each request
 /// answered by `handler` (given the peer's address). `what` names the listener in logs.
 pub async fn serve<H, F>(
@@ -38,9 +41,26 @@ pub async fn serve<H, F>(
             _ = shutdown.cancelled() => return,
             a = listener.accept() => a,
         };
-        let Ok((stream, peer)) = accepted else { continue };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                if let Some(held) = FAILURES.allow(what) {
+                    tracing::warn!(listener = what, error = %e, held_back = held, "accept failed");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(listener = what, %peer, "too many connections; refused");
+            if let Some(held) = FAILURES.allow(&format!("{what} full")) {
+                tracing::warn!(listener = what, %peer, held_back = held, "too many connections; refused");
+            }
+            continue;
+        };
+        let Some(descriptor) = crate::limits::descriptors().try_take() else {
+            if let Some(held) = FAILURES.allow(&format!("{what} descriptors")) {
+                tracing::warn!(listener = what, %peer, held_back = held, "no descriptor left for clients; refused");
+            }
             continue;
         };
         let (handler, stop) = (handler.clone(), shutdown.clone());
@@ -58,7 +78,7 @@ pub async fn serve<H, F>(
                 _ = stop.cancelled() => {}
                 _ = tokio::time::sleep(CONNECTION_LIFETIME) => {}
             }
-            drop(slot);
+            drop((slot, descriptor));
         });
     }
 }

@@ -29,6 +29,7 @@ pub mod config;
 pub mod crypto;
 pub mod dispatch;
 pub mod httpd;
+pub mod limits;
 pub mod metrics;
 pub mod reload;
 pub mod reply;

@@ -5,6 +5,10 @@
 //! renamed, so an ERP never reads half a file. It uses the batch's delimiter and encoding (and
 //! a byte-order mark when the batch had one). This module writes files; it decides nothing about
 //! when (ingest writes results, the [`ReportWriter`] writes reports).
+//!
+//! Every cell is guarded against formula injection (OWASP "CSV injection") when a row is
+//! written, because refs, phone numbers as written, partners' error texts and incoming texts come
+//! from outside and an operator may open the file in a spreadsheet: see [`guard`].
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
@@ -73,7 +77,10 @@ impl<W: Write> ReplyCsv<W> {
         I: IntoIterator<Item = F>,
         F: AsRef<[u8]>,
     {
-        self.csv.write_record(fields).map_err(io::Error::other)?;
+        let fields: Vec<F> = fields.into_iter().collect();
+        self.csv
+            .write_record(fields.iter().map(|f| guard(f.as_ref())))
+            .map_err(io::Error::other)?;
         if self.csv.get_ref().len() >= 60 << 10 {
             self.drain()?;
         }
@@ -115,6 +122,26 @@ impl<W: Write> ReplyCsv<W> {
         self.drain()?;
         self.out.flush()?;
         Ok(self.out)
+    }
+}
+
+/// A cell as it is written to a reply file. A cell that a spreadsheet would take for a formula
+/// (one that begins with `=`, `+`, `-`, `@`, a TAB or a CR) gets a single quote in front, and so
+/// does a cell that begins with a single quote, so that the rule undoes exactly: **a cell that
+/// begins with `'` had one added; drop that first character to get the value back.** A number
+/// (`+` or `-` then digits only, as E.164 numbers are) is left as it is: a spreadsheet reads it
+/// as a number, not a formula.
+pub fn guard(cell: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    let risky = matches!(cell.first(), Some(b'=' | b'+' | b'-' | b'@' | b'\t' | b'\r' | b'\''));
+    let number =
+        matches!(cell.first(), Some(b'+' | b'-')) && cell.len() > 1 && cell[1..].iter().all(u8::is_ascii_digit);
+    if risky && !number {
+        let mut guarded = Vec::with_capacity(cell.len() + 1);
+        guarded.push(b'\'');
+        guarded.extend_from_slice(cell);
+        std::borrow::Cow::Owned(guarded)
+    } else {
+        std::borrow::Cow::Borrowed(cell)
     }
 }
 
@@ -421,6 +448,31 @@ mod tests {
             csv.row(r).unwrap();
         }
         csv.finish().unwrap()
+    }
+
+    #[test]
+    fn formula_cells_are_guarded_and_numbers_are_not() {
+        let cases: &[(&str, &str)] = &[
+            ("=HYPERLINK(\"http://x\")", "'=HYPERLINK(\"http://x\")"),
+            ("+cmd|' /C calc'!A0", "'+cmd|' /C calc'!A0"),
+            ("-2+3", "'-2+3"),
+            ("@SUM(A1)", "'@SUM(A1)"),
+            ("\tx", "'\tx"),
+            ("\rx", "'\rx"),
+            ("'quoted", "''quoted"),
+            ("+33612345678", "+33612345678"),
+            ("-42", "-42"),
+            ("+", "'+"),
+            ("INV-2026-001", "INV-2026-001"),
+            ("", ""),
+            ("Bonjour = hello", "Bonjour = hello"),
+        ];
+        for (cell, want) in cases {
+            assert_eq!(String::from_utf8_lossy(&guard(cell.as_bytes())), *want, "{cell:?}");
+            // The documented way back: a leading quote is dropped.
+            let back = want.strip_prefix('\'').unwrap_or(want);
+            assert_eq!(back, *cell, "{cell:?}");
+        }
     }
 
     #[test]

@@ -142,6 +142,14 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     make_dir(&config.state_dir, 0o700, "state_dir")?;
     check_state_dir(&config.state_dir, true)?;
+    let fds = crate::limits::descriptors();
+    tracing::info!(
+        limit = fds.limit,
+        clients = fds.budget,
+        "file descriptors: clients may hold {} of {}, the rest is kept for the store, the watcher, the admin socket and the log",
+        fds.budget,
+        fds.limit
+    );
     let store = {
         let config = config.clone();
         tokio::task::spawn_blocking(move || open_store(&config))
@@ -212,6 +220,8 @@ pub async fn run(
     let watcher = InboxWatcher {
         config: live.clone(),
         claimed: claimed_tx,
+        audit: audit.clone(),
+        refused: Default::default(),
     };
     let recovered = watcher.recover();
     forget_stale_claims(&store, &recovered);

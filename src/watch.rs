@@ -7,6 +7,13 @@
 //! this quick; a periodic rescan finds files present at start-up and events that were missed.
 //! Hidden names and `.part`, `.tmp`, `.ok` names are never taken, nor anything but regular files.
 //!
+//! Names are data from outside. A file is left where it is, logged (its name escaped) and audited
+//! once as `inbox.refused` when its name is not UTF-8, holds control characters or is too long,
+//! when it is not a regular file (a symbolic link, a FIFO, a device, a folder), when it has more
+//! than one link (a hard link would let whoever placed it make smsdrop read, and echo, a file it
+//! points to), or when it is owned by none of the service's user, root and the inbox's owner. The
+//! link count and owner are checked again just before the claim.
+//!
 //! This module hands claimed files on; it never reads their content.
 
 use std::collections::{HashMap, HashSet};
@@ -19,7 +26,12 @@ use notify::{EventKind, RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use std::os::unix::fs::MetadataExt;
+use std::sync::Mutex;
+
+use crate::audit::{Audit, Event};
 use crate::config::Tenant;
+use crate::limits;
 use crate::reload::Live;
 
 /// A file moved into the spool, waiting for ingest.
@@ -36,7 +48,7 @@ pub struct Claimed {
 /// Longest file name taken: the reply files add up to 11 bytes to the name's stem.
 const MAX_NAME_BYTES: usize = 200;
 
-/// Names that are never batches.
+/// Names that are never batches (and are not worth a word: temporary names of writers).
 pub fn is_ignored_name(name: &str) -> bool {
     name.starts_with('.')
         || name.ends_with(".part")
@@ -44,7 +56,39 @@ pub fn is_ignored_name(name: &str) -> bool {
         || name.ends_with(".ok")
         // WinSCP uploads as `name.filepart` and renames when done.
         || name.ends_with(".filepart")
-        || name.len() > MAX_NAME_BYTES
+}
+
+/// Why a file in an inbox is refused, if it is: its name, its kind, its links or its owner.
+fn refusal(name: &str, meta: &fs::Metadata, inbox_owner: Option<u32>) -> Option<String> {
+    if limits::has_unsafe_chars(name) {
+        return Some("control characters in the name".into());
+    }
+    if name.len() > MAX_NAME_BYTES {
+        return Some(format!("name longer than {MAX_NAME_BYTES} bytes"));
+    }
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_symlink() {
+            "a symbolic link"
+        } else if kind.is_dir() {
+            "a folder"
+        } else {
+            "a special file"
+        };
+        return Some(format!("not a regular file ({what})"));
+    }
+    if meta.nlink() > 1 {
+        return Some(format!("a hard link ({} links)", meta.nlink()));
+    }
+    // SAFETY: geteuid cannot fail and touches no memory.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me && meta.uid() != 0 && Some(meta.uid()) != inbox_owner {
+        return Some(format!(
+            "owned by uid {}, neither smsdrop's, root's nor the inbox's owner",
+            meta.uid()
+        ));
+    }
+    None
 }
 
 /// A spool file's name: `<claim>~<original name>`.
@@ -138,7 +182,14 @@ const QUIET_FACTOR: u32 = 10;
 pub struct InboxWatcher {
     pub config: Live,
     pub claimed: mpsc::UnboundedSender<Claimed>,
+    pub audit: Audit,
+    /// Files refused and already reported, with the inode and reason reported: reported again
+    /// only when that changes. Forgotten when the file goes.
+    pub refused: Mutex<HashMap<PathBuf, (u64, String)>>,
 }
+
+/// Refused files remembered at most (past it, the memory starts over).
+const MAX_REFUSED: usize = 10_000;
 
 impl InboxWatcher {
     /// Lists the spool for files claimed before a stop; they go first.
@@ -291,7 +342,13 @@ impl InboxWatcher {
 
     /// Notes a file's current size and time; `writing` is what an event said about writers.
     fn observe(&self, path: &Path, tenant: &str, writing: Option<bool>, candidates: &mut HashMap<PathBuf, Candidate>) {
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        let Some(raw) = path.file_name() else {
+            return;
+        };
+        let Some(name) = raw.to_str() else {
+            if let Ok(meta) = fs::symlink_metadata(path) {
+                self.refuse(path, tenant, &meta, "the name is not UTF-8".into());
+            }
             return;
         };
         let path = match name.strip_suffix(".ok") {
@@ -309,7 +366,10 @@ impl InboxWatcher {
             candidates.remove(&path);
             return;
         };
-        if !meta.file_type().is_file() {
+        let inbox_owner = path.parent().and_then(|d| fs::metadata(d).ok()).map(|m| m.uid());
+        if let Some(why) = refusal(name, &meta, inbox_owner) {
+            candidates.remove(&path);
+            self.refuse(&path, tenant, &meta, why);
             return;
         }
         let modified = meta.modified().ok();
@@ -334,7 +394,31 @@ impl InboxWatcher {
         }
     }
 
+    /// Leaves a file in the inbox, reported once (log line with the name escaped, and an
+    /// `inbox.refused` audit event).
+    fn refuse(&self, path: &Path, tenant: &str, meta: &fs::Metadata, why: String) {
+        let Ok(mut refused) = self.refused.lock() else { return };
+        let seen = (meta.ino(), why);
+        if refused.get(path) == Some(&seen) {
+            return;
+        }
+        if refused.len() >= MAX_REFUSED {
+            refused.clear();
+        }
+        let name = limits::shown(&path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
+        tracing::warn!(tenant, file = %name, reason = %seen.1, "file in the inbox left alone");
+        Event::new("inbox.refused", "watcher")
+            .tenant(tenant)
+            .detail("file", &name)
+            .detail("reason", &seen.1)
+            .record(&self.audit);
+        refused.insert(path.to_path_buf(), seen);
+    }
+
     fn rescan(&self, candidates: &mut HashMap<PathBuf, Candidate>) {
+        if let Ok(mut refused) = self.refused.lock() {
+            refused.retain(|p, _| fs::symlink_metadata(p).is_ok());
+        }
         for t in self.config.get().tenants.values() {
             let entries = match fs::read_dir(&t.inbox) {
                 Ok(e) => e,
@@ -352,6 +436,7 @@ impl InboxWatcher {
     fn take_ready(&self, candidates: &mut HashMap<PathBuf, Candidate>) {
         let now = Instant::now();
         let mut ready = Vec::new();
+        let mut refresh = Vec::new();
         let config = self.config.get();
         for (path, c) in candidates.iter_mut() {
             let Some(tenant) = config.tenants.get(&c.tenant) else {
@@ -360,6 +445,18 @@ impl InboxWatcher {
             };
             // Refresh: a write with no event (network file systems) still counts as a change.
             match fs::symlink_metadata(path) {
+                Ok(meta)
+                    if refusal(
+                        path.file_name().and_then(|n| n.to_str()).unwrap_or(""),
+                        &meta,
+                        fs::metadata(&tenant.inbox).ok().map(|m| m.uid()),
+                    )
+                    .is_some() =>
+                {
+                    // Became a link (or changed owner) since it was seen: observe reports it.
+                    refresh.push((path.clone(), tenant.id.clone()));
+                    continue;
+                }
                 Ok(meta) if meta.len() != c.size || meta.modified().ok() != c.modified => {
                     c.size = meta.len();
                     c.modified = meta.modified().ok();
@@ -383,6 +480,9 @@ impl InboxWatcher {
                 ready.push((path.clone(), Some(tenant.clone())));
             }
         }
+        for (path, tenant) in refresh {
+            self.observe(&path, &tenant, None, candidates);
+        }
         for (path, tenant) in ready {
             candidates.remove(&path);
             let Some(tenant) = tenant else { continue };
@@ -393,7 +493,7 @@ impl InboxWatcher {
                     let _ = self.claimed.send(claimed);
                 }
                 Err(e) => {
-                    tracing::error!(tenant = %tenant.id, file = %path.display(), error = %e, "cannot take the file; it stays in the inbox")
+                    tracing::error!(tenant = %tenant.id, file = %limits::shown(&path.display().to_string()), error = %e, "cannot take the file; it stays in the inbox")
                 }
             }
         }
@@ -416,10 +516,33 @@ mod tests {
         ] {
             assert!(is_ignored_name(n), "{n}");
         }
-        assert!(is_ignored_name(&"x".repeat(201)));
         for n in ["a.csv", "batch", "ok.csv", "part.csv"] {
             assert!(!is_ignored_name(n), "{n}");
         }
+    }
+
+    #[test]
+    fn refused_names_and_files() {
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("f");
+        std::fs::write(&file, "x").expect("write");
+        let meta = fs::symlink_metadata(&file).expect("meta");
+        let me = Some(meta.uid());
+        assert_eq!(refusal("a.csv", &meta, me), None);
+        assert!(refusal("a\n.csv", &meta, me).expect("refused").contains("control"));
+        assert!(
+            refusal(&"x".repeat(201), &meta, me)
+                .expect("refused")
+                .contains("longer")
+        );
+        std::fs::hard_link(&file, dir.path().join("g")).expect("link");
+        let meta = fs::symlink_metadata(&file).expect("meta");
+        assert_eq!(refusal("a.csv", &meta, me).as_deref(), Some("a hard link (2 links)"));
+        let meta = fs::symlink_metadata(dir.path()).expect("meta");
+        assert_eq!(
+            refusal("d", &meta, me).as_deref(),
+            Some("not a regular file (a folder)")
+        );
     }
 
     #[test]

@@ -143,6 +143,13 @@ pub fn process(path: &Path, ctx: &Context<'_>, sink: &mut dyn LineSink) -> Resul
                 Ok(None) => return reject(&mut summary, FileReason::Unreadable, "no header line"),
                 Err(e) => return reject(&mut summary, FileReason::Unreadable, e.to_string()),
             };
+            if header.oversized {
+                return reject(
+                    &mut summary,
+                    FileReason::Unreadable,
+                    "the header line has more than 4,096 columns or 64 KiB",
+                );
+            }
             let mut cols = Vec::with_capacity(header.len());
             for field in header.iter() {
                 match Records::decode(records.utf8_fields, encoding, field) {

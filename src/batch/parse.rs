@@ -26,7 +26,7 @@ pub struct Scan {
     pub is_utf8: bool,
     pub has_nul: bool,
     pub bom: Option<&'static Encoding>,
-    /// Line feeds in the file: an upper bound on its records.
+    /// Line breaks in the file (LF, CRLF or a lone CR): an upper bound on its records.
     pub newlines: u64,
 }
 
@@ -37,7 +37,7 @@ pub fn scan(path: &Path, mut hasher: blake3::Hasher) -> io::Result<Scan> {
     let mut size = 0u64;
     let mut is_utf8 = true;
     let mut has_nul = false;
-    let mut newlines = 0u64;
+    let mut breaks = LineBreaks::default();
     let mut head = Vec::new();
     // up to 3 bytes of a UTF-8 sequence cut by the buffer's end
     let mut carry: Vec<u8> = Vec::new();
@@ -53,7 +53,7 @@ pub fn scan(path: &Path, mut hasher: blake3::Hasher) -> io::Result<Scan> {
         }
         size += n as u64;
         has_nul |= memchr_nul(data);
-        newlines += memchr::memchr_iter(b'\n', data).count() as u64;
+        breaks.count(data);
         if is_utf8 {
             let mut joined;
             let slice = if carry.is_empty() {
@@ -80,8 +80,32 @@ pub fn scan(path: &Path, mut hasher: blake3::Hasher) -> io::Result<Scan> {
         is_utf8,
         has_nul,
         bom,
-        newlines,
+        newlines: breaks.total,
     })
+}
+
+/// Counts line breaks across buffers: LF, CRLF (once) and a lone CR (old Mac exports) each end
+/// a line, as they end a record for csv-core.
+#[derive(Debug, Default, Clone)]
+pub struct LineBreaks {
+    pub total: u64,
+    /// The last byte counted was a CR: an LF right after it is the same break.
+    after_cr: bool,
+}
+
+impl LineBreaks {
+    /// Adds the breaks in `data`, which follows what was counted before.
+    pub fn count(&mut self, data: &[u8]) {
+        for i in memchr::memchr2_iter(b'\r', b'\n', data) {
+            let lf_of_crlf = data[i] == b'\n' && if i == 0 { self.after_cr } else { data[i - 1] == b'\r' };
+            if !lf_of_crlf {
+                self.total += 1;
+            }
+        }
+        if let Some(&last) = data.last() {
+            self.after_cr = last == b'\r';
+        }
+    }
 }
 
 fn memchr_nul(data: &[u8]) -> bool {
@@ -103,6 +127,8 @@ pub fn choose_encoding(choice: EncodingChoice, scan: &Scan) -> &'static Encoding
 
 /// Records longer than this are `bad_line` (their bytes are skipped, not kept).
 pub const MAX_RECORD_BYTES: usize = 64 << 10;
+/// Records with more fields than this are `bad_line` too (a header that long: `unreadable`).
+pub const MAX_RECORD_FIELDS: usize = 4096;
 
 /// One record of the file, its fields still in the file's bytes (or UTF-8 when transcoded).
 #[derive(Debug, Clone, Default)]
@@ -143,7 +169,7 @@ pub struct Records {
     source: Box<dyn BufRead + Send>,
     core: csv_core::Reader,
     /// Line breaks consumed so far.
-    newlines: u64,
+    breaks: LineBreaks,
     pub delimiter: u8,
     /// Fields are UTF-8 already (the file was UTF-8, or transcoded to it).
     pub utf8_fields: bool,
@@ -199,7 +225,7 @@ impl Records {
         Ok(Records {
             source,
             core,
-            newlines: 0,
+            breaks: LineBreaks::default(),
             delimiter,
             utf8_fields: transcode || encoding == UTF_8,
             encoding,
@@ -215,7 +241,7 @@ impl Records {
                 return Ok(None);
             }
             let skip = buf.iter().take_while(|b| **b == b'\n' || **b == b'\r').count();
-            self.newlines += memchr::memchr_iter(b'\n', &buf[..skip]).count() as u64;
+            self.breaks.count(&buf[..skip]);
             let done = skip < buf.len();
             self.source.consume(skip);
             if done {
@@ -223,7 +249,7 @@ impl Records {
             }
         }
         let mut record = RawRecord {
-            line: self.newlines + 1,
+            line: self.breaks.total + 1,
             data: vec![0; 256],
             ends: vec![0; 16],
             oversized: false,
@@ -234,7 +260,7 @@ impl Records {
             let (result, nin, nout, nend) =
                 self.core
                     .read_record(input, &mut record.data[out..], &mut record.ends[nends..]);
-            self.newlines += memchr::memchr_iter(b'\n', &input[..nin]).count() as u64;
+            self.breaks.count(&input[..nin]);
             self.source.consume(nin);
             // csv-core keeps field ends relative to the record's start across calls.
             out += nout;
@@ -253,7 +279,7 @@ impl Records {
                     }
                 }
                 csv_core::ReadRecordResult::OutputEndsFull => {
-                    if record.ends.len() >= 4096 {
+                    if record.ends.len() >= MAX_RECORD_FIELDS {
                         record.oversized = true;
                         nends = 0;
                         out = 0;
@@ -347,6 +373,37 @@ mod tests {
         assert!(big.oversized && big.line == 2);
         let next = r.next_record().unwrap().unwrap();
         assert_eq!((next.line, next.get(1)), (3, Some(&b"ok"[..])));
+    }
+
+    #[test]
+    fn line_breaks_of_every_kind_count_once() {
+        let count = |parts: &[&[u8]]| {
+            let mut b = LineBreaks::default();
+            for p in parts {
+                b.count(p);
+            }
+            b.total
+        };
+        assert_eq!(count(&[b"a\nb\r\nc\rd"]), 3);
+        assert_eq!(count(&[b"a\r", b"\nb"]), 1, "a CRLF cut between two buffers");
+        assert_eq!(count(&[b"a\r\r\n"]), 2);
+        assert_eq!(count(&[b"\n\n"]), 2);
+        assert_eq!(count(&[b"x\r", b"", b"y"]), 1);
+    }
+
+    #[test]
+    fn cr_only_files_number_their_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f.csv");
+        std::fs::write(&p, "phone;message\r1;a\r\r3;\"two\rlines\"\r5;b").unwrap();
+        let mut r = Records::open(&p, UTF_8, None).unwrap();
+        let mut lines = Vec::new();
+        while let Some(rec) = r.next_record().unwrap() {
+            lines.push(rec.line);
+        }
+        assert_eq!(lines, [1, 2, 4, 6]);
+        let s = scan(&p, blake3::Hasher::new_keyed(&[1; 32])).unwrap();
+        assert_eq!(s.newlines, 5);
     }
 
     #[test]

@@ -16,7 +16,8 @@ use crate::config::Tenant;
 use crate::crypto::TenantKeys;
 use crate::store::records::StoredMessage;
 
-/// A field longer than this is not something an ERP meant to send.
+/// A field longer than this is not something an ERP meant to send (a text that long is
+/// `message_too_long`, any other field `bad_line`).
 const MAX_FIELD_BYTES: usize = 8192;
 /// How far back a `send_at` may lie before it is taken as a mistake rather than "now".
 const SCHEDULE_PAST_SECS: i64 = 24 * 3600;
@@ -132,7 +133,12 @@ impl LineRules<'_> {
             return Ok(Cow::Borrowed(""));
         };
         if bytes.len() > MAX_FIELD_BYTES {
-            return Err(LineReason::BadLine);
+            // A text that long is a message too long; any other field that long is a broken line.
+            return Err(if index.is_some() && index == self.columns.message {
+                LineReason::MessageTooLong
+            } else {
+                LineReason::BadLine
+            });
         }
         Records::decode(self.utf8_fields, self.encoding, bytes).ok_or(LineReason::BadEncoding)
     }

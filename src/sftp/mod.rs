@@ -11,6 +11,8 @@
 //! What a session may do in its two folders is [`world`]'s business.
 
 pub mod defender;
+mod fuse;
+mod protocol;
 pub mod world;
 
 use std::collections::HashMap;
@@ -32,7 +34,11 @@ use tokio_util::sync::CancellationToken;
 use crate::alert::{Alert, AlertKind, Alerter};
 use crate::audit::{self, Audit, Event};
 use crate::config::{Config, Sftp, Tenant};
+use crate::limits::{self, Counter, Held, Throttle};
 use crate::reload::Live;
+
+/// Repeated warnings about refused connections, at most one line a minute per kind and address.
+static REFUSALS: Throttle = Throttle::new(Duration::from_secs(60));
 
 /// Why the SFTP server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -129,14 +135,18 @@ fn ssh_config(sftp: &Sftp, key: PrivateKey) -> russh::server::Config {
 type Sessions = Arc<Mutex<HashMap<String, usize>>>;
 
 /// Every connection by number, with what a reload needs to close it: its handle once the
-/// handshake is done, and who logged in.
+/// handshake is done, the token that cuts its socket, and who logged in.
 type Connections = Arc<Mutex<HashMap<u64, Connection>>>;
 
 #[derive(Default)]
 struct Connection {
     handle: Option<russh::server::Handle>,
+    cut: CancellationToken,
     login: Option<(Arc<Tenant>, PublicKey, SocketAddr)>,
 }
+
+/// Open SFTP handles per tenant, across all of its connections (`max_open_files`).
+pub type OpenFiles = Arc<Counter<String>>;
 
 /// Why a reload takes a logged-in session away, if it does: the session was let in under the
 /// old configuration, and would not be under the new one (or writes to a folder no longer
@@ -208,15 +218,28 @@ impl SftpServer {
     }
 
     /// Accepts connections until `shutdown`.
+    ///
+    /// Before a connection costs anything it must find a descriptor in the clients' budget (no
+    /// accept happens while clients hold the whole budget), come from an address that is not
+    /// banned, and fit under `max_unauthenticated_per_ip` and `max_unauthenticated`. From the
+    /// accept on, `login_deadline` covers the banner, the key exchange and authentication: when
+    /// it passes, the socket is cut under russh (which processes no disconnect request during a
+    /// key exchange that the client leaves hanging).
     pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) {
         let unauthenticated = Arc::new(Semaphore::new(self.sftp.max_unauthenticated));
+        let per_ip: Arc<Counter<std::net::IpAddr>> = Arc::default();
         let sessions: Sessions = Arc::default();
+        let open_files: OpenFiles = Arc::default();
         let connections: Connections = Arc::default();
         let mut reloads = self.config.subscribe();
         let mut reloads_open = true;
         let mut number = 0u64;
         tracing::info!(listen = %self.sftp.listen, host_key = %self.fingerprint, "SFTP server listening");
         loop {
+            let descriptor = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                d = limits::descriptors().take() => d,
+            };
             let (socket, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 changed = reloads.changed(), if reloads_open => {
@@ -229,7 +252,9 @@ impl SftpServer {
                 accepted = listener.accept() => match accepted {
                     Ok(a) => a,
                     Err(e) => {
-                        tracing::warn!(error = %e, "SFTP accept failed");
+                        if let Some(held) = REFUSALS.allow("accept") {
+                            tracing::warn!(error = %e, held_back = held, "SFTP accept failed");
+                        }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
@@ -238,18 +263,22 @@ impl SftpServer {
             if self.defender.is_banned(peer.ip(), peer.port()) {
                 continue; // dropped before the handshake
             }
+            let Some(from_ip) = per_ip.try_take(peer.ip(), self.sftp.max_unauthenticated_per_ip) else {
+                self.refuse_connection(peer, "too many unauthenticated connections from this address");
+                continue;
+            };
             let Ok(permit) = unauthenticated.clone().try_acquire_owned() else {
-                tracing::warn!(peer = %peer, "SFTP connection dropped: too many unauthenticated connections");
-                self.audit.record(
-                    Event::new("sftp.refused", audit::sftp_actor(peer))
-                        .detail("reason", "too many unauthenticated connections"),
-                );
+                self.refuse_connection(peer, "too many unauthenticated connections");
                 continue;
             };
             let _ = socket.set_nodelay(true);
             let authenticated = Arc::new(AtomicBool::new(false));
             number += 1;
             let id = number;
+            let cut = shutdown.child_token();
+            if let Ok(mut all) = connections.lock() {
+                all.entry(id).or_default().cut = cut.clone();
+            }
             let handler = SshSession {
                 id,
                 connections: connections.clone(),
@@ -260,62 +289,79 @@ impl SftpServer {
                 peer,
                 tenant: None,
                 authenticated: authenticated.clone(),
-                permit: Some(permit),
+                permit: Some((permit, from_ip)),
                 sessions: sessions.clone(),
+                open_files: open_files.clone(),
+                max_channels: self.sftp.max_channels,
+                open: std::collections::HashSet::new(),
                 channels: HashMap::new(),
+                refused_channels: 0,
             };
             let ssh = self.ssh.clone();
             let alerts = self.alerts.clone();
             let audit = self.audit.clone();
             let defender = self.defender.clone();
-            let deadline = self.sftp.login_deadline;
-            let stop = shutdown.clone();
+            let deadline = tokio::time::Instant::now() + self.sftp.login_deadline;
             let connections = connections.clone();
+            let stream = fuse::Fused::new(socket, cut.clone());
             tokio::spawn(async move {
-                let running =
-                    match tokio::time::timeout(deadline, russh::server::run_stream(ssh, socket, handler)).await {
-                        Ok(Ok(r)) => r,
-                        Ok(Err(e)) => {
+                let _descriptor = descriptor;
+                // Cut at the deadline unless logged in by then.
+                let login = async {
+                    tokio::time::sleep_until(deadline).await;
+                    if authenticated.load(Ordering::Acquire) {
+                        std::future::pending::<()>().await;
+                    }
+                };
+                tokio::pin!(login);
+                let running = tokio::select! {
+                    r = russh::server::run_stream(ssh, stream, handler) => match r {
+                        Ok(r) => r,
+                        Err(e) => {
                             tracing::debug!(peer = %peer, error = %e, "SSH handshake failed");
                             return;
                         }
-                        Err(_) => {
-                            deadline_passed(&alerts, &audit, &defender, peer);
-                            return;
-                        }
-                    };
-                let handle = running.handle();
-                if let Ok(mut all) = connections.lock() {
-                    all.entry(id).or_default().handle = Some(handle.clone());
-                }
-                let login = async {
-                    tokio::time::sleep(deadline).await;
-                    if !authenticated.load(Ordering::Acquire) {
+                    },
+                    _ = &mut login => {
                         deadline_passed(&alerts, &audit, &defender, peer);
-                        let _ = handle
-                            .disconnect(
-                                russh::Disconnect::ByApplication,
-                                "login deadline passed".into(),
-                                "en".into(),
-                            )
-                            .await;
+                        return;
                     }
-                    std::future::pending::<()>().await
                 };
+                if let Ok(mut all) = connections.lock() {
+                    all.entry(id).or_default().handle = Some(running.handle());
+                }
+                tokio::pin!(running);
                 tokio::select! {
-                    res = running => {
+                    res = &mut running => {
                         if let Err(e) = res {
                             tracing::debug!(peer = %peer, error = %e, "SSH session ended with an error");
                         }
                     }
-                    _ = login => {}
-                    _ = stop.cancelled() => {}
+                    _ = &mut login => {
+                        deadline_passed(&alerts, &audit, &defender, peer);
+                        cut.cancel();
+                        let _ = tokio::time::timeout(Duration::from_secs(5), running).await;
+                    }
+                    _ = cut.cancelled() => {
+                        let _ = tokio::time::timeout(Duration::from_secs(5), running).await;
+                    }
                 }
                 if let Ok(mut all) = connections.lock() {
                     all.remove(&id);
                 }
             });
         }
+    }
+
+    /// A connection turned away before its handshake: audited, and logged at most once a minute
+    /// per address and reason.
+    fn refuse_connection(&self, peer: SocketAddr, reason: &'static str) {
+        if let Some(held) = REFUSALS.allow(&format!("{reason} {}", peer.ip())) {
+            tracing::warn!(peer = %peer, reason, held_back = held, "SFTP connection dropped");
+        }
+        crate::metrics::events().sftp_refused(reason);
+        self.audit
+            .record(Event::new("sftp.refused", audit::sftp_actor(peer)).detail("reason", reason));
     }
 
     /// After a reload: closes the sessions the new configuration would not let in; every other
@@ -338,7 +384,7 @@ impl SftpServer {
                     .detail("fingerprint", print)
                     .detail("reason", reason),
             );
-            let handle = handle.clone();
+            let (handle, cut) = (handle.clone(), c.cut.clone());
             tokio::spawn(async move {
                 let _ = handle
                     .disconnect(
@@ -347,6 +393,9 @@ impl SftpServer {
                         "en".into(),
                     )
                     .await;
+                // A session busy in a key exchange does not act on the request: cut it.
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                cut.cancel();
             });
         }
     }
@@ -378,10 +427,18 @@ struct SshSession {
     /// The tenant once authenticated.
     tenant: Option<Arc<Tenant>>,
     authenticated: Arc<AtomicBool>,
-    /// Held until authentication: counts against `max_unauthenticated`.
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Held until authentication: counts against `max_unauthenticated` and
+    /// `max_unauthenticated_per_ip`.
+    permit: Option<(tokio::sync::OwnedSemaphorePermit, Held<std::net::IpAddr>)>,
     sessions: Sessions,
+    open_files: OpenFiles,
+    max_channels: usize,
+    /// Every channel open on this connection, started or not (`max_channels`).
+    open: std::collections::HashSet<ChannelId>,
+    /// Channels opened and not yet given a subsystem.
     channels: HashMap<ChannelId, Channel<Msg>>,
+    /// Channel opens refused on this connection (audited once).
+    refused_channels: u64,
 }
 
 impl SshSession {
@@ -520,10 +577,28 @@ impl russh::server::Handler for SshSession {
         reply: russh::server::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if self.tenant.is_some() && self.channels.len() < 4 {
-            self.channels.insert(channel.id(), channel);
-            reply.accept().await;
+        if self.tenant.is_none() {
+            return Ok(()); // dropping the reply refuses the channel
         }
+        if self.open.len() >= self.max_channels {
+            self.refused_channels += 1;
+            if self.refused_channels == 1 {
+                self.denied(
+                    "channel",
+                    &format!("more than {} channels on one connection", self.max_channels),
+                );
+            }
+            return Ok(());
+        }
+        self.open.insert(channel.id());
+        self.channels.insert(channel.id(), channel);
+        reply.accept().await;
+        Ok(())
+    }
+
+    async fn channel_close(&mut self, channel: ChannelId, _session: &mut Session) -> Result<(), Self::Error> {
+        self.open.remove(&channel);
+        self.channels.remove(&channel);
         Ok(())
     }
 
@@ -531,6 +606,8 @@ impl russh::server::Handler for SshSession {
         // `scp -s` waits for an exit status before it calls the transfer a success.
         let _ = session.exit_status_request(channel, 0);
         session.close(channel)?;
+        self.open.remove(&channel);
+        self.channels.remove(&channel);
         Ok(())
     }
 
@@ -545,15 +622,13 @@ impl russh::server::Handler for SshSession {
             return Ok(());
         };
         if name != "sftp" {
+            self.denied("subsystem", &format!("subsystem {:?}", limits::shown(name)));
             session.channel_failure(channel_id)?;
             return Ok(());
         }
         session.channel_success(channel_id)?;
-        let world = world::World::new(tenant, self.audit.clone(), self.peer);
-        let config = russh_sftp::server::Config {
-            max_client_packet_len: 512 * 1024,
-        };
-        russh_sftp::server::run_with_config(channel.into_stream(), world, config).await;
+        let world = world::World::new(tenant, self.audit.clone(), self.peer, self.open_files.clone());
+        tokio::spawn(protocol::serve(channel.into_stream(), world, self.peer));
         Ok(())
     }
 
@@ -563,13 +638,130 @@ impl russh::server::Handler for SshSession {
         _data: &[u8],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        self.denied("exec", "commands are not allowed");
         session.channel_failure(channel)?;
         Ok(())
     }
 
     async fn shell_request(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), Self::Error> {
+        self.denied("shell", "shells are not allowed");
         session.channel_failure(channel)?;
         Ok(())
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        _term: &str,
+        _col_width: u32,
+        _row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_failure(channel)?;
+        Ok(())
+    }
+
+    async fn x11_request(
+        &mut self,
+        channel: ChannelId,
+        _single_connection: bool,
+        _x11_auth_protocol: &str,
+        _x11_auth_cookie: &str,
+        _x11_screen_number: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.denied("x11", "X11 forwarding is not allowed");
+        session.channel_failure(channel)?;
+        Ok(())
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        _variable_name: &str,
+        _variable_value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_failure(channel)?;
+        Ok(())
+    }
+
+    async fn agent_request(&mut self, _channel: ChannelId, _session: &mut Session) -> Result<bool, Self::Error> {
+        self.denied("agent", "agent forwarding is not allowed");
+        Ok(false)
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        _address: &str,
+        _port: &mut u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        self.denied("tcpip-forward", "port forwarding is not allowed");
+        Ok(false)
+    }
+
+    async fn streamlocal_forward(&mut self, _socket_path: &str, _session: &mut Session) -> Result<bool, Self::Error> {
+        self.denied("streamlocal-forward", "socket forwarding is not allowed");
+        Ok(false)
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        _channel: Channel<Msg>,
+        _host_to_connect: &str,
+        _port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        _reply: russh::server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.denied("direct-tcpip", "port forwarding is not allowed");
+        Ok(())
+    }
+
+    async fn channel_open_direct_streamlocal(
+        &mut self,
+        _channel: Channel<Msg>,
+        _socket_path: &str,
+        _reply: russh::server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.denied("direct-streamlocal", "socket forwarding is not allowed");
+        Ok(())
+    }
+
+    async fn channel_open_x11(
+        &mut self,
+        _channel: Channel<Msg>,
+        _originator_address: &str,
+        _originator_port: u32,
+        _reply: russh::server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.denied("x11", "X11 forwarding is not allowed");
+        Ok(())
+    }
+}
+
+impl SshSession {
+    /// Something a logged-in client asked for and may not have: audited as `sftp.denied` and
+    /// logged (at most once a minute per address and request).
+    fn denied(&self, request: &str, reason: &str) {
+        let tenant = self.tenant.as_ref().map(|t| t.id.as_str()).unwrap_or("-");
+        if let Some(held) = REFUSALS.allow(&format!("denied {request} {}", self.peer.ip())) {
+            tracing::warn!(peer = %self.peer, tenant, request, reason, held_back = held, "SSH request denied");
+        }
+        let mut event = Event::new("sftp.denied", audit::sftp_actor(self.peer))
+            .detail("request", request)
+            .detail("reason", reason);
+        if let Some(t) = &self.tenant {
+            event = event.tenant(&t.id);
+        }
+        self.audit.record(event);
     }
 }
 

@@ -128,10 +128,36 @@ impl Appliance {
     }
 
     pub fn start_with_env(&mut self, env: &[(&str, &str)]) {
+        self.spawn(env, None);
+    }
+
+    /// Starts `serve` with a descriptor limit (soft and hard) of `nofile`.
+    pub fn start_with_nofile(&mut self, nofile: u64) {
+        self.spawn(&[], Some(nofile));
+    }
+
+    fn spawn(&mut self, env: &[(&str, &str)], nofile: Option<u64>) {
+        use std::os::unix::process::CommandExt;
         assert!(self.child.is_none(), "already started");
         self.starts += 1;
         let log = std::fs::File::create(self.log_path()).expect("log file");
-        let child = Command::new(bin())
+        let mut cmd = Command::new(bin());
+        if let Some(n) = nofile {
+            // SAFETY: setrlimit is async-signal-safe and touches only the struct passed.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .arg("--config")
             .arg(&self.config)
             .arg("serve")

@@ -1,0 +1,484 @@
+//! Hostile clients at the SFTP front door and in watched folders, through the real binary: SSH
+//! connections that stall, flood channels and handles, send malformed SFTP packets or ask for
+//! what an SFTP appliance never gives; uploads cut short by a full disk; file names and files
+//! that try to fool the log or the watcher. The hostile SSH peer is tests/peers/hostile_ssh.py
+//! (raw sockets and paramiko).
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{Appliance, client_key, free_port, sftp_batch, tenant, venv_python, wait_for};
+
+struct Door {
+    app: Appliance,
+    port: u16,
+    key: std::path::PathBuf,
+}
+
+/// An appliance with `[sftp]` (plus `sftp_extra`), tenant acme with one Ed25519 key (plus
+/// `acme_extra`) and `tables` after them.
+fn door(sftp_extra: &str, acme_extra: &str, tables: &str) -> Door {
+    let port = free_port();
+    let keys = tempfile::tempdir().expect("dir");
+    let (key_in_temp, public) = client_key(keys.path(), "id_acme", "ed25519");
+    let app = Appliance::new_with(
+        "",
+        &format!(
+            "{}{tables}\n[sftp]\nlisten = \"127.0.0.1:{port}\"\n{sftp_extra}\n",
+            tenant("acme", &format!("keys = [\"{public}\"]\n{acme_extra}"))
+        ),
+    );
+    let key = app.path("id_acme");
+    std::fs::copy(&key_in_temp, &key).expect("copy key");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+    Door { app, port, key }
+}
+
+/// The hostile SSH peer: `args` after port and user.
+fn hostile(port: u16, args: &[&str]) -> Command {
+    let mut cmd = Command::new(venv_python());
+    cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/hostile_ssh.py"))
+        .arg(port.to_string())
+        .arg("acme")
+        .args(args);
+    cmd
+}
+
+/// Runs the hostile peer to its end and parses the JSON it prints.
+fn hostile_json(port: u16, args: &[&str]) -> serde_json::Value {
+    let out = hostile(port, args).output().expect("hostile peer");
+    assert!(
+        out.status.success(),
+        "hostile peer failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("hostile peer prints JSON")
+}
+
+fn upload(d: &Door, name: &str, content: &str) -> std::process::Output {
+    let local = d.app.path(&format!("local-{name}"));
+    std::fs::write(&local, content).expect("write");
+    sftp_batch(
+        d.port,
+        &d.key,
+        "acme",
+        &format!("put {} /inbox/{name}\n", local.display()),
+    )
+}
+
+#[test]
+fn silent_banners_are_cut_at_the_login_deadline_and_one_address_cannot_fill_the_door() {
+    let mut d = door("login_deadline = \"2s\"\nmax_unauthenticated_per_ip = 4", "", "");
+    d.app.start();
+    // Ten connections from 127.0.0.2 that send a banner and then nothing.
+    let attack = hostile(d.port, &["silent", "10", "12", "127.0.0.2"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("hostile peer");
+    std::thread::sleep(Duration::from_millis(500));
+    // Meanwhile an honest client from 127.0.0.1 gets in.
+    let out = upload(&d, "june.csv", "phone;message\n0612345678;Hello\n");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = attack.wait_with_output().expect("hostile peer");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let closed: Vec<Option<f64>> = report["closed_after"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|v| v.as_f64())
+        .collect();
+    // Four are let in (the per-address cap) and cut at the 2 s deadline, not at the 10 min idle
+    // timeout; the six others are dropped at once.
+    let at_deadline = closed
+        .iter()
+        .filter(|c| c.is_some_and(|t| (1.5..6.0).contains(&t)))
+        .count();
+    let at_once = closed.iter().filter(|c| c.is_some_and(|t| t < 1.0)).count();
+    assert_eq!((at_deadline, at_once), (4, 6), "{closed:?}\n{}", d.app.log());
+    assert_eq!(d.app.result("acme", "june")[1][3], "queued");
+    d.app.wait_audit("sftp.refused", &[("reason", "login deadline passed")]);
+    d.app.wait_audit(
+        "sftp.refused",
+        &[("reason", "too many unauthenticated connections from this address")],
+    );
+    // The warning about the dropped connections is not written once per connection.
+    let log = d.app.log();
+    assert_eq!(
+        log.matches("SFTP connection dropped").count(),
+        1,
+        "one line a minute per address:\n{log}"
+    );
+}
+
+#[test]
+fn one_connection_cannot_open_more_than_max_channels_and_closed_channels_are_released() {
+    let mut d = door("", "", "");
+    d.app.start();
+    let got = hostile_json(d.port, &["channels", d.key.to_str().expect("path"), "10"]);
+    assert_eq!(got["opened"], 4, "{got}");
+    assert_eq!(got["refused"], 6, "{got}");
+    assert_eq!(
+        got["churned"], 40,
+        "channels closed before a subsystem are given back: {got}"
+    );
+    assert_eq!(got["after"], true, "{got}");
+    d.app.wait_audit(
+        "sftp.denied",
+        &[
+            ("request", "channel"),
+            ("reason", "more than 4 channels on one connection"),
+        ],
+    );
+}
+
+#[test]
+fn a_tenant_holds_at_most_max_open_files_across_its_connections() {
+    let mut d = door("", "max_open_files = 20", "");
+    d.app.start();
+    let mut held = hostile(d.port, &["handles", d.key.to_str().expect("path"), "2"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("hostile peer");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(held.stdout.as_mut().expect("stdout")),
+        &mut line,
+    )
+    .expect("report");
+    let got: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+    assert_eq!(got["opened"], 20, "{got}");
+    assert!(
+        got["errors"]
+            .as_object()
+            .expect("errors")
+            .keys()
+            .all(|e| e.contains("max_open_files")),
+        "{got}"
+    );
+    // While the handles are held, the tenant cannot upload, and the appliance still answers.
+    let out = upload(&d, "blocked.csv", "phone;message\n0612345678;Hello\n");
+    assert!(!out.status.success(), "the 21st file of the tenant is refused");
+    common::ok(d.app.cli(&["status"]));
+    drop(held.stdin.take());
+    held.wait().expect("hostile peer ends");
+    wait_for("handles given back", Duration::from_secs(10), || {
+        upload(&d, "after.csv", "phone;message\n0612345678;Hello\n")
+            .status
+            .success()
+    });
+    assert_eq!(d.app.result("acme", "after")[1][3], "queued");
+}
+
+#[test]
+fn clients_cannot_take_the_descriptors_the_store_watcher_and_admin_socket_need() {
+    let mut d = door("", "max_open_files = 5000\nmax_sessions = 10", &tenant("files", ""));
+    // 400 descriptors: clients may hold 144, 256 are kept back.
+    d.app.start_with_nofile(400);
+    let mut held = hostile(d.port, &["handles", d.key.to_str().expect("path"), "3"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("hostile peer");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(held.stdout.as_mut().expect("stdout")),
+        &mut line,
+    )
+    .expect("report");
+    let got: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+    let opened = got["opened"].as_u64().expect("count");
+    assert!((100..=144).contains(&opened), "{got}");
+    assert!(
+        got["errors"]
+            .as_object()
+            .expect("errors")
+            .keys()
+            .any(|e| e.contains("server busy")),
+        "{got}"
+    );
+    // Everything else still works: commands, the watcher, ingest, the reply files.
+    let status = common::ok(d.app.cli(&["status"]));
+    assert!(status.contains("acme"), "{status}");
+    d.app
+        .drop_file("files", "dropped.csv", b"phone;message\n0612345678;Hello\n");
+    assert_eq!(d.app.result("files", "dropped")[1][3], "queued");
+    drop(held.stdin.take());
+    held.wait().expect("hostile peer ends");
+    wait_for("descriptors given back", Duration::from_secs(10), || {
+        upload(&d, "after.csv", "phone;message\n0612345678;Hello\n")
+            .status
+            .success()
+    });
+    assert!(!d.app.log().contains("Too many open files"), "{}", d.app.log());
+}
+
+#[test]
+fn every_request_an_sftp_appliance_refuses_gets_an_answer_and_the_tries_are_audited() {
+    let mut d = door("", "", "");
+    d.app.start();
+    let got = hostile_json(d.port, &["requests", d.key.to_str().expect("path")]);
+    for request in ["env", "pty-req", "x11-req", "exec", "shell"] {
+        assert_eq!(got[request], "answered", "{request}: {got}");
+    }
+    assert_eq!(got["tcpip-forward"], "refused", "{got}");
+    assert_eq!(got["direct-tcpip"], "refused", "{got}");
+    for request in ["exec", "shell", "x11", "tcpip-forward", "direct-tcpip"] {
+        d.app.wait_audit("sftp.denied", &[("request", request)]);
+    }
+}
+
+#[test]
+fn malformed_and_overlong_sftp_packets_get_a_status_with_their_id() {
+    let mut d = door("", "", "");
+    d.app.start();
+    let got = hostile_json(d.port, &["badpackets", d.key.to_str().expect("path")]);
+    assert_eq!(got["version"], 2, "VERSION answers INIT: {got}");
+    // SSH_FXP_STATUS (101), the request's own id, SSH_FX_BAD_MESSAGE (5)
+    assert_eq!(
+        got["malformed_write"],
+        serde_json::json!({"type": 101, "id": 7, "code": 5}),
+        "{got}"
+    );
+    assert_eq!(
+        got["overlong"],
+        serde_json::json!({"type": 101, "id": 9, "code": 5}),
+        "{got}"
+    );
+    assert_eq!(got["after_overlong"], "closed", "{got}");
+    // The session is over, the appliance is not.
+    let out = upload(&d, "june.csv", "phone;message\n0612345678;Hello\n");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A small tmpfs mounted on `dir` (unmounted when dropped).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).expect("mount point");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("mount");
+        assert!(
+            out.status.success(),
+            "mount tmpfs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn an_upload_cut_short_by_a_full_disk_is_never_published() {
+    let dir = tempfile::tempdir().expect("dir");
+    let inbox = dir.path().join("inbox");
+    let _disk = Tmpfs::mount(&inbox, "1m");
+    let mut d = door("", &format!("inbox = \"{}\"", inbox.display()), "");
+    d.app.start();
+    // 3 MB of valid lines into a 1 MB file system.
+    let mut content = String::from("phone;message\n");
+    let mut i = 0u64;
+    while content.len() < 3 << 20 {
+        content.push_str(&format!(
+            "06{:08};Message number {i} that takes some room\n",
+            10_000_000 + i % 80_000_000
+        ));
+        i += 1;
+    }
+    let out = upload(&d, "big.csv", &content);
+    assert!(!out.status.success(), "the client is told the upload failed");
+    // OpenSSH's client shows the status code only; the message is in the audit entry.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("close remote: Failure"), "{stderr}");
+    d.app
+        .wait_audit("sftp.upload-refused", &[("file", "big.csv"), ("reason", "no_space")]);
+    // Nothing was published, so nothing is taken or answered.
+    std::thread::sleep(Duration::from_secs(2));
+    let left: Vec<_> = std::fs::read_dir(&inbox)
+        .expect("inbox")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(!d.app.outbox("acme").join("big.result.csv").exists());
+    // Space is back once the temporary is gone: the next upload lands.
+    let out = upload(&d, "small.csv", "phone;message\n0612345678;Hello\n");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(d.app.result("acme", "small")[1][3], "queued");
+}
+
+#[test]
+fn names_with_control_characters_are_refused_and_never_forge_a_log_line() {
+    let mut d = door("", "", &tenant("files", ""));
+    d.app.start();
+    // Over SFTP (paramiko can send any name).
+    let local = d.app.path("x.csv");
+    std::fs::write(&local, "phone;message\n0612345678;Hello\n").expect("write");
+    let out = Command::new(venv_python())
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/paramiko_client.py"))
+        .args([&d.port.to_string(), "acme", "upload", d.key.to_str().expect("path")])
+        .arg(&local)
+        .arg("/inbox/evil\nINFO forged line.csv")
+        .output()
+        .expect("paramiko");
+    assert!(!out.status.success(), "a name with a newline is refused");
+    d.app
+        .wait_audit("sftp.denied", &[("path", "/inbox/evil\\nINFO forged line.csv")]);
+    // On a shared folder.
+    d.app.drop_file(
+        "files",
+        "bad\nINFO forged too.csv",
+        b"phone;message\n0612345678;Hello\n",
+    );
+    d.app
+        .drop_file("files", "fine.csv", b"phone;message\n0612345678;Hello\n");
+    assert_eq!(d.app.result("files", "fine")[1][3], "queued");
+    let entry = d
+        .app
+        .wait_audit("inbox.refused", &[("reason", "control characters in the name")]);
+    assert_eq!(entry["details"]["file"], "bad\\nINFO forged too.csv");
+    assert!(
+        d.app.inbox("files").join("bad\nINFO forged too.csv").exists(),
+        "left alone"
+    );
+    let log = d.app.log();
+    assert!(!log.lines().any(|l| l.starts_with("INFO forged")), "{log}");
+    assert_eq!(
+        log.matches("file in the inbox left alone").count(),
+        1,
+        "reported once:\n{log}"
+    );
+    for e in std::fs::read_dir(d.app.outbox("files")).expect("outbox").flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        assert!(!name.chars().any(char::is_control), "{name:?}");
+    }
+}
+
+#[test]
+fn hard_links_special_files_and_links_in_an_inbox_are_left_alone_and_audited() {
+    let mut app = Appliance::new(&tenant("plain", "columns = [\"phone\", \"message\"]"));
+    app.start();
+    let inbox = app.inbox("plain");
+    wait_for("inbox made", Duration::from_secs(10), || inbox.exists());
+    // A file the tenant should never see echoed, linked into a headerless tenant's inbox.
+    let secret = app.path("secret.txt");
+    std::fs::write(&secret, "0612345678;root:x:0:0:secret\n").expect("secret");
+    std::fs::hard_link(&secret, inbox.join("link.csv")).expect("hard link");
+    std::os::unix::fs::symlink(&secret, inbox.join("sym.csv")).expect("symlink");
+    let fifo = std::ffi::CString::new(inbox.join("fifo.csv").to_str().expect("path")).expect("c path");
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0, "mkfifo");
+    // A file another local user owns (the inbox is root's, smsdrop runs as root here).
+    let foreign = app.path("foreign.csv");
+    std::fs::write(&foreign, "0612345678;From someone else\n").expect("write");
+    std::os::unix::fs::chown(&foreign, Some(12345), None).expect("chown");
+    std::fs::rename(&foreign, inbox.join("foreign.csv")).expect("into the inbox");
+    app.drop_file("plain", "fine.csv", b"0612345678;Hello\n");
+    assert_eq!(app.result("plain", "fine")[1][3], "queued");
+    app.wait_audit(
+        "inbox.refused",
+        &[
+            ("file", "foreign.csv"),
+            (
+                "reason",
+                "owned by uid 12345, neither smsdrop's, root's nor the inbox's owner",
+            ),
+        ],
+    );
+    app.wait_audit(
+        "inbox.refused",
+        &[("file", "link.csv"), ("reason", "a hard link (2 links)")],
+    );
+    app.wait_audit(
+        "inbox.refused",
+        &[("file", "sym.csv"), ("reason", "not a regular file (a symbolic link)")],
+    );
+    app.wait_audit(
+        "inbox.refused",
+        &[("file", "fifo.csv"), ("reason", "not a regular file (a special file)")],
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    for name in ["link.csv", "sym.csv", "fifo.csv", "foreign.csv"] {
+        assert!(inbox.join(name).symlink_metadata().is_ok(), "{name} left where it was");
+    }
+    assert!(!app.outbox("plain").join("link.result.csv").exists());
+    assert_eq!(
+        std::fs::read_to_string(&secret).expect("secret"),
+        "0612345678;root:x:0:0:secret\n"
+    );
+}
+
+#[test]
+fn reply_files_guard_formula_cells_and_keep_numbers_and_refs_matchable() {
+    let mut app = Appliance::new(&tenant("acme", ""));
+    app.start();
+    app.drop_file(
+        "acme",
+        "june.csv",
+        "phone;message;ref\n\
+         0612345678;Hello;=HYPERLINK(\"http://evil\")\n\
+         =1+2;Hello;@SUM(A1)\n\
+         +33 6 12 34 56 79;Hello;-42\n\
+         0612345680;Hello;'quoted\n\
+         0612345681;Hello;INV-7\n"
+            .as_bytes(),
+    );
+    let rows = app.result("acme", "june");
+    let cells: Vec<(&str, &str)> = rows[1..].iter().map(|r| (r[1].as_str(), r[2].as_str())).collect();
+    assert_eq!(
+        cells,
+        [
+            ("'=HYPERLINK(\"http://evil\")", "+33612345678"),
+            ("'@SUM(A1)", "'=1+2"),
+            ("-42", "+33612345679"),
+            ("''quoted", "+33612345680"),
+            ("INV-7", "+33612345681"),
+        ]
+    );
+    // The report echoes the same guarded refs.
+    let report = app.final_report("acme", "june", 4);
+    assert_eq!(report[1][1], "'=HYPERLINK(\"http://evil\")");
+}
+
+#[test]
+fn cr_only_files_long_messages_and_wide_headers_get_the_right_codes() {
+    let mut app = Appliance::new(&tenant("acme", ""));
+    app.start();
+    // An old Mac export: CR only.
+    app.drop_file("acme", "mac.csv", b"phone;message\r0612345678;one\r\r0612345679;two\r");
+    let rows = app.result("acme", "mac");
+    let lines: Vec<&str> = rows[1..].iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(lines, ["2", "4"]);
+    // A text of 9,000 bytes is a message too long, not a broken line.
+    let long = format!("phone;message\n0612345678;{}\n", "a".repeat(9000));
+    app.drop_file("acme", "long.csv", long.as_bytes());
+    let rows = app.result("acme", "long");
+    assert_eq!(
+        (rows[1][3].as_str(), rows[1][4].as_str()),
+        ("rejected", "message_too_long")
+    );
+    // A header of 5,000 columns is refused as such, not as a missing column.
+    let mut wide = String::from("phone;message");
+    for i in 0..5000 {
+        wide.push_str(&format!(";c{i}"));
+    }
+    wide.push_str("\n0612345678;Hello\n");
+    app.drop_file("acme", "wide.csv", wide.as_bytes());
+    let rows = app.result("acme", "wide");
+    assert_eq!(
+        (rows[1][0].as_str(), rows[1][4].as_str()),
+        ("0", "unreadable"),
+        "{rows:?}"
+    );
+    common::wait_log(&app, "more than 4,096 columns", Duration::from_secs(10));
+}

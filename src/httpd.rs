@@ -1,6 +1,8 @@
 //! The small HTTP/1 listener the HTTP partner's webhook and the metrics endpoint share: a cap on
-//! connections (more are refused), a deadline for the request head, a lifetime per connection,
-//! and everything ended at shutdown.
+//! connections and a smaller one per source address (more are refused, so that one address's
+//! slow connections cannot take every slot), a descriptor of the clients' budget per
+//! connection, a deadline for the request head, a lifetime per connection, and everything ended
+//! at shutdown.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -17,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 
 /// How long a client may take to send its request head.
 const HEADER_DEADLINE: Duration = Duration::from_secs(10);
+/// Connections at once from one source address.
+const PER_ADDRESS: usize = 8;
 /// How long one connection may stay open.
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
@@ -36,6 +40,7 @@ pub async fn serve<H, F>(
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(limit));
+    let per_ip: Arc<crate::limits::Counter<std::net::IpAddr>> = Arc::default();
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -50,6 +55,12 @@ pub async fn serve<H, F>(
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
+        };
+        let Some(from_ip) = per_ip.try_take(peer.ip(), PER_ADDRESS.min(limit)) else {
+            if let Some(held) = FAILURES.allow(&format!("{what} {}", peer.ip())) {
+                tracing::warn!(listener = what, %peer, held_back = held, "too many connections from this address; refused");
+            }
+            continue;
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             if let Some(held) = FAILURES.allow(&format!("{what} full")) {
@@ -78,7 +89,7 @@ pub async fn serve<H, F>(
                 _ = stop.cancelled() => {}
                 _ = tokio::time::sleep(CONNECTION_LIFETIME) => {}
             }
-            drop((slot, descriptor));
+            drop((slot, descriptor, from_ip));
         });
     }
 }

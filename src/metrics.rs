@@ -57,6 +57,7 @@ pub struct Events {
     reloads: Family<Labels, Counter>,
     submit_latency: Family<Labels, Histogram, fn() -> Histogram>,
     receipt_delay: Family<Labels, Histogram, fn() -> Histogram>,
+    receipts_ignored: Family<Labels, Counter>,
 }
 
 /// The process's event counters.
@@ -73,6 +74,7 @@ pub fn events() -> &'static Events {
             reloads: Family::default(),
             submit_latency: Family::new_with_constructor(latency_histogram),
             receipt_delay: Family::new_with_constructor(delay_histogram),
+            receipts_ignored: Family::default(),
         };
         // Series with fixed labels exist from the start at 0, so that rates see the first one.
         for outcome in ["queued", "sent", "failed"] {
@@ -141,6 +143,27 @@ impl Events {
             .clone()
     }
 
+    /// A receipt that finds no message, dropped because too many are kept already.
+    pub fn receipt_dropped(&self, partner: &str) {
+        self.receipts_ignored
+            .get_or_create(&vec![
+                ("partner", partner.to_string()),
+                ("why", "too_many_kept".to_string()),
+            ])
+            .inc();
+    }
+
+    /// A `deliver_sm` that could not be read (a receipt without an id, a message without a
+    /// sender): acknowledged, since sending it again would not help, and counted.
+    pub fn deliver_unreadable(&self, partner: &str) {
+        self.receipts_ignored
+            .get_or_create(&vec![
+                ("partner", partner.to_string()),
+                ("why", "unreadable".to_string()),
+            ])
+            .inc();
+    }
+
     /// A delivery receipt was applied `seconds` after its message was submitted.
     pub fn receipt_delay(&self, partner: &str, seconds: i64) {
         self.receipt_delay
@@ -165,6 +188,11 @@ impl Events {
             self.line_rejections.clone(),
         );
         registry.register("sftp_logins", "SFTP logins let in, by tenant", self.sftp_logins.clone());
+        registry.register(
+            "deliver_sm_ignored",
+            "Incoming deliver_sm acknowledged and not kept, by partner and why (unreadable, too_many_kept)",
+            self.receipts_ignored.clone(),
+        );
         registry.register(
             "sftp_refusals",
             "SFTP connections and logins refused, by reason",

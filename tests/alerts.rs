@@ -139,6 +139,27 @@ fn mail_waits_for_a_late_server_and_survives_a_restart_once() {
     app.drop_file("acme", "late.csv", b"x;y\n1;2\n");
     app.result("acme", "late");
     wait_log(&app, "will retry", Duration::from_secs(20));
+    // The first retry comes 5 s after the first failure, as the README says.
+    let log = app.log();
+    let first = log.lines().find(|l| l.contains("will retry")).expect("a retry line");
+    let plain: String = {
+        // drop ANSI colour sequences (ESC [ ... m)
+        let mut out = String::new();
+        let mut chars = first.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                for c in chars.by_ref() {
+                    if c == 'm' {
+                        break;
+                    }
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    };
+    assert!(plain.split_whitespace().any(|w| w == "retry_in_s=5"), "{plain}");
     // stopped with the mail still queued
     assert!(app.stop().success());
     let smtp = SmtpServer::start(port, &app.path("maildir"), None);

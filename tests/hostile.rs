@@ -482,3 +482,56 @@ fn cr_only_files_long_messages_and_wide_headers_get_the_right_codes() {
     );
     common::wait_log(&app, "more than 4,096 columns", Duration::from_secs(10));
 }
+
+#[test]
+fn a_burst_of_refusals_gives_a_digest_that_keeps_each_refusals_details() {
+    let port = free_port();
+    let keys = tempfile::tempdir().expect("dir");
+    let (stranger, stranger_public) = client_key(keys.path(), "id_stranger", "ed25519");
+    let print = {
+        let out = Command::new("ssh-keygen")
+            .args(["-l", "-f"])
+            .arg(stranger.with_extension("pub"))
+            .output()
+            .expect("ssh-keygen -l");
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(1)
+            .expect("fingerprint")
+            .to_string()
+    };
+    assert!(!stranger_public.is_empty());
+    let mut d = door(
+        "",
+        "",
+        &format!(
+            "\n[defender]\nscore_limit = 1000\n\n[email]\nsmtp_url = \"smtp://127.0.0.1:{port}\"\nfrom = \"smsdrop <smsdrop@example.net>\"\nadmin_to = [\"ops@example.net\"]\nmin_interval = \"5s\"\ntimeout = \"3s\"\n"
+        ),
+    );
+    let smtp = common::SmtpServer::start(port, &d.app.path("maildir"), None);
+    d.app.start();
+    // Six tries with a key the tenant does not have: one alert mail, then a digest.
+    for _ in 0..6 {
+        let out = sftp_batch(d.port, &stranger, "acme", "ls /\n");
+        assert!(!out.status.success());
+    }
+    let mails = smtp.wait_mails(2, Duration::from_secs(30));
+    let digest = mails
+        .iter()
+        .find(|m| m.subject.contains("auth_rejected") && m.subject.contains("more alert"))
+        .unwrap_or_else(|| panic!("no digest: {:#?}", mails.iter().map(|m| &m.subject).collect::<Vec<_>>()));
+    assert!(
+        digest.body.contains(&format!("key fingerprint: {print}")),
+        "{}",
+        digest.body
+    );
+    assert!(digest.body.contains("method: publickey"), "{}", digest.body);
+    assert!(digest.body.contains("key type: ssh-ed25519"), "{}", digest.body);
+    assert!(digest.body.contains("source: 127.0.0.1:"), "{}", digest.body);
+    assert!(
+        digest.body.contains("smsdrop audit export"),
+        "advice fits the kind:\n{}",
+        digest.body
+    );
+    assert!(!digest.body.contains("batch list"), "{}", digest.body);
+}

@@ -635,3 +635,192 @@ fn an_http_partner_takes_messages_and_its_webhook_brings_receipts_and_replies() 
         "secrets never logged"
     );
 }
+
+/// Polls the report of `stem` until `phone`'s status is `want`.
+fn wait_status(app: &Appliance, stem: &str, phone: &str, want: &str) {
+    common::poll(
+        Duration::from_secs(30),
+        || {
+            let bytes = std::fs::read(app.outbox("acme").join(format!("{stem}.report.csv"))).ok()?;
+            let rows = common::parse_csv(&bytes, b';');
+            rows.iter().any(|r| r[2] == phone && r[4] == want).then_some(())
+        },
+        || format!("{phone} never {want}; log:\n{}", app.log()),
+    );
+}
+
+#[test]
+fn a_kept_receipt_never_settles_another_message_by_a_coincidence_of_bases() {
+    // A receipt for an id smsdrop never saw (its submit_sm_resp was lost in a crash, say) is
+    // kept. The next message gets id hex 1536, which is decimal 5430: the same digits in the
+    // other base. It asked for no receipt (…0406), so nothing may mark it delivered.
+    let dir = tempfile::tempdir().expect("dir");
+    let mut smsc = Smsc::start(dir.path(), &[]);
+    let mut app = with_smsc(&smsc, "");
+    app.start();
+    smsc.wait("bind", 1, Duration::from_secs(10));
+    smsc.control(serde_json::json!({"receipt": {"id": "5430", "stat": "DELIVRD"}}));
+    let acks = smsc.wait("orphan_ack", 1, Duration::from_secs(10));
+    assert_eq!(acks[0]["status"], 0, "kept, and acknowledged once durable");
+    smsc.control(serde_json::json!({"next_id": 0x1536}));
+    app.drop_file("acme", "june.csv", b"phone;message\n0612340406;no receipt for me\n");
+    let submits = smsc.wait("submit", 1, Duration::from_secs(20));
+    assert_eq!(submits[0]["id"], "1536");
+    wait_status(&app, "june", "+33612340406", "submitted");
+    // Two more report rewrites: still only submitted.
+    std::thread::sleep(Duration::from_secs(3));
+    wait_status(&app, "june", "+33612340406", "submitted");
+}
+
+#[test]
+fn generic_nack_is_the_sessions_fault_not_the_messages() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut smsc = Smsc::start(dir.path(), &[]);
+    let mut app = with_smsc(&smsc, "");
+    app.start();
+    smsc.wait("bind", 1, Duration::from_secs(10));
+    smsc.control(serde_json::json!({"nack": true}));
+    app.drop_file("acme", "nack.csv", &many(6));
+    smsc.wait("nack", 5, Duration::from_secs(20));
+    common::wait_log(
+        &app,
+        "generic_nack to a submit_sm; restarting the session",
+        Duration::from_secs(10),
+    );
+    // The session is restarted, the partner's health counts the failures.
+    smsc.wait("bind", 2, Duration::from_secs(10));
+    common::poll(
+        Duration::from_secs(20),
+        || {
+            let status = String::from_utf8_lossy(&app.cli(&["status"]).stdout).into_owned();
+            status
+                .lines()
+                .any(|l| l.starts_with("smsc") && l.contains("down"))
+                .then_some(())
+        },
+        || {
+            format!(
+                "the partner never went down:\n{}",
+                String::from_utf8_lossy(&app.cli(&["status"]).stdout)
+            )
+        },
+    );
+    // Nothing was rejected for it; once the SMSC reads our PDUs again, everything goes.
+    smsc.control(serde_json::json!({"nack": false}));
+    let report = app.final_report("acme", "nack", 6);
+    assert!(report[1..].iter().all(|r| r[4] == "delivered"), "{report:?}");
+}
+
+#[test]
+fn an_unbind_from_the_smsc_is_answered_and_the_session_starts_again() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut smsc = Smsc::start(dir.path(), &[]);
+    let mut app = with_smsc(&smsc, "");
+    app.start();
+    smsc.wait("bind", 1, Duration::from_secs(10));
+    smsc.control(serde_json::json!({"unbind": true}));
+    smsc.wait("unbind_resp", 1, Duration::from_secs(10));
+    smsc.wait("bind", 2, Duration::from_secs(10));
+    app.drop_file("acme", "after.csv", b"phone;message\n0612340000;after the unbind\n");
+    let report = app.final_report("acme", "after", 1);
+    assert_eq!(report[1][4], "delivered");
+}
+
+#[test]
+fn an_smsc_that_breaks_every_session_is_retried_with_growing_back_off() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut smsc = Smsc::start(dir.path(), &[]);
+    smsc.control(serde_json::json!({"break_after_bind_ms": 100}));
+    let mut app = with_smsc(&smsc, "");
+    app.start();
+    smsc.wait("bind", 1, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(9));
+    // Back-off 1, 2, 4 s after sessions of 0.1 s: at most 5 binds in 9 s (every second: 9).
+    let binds = smsc.of("bind").len();
+    assert!((3..=5).contains(&binds), "{binds} binds in 9 s:\n{}", app.log());
+}
+
+#[test]
+fn unreadable_and_unknown_receipts_are_acknowledged_and_kept_within_bounds() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut smsc = Smsc::start(dir.path(), &[]);
+    let mut app = with_smsc(&smsc, "");
+    app.start();
+    smsc.wait("bind", 1, Duration::from_secs(10));
+    // No id at all: acknowledged (a temporary error would have it sent again forever).
+    smsc.control(serde_json::json!({"receipt": {"id": "", "stat": "DELIVRD"}}));
+    let acks = smsc.wait("orphan_ack", 1, Duration::from_secs(10));
+    assert_eq!(acks[0]["status"], 0);
+    common::wait_log(&app, "incoming deliver_sm not readable", Duration::from_secs(10));
+    // A flood of receipts for ids nobody sent: every one answered, at most 10,000 kept.
+    smsc.control(serde_json::json!({"flood": {"n": 10_500, "from": 900_000}}));
+    let acks = smsc.wait("orphan_ack", 10_501, Duration::from_secs(120));
+    assert!(acks.iter().all(|a| a["status"] == 0));
+    common::wait_log(&app, "too many kept already", Duration::from_secs(10));
+    // And real traffic still flows.
+    app.drop_file("acme", "after.csv", b"phone;message\n0612340000;after the flood\n");
+    assert_eq!(app.final_report("acme", "after", 1)[1][4], "delivered");
+}
+
+#[test]
+fn slow_webhook_clients_from_one_address_leave_room_for_receipts_and_a_replay_is_kept_once() {
+    let dir = tempfile::tempdir().expect("dir");
+    let webhook_port = common::free_port();
+    let secret = dir.path().join("webhook.secret");
+    std::fs::write(&secret, "hook-secret\n").expect("secret");
+    let mut api = common::Peer::http_api(dir.path(), &format!("http://127.0.0.1:{webhook_port}/smsdrop"), &secret);
+    let mut app = Appliance::new(&format!(
+        "{}\n[partner.web]\nkind = \"http\"\nurl = \"http://127.0.0.1:{}/sms\"\nwindow = 4\nwebhook_listen = \"127.0.0.1:{webhook_port}\"\nwebhook_secret_file = \"{}\"\n\n[[route]]\nprefix = \"+33\"\npartners = [\"web\"]\n",
+        tenant("acme", ""),
+        api.port,
+        secret.display()
+    ));
+    app.start();
+    // 100 connections from 127.0.0.2 that send half a request head and then a byte a second.
+    let slow = std::process::Command::new(common::venv_python())
+        .arg("-c")
+        .arg(format!(
+            "import socket,time\n\
+             s=[]\n\
+             for i in range(100):\n\
+             \x20 c=socket.create_connection(('127.0.0.1',{webhook_port}),source_address=('127.0.0.2',0)); c.sendall(b'POST / HTTP/1.1\\r\\nHost: x\\r\\n'); s.append(c)\n\
+             for t in range(8):\n\
+             \x20 time.sleep(1)\n\
+             \x20 for c in s:\n\
+             \x20\x20 try: c.sendall(b'X')\n\
+             \x20\x20 except OSError: pass\n"
+        ))
+        .spawn()
+        .expect("slow clients");
+    std::thread::sleep(Duration::from_millis(500));
+    app.drop_file(
+        "acme",
+        "web.csv",
+        b"phone;message\n0612340000;one\n0612340001;two\n0612340002;three\n",
+    );
+    let report = app.final_report("acme", "web", 3);
+    assert!(report[1..].iter().all(|r| r[4] == "delivered"), "{report:?}");
+    assert!(
+        api.of("webhook_error").is_empty(),
+        "every receipt call got in at once: {:?}",
+        api.of("webhook_error")
+    );
+    // The same signed MO twice: kept once, both calls answered 200.
+    api.control(serde_json::json!({"mo": {"from": "+33612340000", "to": "ACME", "text": "Merci"}, "times": 2}));
+    common::poll(
+        Duration::from_secs(10),
+        || (api.of("webhook").iter().filter(|w| w["kind"] == "mo").count() == 2).then_some(()),
+        || format!("{:?}", api.of("webhook")),
+    );
+    assert!(api.of("webhook").iter().all(|w| w["status"] == 200));
+    wait_replies(&app, "acme", 1);
+    std::thread::sleep(Duration::from_secs(2));
+    let rows = replies(&app, "acme");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let log = app.log();
+    assert!(
+        log.matches("too many connections from this address").count() <= 1,
+        "{log}"
+    );
+    let _ = slow.wait_with_output();
+}

@@ -26,6 +26,12 @@ use crate::store::{Store, StoreError};
 const FIRST_RETRY_SECS: i64 = 5;
 const MAX_RETRY_SECS: i64 = 15 * 60;
 
+/// The wait before the next try of a mail that failed `attempts` times: 5 s after the first
+/// failure, doubling, at most 15 minutes.
+fn retry_delay(attempts: u32) -> i64 {
+    (FIRST_RETRY_SECS << attempts.saturating_sub(1).min(10)).min(MAX_RETRY_SECS)
+}
+
 /// Why the mailer could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum MailerError {
@@ -180,7 +186,7 @@ impl Mailer {
                 }
                 Sent::Retry(why) => {
                     mail.attempts += 1;
-                    let delay = (FIRST_RETRY_SECS << mail.attempts.min(10)).min(MAX_RETRY_SECS);
+                    let delay = retry_delay(mail.attempts);
                     mail.next_at = jiff::Timestamp::now().as_second() + delay;
                     tracing::warn!(kind = %mail.kind, mail = id, attempts = mail.attempts, retry_in_s = delay, "mail not sent, will retry: {why}");
                     self.blocking(move |s| s.mail_retry(id, &mail)).await?;
@@ -214,5 +220,16 @@ impl Mailer {
                 humantime::format_duration(self.email.timeout)
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_retry_comes_after_five_seconds_then_doubles_to_fifteen_minutes() {
+        let delays: Vec<i64> = (1..=10).map(retry_delay).collect();
+        assert_eq!(delays, [5, 10, 20, 40, 80, 160, 320, 640, 900, 900]);
     }
 }

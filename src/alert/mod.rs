@@ -23,6 +23,20 @@ use crate::store::records::{DigestRecord, MailRecord};
 /// Details kept per digest.
 const DIGEST_DETAILS: usize = 10;
 
+/// The closing advice of a digest, by its kind.
+fn digest_advice(kind: &str) -> &'static str {
+    match kind {
+        "auth_rejected" | "ip_banned" => {
+            "Every refusal is in the audit log (`smsdrop audit export`); `smsdrop status` lists the banned addresses. A burst from one address is someone trying the door: the defender bans it."
+        }
+        "partner_down" | "partner_up" => "`smsdrop status` shows each partner's health.",
+        "batch_rejected" | "batch_held" | "quota_exceeded" | "anomaly" => {
+            "`smsdrop batch list --tenant <id>` shows the batches; `smsdrop batch show` one of them."
+        }
+        _ => "`smsdrop status` shows the appliance's state.",
+    }
+}
+
 macro_rules! alert_kinds {
     ($($variant:ident => $wire:literal),+ $(,)?) => {
         /// The kinds of alert, with their wire names (SPEC §5, issue texts).
@@ -141,7 +155,12 @@ impl Alerter {
         let config = self.config.get();
         let Some(email) = &config.email else { return };
         let min_interval = email.min_interval.as_secs() as i64;
-        let line = format!("{}  {}", utc(alert.at), alert.what);
+        // A digest lists its first alerts whole: an attack comes as a burst, and the operator
+        // needs each refusal's address, method, key type and fingerprint, not one sentence.
+        let mut line = format!("{}  {}", utc(alert.at), alert.what);
+        for (k, v) in &alert.details {
+            let _ = write!(line, "\n      {k}: {v}");
+        }
         let (subject, body) = self.render(&alert);
         let mut queued = false;
         for to in self.recipients(&alert) {
@@ -242,7 +261,8 @@ impl Alerter {
         }
         let _ = write!(
             body,
-            "\nEach alert is also in the log; `smsdrop batch list` shows batches.\n\n-- \nsmsdrop on {}\n",
+            "\nEach alert is also in the log. {}\n\n-- \nsmsdrop on {}\n",
+            digest_advice(&digest.kind),
             self.host
         );
         MailRecord {

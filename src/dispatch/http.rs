@@ -19,8 +19,11 @@
 //! words as in SMPP receipts, or smsdrop's own: delivered, undeliverable, expired, rejected);
 //! `{"type": "mo", "from": "+33612345678", "to": "ACME", "text": "STOP"}`. Answer 200 once every
 //! event of the call is durable; 401 for a missing or wrong signature (logged with the source
-//! address), 400 for a body that does not read, 413 above 64 KiB, 503 when the store could not
-//! keep it (the partner should try again).
+//! address), 400 for a body that does not read, 413 above 64 KiB, 408 for a body not received
+//! within 10 s, 503 when the store could not keep it (the partner should try again). A signed
+//! body that was already kept in the last 24 hours (a replay, or the partner's retry of a call
+//! whose answer it lost) is answered 200 and not kept again; the bodies seen are remembered in
+//! memory, at most [`REPLAYS_REMEMBERED`] of them, and from the start of `serve`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -44,6 +47,11 @@ use crate::config;
 const WEBHOOK_MAX_BYTES: usize = 64 << 10;
 /// Webhook connections served at once.
 const WEBHOOK_CONNECTIONS: usize = 64;
+/// How long a webhook body may take to arrive, once its head has.
+const WEBHOOK_BODY_DEADLINE: Duration = Duration::from_secs(10);
+/// Signed bodies remembered against replays, and for how long.
+const REPLAYS_REMEMBERED: usize = 100_000;
+const REPLAY_WINDOW_SECS: i64 = 24 * 3600;
 /// A partner's answer read, at most.
 const ANSWER_MAX_BYTES: usize = 64 << 10;
 
@@ -57,7 +65,12 @@ pub struct HttpPartner {
     pacer: Pacer,
     meter: Meter,
     incoming: mpsc::UnboundedSender<Inbound>,
+    /// Digests of the signed webhook bodies kept, with when (against replays).
+    seen: std::sync::Mutex<std::collections::HashMap<[u8; 32], i64>>,
 }
+
+/// Warnings a webhook client can make repeat: at most one line a minute per address.
+static WEBHOOK_WARNINGS: crate::limits::Throttle = crate::limits::Throttle::new(Duration::from_secs(60));
 
 /// Why the HTTP partner could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +197,7 @@ impl HttpPartner {
             window: Semaphore::new(cfg.window),
             pacer: Pacer::new(cfg.tps),
             meter: Meter::of(id),
+            seen: Default::default(),
             client,
             token,
             incoming,
@@ -239,13 +253,37 @@ impl HttpPartner {
             .get("x-smsdrop-signature")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let body = match Limited::new(req.into_body(), WEBHOOK_MAX_BYTES).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(_) => return answer(StatusCode::PAYLOAD_TOO_LARGE, "body too large (64 KiB at most)"),
+        let body = match tokio::time::timeout(
+            WEBHOOK_BODY_DEADLINE,
+            Limited::new(req.into_body(), WEBHOOK_MAX_BYTES).collect(),
+        )
+        .await
+        {
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(_)) => return answer(StatusCode::PAYLOAD_TOO_LARGE, "body too large (64 KiB at most)"),
+            Err(_) => return answer(StatusCode::REQUEST_TIMEOUT, "body not received within 10 s"),
         };
         if !signature_ok(secret, &body, signature.as_deref()) {
-            tracing::warn!(partner = %self.id, %peer, "webhook call with a missing or wrong signature refused");
+            if let Some(held) = WEBHOOK_WARNINGS.allow(&format!("signature {}", peer.ip())) {
+                tracing::warn!(partner = %self.id, %peer, held_back = held, "webhook call with a missing or wrong signature refused");
+            }
             return answer(StatusCode::UNAUTHORIZED, "bad signature");
+        }
+        let digest: [u8; 32] = {
+            use sha2::Digest;
+            sha2::Sha256::digest(&body).into()
+        };
+        let now = jiff::Timestamp::now().as_second();
+        if self
+            .seen
+            .lock()
+            .map(|seen| seen.get(&digest).is_some_and(|at| now - at < REPLAY_WINDOW_SECS))
+            .unwrap_or(false)
+        {
+            if let Some(held) = WEBHOOK_WARNINGS.allow(&format!("replay {}", peer.ip())) {
+                tracing::warn!(partner = %self.id, %peer, held_back = held, "a webhook body already kept came again; answered, not kept twice");
+            }
+            return answer(StatusCode::OK, "already received");
         }
         let events = match serde_json::from_slice::<WebhookBody>(&body) {
             Ok(WebhookBody::One(e)) => vec![e],
@@ -295,6 +333,19 @@ impl HttpPartner {
             if durable.await != Ok(true) {
                 return answer(StatusCode::SERVICE_UNAVAILABLE, "not kept; send again");
             }
+        }
+        if let Ok(mut seen) = self.seen.lock() {
+            if seen.len() >= REPLAYS_REMEMBERED {
+                seen.retain(|_, at| now - *at < REPLAY_WINDOW_SECS);
+                if seen.len() >= REPLAYS_REMEMBERED {
+                    // Still full: forget the oldest half.
+                    let mut times: Vec<i64> = seen.values().copied().collect();
+                    times.sort_unstable();
+                    let cut = times[times.len() / 2];
+                    seen.retain(|_, at| *at > cut);
+                }
+            }
+            seen.insert(digest, now);
         }
         answer(StatusCode::OK, "ok")
     }

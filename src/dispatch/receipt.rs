@@ -4,8 +4,16 @@
 //!
 //! The most common receipt bug of SMS gateways is an id that does not match: `submit_sm_resp`
 //! says `0001A2F3` and the receipt says `107251` (the same number in decimal), or `1a2f3`, or
-//! `0001a2f3`. [`id_forms`] gives every form an id can take and [`normal_id`] the one a receipt
-//! is looked up by, so that each of these finds its message.
+//! `0001a2f3`. [`normal_id`] takes care of case and zeros; the other base is a matter of the
+//! partner: some write their receipts' ids in the other base, most in the same.
+//!
+//! A number made of digits only reads in both bases, so trying both for every receipt would let
+//! a receipt settle a message that is not its own (hex `1536` is decimal `5430`), and a report
+//! that says `delivered` must be true. Each partner's [`IdForm`] is therefore learned from the
+//! receipts that find their message (see `store::receipts`); once settled, only that form is
+//! tried. [`receipt_candidates`] gives the ids a receipt may stand for under what is known, and
+//! [`early_keys`] the ids a kept receipt may be waiting under for a submitted id: a kept
+//! receipt never matches by a change of base until the partner's form is settled.
 
 use crate::codes::MessageStatus;
 
@@ -99,26 +107,86 @@ pub fn normal_id(id: &str) -> String {
     }
 }
 
-/// Every form of a `submit_sm_resp` id a receipt may use: the id itself (normalised) first, then,
-/// when it is a hexadecimal number, its decimal value, and when it is a decimal number, its
-/// hexadecimal value.
-pub fn id_forms(id: &str) -> Vec<String> {
-    let normal = normal_id(id);
-    let mut forms = vec![normal.clone()];
-    if !normal.is_empty() && normal.len() <= 32 {
-        if normal.bytes().all(|b| b.is_ascii_hexdigit()) {
-            if let Ok(v) = u128::from_str_radix(&normal, 16) {
-                forms.push(v.to_string());
-            }
-        }
-        if normal.bytes().all(|b| b.is_ascii_digit()) {
-            if let Ok(v) = normal.parse::<u128>() {
-                forms.push(format!("{v:x}"));
-            }
+/// How a partner's receipts write the ids its `submit_sm_resp` gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IdForm {
+    /// The same id (up to case and leading zeros).
+    Same = 1,
+    /// Hexadecimal ids, decimal receipts.
+    DecimalReceipts = 2,
+    /// Decimal ids, hexadecimal receipts.
+    HexReceipts = 3,
+}
+
+impl IdForm {
+    pub fn from_u8(b: u8) -> Option<IdForm> {
+        match b {
+            1 => Some(IdForm::Same),
+            2 => Some(IdForm::DecimalReceipts),
+            3 => Some(IdForm::HexReceipts),
+            _ => None,
         }
     }
-    forms.dedup();
-    forms
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdForm::Same => "same",
+            IdForm::DecimalReceipts => "decimal receipts",
+            IdForm::HexReceipts => "hexadecimal receipts",
+        }
+    }
+}
+
+/// A decimal number's hexadecimal form (lower case), if `n` is one.
+fn hex_of_decimal(n: &str) -> Option<String> {
+    (!n.is_empty() && n.len() <= 38 && n.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| n.parse::<u128>().ok().map(|v| format!("{v:x}")))
+        .flatten()
+}
+
+/// A hexadecimal number's decimal form, if `n` is one.
+fn decimal_of_hex(n: &str) -> Option<String> {
+    (!n.is_empty() && n.len() <= 32 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| u128::from_str_radix(n, 16).ok().map(|v| v.to_string()))
+        .flatten()
+}
+
+/// The submitted ids (normalised) a receipt's id may stand for, each with the form a match
+/// shows: under a settled form, that form only (an id that cannot be written in it is taken as
+/// it is); while the form is not settled, the id itself first, then its other-base readings.
+pub fn receipt_candidates(id: &str, settled: Option<IdForm>) -> Vec<(String, IdForm)> {
+    let n = normal_id(id);
+    let as_decimal_receipt = || hex_of_decimal(&n).map(|h| (h, IdForm::DecimalReceipts));
+    let as_hex_receipt = || decimal_of_hex(&n).map(|d| (d, IdForm::HexReceipts));
+    let mut out = match settled {
+        Some(IdForm::Same) => Vec::new(),
+        Some(IdForm::DecimalReceipts) => as_decimal_receipt().into_iter().collect(),
+        Some(IdForm::HexReceipts) => as_hex_receipt().into_iter().collect(),
+        None => {
+            let mut all = vec![(n.clone(), IdForm::Same)];
+            all.extend(as_decimal_receipt());
+            all.extend(as_hex_receipt());
+            let mut seen = std::collections::HashSet::new();
+            all.retain(|(k, _)| seen.insert(k.clone()));
+            return all;
+        }
+    };
+    if out.is_empty() {
+        out.push((n, IdForm::Same));
+    }
+    out
+}
+
+/// The ids a kept (early) receipt for submitted id `submitted` is kept under: the id itself
+/// while the partner's form is not settled, else the id as that form writes it.
+pub fn early_keys(submitted: &str, settled: Option<IdForm>) -> Vec<String> {
+    let n = normal_id(submitted);
+    let converted = match settled {
+        Some(IdForm::DecimalReceipts) => decimal_of_hex(&n),
+        Some(IdForm::HexReceipts) => hex_of_decimal(&n),
+        _ => None,
+    };
+    vec![converted.unwrap_or(n)]
 }
 
 #[cfg(test)]
@@ -166,16 +234,49 @@ mod tests {
     }
 
     #[test]
+    fn a_settled_form_never_matches_by_a_coincidence_of_bases() {
+        let keys = |id: &str, f| {
+            receipt_candidates(id, f)
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect::<Vec<_>>()
+        };
+        // Not settled: the id itself first, then the other bases.
+        assert_eq!(keys("5430", None), ["5430", "1536", "21552"]);
+        assert_eq!(keys("00012AB", None), ["12ab", "4779"]);
+        // Settled: only that form.
+        assert_eq!(keys("5430", Some(IdForm::Same)), ["5430"]);
+        assert_eq!(keys("5430", Some(IdForm::DecimalReceipts)), ["1536"]);
+        assert_eq!(keys("1536", Some(IdForm::HexReceipts)), ["5430"]);
+        assert_eq!(keys("msg-7", Some(IdForm::DecimalReceipts)), ["msg-7"]);
+        // A kept receipt waits under the id itself until the form is settled.
+        assert_eq!(early_keys("1536", None), ["1536"]);
+        assert_eq!(early_keys("1536", Some(IdForm::DecimalReceipts)), ["5430"]);
+        assert_eq!(early_keys("5430", Some(IdForm::HexReceipts)), ["1536"]);
+        assert_eq!(early_keys("0001A2F3", Some(IdForm::Same)), ["1a2f3"]);
+        for b in 1..=3 {
+            assert_eq!(IdForm::from_u8(b).map(|f| f as u8), Some(b));
+        }
+        assert_eq!(IdForm::from_u8(0), None);
+    }
+
+    #[test]
     fn ids_match_in_hex_decimal_case_and_zeros() {
         // submit_sm_resp said 0001A2F3; receipts may say any of these
-        let forms = id_forms("0001A2F3");
+        let finds = |receipt: &str, submitted: &str| {
+            receipt_candidates(receipt, None)
+                .iter()
+                .any(|(k, _)| *k == normal_id(submitted))
+        };
         for receipt in ["0001A2F3", "1a2f3", "0001a2f3", "107251", "00107251"] {
-            assert!(forms.contains(&normal_id(receipt)), "{receipt} in {forms:?}");
+            assert!(finds(receipt, "0001A2F3"), "{receipt}");
         }
         // a decimal id and its hexadecimal receipt
-        let forms = id_forms("107251");
-        assert!(forms.contains(&normal_id("1A2F3")));
+        assert!(finds("1A2F3", "107251"));
         assert_eq!(normal_id("000"), "0");
-        assert_eq!(id_forms("msg-7f"), vec!["msg-7f".to_string()]);
+        assert_eq!(
+            receipt_candidates("msg-7f", None),
+            [("msg-7f".to_string(), IdForm::Same)]
+        );
     }
 }

@@ -2,7 +2,12 @@
 //!
 //! Each of `binds` connections is kept by its own task: connect (TCP or TLS), bind, answer
 //! `enquire_link`, hand incoming `deliver_sm` to the receipt writer and acknowledge them only
-//! once they are durable, reconnect with back-off (1 s doubling to 60 s), `unbind` at shutdown.
+//! once they are durable, answer an `unbind` from the SMSC with `unbind_resp` and end the
+//! session (SMPP 3.4 §4.2), reconnect with back-off (1 s doubling to 60 s; it starts over only
+//! after a session that stayed up a minute, so an SMSC that accepts the bind and then breaks the
+//! session is not hammered), `unbind` at shutdown. A `generic_nack` answering a `submit_sm` is
+//! the session's fault (§4.3: the SMSC could not read our PDU), not the message's: the message
+//! is retried, the failure counts against the partner's health, and the session is restarted.
 //! `submit` spreads messages over the bound connections with at most `window` `submit_sm`
 //! outstanding and at most `tps` sent per second; `ESME_RTHROTTLED` pauses sending for a second.
 //! Long messages go as concatenated parts with an 8-bit-reference UDH, or with the SAR TLVs.
@@ -184,6 +189,8 @@ impl SmppPartner {
     }
 
     async fn keep_bound(self: Arc<Self>, slot: usize, shutdown: CancellationToken) {
+        /// A session that lasted this long was a good one: the back-off starts over.
+        const STABLE: Duration = Duration::from_secs(60);
         let mut backoff = Duration::from_secs(1);
         loop {
             if shutdown.is_cancelled() {
@@ -195,7 +202,7 @@ impl SmppPartner {
             };
             match connected {
                 Ok((client, events)) => {
-                    backoff = Duration::from_secs(1);
+                    let bound_at = tokio::time::Instant::now();
                     tracing::info!(partner = %self.id, bind = slot, address = %self.cfg.address, "SMPP bound");
                     if let Ok(mut clients) = self.clients.write() {
                         clients[slot] = Some(client.clone());
@@ -230,7 +237,10 @@ impl SmppPartner {
                         tracing::info!(partner = %self.id, bind = slot, "SMPP unbound");
                         return;
                     }
-                    tracing::warn!(partner = %self.id, bind = slot, "SMPP connection lost; reconnecting");
+                    if bound_at.elapsed() >= STABLE {
+                        backoff = Duration::from_secs(1);
+                    }
+                    tracing::warn!(partner = %self.id, bind = slot, retry_s = backoff.as_secs(), "SMPP connection lost; reconnecting");
                 }
                 Err(e) => {
                     tracing::warn!(partner = %self.id, bind = slot, address = %self.cfg.address, error = %e, retry_s = backoff.as_secs(), "SMPP connect failed");
@@ -273,8 +283,15 @@ impl SmppPartner {
                 }
                 Some(Event::Incoming(command)) => {
                     let seq = command.sequence_number();
-                    if let Some(Pdu::DeliverSm(deliver)) = command.pdu() {
-                        self.deliver(client, seq, deliver);
+                    match command.pdu() {
+                        Some(Pdu::DeliverSm(deliver)) => self.deliver(client, seq, deliver),
+                        Some(Pdu::Unbind) => {
+                            // SMPP 3.4 §4.2: answer, then the session is over.
+                            tracing::warn!(partner = %self.id, "the SMSC unbound the session; answered, reconnecting");
+                            let _ = tokio::time::timeout(Duration::from_secs(5), client.unbind_resp(seq)).await;
+                            return;
+                        }
+                        _ => {}
                     }
                 }
             }
@@ -320,12 +337,16 @@ impl SmppPartner {
         };
         let client = client.clone();
         let Some(what) = what else {
-            tracing::info!(partner = %self.id, receipt = is_receipt, "incoming deliver_sm not readable; answered with a temporary error");
+            // A receipt without an id, a message without a sender: sending it again would not
+            // make it readable, so it is acknowledged (a temporary error would have the SMSC
+            // send it forever), counted and logged (at most once a minute).
+            static UNREADABLE: crate::limits::Throttle = crate::limits::Throttle::new(Duration::from_secs(60));
+            if let Some(held) = UNREADABLE.allow(&self.id) {
+                tracing::warn!(partner = %self.id, receipt = is_receipt, held_back = held, "incoming deliver_sm not readable (no id or no sender); acknowledged and dropped");
+            }
+            crate::metrics::events().deliver_unreadable(&self.id);
             tokio::spawn(async move {
-                let _ = client
-                    .status(CommandStatus::EsmeRxTAppn)
-                    .deliver_sm_resp(seq, DeliverSmResp::default())
-                    .await;
+                let _ = client.deliver_sm_resp(seq, DeliverSmResp::default()).await;
             });
             return;
         };
@@ -444,6 +465,23 @@ impl SmppPartner {
                 Ok(resp) => {
                     self.meter.record(latency, true);
                     ids.push(resp.message_id().to_string());
+                }
+                Err(rusmppc::error::Error::UnexpectedResponse { response })
+                    if response.id() == rusmpp::CommandId::GenericNack =>
+                {
+                    // The SMSC could not read the PDU: the session's fault, not the message's.
+                    self.meter.record(latency, false);
+                    static NACKS: crate::limits::Throttle = crate::limits::Throttle::new(Duration::from_secs(60));
+                    if let Some(held) = NACKS.allow(&self.id) {
+                        tracing::warn!(partner = %self.id, status = ?response.status(), held_back = held, "generic_nack to a submit_sm; restarting the session");
+                    }
+                    let _ = tokio::time::timeout(Duration::from_secs(5), client.close()).await;
+                    return Err(PartnerError::Transient {
+                        detail: format!(
+                            "generic_nack {:?}: the SMSC could not read the submit_sm",
+                            response.status()
+                        ),
+                    });
                 }
                 Err(rusmppc::error::Error::UnexpectedResponse { response }) => {
                     let status = response.status();

@@ -135,6 +135,7 @@ fn each_table(v: &mut impl EachTable) -> Result<()> {
     v.table(audit::AUDIT_HEAD)?;
     v.table(receipts::RECEIPT_IDS)?;
     v.table(receipts::EARLY)?;
+    v.table(receipts::RECEIPT_FORMS)?;
     v.table(replies::LAST_SENT)?;
     v.table(replies::REPLIES)?;
     v.table(retention::ANONYMIZED)?;

@@ -140,6 +140,8 @@ pub struct Store {
     /// The last dispatch log step about to be sealed ([`Store::wal_announce`]).
     wal_announced: Arc<std::sync::atomic::AtomicU64>,
     reseal: Arc<std::sync::Mutex<reseal::ResealProgress>>,
+    /// How each partner writes its receipts' ids, as learned (`store::receipts`).
+    forms: Arc<std::sync::Mutex<receipts::FormBook>>,
 }
 
 /// A tenant's blocklist and the global one, as ingest checks them.
@@ -241,6 +243,7 @@ pub(super) struct StepTables<'tx> {
     pub(super) statuses: redb::Table<'tx, u64, &'static [u8]>,
     pub(super) receipt_ids: redb::Table<'tx, &'static [u8], &'static [u8]>,
     pub(super) early: redb::Table<'tx, &'static [u8], &'static [u8]>,
+    pub(super) forms: redb::Table<'tx, &'static str, u8>,
     pub(super) scheduled: redb::Table<'tx, (u64, u64), ()>,
 }
 
@@ -250,6 +253,7 @@ impl<'tx> StepTables<'tx> {
             statuses: tx.open_table(STATUSES)?,
             receipt_ids: tx.open_table(receipts::RECEIPT_IDS)?,
             early: tx.open_table(receipts::EARLY)?,
+            forms: tx.open_table(receipts::RECEIPT_FORMS)?,
             scheduled: tx.open_table(SCHEDULED)?,
         })
     }
@@ -345,12 +349,14 @@ impl Store {
         replies::create_tables(&tx)?;
         retention::create_tables(&tx)?;
         tx.commit()?;
+        let forms = receipts::FormBook::load(&db)?;
         Ok(Store {
             db: Arc::new(db),
             keys,
             dir: Arc::new(dir.to_path_buf()),
             wal_announced: Default::default(),
             reseal: Default::default(),
+            forms: Arc::new(std::sync::Mutex::new(forms)),
         })
     }
 
@@ -958,7 +964,11 @@ impl Store {
         let mut mos = Vec::new();
         {
             let mut tables = StepTables::open(&tx)?;
-            let folds = receipts::Folds::of(steps);
+            let folds = receipts::Folds::of(steps, &self.settled_forms());
+            for (partner, form) in &folds.votes {
+                self.vote(&mut tables, partner, *form)?;
+            }
+            self.purge_early(&mut tables, now)?;
             for (i, step) in steps.iter().enumerate() {
                 self.apply_step(&tx, &mut tables, &mut touched, (i, step), &folds, now)?;
                 self.record_sent(&tx, &step.sent)?;

@@ -12,7 +12,10 @@ Behaviour by destination number (its last four digits):
   ...0402  receipt UNDELIV                 ...0406  no receipt
 Control on stdin, one JSON object per line:
   {"mo": {"from": "+33612345678", "to": "ACME", "text": "STOP"}}   an incoming message
+  {"mo": {...}, "times": 2}                                        the same signed body twice (a replay)
   {"forged": true}                                                 a receipt with a bad signature
+A webhook call that fails below HTTP (refused, reset) is logged as {"ev":"webhook_error"} and tried
+again after 0.5 s.
 """
 
 import hashlib
@@ -59,8 +62,8 @@ def post_webhook(kind, event, key=None):
             write({"ev": "webhook", "kind": kind, "status": e.code})
             if e.code != 503:
                 return
-        except OSError:
-            pass
+        except OSError as e:
+            write({"ev": "webhook_error", "kind": kind, "error": str(e)})
         time.sleep(0.5)
 
 
@@ -119,7 +122,8 @@ def control():
         if "mo" in cmd:
             event = dict(cmd["mo"])
             event["type"] = "mo"
-            post_webhook("mo", event)
+            for _ in range(int(cmd.get("times", 1))):
+                post_webhook("mo", event)
         if cmd.get("forged"):
             post_webhook("forged", {"type": "receipt", "id": "h1", "status": "DELIVRD"}, key=b"not the secret")
 

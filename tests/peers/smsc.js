@@ -35,6 +35,17 @@
 //   {"mo": {"from": "+33612345678", "to": "ACME", "text": "STOP"}}   an incoming message
 //   {"delay_ms": 3000}                                               answer submit_sm this late
 //                                                                    from now on (0: at once)
+// Hostile controls (for the tests of a misbehaving partner):
+//   {"receipt": {"id": "5430", "stat": "DELIVRD", "tlv": true}}      a receipt for an id this
+//                                                                    SMSC never gave ("" for a
+//                                                                    receipt without an id)
+//   {"flood": {"n": 5000, "from": 900000}}                           n such receipts, ids from..
+//   {"next_id": 5430}                                                the next message_id number
+//   {"nack": true}                                                   answer every submit_sm with
+//                                                                    generic_nack (false: stop)
+//   {"unbind": true}                                                 send unbind on every session
+//   {"break_after_bind_ms": 200}                                     close every session this long
+//                                                                    after its bind (0: stop)
 "use strict";
 
 const fs = require("fs");
@@ -62,6 +73,8 @@ function write(obj) {
 }
 
 let nextId = 1000;
+let nack = false;
+let breakAfterBind = 0;
 let submits = 0;
 let second = 0;
 let inSecond = 0;
@@ -186,6 +199,12 @@ const server = smpp.createServer(serverOptions, (session) => {
     session.systemId = pdu.system_id;
     write({ ev: "bind", command: pdu.command, system_id: pdu.system_id, system_type: pdu.system_type });
     session.send(pdu.response({ system_id: "loopback-smsc" }));
+    if (breakAfterBind > 0) {
+      setTimeout(() => {
+        write({ ev: "break" });
+        session.destroy();
+      }, breakAfterBind);
+    }
     if (pdu.command !== "bind_transmitter" && redeliver.length) {
       const again = redeliver;
       redeliver = [];
@@ -203,6 +222,7 @@ const server = smpp.createServer(serverOptions, (session) => {
     setTimeout(() => session.close(), 10);
   });
   session.on("deliver_sm_resp", () => {});
+  session.on("unbind_resp", () => write({ ev: "unbind_resp" }));
   session.on("submit_sm", (pdu) => {
     if (!bound) {
       session.send(pdu.response({ command_status: smpp.ESME_RINVBNDSTS }));
@@ -210,6 +230,11 @@ const server = smpp.createServer(serverOptions, (session) => {
     }
     submits += 1;
     if (submits % tick === 0) write({ ev: "tick", n: submits, t: Date.now() });
+    if (nack) {
+      write({ ev: "nack", to: pdu.destination_addr });
+      session.send(new smpp.PDU("generic_nack", { sequence_number: pdu.sequence_number, command_status: smpp.ESME_RINVCMDLEN }));
+      return;
+    }
     if (dropAfter > 0 && submits >= dropAfter) {
       dropAfter = 0;
       write({ ev: "drop", submits });
@@ -280,6 +305,32 @@ readline.createInterface({ input: process.stdin }).on("line", (line) => {
   if (typeof cmd.delay_ms === "number") {
     delayMs = cmd.delay_ms;
     write({ ev: "delay", ms: delayMs });
+  }
+  if (typeof cmd.next_id === "number") nextId = cmd.next_id;
+  if (typeof cmd.nack === "boolean") nack = cmd.nack;
+  if (typeof cmd.break_after_bind_ms === "number") breakAfterBind = cmd.break_after_bind_ms;
+  if (cmd.unbind) {
+    for (const session of sessions) {
+      session.unbind();
+      write({ ev: "unbind_sent" });
+    }
+  }
+  const orphan = (id, stat, tlv) => {
+    for (const session of sessions) {
+      if (session.role === "bind_transmitter") continue;
+      const text = id === "" ? `sub:001 dlvrd:001 stat:${stat} err:000 text:` : `id:${id} sub:001 dlvrd:001 submit date:2612061200 done date:2612061200 stat:${stat} err:000 text:`;
+      const fields = { source_addr: "33600000000", destination_addr: "ACME", esm_class: 0x04, short_message: text };
+      if (tlv && id !== "") {
+        fields.receipted_message_id = id;
+        fields.message_state = stat === "DELIVRD" ? 2 : 5;
+      }
+      session.deliver_sm(fields, (resp) => write({ ev: "orphan_ack", id, status: resp.command_status }));
+      return;
+    }
+  };
+  if (cmd.receipt) orphan(String(cmd.receipt.id), cmd.receipt.stat || "DELIVRD", cmd.receipt.tlv !== false);
+  if (cmd.flood) {
+    for (let i = 0; i < cmd.flood.n; i++) orphan(String(cmd.flood.from + i), "DELIVRD", true);
   }
   if (cmd.mo) {
     for (const session of sessions) {

@@ -99,6 +99,58 @@ impl MessageStatus {
 mod tests {
     use super::*;
 
+    /// The wire strings are what ERPs parse: pinned here, written out by hand as the README
+    /// documents them, so that a renamed variant or a changed literal fails.
+    #[test]
+    fn wire_strings_are_the_documented_ones() {
+        let lines: Vec<&str> = LineReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(
+            lines,
+            [
+                "invalid_phone",
+                "empty_message",
+                "message_too_long",
+                "bad_line",
+                "bad_encoding",
+                "sender_not_allowed",
+                "schedule_invalid",
+                "blocklisted",
+                "duplicate_recipient",
+                "country_not_allowed",
+                "url_not_allowed",
+                "template_variable_missing",
+            ]
+        );
+        let files: Vec<&str> = FileReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(
+            files,
+            [
+                "duplicate_file",
+                "unreadable",
+                "missing_column",
+                "too_large",
+                "too_many_lines",
+                "strict",
+                "quota_exceeded",
+            ]
+        );
+        let statuses: Vec<&str> = MessageStatus::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(
+            statuses,
+            [
+                "queued",
+                "held",
+                "submitted",
+                "delivered",
+                "undeliverable",
+                "expired",
+                "rejected",
+                "failed",
+                "canceled",
+            ]
+        );
+    }
+
     #[test]
     fn wire_strings_round_trip() {
         for r in LineReason::ALL {

@@ -284,9 +284,19 @@ mod tests {
 
     #[test]
     fn gsm_septets_read_back_to_the_text() {
-        for text in ["STOP", "Arrêt? non: è é ù @ £ €", "{[~]}|^\\", "Ça coûte 5€"] {
-            let Some(septets) = to_gsm7(text) else { continue };
+        for text in [
+            "STOP",
+            "Arret? non: è é ù @ £ €",
+            "{[~]}|^\\",
+            "Ça coute 5€",
+            "Ç@£$¥èéùìòØøÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ",
+        ] {
+            let septets = to_gsm7(text).unwrap_or_else(|| panic!("{text:?} is GSM 03.38"));
             assert_eq!(from_gsm7(&septets), text);
+        }
+        // Texts outside the table have no septets at all (they go as UCS-2).
+        for text in ["ça", "naïve", "Arrêt", "coûte", "Привет", "😀"] {
+            assert_eq!(to_gsm7(text), None, "{text:?}");
         }
         assert_eq!(from_gsm7(&[0x1b, 0x65, 0x41]), "€A");
         assert_eq!(from_gsm7(&[0x1b, 0x01]), " ", "an unknown escape reads as a space");

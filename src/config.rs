@@ -22,6 +22,9 @@ use crate::batch::template::Template;
 /// Where the configuration is read from when neither `--config` nor `SMSDROP_CONFIG` is given.
 pub const DEFAULT_PATH: &str = "/etc/smsdrop/smsdrop.toml";
 
+/// `min_free_space` when not set.
+pub const DEFAULT_MIN_FREE_SPACE: u64 = 128 << 20;
+
 /// The validated configuration of the whole appliance.
 #[derive(Debug)]
 pub struct Config {
@@ -35,6 +38,9 @@ pub struct Config {
     pub admin_socket: PathBuf,
     /// How often every inbox is listed again, for files present at start-up or missed events.
     pub rescan_interval: Duration,
+    /// Free space below which new work is refused (under `state_dir`, and in an inbox for
+    /// uploads): see `crate::disk`. 0 turns the guard off.
+    pub min_free_space: u64,
     pub tenants: BTreeMap<String, Arc<Tenant>>,
     pub partners: BTreeMap<String, Partner>,
     /// Routes, longest prefix first.
@@ -383,6 +389,7 @@ struct RawConfig {
     log_format: Option<Spanned<String>>,
     log_filter: Option<Spanned<String>>,
     rescan_interval: Option<Spanned<String>>,
+    min_free_space: Option<Spanned<RawSize>>,
     admin: Option<RawAdmin>,
     #[serde(default)]
     tenant: BTreeMap<String, Spanned<RawTenant>>,
@@ -756,6 +763,26 @@ impl Validator<'_> {
             Duration::from_secs(10),
             (Duration::from_millis(100), Duration::from_secs(3600)),
         );
+        let min_free_space = match &raw.min_free_space {
+            None => DEFAULT_MIN_FREE_SPACE,
+            Some(s) => {
+                let bytes = match s.get_ref() {
+                    RawSize::Bytes(n) => u64::try_from(*n).ok(),
+                    RawSize::Text(t) => t.parse::<bytesize::ByteSize>().ok().map(|b| b.as_u64()),
+                };
+                match bytes {
+                    Some(b) => b,
+                    None => {
+                        self.problem(
+                            &s.span(),
+                            "min_free_space",
+                            "must be a size (a number of bytes or e.g. \"512 MiB\"; 0 turns the guard off)",
+                        );
+                        DEFAULT_MIN_FREE_SPACE
+                    }
+                }
+            }
+        };
 
         let mut partners = BTreeMap::new();
         for (id, p) in &raw.partner {
@@ -862,6 +889,7 @@ impl Validator<'_> {
             log_filter,
             admin_socket,
             rescan_interval,
+            min_free_space,
             tenants,
             partners,
             routes,

@@ -27,6 +27,7 @@ pub mod clock;
 pub mod codes;
 pub mod config;
 pub mod crypto;
+pub mod disk;
 pub mod dispatch;
 pub mod httpd;
 pub mod limits;

@@ -10,7 +10,8 @@
 //! logins, refusals and open sessions, mails, reloads, submit latency per partner) is counted
 //! as it happens in [`events`], one process-wide set of counters, and read by each scrape.
 //!
-//! `/healthz` answers while the process does; `/readyz` only when the store answers a read.
+//! `/healthz` answers while the process does; `/readyz` only when the store answers a read and
+//! free space under `state_dir` is above `min_free_space` (`crate::disk`).
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -408,6 +409,14 @@ impl Exporter {
         match req.uri().path() {
             "/healthz" => text(StatusCode::OK, "ok\n".into(), "text/plain"),
             "/readyz" => match self.store.blocking(|s| s.mark("wal_applied")).await {
+                Ok(_) if crate::disk::is_low() => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "disk low: {} MiB free under state_dir, below min_free_space\n",
+                        crate::disk::free() >> 20
+                    ),
+                    "text/plain",
+                ),
                 Ok(_) => text(StatusCode::OK, "ready\n".into(), "text/plain"),
                 Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}\n"), "text/plain"),
             },

@@ -230,6 +230,15 @@ pub async fn run(
     }
     let mail_wake = Arc::new(tokio::sync::Notify::new());
     let alerter = Alerter::new(store.clone(), live.clone(), mail_wake.clone());
+    {
+        let watch = crate::disk::DiskWatch {
+            config: live.clone(),
+            alerts: alerter.clone(),
+        };
+        let stop = workers.clone();
+        tracker.spawn(async move { watch.run(stop).await });
+    }
+
     if config.email.is_some() {
         let mailer = Mailer::new(store.clone(), live.clone(), alerter.clone(), mail_wake.clone())?;
         tracker.spawn(mailer.run(workers.clone()));

@@ -434,6 +434,9 @@ impl InboxWatcher {
     }
 
     fn take_ready(&self, candidates: &mut HashMap<PathBuf, Candidate>) {
+        if crate::disk::is_low() {
+            return; // files wait in their inbox until space is back (`crate::disk`)
+        }
         let now = Instant::now();
         let mut ready = Vec::new();
         let mut refresh = Vec::new();

@@ -20,11 +20,16 @@ struct Door {
 /// An appliance with `[sftp]` (plus `sftp_extra`), tenant acme with one Ed25519 key (plus
 /// `acme_extra`) and `tables` after them.
 fn door(sftp_extra: &str, acme_extra: &str, tables: &str) -> Door {
+    door_with_top("", sftp_extra, acme_extra, tables)
+}
+
+/// [`door`], with top-level keys `top`.
+fn door_with_top(top: &str, sftp_extra: &str, acme_extra: &str, tables: &str) -> Door {
     let port = free_port();
     let keys = tempfile::tempdir().expect("dir");
     let (key_in_temp, public) = client_key(keys.path(), "id_acme", "ed25519");
     let app = Appliance::new_with(
-        "",
+        top,
         &format!(
             "{}{tables}\n[sftp]\nlisten = \"127.0.0.1:{port}\"\n{sftp_extra}\n",
             tenant("acme", &format!("keys = [\"{public}\"]\n{acme_extra}"))
@@ -284,7 +289,13 @@ fn an_upload_cut_short_by_a_full_disk_is_never_published() {
     let dir = tempfile::tempdir().expect("dir");
     let inbox = dir.path().join("inbox");
     let _disk = Tmpfs::mount(&inbox, "1m");
-    let mut d = door("", &format!("inbox = \"{}\"", inbox.display()), "");
+    // The free-space guard off: this is about a disk that fills up during the upload.
+    let mut d = door_with_top(
+        "min_free_space = 0",
+        "",
+        &format!("inbox = \"{}\"", inbox.display()),
+        "",
+    );
     d.app.start();
     // 3 MB of valid lines into a 1 MB file system.
     let mut content = String::from("phone;message\n");
@@ -534,4 +545,99 @@ fn a_burst_of_refusals_gives_a_digest_that_keeps_each_refusals_details() {
         digest.body
     );
     assert!(!digest.body.contains("batch list"), "{}", digest.body);
+}
+
+#[test]
+fn two_files_with_one_stem_never_overwrite_each_others_answers() {
+    let mut app = Appliance::new(&tenant("acme", ""));
+    app.start();
+    app.drop_file("acme", "june.csv", b"phone;message;ref\n0612345678;Hello;first\n");
+    assert_eq!(app.result("acme", "june")[1][1], "first");
+    // Another file with the same stem: its answers go under its whole name.
+    app.drop_file("acme", "june.txt", b"phone;message;ref\n0612345679;Hello;second\n");
+    assert_eq!(app.result("acme", "june.txt")[1][1], "second");
+    assert_eq!(
+        app.result("acme", "june")[1][1],
+        "first",
+        "the first answer is still there"
+    );
+    let first = app.final_report("acme", "june", 1);
+    let second = app.final_report("acme", "june.txt", 1);
+    assert_eq!((first[1][1].as_str(), second[1][1].as_str()), ("first", "second"));
+    common::wait_log(&app, "another batch answers under june", Duration::from_secs(5));
+    // The same name again once the first is done: the ERP's own name, as before.
+    app.drop_file("acme", "june.csv", b"phone;message;ref\n0612345670;Hello;third\n");
+    wait_for("june.csv answered again", Duration::from_secs(30), || {
+        std::fs::read(app.outbox("acme").join("june.result.csv"))
+            .map(|b| common::parse_csv(&b, b';').get(1).is_some_and(|r| r[1] == "third"))
+            .unwrap_or(false)
+    });
+}
+
+/// Bytes free on the file system of `path`.
+fn free_bytes(path: &std::path::Path) -> u64 {
+    let c = std::ffi::CString::new(path.to_str().expect("path")).expect("c path");
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0, "statvfs");
+    st.f_bavail as u64 * st.f_frsize as u64
+}
+
+/// `GET path` on 127.0.0.1:port: (status, body).
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    let (code, text) = common::http_get(port, path);
+    (code, text.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
+}
+
+#[test]
+fn below_min_free_space_new_work_waits_and_everything_resumes_when_space_is_back() {
+    let metrics = free_port();
+    let mut d = door_with_top(
+        "min_free_space = \"100 MiB\"",
+        "",
+        "",
+        &format!("\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n"),
+    );
+    // state_dir (with the inboxes under it) on a 256 MiB file system of its own.
+    let _disk = Tmpfs::mount(&d.app.state_dir(), "256m");
+    d.app.start();
+    assert_eq!(http_get(metrics, "/readyz").0, 200);
+    // Fill it to 50 MiB free.
+    let filler = d.app.state_dir().join("filler");
+    let fill = free_bytes(&d.app.state_dir()) - (50 << 20);
+    std::fs::File::create(&filler)
+        .and_then(|f| f.set_len(0).map(|_| f))
+        .expect("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(&filler).expect("filler");
+        let chunk = vec![0u8; 1 << 20];
+        for _ in 0..fill >> 20 {
+            f.write_all(&chunk).expect("fill");
+        }
+    }
+    common::wait_log(&d.app, "disk_low", Duration::from_secs(10));
+    let (status, body) = http_get(metrics, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("disk low"), "{body}");
+    // An upload is refused when opened; a dropped file waits in the inbox.
+    let out = upload(&d, "up.csv", "phone;message\n0612345678;Hello\n");
+    assert!(!out.status.success(), "refused while low");
+    d.app
+        .wait_audit("sftp.upload-refused", &[("file", "up.csv"), ("reason", "disk_low")]);
+    // Written beside it under a hidden name, then renamed in (the staging folder of
+    // `drop_file` is on another file system).
+    let dropped = d.app.inbox("acme").join("dropped.csv");
+    let hidden = d.app.inbox("acme").join(".dropped.tmp");
+    std::fs::write(&hidden, "phone;message\n0612345679;Hello\n").expect("write");
+    std::fs::rename(&hidden, &dropped).expect("into the inbox");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(dropped.exists(), "not taken while space is low");
+    // Space comes back: everything resumes by itself.
+    std::fs::remove_file(&filler).expect("free the space");
+    assert_eq!(d.app.result("acme", "dropped")[1][3], "queued");
+    common::wait_log(&d.app, "back above min_free_space", Duration::from_secs(10));
+    assert_eq!(http_get(metrics, "/readyz").0, 200);
+    let out = upload(&d, "up.csv", "phone;message\n0612345678;Hello\n");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(d.app.result("acme", "up")[1][3], "queued");
 }

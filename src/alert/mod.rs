@@ -30,6 +30,7 @@ fn digest_advice(kind: &str) -> &'static str {
             "Every refusal is in the audit log (`smsdrop audit export`); `smsdrop status` lists the banned addresses. A burst from one address is someone trying the door: the defender bans it."
         }
         "partner_down" | "partner_up" => "`smsdrop status` shows each partner's health.",
+        "disk_low" => "`df` shows the file systems; `smsdrop status` shows the store's size.",
         "batch_rejected" | "batch_held" | "quota_exceeded" | "anomaly" => {
             "`smsdrop batch list --tenant <id>` shows the batches; `smsdrop batch show` one of them."
         }
@@ -60,6 +61,7 @@ alert_kinds!(
     Anomaly => "anomaly",
     PartnerDown => "partner_down",
     PartnerUp => "partner_up",
+    DiskLow => "disk_low",
     DailyReport => "daily_report",
 );
 

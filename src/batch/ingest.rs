@@ -486,6 +486,15 @@ impl Ingestor<'_> {
         let mut batch = self
             .store
             .begin_batch(&tenant.id, file_name, claim, ReplyFormat::default(), now)?;
+        if let Some(stem) = &batch.reply_stem {
+            tracing::info!(
+                tenant = %tenant.id,
+                file = %file_name,
+                batch = batch.id,
+                "reply files named {stem}.result.csv and {stem}.report.csv: another batch answers under {}",
+                crate::store::records::file_stem(file_name)
+            );
+        }
         let keys = self.store.keys().tenant(&tenant.id);
         let store = self.store;
         let window = tenant.dedupe_window.as_secs() as i64;

@@ -627,7 +627,14 @@ impl russh::server::Handler for SshSession {
             return Ok(());
         }
         session.channel_success(channel_id)?;
-        let world = world::World::new(tenant, self.audit.clone(), self.peer, self.open_files.clone());
+        let min_free_space = self.config.get().min_free_space;
+        let world = world::World::new(
+            tenant,
+            self.audit.clone(),
+            self.peer,
+            self.open_files.clone(),
+            min_free_space,
+        );
         tokio::spawn(protocol::serve(channel.into_stream(), world, self.peer));
         Ok(())
     }

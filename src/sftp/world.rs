@@ -111,6 +111,8 @@ pub struct World {
     actor: String,
     handles: HashMap<String, Slot>,
     open_files: super::OpenFiles,
+    /// `min_free_space` of the configuration the session started under.
+    min_free_space: u64,
     next: u64,
     /// Paths refused in this session.
     denials: u64,
@@ -153,13 +155,20 @@ fn io_code(e: &std::io::Error) -> StatusCode {
 }
 
 impl World {
-    pub fn new(tenant: Arc<Tenant>, audit: Audit, peer: std::net::SocketAddr, open_files: super::OpenFiles) -> World {
+    pub fn new(
+        tenant: Arc<Tenant>,
+        audit: Audit,
+        peer: std::net::SocketAddr,
+        open_files: super::OpenFiles,
+        min_free_space: u64,
+    ) -> World {
         World {
             tenant,
             audit,
             actor: sftp_actor(peer),
             handles: HashMap::new(),
             open_files,
+            min_free_space,
             next: 0,
             denials: 0,
         }
@@ -361,6 +370,13 @@ impl russh_sftp::server::Handler for World {
         let place = self.place(&filename)?;
         let open = match (place, writing) {
             (Place::InboxFile(name), true) => {
+                if !crate::disk::upload_allowed(&self.tenant.inbox, self.min_free_space) {
+                    tracing::warn!(tenant = %self.tenant.id, file = %limits::shown(&name), "SFTP upload refused: server storage low");
+                    self.event("sftp.upload-refused", &self.tenant.inbox.join(&name))
+                        .detail("reason", "disk_low")
+                        .record(&self.audit);
+                    return Err(refused(StatusCode::Failure, "server storage is low; try again later"));
+                }
                 let slot = self.reserve(true)?;
                 let mut rand = [0u8; 8];
                 getrandom::fill(&mut rand).map_err(|_| StatusCode::Failure)?;

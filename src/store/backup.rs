@@ -119,6 +119,7 @@ fn each_table(v: &mut impl EachTable) -> Result<()> {
     v.table(META)?;
     v.table(BATCHES)?;
     v.table(ACTIVE)?;
+    v.table(REPLY_STEMS)?;
     v.table(CHUNKS)?;
     v.table(STATUSES)?;
     v.table(SCHEDULED)?;

@@ -47,6 +47,9 @@ pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta")
 const BATCHES: TableDefinition<u64, &[u8]> = TableDefinition::new("batches");
 /// Batches the dispatcher still has work in: batch id → ().
 const ACTIVE: TableDefinition<u64, ()> = TableDefinition::new("active");
+/// tenant ‖ 0 ‖ keyed hash of a reply stem → keyed hash of the file name ‖ batch id (see
+/// `Store::reply_stem`).
+pub(crate) const REPLY_STEMS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("reply_stems");
 /// (batch id, chunk number) → sealed `Vec<StoredMessage>`.
 const CHUNKS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("chunks");
 /// message id → status code (one byte, in clear: it moves a batch's counts without opening
@@ -334,6 +337,7 @@ impl Store {
         tx.open_table(META)?;
         tx.open_table(BATCHES)?;
         tx.open_table(ACTIVE)?;
+        tx.open_table(REPLY_STEMS)?;
         tx.open_table(CHUNKS)?;
         tx.open_table(STATUSES)?;
         tx.open_table(SCHEDULED)?;
@@ -407,7 +411,14 @@ impl Store {
             .and_then(|t| std::str::from_utf8(t).ok())
             .ok_or(bad(SealError::Truncated))?;
         let keys = self.keys.tenant(tenant);
-        open_record(&keys, "batches", &id.to_be_bytes(), &value[1 + len..])
+        let plain = keys
+            .open("batches", &id.to_be_bytes(), &value[1 + len..])
+            .map_err(bad)?;
+        records::decode_batch(&plain).map_err(|source| StoreError::Decode {
+            table: "batches",
+            key: id.to_string(),
+            source,
+        })
     }
 
     /// A batch by id.
@@ -476,11 +487,59 @@ impl Store {
             meta.insert("next_batch", next + 1)?;
             next
         };
-        let batch = BatchRecord::new(id, tenant, file_name, claim, received_at, format);
-        Self::put_batch(&tx, &self.keys.tenant(tenant), &batch)?;
+        let mut batch = BatchRecord::new(id, tenant, file_name, claim, received_at, format);
+        let keys = self.keys.tenant(tenant);
+        batch.reply_stem = self.reply_stem(&tx, &keys, tenant, file_name, id)?;
+        Self::put_batch(&tx, &keys, &batch)?;
         tx.open_table(CLAIMS)?.insert(claim, id)?;
         tx.commit()?;
         Ok(batch)
+    }
+
+    /// The reply files' stem of a new batch, when it cannot be its file's own: never one that
+    /// another file's batch answers under (`june.csv` and `june.txt`), nor one a batch of the
+    /// same name that is still under way answers under. Then the whole file name is the stem
+    /// (`june.txt.result.csv`), or that and the batch id. `None`: the file's own stem.
+    ///
+    /// `reply_stems` holds, per tenant and keyed hash of a stem, the keyed hash of the file name
+    /// and the batch id that last took it; an entry whose batch is gone (retention) is free.
+    fn reply_stem(
+        &self,
+        tx: &WriteTransaction,
+        keys: &TenantKeys,
+        tenant: &str,
+        file_name: &str,
+        id: u64,
+    ) -> Result<Option<String>> {
+        let mut stems = tx.open_table(REPLY_STEMS)?;
+        let batches = tx.open_table(BATCHES)?;
+        let active = tx.open_table(ACTIVE)?;
+        let name_hash = keys.phone_hash(&format!("file:{file_name}"));
+        let own = records::file_stem(file_name);
+        for candidate in [own.to_string(), file_name.to_string(), format!("{file_name}.{id}")] {
+            let key = tenant_key(tenant, &keys.phone_hash(&format!("stem:{candidate}")));
+            let taken = match stems.get(key.as_slice())? {
+                None => false,
+                Some(v) => {
+                    let v = v.value();
+                    let owner = v.get(16..24).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+                    match owner {
+                        Some(owner) if batches.get(owner)?.is_some() => {
+                            v.get(..16) != Some(&name_hash[..]) || active.get(owner)?.is_some()
+                        }
+                        _ => false,
+                    }
+                }
+            };
+            if !taken {
+                let mut value = name_hash.to_vec();
+                value.extend_from_slice(&id.to_be_bytes());
+                stems.insert(key.as_slice(), value.as_slice())?;
+                return Ok((candidate != own).then_some(candidate));
+            }
+        }
+        // The last candidate holds this batch's own id: never taken.
+        Ok(Some(format!("{file_name}.{id}")))
     }
 
     /// Seals and writes chunks of a batch being ingested, without waiting for the disk.

@@ -101,6 +101,68 @@ pub struct BatchRecord {
     pub countries: Vec<String>,
     /// Set by a cancel: messages from this index on that were never taken are `canceled`.
     pub canceled_from: Option<u64>,
+    /// The reply files' stem when it is not the file's own (another batch answers under that
+    /// one: see `Store::begin_batch`).
+    pub reply_stem: Option<String>,
+}
+
+/// A batch as stored before `reply_stem` existed: read, then taken as a batch with none.
+#[derive(Deserialize)]
+struct BatchRecordV1 {
+    id: u64,
+    tenant: String,
+    file_name: String,
+    claim: String,
+    received_at: i64,
+    state: BatchState,
+    file_reason: Option<FileReason>,
+    format: ReplyFormat,
+    lines: u64,
+    accepted: u64,
+    rejected: u64,
+    cursor: u64,
+    counts: [u64; 9],
+    report_final: bool,
+    updated_at: i64,
+    reasons: Vec<(LineReason, u64)>,
+    countries: Vec<String>,
+    canceled_from: Option<u64>,
+}
+
+/// Reads a stored batch record, of this version or of the one before `reply_stem`.
+pub fn decode_batch(plain: &[u8]) -> Result<BatchRecord, postcard::Error> {
+    postcard::from_bytes::<BatchRecord>(plain).or_else(|e| {
+        let v1: BatchRecordV1 = postcard::from_bytes(plain).map_err(|_| e)?;
+        Ok(BatchRecord {
+            id: v1.id,
+            tenant: v1.tenant,
+            file_name: v1.file_name,
+            claim: v1.claim,
+            received_at: v1.received_at,
+            state: v1.state,
+            file_reason: v1.file_reason,
+            format: v1.format,
+            lines: v1.lines,
+            accepted: v1.accepted,
+            rejected: v1.rejected,
+            cursor: v1.cursor,
+            counts: v1.counts,
+            report_final: v1.report_final,
+            updated_at: v1.updated_at,
+            reasons: v1.reasons,
+            countries: v1.countries,
+            canceled_from: v1.canceled_from,
+            reply_stem: None,
+        })
+    })
+}
+
+/// A file name without its last extension (SPEC §4's `<stem>`).
+pub fn file_stem(file_name: &str) -> &str {
+    match file_name.rfind('.') {
+        Some(i) if i > 0 => &file_name[..i],
+        _ => file_name,
+    }
 }
 
 impl BatchRecord {
@@ -125,6 +187,7 @@ impl BatchRecord {
             reasons: Vec::new(),
             countries: Vec::new(),
             canceled_from: None,
+            reply_stem: None,
         }
     }
 
@@ -137,12 +200,10 @@ impl BatchRecord {
         }
     }
 
-    /// The reply files' stem: the file name without its last extension (SPEC §4).
+    /// The reply files' stem: the file name without its last extension (SPEC §4), unless
+    /// another batch answers under that one.
     pub fn stem(&self) -> &str {
-        match self.file_name.rfind('.') {
-            Some(i) if i > 0 => &self.file_name[..i],
-            _ => &self.file_name,
-        }
+        self.reply_stem.as_deref().unwrap_or_else(|| file_stem(&self.file_name))
     }
 
     pub fn count(&self, status: MessageStatus) -> u64 {
@@ -249,6 +310,22 @@ mod tests {
         assert_eq!(b.stem(), "june.batch");
         b.file_name = "noext".into();
         assert_eq!(b.stem(), "noext");
+        b.reply_stem = Some("noext.7".into());
+        assert_eq!(b.stem(), "noext.7");
+    }
+
+    #[test]
+    fn batches_stored_before_reply_stem_still_read() {
+        let mut b = BatchRecord::new(3, "t", "june.csv", "c1", 5, ReplyFormat::default());
+        b.accepted = 9;
+        let mut old = postcard::to_stdvec(&b).expect("encode");
+        old.pop(); // the `reply_stem` None tag: what an older version wrote
+        assert_eq!(decode_batch(&old).expect("old record"), b);
+        b.reply_stem = Some("june.csv".into());
+        assert_eq!(
+            decode_batch(&postcard::to_stdvec(&b).expect("encode")).expect("new record"),
+            b
+        );
     }
 }
 

@@ -360,6 +360,17 @@ pub fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     poll(timeout, || done().then_some(()), || what.to_string())
 }
 
+/// `GET path` on 127.0.0.1:`port`, HTTP/1.1: the status code and the whole answer.
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("write");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read");
+    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, text)
+}
+
 /// Waits until the appliance's log holds `needle`.
 pub fn wait_log(app: &Appliance, needle: &str, timeout: Duration) {
     poll(

@@ -601,17 +601,20 @@ fn below_min_free_space_new_work_waits_and_everything_resumes_when_space_is_back
     let _disk = Tmpfs::mount(&d.app.state_dir(), "256m");
     d.app.start();
     assert_eq!(http_get(metrics, "/readyz").0, 200);
-    // Fill it to 50 MiB free.
-    let filler = d.app.state_dir().join("filler");
-    let fill = free_bytes(&d.app.state_dir()) - (50 << 20);
-    std::fs::File::create(&filler)
-        .and_then(|f| f.set_len(0).map(|_| f))
-        .expect("filler");
+    // Fill it to 50 MiB free, once the dispatch log's files are written whole (two of 32 MiB).
+    let state = d.app.state_dir();
+    let mut last = 0;
+    wait_for("the state_dir to stop growing", Duration::from_secs(20), || {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = free_bytes(&state);
+        std::mem::replace(&mut last, now) == now
+    });
+    let filler = state.join("filler");
     {
         use std::io::Write;
-        let mut f = std::fs::OpenOptions::new().append(true).open(&filler).expect("filler");
+        let mut f = std::fs::File::create(&filler).expect("filler");
         let chunk = vec![0u8; 1 << 20];
-        for _ in 0..fill >> 20 {
+        while free_bytes(&state) > 51 << 20 {
             f.write_all(&chunk).expect("fill");
         }
     }

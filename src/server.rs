@@ -55,6 +55,8 @@ pub enum ServeError {
     },
     #[error("cannot listen for signals: {0}")]
     Signals(io::Error),
+    #[error("the dispatch log cannot be opened: {0}")]
+    DispatchLog(String),
     #[error("{}: {problem}; run `{fix}`", path.display())]
     Unsafe {
         path: std::path::PathBuf,
@@ -276,7 +278,7 @@ pub async fn run(
             }
         });
     }
-    {
+    let log_opened = {
         let first = partners.borrow().clone();
         let dispatcher = Dispatcher {
             store: store.clone(),
@@ -290,8 +292,8 @@ pub async fn run(
             alerts: alerter.clone(),
             board: board.clone(),
         };
-        dispatcher.spawn(&tracker, &lane, workers.clone());
-    }
+        Some(dispatcher.spawn(&tracker, &lane, workers.clone()))
+    };
     {
         let writer = ReportWriter {
             store: store.clone(),
@@ -350,17 +352,35 @@ pub async fn run(
         });
     }
     tracker.close();
-    tracing::info!(
-        tenants = config.tenants.len(),
-        partners = config.partners.len(),
-        admin = %config.admin_socket.display(),
-        "smsdrop is serving"
-    );
-    crate::service::ready(&format!(
-        "serving {} tenants through {} partners",
-        config.tenants.len(),
-        config.partners.len()
-    ));
+    // Serving means the dispatch log is open: without it nothing could be sent.
+    let failure = match log_opened {
+        Some(opened) => tokio::select! {
+            r = opened => match r {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e),
+                Err(_) => Some("the dispatcher stopped before its log opened".to_string()),
+            },
+            _ = shutdown.cancelled() => None,
+        },
+        None => None,
+    };
+    if let Some(e) = &failure {
+        tracing::error!(error = %e, "not serving: the dispatch log cannot be opened; stopping");
+        shutdown.cancel();
+    }
+    if failure.is_none() {
+        tracing::info!(
+            tenants = config.tenants.len(),
+            partners = config.partners.len(),
+            admin = %config.admin_socket.display(),
+            "smsdrop is serving"
+        );
+        crate::service::ready(&format!(
+            "serving {} tenants through {} partners",
+            config.tenants.len(),
+            config.partners.len()
+        ));
+    }
 
     shutdown.cancelled().await;
     crate::service::stopping();
@@ -379,7 +399,10 @@ pub async fn run(
     let _ = audit_task.await;
     drop(store);
     tracing::info!("stopped");
-    Ok(())
+    match failure {
+        Some(e) => Err(ServeError::DispatchLog(e)),
+        None => Ok(()),
+    }
 }
 
 /// How often the sweeper looks for batches due for anonymisation or deletion.

@@ -644,3 +644,30 @@ fn below_min_free_space_new_work_waits_and_everything_resumes_when_space_is_back
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(d.app.result("acme", "up")[1][3], "queued");
 }
+
+#[test]
+fn serve_does_not_claim_to_serve_when_its_dispatch_log_cannot_be_made() {
+    let app = Appliance::new(&tenant("acme", ""));
+    // 16 MiB: the store fits, the dispatch log's two 32 MiB files do not.
+    let _disk = Tmpfs::mount(&app.state_dir(), "16m");
+    let mut child = Command::new(common::bin())
+        .arg("--config")
+        .arg(&app.config)
+        .arg("serve")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("serve");
+    let status = common::poll(
+        Duration::from_secs(30),
+        || child.try_wait().ok().flatten(),
+        || "serve kept running without its dispatch log".into(),
+    );
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().expect("stderr"), &mut err).expect("stderr");
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("dispatch log"), "{err}");
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(!err.contains("smsdrop is serving"), "{err}");
+}

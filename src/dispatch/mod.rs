@@ -363,13 +363,23 @@ impl Dispatcher {
     /// thread ([`log_writer`]), which writes every step waiting for it in one synchronous write
     /// (a group commit) while the loop goes on landing answers and handing out what the
     /// windows allow.
-    pub fn spawn(self, tracker: &tokio_util::task::TaskTracker, lane: &Lane, shutdown: CancellationToken) {
-        tracker.spawn_on(self.run(shutdown), &lane.handle);
+    ///
+    /// The receiver it returns says whether the dispatch log opened at the first try (and what
+    /// a crash left in it was applied): `serve` says it is serving only then.
+    pub fn spawn(
+        self,
+        tracker: &tokio_util::task::TaskTracker,
+        lane: &Lane,
+        shutdown: CancellationToken,
+    ) -> tokio::sync::oneshot::Receiver<Result<(), String>> {
+        let (opened_tx, opened) = tokio::sync::oneshot::channel();
+        tracker.spawn_on(self.run(shutdown, opened_tx), &lane.handle);
+        opened
     }
 
-    async fn run(mut self, shutdown: CancellationToken) {
+    async fn run(mut self, shutdown: CancellationToken, opened: tokio::sync::oneshot::Sender<Result<(), String>>) {
         use futures_util::StreamExt;
-        let Some((wal, mut next_seq)) = self.open_log(&shutdown).await else {
+        let Some((wal, mut next_seq)) = self.open_log(&shutdown, Some(opened)).await else {
             return;
         };
         let (to_log, from_loop) = tokio::sync::mpsc::unbounded_channel::<(u64, Vec<u8>)>();
@@ -640,7 +650,11 @@ impl Dispatcher {
 
     /// Opens the dispatch log and applies what a crash left in it, before anything reads the
     /// queue; retries until it can or `shutdown`. Returns the log and the next step number.
-    async fn open_log(&self, shutdown: &CancellationToken) -> Option<(SharedWal, u64)> {
+    async fn open_log(
+        &self,
+        shutdown: &CancellationToken,
+        mut first: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+    ) -> Option<(SharedWal, u64)> {
         loop {
             let (store, dir, reports) = (self.store.clone(), self.config.state_dir.clone(), self.reports.clone());
             let opened = tokio::task::spawn_blocking(move || -> Result<(Wal, u64), String> {
@@ -676,11 +690,24 @@ impl Dispatcher {
             })
             .await;
             match opened {
-                Ok(Ok((wal, next))) => return Some((Arc::new(std::sync::Mutex::new(wal)), next)),
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, "cannot open the dispatch log; nothing is sent until it opens")
+                Ok(Ok((wal, next))) => {
+                    if let Some(first) = first.take() {
+                        let _ = first.send(Ok(()));
+                    }
+                    return Some((Arc::new(std::sync::Mutex::new(wal)), next));
                 }
-                Err(e) => tracing::error!(error = %e, "dispatch log task failed"),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "cannot open the dispatch log; nothing is sent until it opens");
+                    if let Some(first) = first.take() {
+                        let _ = first.send(Err(e));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "dispatch log task failed");
+                    if let Some(first) = first.take() {
+                        let _ = first.send(Err(e.to_string()));
+                    }
+                }
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return None,

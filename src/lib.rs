@@ -15,8 +15,10 @@
 //! - [`reply`]: what goes back: result and delivery-report files in the tenant's outbox.
 //!
 //! Around them: [`config`] (the TOML file, validated), [`crypto`] (master key, per-tenant keys,
-//! sealing, keyed hashes), [`codes`] (reason and status codes), [`admin`] (the admin socket and
-//! the commands it serves), [`server`] (starting and stopping everything) and [`cli`].
+//! sealing, keyed hashes), [`codes`] (reason and status codes), [`limits`] (what clients may
+//! take: descriptors, counts per address and tenant, throttled warnings), [`disk`] (free space and
+//! what waits while it is low), [`admin`] (the admin socket and the commands it serves),
+//! [`server`] (starting and stopping everything) and [`cli`].
 
 pub mod admin;
 pub mod alert;

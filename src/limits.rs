@@ -196,14 +196,16 @@ impl Throttle {
     }
 }
 
-/// Whether a name (of a file, a user) holds characters that must never reach a log line, a
-/// file name or a mail as they are: control characters (newlines included) and the Unicode
-/// marks that reorder text on screen.
+/// Whether a character must never reach a log line, a file name or a mail as it is: a control
+/// character (newlines included) or a Unicode mark that reorders text on screen.
+fn is_unsafe_char(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
+}
+
+/// Whether a name (of a file, a user) holds any such character.
 pub fn has_unsafe_chars(name: &str) -> bool {
-    name.chars().any(|c| {
-        c.is_control()
-            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
-    })
+    name.chars().any(is_unsafe_char)
 }
 
 /// A name as it may be shown in a log line or a mail: unsafe characters escaped (`\n`,
@@ -215,7 +217,7 @@ pub fn shown(name: &str) -> String {
             out.push('…');
             break;
         }
-        if has_unsafe_chars(c.encode_utf8(&mut [0; 4])) {
+        if is_unsafe_char(c) {
             out.extend(c.escape_debug());
         } else {
             out.push(c);

@@ -441,6 +441,8 @@ impl InboxWatcher {
         let mut ready = Vec::new();
         let mut refresh = Vec::new();
         let config = self.config.get();
+        // Each inbox's owner, looked up once per look rather than once per file.
+        let mut owners: HashMap<&str, Option<u32>> = HashMap::new();
         for (path, c) in candidates.iter_mut() {
             let Some(tenant) = config.tenants.get(&c.tenant) else {
                 ready.push((path.clone(), None)); // its tenant was removed by a reload
@@ -452,7 +454,9 @@ impl InboxWatcher {
                     if refusal(
                         path.file_name().and_then(|n| n.to_str()).unwrap_or(""),
                         &meta,
-                        fs::metadata(&tenant.inbox).ok().map(|m| m.uid()),
+                        *owners
+                            .entry(tenant.id.as_str())
+                            .or_insert_with(|| fs::metadata(&tenant.inbox).ok().map(|m| m.uid())),
                     )
                     .is_some() =>
                 {

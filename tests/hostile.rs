@@ -9,36 +9,12 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Appliance, client_key, free_port, sftp_batch, tenant, venv_python, wait_for};
-
-struct Door {
-    app: Appliance,
-    port: u16,
-    key: std::path::PathBuf,
-}
+use common::{Appliance, Door, client_key, free_port, sftp_batch, tenant, venv_python, wait_for};
 
 /// An appliance with `[sftp]` (plus `sftp_extra`), tenant acme with one Ed25519 key (plus
 /// `acme_extra`) and `tables` after them.
 fn door(sftp_extra: &str, acme_extra: &str, tables: &str) -> Door {
-    door_with_top("", sftp_extra, acme_extra, tables)
-}
-
-/// [`door`], with top-level keys `top`.
-fn door_with_top(top: &str, sftp_extra: &str, acme_extra: &str, tables: &str) -> Door {
-    let port = free_port();
-    let keys = tempfile::tempdir().expect("dir");
-    let (key_in_temp, public) = client_key(keys.path(), "id_acme", "ed25519");
-    let app = Appliance::new_with(
-        top,
-        &format!(
-            "{}{tables}\n[sftp]\nlisten = \"127.0.0.1:{port}\"\n{sftp_extra}\n",
-            tenant("acme", &format!("keys = [\"{public}\"]\n{acme_extra}"))
-        ),
-    );
-    let key = app.path("id_acme");
-    std::fs::copy(&key_in_temp, &key).expect("copy key");
-    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
-    Door { app, port, key }
+    common::door("", sftp_extra, acme_extra, tables)
 }
 
 /// The hostile SSH peer: `args` after port and user.
@@ -49,6 +25,23 @@ fn hostile(port: u16, args: &[&str]) -> Command {
         .arg("acme")
         .args(args);
     cmd
+}
+
+/// `conns` connections of the hostile peer, each with 4 SFTP sessions opening uploads until
+/// refused: the peer, still holding them until its stdin closes, and what it reported.
+fn hold_handles(d: &Door, conns: u32) -> (std::process::Child, serde_json::Value) {
+    let mut held = hostile(d.port, &["handles", d.key.to_str().expect("path"), &conns.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("hostile peer");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(held.stdout.as_mut().expect("stdout")),
+        &mut line,
+    )
+    .expect("report");
+    (held, serde_json::from_str(&line).expect("JSON"))
 }
 
 /// Runs the hostile peer to its end and parses the JSON it prints.
@@ -142,18 +135,7 @@ fn one_connection_cannot_open_more_than_max_channels_and_closed_channels_are_rel
 fn a_tenant_holds_at_most_max_open_files_across_its_connections() {
     let mut d = door("", "max_open_files = 20", "");
     d.app.start();
-    let mut held = hostile(d.port, &["handles", d.key.to_str().expect("path"), "2"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("hostile peer");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(held.stdout.as_mut().expect("stdout")),
-        &mut line,
-    )
-    .expect("report");
-    let got: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+    let (mut held, got) = hold_handles(&d, 2);
     assert_eq!(got["opened"], 20, "{got}");
     assert!(
         got["errors"]
@@ -182,18 +164,7 @@ fn clients_cannot_take_the_descriptors_the_store_watcher_and_admin_socket_need()
     let mut d = door("", "max_open_files = 5000\nmax_sessions = 10", &tenant("files", ""));
     // 400 descriptors: clients may hold 144, 256 are kept back.
     d.app.start_with_nofile(400);
-    let mut held = hostile(d.port, &["handles", d.key.to_str().expect("path"), "3"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("hostile peer");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(held.stdout.as_mut().expect("stdout")),
-        &mut line,
-    )
-    .expect("report");
-    let got: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+    let (mut held, got) = hold_handles(&d, 3);
     let opened = got["opened"].as_u64().expect("count");
     assert!((100..=144).contains(&opened), "{got}");
     assert!(
@@ -290,7 +261,7 @@ fn an_upload_cut_short_by_a_full_disk_is_never_published() {
     let inbox = dir.path().join("inbox");
     let _disk = Tmpfs::mount(&inbox, "1m");
     // The free-space guard off: this is about a disk that fills up during the upload.
-    let mut d = door_with_top(
+    let mut d = common::door(
         "min_free_space = 0",
         "",
         &format!("inbox = \"{}\"", inbox.display()),
@@ -574,12 +545,9 @@ fn two_files_with_one_stem_never_overwrite_each_others_answers() {
     });
 }
 
-/// Bytes free on the file system of `path`.
+/// Bytes free on the file system of `path` (the appliance's own measure).
 fn free_bytes(path: &std::path::Path) -> u64 {
-    let c = std::ffi::CString::new(path.to_str().expect("path")).expect("c path");
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0, "statvfs");
-    st.f_bavail as u64 * st.f_frsize as u64
+    smsdrop::disk::free_bytes(path).expect("statvfs")
 }
 
 /// `GET path` on 127.0.0.1:port: (status, body).
@@ -591,7 +559,7 @@ fn http_get(port: u16, path: &str) -> (u16, String) {
 #[test]
 fn below_min_free_space_new_work_waits_and_everything_resumes_when_space_is_back() {
     let metrics = free_port();
-    let mut d = door_with_top(
+    let mut d = common::door(
         "min_free_space = \"100 MiB\"",
         "",
         "",

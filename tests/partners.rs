@@ -572,19 +572,26 @@ fn a_message_without_a_receipt_ends_submitted_after_receipt_timeout() {
     );
 }
 
-#[test]
-fn an_http_partner_takes_messages_and_its_webhook_brings_receipts_and_replies() {
-    let dir = tempfile::tempdir().expect("dir");
+/// The HTTP partner's peer and an appliance routing +33 to it (window 4, `partner_extra`), with
+/// the webhook on a free port, signed with the secret `hook-secret`: (peer, appliance, webhook port).
+fn with_http_api(dir: &std::path::Path, partner_extra: &str) -> (common::Peer, Appliance, u16) {
     let webhook_port = common::free_port();
-    let secret = dir.path().join("webhook.secret");
+    let secret = dir.join("webhook.secret");
     std::fs::write(&secret, "hook-secret\n").expect("secret");
-    let mut api = common::Peer::http_api(dir.path(), &format!("http://127.0.0.1:{webhook_port}/smsdrop"), &secret);
-    let mut app = Appliance::new(&format!(
-        "{}\n[partner.web]\nkind = \"http\"\nurl = \"http://127.0.0.1:{}/sms\"\ntoken_file = \"web.token\"\nwindow = 4\nwebhook_listen = \"127.0.0.1:{webhook_port}\"\nwebhook_secret_file = \"{}\"\n\n[[route]]\nprefix = \"+33\"\npartners = [\"web\"]\n",
+    let api = common::Peer::http_api(dir, &format!("http://127.0.0.1:{webhook_port}/smsdrop"), &secret);
+    let app = Appliance::new(&format!(
+        "{}\n[partner.web]\nkind = \"http\"\nurl = \"http://127.0.0.1:{}/sms\"\nwindow = 4\nwebhook_listen = \"127.0.0.1:{webhook_port}\"\nwebhook_secret_file = \"{}\"\n{partner_extra}\n\n[[route]]\nprefix = \"+33\"\npartners = [\"web\"]\n",
         tenant("acme", ""),
         api.port,
         secret.display()
     ));
+    (api, app, webhook_port)
+}
+
+#[test]
+fn an_http_partner_takes_messages_and_its_webhook_brings_receipts_and_replies() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (mut api, mut app, _) = with_http_api(dir.path(), "token_file = \"web.token\"");
     std::fs::write(app.path("web.token"), "api-token\n").expect("token");
     app.start();
     let unicode = "Привет 😀, à bientôt";
@@ -773,16 +780,7 @@ fn unreadable_and_unknown_receipts_are_acknowledged_and_kept_within_bounds() {
 #[test]
 fn slow_webhook_clients_from_one_address_leave_room_for_receipts_and_a_replay_is_kept_once() {
     let dir = tempfile::tempdir().expect("dir");
-    let webhook_port = common::free_port();
-    let secret = dir.path().join("webhook.secret");
-    std::fs::write(&secret, "hook-secret\n").expect("secret");
-    let mut api = common::Peer::http_api(dir.path(), &format!("http://127.0.0.1:{webhook_port}/smsdrop"), &secret);
-    let mut app = Appliance::new(&format!(
-        "{}\n[partner.web]\nkind = \"http\"\nurl = \"http://127.0.0.1:{}/sms\"\nwindow = 4\nwebhook_listen = \"127.0.0.1:{webhook_port}\"\nwebhook_secret_file = \"{}\"\n\n[[route]]\nprefix = \"+33\"\npartners = [\"web\"]\n",
-        tenant("acme", ""),
-        api.port,
-        secret.display()
-    ));
+    let (mut api, mut app, webhook_port) = with_http_api(dir.path(), "");
     app.start();
     // 100 connections from 127.0.0.2 that send half a request head and then a byte a second.
     let slow = std::process::Command::new(common::venv_python())

@@ -5,36 +5,16 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Appliance, client_key, free_port, sftp_batch, tenant, wait_for};
+use common::{Door, client_key, free_port, sftp_batch, tenant, wait_for};
 
-struct Door {
-    app: Appliance,
-    port: u16,
-    key: std::path::PathBuf,
-}
-
-/// An appliance with `[sftp]` and tenant acme holding one Ed25519 key.
+/// An appliance with `[sftp]` (login deadline 3 s) and tenant acme holding one Ed25519 key.
 fn door(extra_tenant: &str) -> Door {
     door_with(extra_tenant, "")
 }
 
 /// [`door`], with more `[sftp]` keys.
 fn door_with(extra_tenant: &str, extra_sftp: &str) -> Door {
-    let port = free_port();
-    let keys = tempfile::tempdir().expect("dir");
-    let (key_in_temp, public) = client_key(keys.path(), "id_acme", "ed25519");
-    let app = Appliance::new_with(
-        "",
-        &format!(
-            "{}\n[sftp]\nlisten = \"127.0.0.1:{port}\"\nlogin_deadline = \"3s\"\n{extra_sftp}\n",
-            tenant("acme", &format!("keys = [\"{public}\"]\n{extra_tenant}"))
-        ),
-    );
-    // Keep the key beside the appliance, which outlives this function.
-    let key = app.path("id_acme");
-    std::fs::copy(&key_in_temp, &key).expect("copy key");
-    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
-    Door { app, port, key }
+    common::door("", &format!("login_deadline = \"3s\"\n{extra_sftp}"), extra_tenant, "")
 }
 
 /// An interactive `sftp` session of acme, held open by a stdin that stays open.

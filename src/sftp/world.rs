@@ -638,7 +638,7 @@ fn write_failure(e: &std::io::Error) -> (&'static str, &'static str) {
 
 fn io_reply(e: &std::io::Error) -> StatusReply {
     match e.raw_os_error() {
-        Some(libc::ENOSPC) | Some(libc::EDQUOT) => refused(StatusCode::Failure, "no space left on the server"),
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => refused(StatusCode::Failure, write_failure(e).1),
         Some(libc::EMFILE) | Some(libc::ENFILE) => refused(StatusCode::Failure, "server busy: too many open files"),
         _ => io_code(e).into(),
     }

@@ -1,5 +1,7 @@
 //! The encrypted durable queue: batches, their messages and statuses, scheduled sends, files
-//! already seen, opt-out lists. Backed by redb (see NOTES.md for why not sled).
+//! already seen, opt-out lists. Backed by redb: ACID transactions across tables, an `fdatasync`
+//! before `commit()` returns, and freed pages reused under a queue's insert-then-delete load
+//! (sled, the other candidate, syncs only in the background and did not reclaim that space).
 //!
 //! Nothing outside this module sees redb's types. Every value is sealed with its tenant's key
 //! (`crypto`), bound to its table and record key. Phone numbers appear only inside sealed values

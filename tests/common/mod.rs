@@ -599,6 +599,33 @@ pub fn test_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     (dir.join("ca.pem"), dir.join("server.pem"), dir.join("server.key"))
 }
 
+/// An appliance with an SFTP server and tenant acme holding one Ed25519 key, and that key.
+pub struct Door {
+    pub app: Appliance,
+    pub port: u16,
+    pub key: PathBuf,
+}
+
+/// A [`Door`]: top-level keys `top`, tenant acme (plus `acme_extra`), `tables`, then `[sftp]` on
+/// a free port (plus `sftp_extra`).
+pub fn door(top: &str, sftp_extra: &str, acme_extra: &str, tables: &str) -> Door {
+    let port = free_port();
+    let keys = tempfile::tempdir().expect("dir");
+    let (key_in_temp, public) = client_key(keys.path(), "id_acme", "ed25519");
+    let app = Appliance::new_with(
+        top,
+        &format!(
+            "{}{tables}\n[sftp]\nlisten = \"127.0.0.1:{port}\"\n{sftp_extra}\n",
+            tenant("acme", &format!("keys = [\"{public}\"]\n{acme_extra}"))
+        ),
+    );
+    // Keep the key beside the appliance, which outlives this function.
+    let key = app.path("id_acme");
+    std::fs::copy(&key_in_temp, &key).expect("copy key");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+    Door { app, port, key }
+}
+
 /// A client key made by OpenSSH's ssh-keygen: (private key path, public key line).
 pub fn client_key(dir: &Path, name: &str, kind: &str) -> (PathBuf, String) {
     let path = dir.join(name);

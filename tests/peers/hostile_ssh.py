@@ -187,6 +187,12 @@ if mode == "badpackets":
             body += more
         return body
 
+    def status(r):
+        # an SSH_FXP_STATUS: type, request id, status code
+        if not r:
+            return "closed"
+        return {"type": r[0], "id": struct.unpack(">I", r[1:5])[0], "code": struct.unpack(">I", r[5:9])[0]}
+
     result = {}
     c.sendall(packet(1, struct.pack(">I", 3)))  # INIT v3
     v = read_packet()
@@ -196,14 +202,14 @@ if mode == "badpackets":
     c.sendall(packet(6, body))
     try:
         r = read_packet()
-        result["malformed_write"] = {"type": r[0], "id": struct.unpack(">I", r[1:5])[0], "code": struct.unpack(">I", r[5:9])[0]} if r else "closed"
+        result["malformed_write"] = status(r)
     except socket.timeout:
         result["malformed_write"] = "no answer"
     # An over-long packet: length 0x7fffffff, then the start of a READ with id 9
     c.sendall(struct.pack(">IBI", 0x7FFFFFFF, 5, 9))
     try:
         r = read_packet()
-        result["overlong"] = {"type": r[0], "id": struct.unpack(">I", r[1:5])[0], "code": struct.unpack(">I", r[5:9])[0]} if r else "closed"
+        result["overlong"] = status(r)
     except socket.timeout:
         result["overlong"] = "no answer"
     try:

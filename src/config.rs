@@ -679,6 +679,30 @@ impl Validator<'_> {
         if p.is_absolute() { p } else { self.base_dir().join(p) }
     }
 
+    /// A size written as a number of bytes or as text (`"100 MiB"`), within `range`; `default`
+    /// when absent, and a problem saying `expected` when it does not read or is out of range.
+    fn size(
+        &mut self,
+        raw: Option<&Spanned<RawSize>>,
+        key: &str,
+        default: u64,
+        range: (u64, u64),
+        expected: &str,
+    ) -> u64 {
+        let Some(raw) = raw else { return default };
+        let bytes = match raw.get_ref() {
+            RawSize::Bytes(n) => u64::try_from(*n).ok(),
+            RawSize::Text(t) => t.parse::<bytesize::ByteSize>().ok().map(|b| b.as_u64()),
+        };
+        match bytes {
+            Some(b) if (range.0..=range.1).contains(&b) => b,
+            _ => {
+                self.problem(&raw.span(), key, expected);
+                default
+            }
+        }
+    }
+
     fn duration(
         &mut self,
         raw: Option<&Spanned<String>>,
@@ -763,26 +787,13 @@ impl Validator<'_> {
             Duration::from_secs(10),
             (Duration::from_millis(100), Duration::from_secs(3600)),
         );
-        let min_free_space = match &raw.min_free_space {
-            None => DEFAULT_MIN_FREE_SPACE,
-            Some(s) => {
-                let bytes = match s.get_ref() {
-                    RawSize::Bytes(n) => u64::try_from(*n).ok(),
-                    RawSize::Text(t) => t.parse::<bytesize::ByteSize>().ok().map(|b| b.as_u64()),
-                };
-                match bytes {
-                    Some(b) => b,
-                    None => {
-                        self.problem(
-                            &s.span(),
-                            "min_free_space",
-                            "must be a size (a number of bytes or e.g. \"512 MiB\"; 0 turns the guard off)",
-                        );
-                        DEFAULT_MIN_FREE_SPACE
-                    }
-                }
-            }
-        };
+        let min_free_space = self.size(
+            raw.min_free_space.as_ref(),
+            "min_free_space",
+            DEFAULT_MIN_FREE_SPACE,
+            (0, u64::MAX),
+            "must be a size (a number of bytes or e.g. \"512 MiB\"; 0 turns the guard off)",
+        );
 
         let mut partners = BTreeMap::new();
         for (id, p) in &raw.partner {
@@ -1441,26 +1452,13 @@ impl Validator<'_> {
         }
         let max_parts = self.int(t.max_parts.as_ref(), &key("max_parts"), 6, (1, MAX_PARTS_LIMIT));
         let max_lines = self.int(t.max_lines.as_ref(), &key("max_lines"), 1_000_000, (1, MAX_LINES_LIMIT));
-        let max_file_bytes = match &t.max_file_bytes {
-            None => 100 << 20,
-            Some(s) => {
-                let bytes = match s.get_ref() {
-                    RawSize::Bytes(n) => u64::try_from(*n).ok(),
-                    RawSize::Text(t) => t.parse::<bytesize::ByteSize>().ok().map(|b| b.as_u64()),
-                };
-                match bytes {
-                    Some(b) if (1..=MAX_FILE_BYTES_LIMIT).contains(&b) => b,
-                    _ => {
-                        self.problem(
-                            &s.span(),
-                            &key("max_file_bytes"),
-                            "must be a size from 1 byte to 4 GiB (a number of bytes or e.g. \"100 MiB\")",
-                        );
-                        100 << 20
-                    }
-                }
-            }
-        };
+        let max_file_bytes = self.size(
+            t.max_file_bytes.as_ref(),
+            &key("max_file_bytes"),
+            100 << 20,
+            (1, MAX_FILE_BYTES_LIMIT),
+            "must be a size from 1 byte to 4 GiB (a number of bytes or e.g. \"100 MiB\")",
+        );
         let settle = self.duration(
             t.settle.as_ref(),
             &key("settle"),

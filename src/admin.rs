@@ -102,6 +102,21 @@ pub enum Request {
 }
 
 impl Request {
+    /// Whether the command only reads the store (and may be answered again after a reopening).
+    fn reads_only(&self) -> bool {
+        matches!(
+            self,
+            Request::Status
+                | Request::BlocklistList { .. }
+                | Request::BatchList { .. }
+                | Request::BatchShow { .. }
+                | Request::SubjectExport { .. }
+                | Request::AuditVerify
+                | Request::KeyStatus
+                | Request::AuditExport { .. }
+        )
+    }
+
     /// The command's name in the audit log.
     fn name(&self) -> &'static str {
         match self {
@@ -184,7 +199,17 @@ pub enum AdminError {
 /// which tenant, batch or number (as its keyed hash), and whether it worked.
 pub fn handle(ctx: &AdminContext, request: &Request, actor: &str) -> Result<Vec<u8>, AdminError> {
     let mut event = Event::new(&format!("admin.{}", request.name()), actor);
-    let result = answer(ctx, request, &mut event);
+    let mut result = answer(ctx, request, &mut event);
+    // A write elsewhere failed for want of space and latched the store: a command that only
+    // reads does not wait for the disk watch to open it again.
+    if matches!(&result, Err(AdminError::Store(e)) if e.is_latched())
+        && request.reads_only()
+        && ctx.store.recover() != crate::store::Recovery::Waiting
+    {
+        let mut again = Event::new(&format!("admin.{}", request.name()), actor);
+        result = answer(ctx, request, &mut again);
+        event = again;
+    }
     event
         .detail("result", if result.is_ok() { "ok" } else { "failed" })
         .record(&ctx.audit);

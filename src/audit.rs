@@ -103,48 +103,160 @@ impl Audit {
     }
 }
 
+/// Most events held in memory while the store cannot take them (a full disk): beyond it, further
+/// events are kept only as a count per action, appended as one `audit.overflow` event when the
+/// store takes writes again. While any are held, no new work is taken ([`backlogged`]).
+const HELD_MAX: usize = 50_000;
+
+/// Set while events wait for the store.
+static BACKLOG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether audit events are waiting for the store to take writes again.
+pub fn backlogged() -> bool {
+    BACKLOG.load(std::sync::atomic::Ordering::Acquire)
+}
+
 /// The task that appends queued events.
 pub struct AuditWriter {
     store: Store,
     rx: mpsc::UnboundedReceiver<AuditEvent>,
 }
 
+/// Events not written yet, in order, and those past [`HELD_MAX`] counted by action.
+#[derive(Default)]
+struct Held {
+    events: Vec<AuditEvent>,
+    overflow: std::collections::BTreeMap<String, u64>,
+}
+
+impl Held {
+    fn push(&mut self, event: AuditEvent) {
+        if self.events.len() < HELD_MAX {
+            self.events.push(event);
+        } else {
+            *self.overflow.entry(event.action).or_default() += 1;
+        }
+    }
+
+    /// The next group to append: held events first, then the overflow count.
+    fn group(&mut self) -> Vec<AuditEvent> {
+        let n = self.events.len().min(GROUP);
+        let mut group: Vec<AuditEvent> = self.events.drain(..n).collect();
+        if self.events.is_empty() && !self.overflow.is_empty() && group.len() < GROUP {
+            let mut e = Event::new("audit.overflow", "smsdrop").detail(
+                "why",
+                "the store could not take writes and more events came than could be held",
+            );
+            for (action, n) in std::mem::take(&mut self.overflow) {
+                e.push(&action, n);
+            }
+            group.push(e.0);
+        }
+        group
+    }
+
+    fn put_back(&mut self, group: Vec<AuditEvent>) {
+        let mut rest = std::mem::replace(&mut self.events, group);
+        self.events.append(&mut rest);
+        // An overflow event put back is counted again when taken next.
+        if let Some(pos) = self
+            .events
+            .iter()
+            .position(|e| e.action == "audit.overflow" && e.actor == "smsdrop")
+        {
+            let e = self.events.remove(pos);
+            for (k, v) in e.details {
+                if let Ok(v) = v.parse::<u64>() {
+                    *self.overflow.entry(k).or_default() += v;
+                }
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.overflow.is_empty()
+    }
+}
+
 impl AuditWriter {
-    /// Appends until `stop`, then whatever is still queued.
+    /// Appends until `stop`, then whatever is still queued. Events the store cannot take (a full
+    /// disk) are held and tried again, every second at first, then up to every 30 s.
     pub async fn run(mut self, stop: CancellationToken) {
+        let mut held = Held::default();
+        let mut retry = std::time::Duration::from_secs(1);
         loop {
-            let first = tokio::select! {
-                biased;
-                e = self.rx.recv() => match e {
-                    Some(e) => e,
-                    None => break,
-                },
-                _ = stop.cancelled() => break,
-            };
-            let mut group = vec![first];
-            while group.len() < GROUP {
+            if held.is_empty() {
+                tokio::select! {
+                    biased;
+                    e = self.rx.recv() => match e {
+                        Some(e) => held.push(e),
+                        None => break,
+                    },
+                    _ = stop.cancelled() => break,
+                }
+            }
+            while held.events.len() < GROUP {
                 match self.rx.try_recv() {
-                    Ok(e) => group.push(e),
+                    Ok(e) => held.push(e),
                     Err(_) => break,
                 }
             }
-            self.append(group).await;
+            let group = held.group();
+            match self.append(group).await {
+                Ok(()) => {
+                    if held.is_empty() && BACKLOG.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                        tracing::info!("the audit log is written again; every held event is in it");
+                    }
+                    retry = std::time::Duration::from_secs(1);
+                }
+                Err((group, e)) => {
+                    held.put_back(group);
+                    if !BACKLOG.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                        tracing::error!(error = %e, held = held.events.len(), "cannot write the audit log; events are held and no new work is taken until it can");
+                    }
+                    // Wait, taking in what comes meanwhile.
+                    let until = tokio::time::Instant::now() + retry;
+                    retry = (retry * 2).min(std::time::Duration::from_secs(30));
+                    loop {
+                        tokio::select! {
+                            biased;
+                            e = self.rx.recv() => match e {
+                                Some(e) => held.push(e),
+                                None => break,
+                            },
+                            _ = stop.cancelled() => break,
+                            _ = tokio::time::sleep_until(until) => break,
+                        }
+                    }
+                    if stop.is_cancelled() {
+                        break;
+                    }
+                }
+            }
         }
         self.rx.close();
-        let mut rest = Vec::new();
         while let Ok(e) = self.rx.try_recv() {
-            rest.push(e);
+            held.push(e);
         }
-        self.append(rest).await;
+        while !held.is_empty() {
+            let group = held.group();
+            if let Err((group, e)) = self.append(group).await {
+                held.put_back(group);
+                tracing::error!(error = %e, events = held.events.len(), "cannot write the audit log at shutdown; these events are not kept");
+                break;
+            }
+        }
     }
 
-    async fn append(&self, group: Vec<AuditEvent>) {
+    async fn append(&self, group: Vec<AuditEvent>) -> Result<(), (Vec<AuditEvent>, crate::store::StoreError)> {
         if group.is_empty() {
-            return;
+            return Ok(());
         }
-        let n = group.len();
-        if let Err(e) = self.store.blocking(move |s| s.audit(&group)).await {
-            tracing::error!(error = %e, events = n, "cannot write the audit log; these events are lost");
+        let group = std::sync::Arc::new(group);
+        let g = group.clone();
+        match self.store.blocking(move |s| s.audit(&g)).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err((std::sync::Arc::try_unwrap(group).unwrap_or_else(|a| (*a).clone()), e)),
         }
     }
 }
@@ -174,4 +286,51 @@ pub fn entry_json(entry: &AuditEntry) -> String {
         "prev": prev,
     })
     .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(action: &str) -> AuditEvent {
+        Event::new(action, "test").0
+    }
+
+    #[test]
+    fn held_events_keep_their_order_and_past_the_bound_are_counted_not_dropped() {
+        let mut held = Held::default();
+        for i in 0..HELD_MAX + 3 {
+            held.push(event(if i < HELD_MAX { "sftp.login" } else { "sftp.refused" }));
+        }
+        assert_eq!(held.events.len(), HELD_MAX);
+        assert_eq!(held.overflow.get("sftp.refused"), Some(&3));
+        held.push(event("late")); // counted: still full
+        // A group that fails goes back in front, in order.
+        let first = held.group();
+        assert_eq!(first.len(), GROUP);
+        held.put_back(first.clone());
+        assert_eq!(held.events.len(), HELD_MAX);
+        assert_eq!(held.events[..GROUP], first[..]);
+        // Drained to the end, the overflow comes last as one event with the counts.
+        let mut all = Vec::new();
+        while !held.is_empty() {
+            all.extend(held.group());
+        }
+        assert_eq!(all.len(), HELD_MAX + 1);
+        let last = all.last().expect("overflow event");
+        assert_eq!(last.action, "audit.overflow");
+        assert!(last.details.contains(&("sftp.refused".to_string(), "3".to_string())));
+        assert!(last.details.contains(&("late".to_string(), "1".to_string())));
+    }
+
+    #[test]
+    fn an_overflow_event_put_back_is_counted_again_not_twice() {
+        let mut held = Held::default();
+        held.overflow.insert("x".into(), 2);
+        let group = held.group();
+        assert_eq!(group.len(), 1);
+        held.put_back(group);
+        assert!(held.events.is_empty());
+        assert_eq!(held.overflow.get("x"), Some(&2));
+    }
 }

@@ -7,6 +7,10 @@
 //! `disk_low` alert goes out once per episode. An SFTP upload is also refused when the inbox's own
 //! file system is low. Everything resumes by itself when space comes back, which is logged.
 //! Uploads whose writes fail anyway are never published (`sftp::world`).
+//!
+//! The same look also heals the store: a write that failed for want of space latches redb's
+//! database into refusing every later transaction, and [`Store::recover`] opens it again (once
+//! space allows), so nothing waits for a restart.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,11 +20,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::alert::{Alert, AlertKind, Alerter};
 use crate::reload::Live;
+use crate::store::{Recovery, Store};
 
 /// How often free space is looked at.
 pub const EVERY: Duration = Duration::from_secs(1);
 
 static LOW: AtomicBool = AtomicBool::new(false);
+/// The store failed and is not open again yet.
+static HEALING: AtomicBool = AtomicBool::new(false);
 static FREE: AtomicU64 = AtomicU64::new(u64::MAX);
 
 /// Bytes free for an unprivileged writer on the file system of `path`.
@@ -35,9 +42,29 @@ pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
     Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
-/// Whether space under `state_dir` is below `min_free_space` (as last looked at).
+/// Whether space under `state_dir` is below `min_free_space` (as last looked at), the store
+/// failed for want of it and is not open again yet, or audit events wait for the store: in each
+/// case no new work is taken.
 pub fn is_low() -> bool {
-    LOW.load(Ordering::Acquire)
+    why_paused().is_some()
+}
+
+/// Why new work waits, if it does.
+pub fn why_paused() -> Option<&'static str> {
+    if LOW.load(Ordering::Acquire) {
+        Some("disk low: free space under state_dir is below min_free_space")
+    } else if HEALING.load(Ordering::Acquire) {
+        Some("the store had an I/O error and is not open again yet")
+    } else if crate::audit::backlogged() {
+        Some("audit events wait for the store to take writes")
+    } else {
+        None
+    }
+}
+
+/// Whether the store has failed and is waiting to be opened again: work that needs it waits.
+pub fn store_failed() -> bool {
+    HEALING.load(Ordering::Acquire)
 }
 
 /// Free bytes under `state_dir`, as last looked at.
@@ -54,6 +81,7 @@ pub fn upload_allowed(inbox: &Path, min: u64) -> bool {
 /// Watches `state_dir` until `shutdown`.
 pub struct DiskWatch {
     pub config: Live,
+    pub store: Store,
     pub alerts: Alerter,
 }
 
@@ -64,7 +92,15 @@ impl DiskWatch {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tick.tick() => self.look(),
+                _ = tick.tick() => {
+                    self.look();
+                    let store = self.store.clone();
+                    if let Ok(Recovery::Waiting) = tokio::task::spawn_blocking(move || store.recover()).await {
+                        HEALING.store(true, Ordering::Release);
+                    } else {
+                        HEALING.store(false, Ordering::Release);
+                    }
+                }
             }
         }
     }

@@ -353,6 +353,18 @@ impl Exporter {
             "Bytes of the store's file in use (the rest is free pages, reused)",
             used,
         );
+        counter(
+            &mut registry,
+            "store_reopened",
+            "Times the store was opened again after an I/O error (a full disk) since start",
+            self.store.reopened(),
+        );
+        gauge(
+            &mut registry,
+            "disk_free_bytes",
+            "Free bytes under state_dir, as last looked at",
+            crate::disk::free(),
+        );
         let (anonymized, deleted, deleted_batches, _) = self.store.sweep_totals()?;
         counter(
             &mut registry,
@@ -412,7 +424,8 @@ impl Exporter {
                 Ok(_) if crate::disk::is_low() => text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!(
-                        "disk low: {} MiB free under state_dir, below min_free_space\n",
+                        "{} ({} MiB free under state_dir)\n",
+                        crate::disk::why_paused().unwrap_or("paused"),
                         crate::disk::free() >> 20
                     ),
                     "text/plain",

@@ -352,36 +352,46 @@ impl ReportWriter {
     pub async fn run(self, mut done: mpsc::UnboundedReceiver<u64>, shutdown: CancellationToken) {
         let mut last: std::collections::HashMap<u64, std::time::Instant> = Default::default();
         // Final reports missed by a crash are written at start.
-        self.catch_up().await;
+        let mut missed = !self.catch_up().await;
+        // One that could not be written (a full outbox) is tried again every 5 s.
+        let mut retry = tokio::time::interval(Duration::from_secs(5));
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some(id) = done.recv() => {
                     last.remove(&id);
-                    self.final_report(id).await;
+                    missed |= !self.final_report(id).await;
                 }
                 _ = tick.tick() => {
                     self.periodic(&mut last).await;
                     self.replies().await;
                 }
+                _ = retry.tick(), if missed => missed = !self.catch_up().await,
             }
         }
     }
 
-    async fn catch_up(&self) {
+    /// Writes every final report not written yet; `false` when one of them could not be.
+    async fn catch_up(&self) -> bool {
         let store = self.store.clone();
         let batches = tokio::task::spawn_blocking(move || store.batches(None)).await;
-        if let Ok(Ok(batches)) = batches {
-            for b in batches {
-                if b.state == crate::store::records::BatchState::Done && !b.report_final && b.accepted > 0 {
-                    self.final_report(b.id).await;
+        let mut all = true;
+        match batches {
+            Ok(Ok(batches)) => {
+                for b in batches {
+                    if b.state == crate::store::records::BatchState::Done && !b.report_final && b.accepted > 0 {
+                        all &= self.final_report(b.id).await;
+                    }
                 }
             }
+            _ => all = false,
         }
+        all
     }
 
-    async fn final_report(&self, id: u64) {
+    /// Writes a batch's final report; `false` when it could not (tried again later).
+    async fn final_report(&self, id: u64) -> bool {
         let store = self.store.clone();
         let config = self.config.get();
         let res = tokio::task::spawn_blocking(move || -> Result<(), ReplyError> {
@@ -394,8 +404,13 @@ impl ReportWriter {
         })
         .await;
         if let Ok(Err(e)) | Err(e) = res.map_err(|e| ReplyError::Io(io::Error::other(e))) {
-            tracing::error!(batch = id, error = %e, "cannot write the final report; will retry at next start");
+            static THROTTLE: crate::limits::Throttle = crate::limits::Throttle::new(Duration::from_secs(60));
+            if let Some(held) = THROTTLE.allow(&id.to_string()) {
+                tracing::error!(batch = id, error = %e, "cannot write the final report; tried again every 5 s ({held} more failures not logged)");
+            }
+            return false;
         }
+        true
     }
 
     async fn replies(&self) {

@@ -235,6 +235,7 @@ pub async fn run(
     {
         let watch = crate::disk::DiskWatch {
             config: live.clone(),
+            store: store.clone(),
             alerts: alerter.clone(),
         };
         let stop = workers.clone();
@@ -260,20 +261,31 @@ pub async fn run(
                 audit: &audit,
             };
             let mut queue: std::collections::VecDeque<Claimed> = recovered.into();
+            let mut later = Retries::default();
+            let runtime = tokio::runtime::Handle::current();
             loop {
-                let next = match queue.pop_front() {
+                let next = match queue.pop_front().or_else(|| later.due()) {
                     Some(c) => c,
-                    None => match claimed_rx.blocking_recv() {
-                        Some(c) => c,
-                        None => break,
-                    },
+                    None => {
+                        let wait = later.wait();
+                        match runtime.block_on(tokio::time::timeout(wait, claimed_rx.recv())) {
+                            Ok(Some(c)) => c,
+                            Ok(None) => break,
+                            Err(_) => continue, // a retry is due
+                        }
+                    }
                 };
                 if cancel.load(Ordering::Relaxed) {
                     break;
                 }
                 busy.store(true, Ordering::Relaxed);
-                ingest_one(&ingestor, &live.get(), &next);
+                let failed = !ingest_one(&ingestor, &live.get(), &next);
                 busy.store(false, Ordering::Relaxed);
+                if failed {
+                    later.push(next);
+                } else {
+                    later.done(&next.claim);
+                }
                 wake.poke();
             }
         });
@@ -671,10 +683,57 @@ fn forget_stale_claims(store: &Store, recovered: &[Claimed]) {
     }
 }
 
-fn ingest_one(ingestor: &Ingestor<'_>, config: &Config, claimed: &Claimed) {
+/// Spool files whose ingest failed (the store or the outbox could not be written: a full disk,
+/// say), taken again later, each after 5 s, then twice as long each time up to a minute. Taken
+/// again as after a crash: a batch cut short is discarded, a committed one only published.
+#[derive(Default)]
+struct Retries {
+    waiting: Vec<(std::time::Instant, Claimed)>,
+    delays: std::collections::HashMap<String, Duration>,
+}
+
+impl Retries {
+    const FIRST: Duration = Duration::from_secs(5);
+    const MAX: Duration = Duration::from_secs(60);
+
+    fn push(&mut self, mut claimed: Claimed) {
+        let delay = self.delays.entry(claimed.claim.clone()).or_insert(Self::FIRST / 2);
+        *delay = (*delay * 2).min(Self::MAX);
+        tracing::warn!(
+            tenant = %claimed.tenant, file = %claimed.file_name,
+            "the file stays in the spool and is taken again in {} s", delay.as_secs()
+        );
+        claimed.recovered = true;
+        self.waiting.push((std::time::Instant::now() + *delay, claimed));
+    }
+
+    fn done(&mut self, claim: &str) {
+        self.delays.remove(claim);
+    }
+
+    /// The first retry that is due, if any.
+    fn due(&mut self) -> Option<Claimed> {
+        let now = std::time::Instant::now();
+        let i = self.waiting.iter().position(|(at, _)| *at <= now)?;
+        Some(self.waiting.swap_remove(i).1)
+    }
+
+    /// How long until the next retry is due (a long nap when none waits).
+    fn wait(&self) -> Duration {
+        let now = std::time::Instant::now();
+        self.waiting
+            .iter()
+            .map(|(at, _)| at.saturating_duration_since(now))
+            .min()
+            .unwrap_or(Duration::from_secs(3600))
+    }
+}
+
+/// Ingests one claimed file; `false` when it failed and should be taken again later.
+fn ingest_one(ingestor: &Ingestor<'_>, config: &Config, claimed: &Claimed) -> bool {
     let Some(tenant) = config.tenants.get(&claimed.tenant) else {
         tracing::error!(tenant = %claimed.tenant, file = %claimed.file_name, "spool file of a tenant no longer configured; left in place");
-        return;
+        return true;
     };
     let result = if claimed.recovered {
         ingestor.recover_claim(tenant, &claimed.spool, &claimed.claim, &claimed.file_name)
@@ -686,9 +745,10 @@ fn ingest_one(ingestor: &Ingestor<'_>, config: &Config, claimed: &Claimed) {
         Err(IngestError::Cancelled) => {
             tracing::info!(tenant = %tenant.id, file = %claimed.file_name, "ingest cut short by shutdown; resumed at next start")
         }
-        Err(e) => tracing::error!(
-            tenant = %tenant.id, file = %claimed.file_name, error = %e,
-            "cannot ingest the file; it stays in the spool and is taken again at next start"
-        ),
+        Err(e) => {
+            tracing::error!(tenant = %tenant.id, file = %claimed.file_name, error = %e, "cannot ingest the file");
+            return false;
+        }
     }
+    true
 }

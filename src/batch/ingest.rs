@@ -715,7 +715,7 @@ impl Ingestor<'_> {
     ) -> Result<BatchRecord, IngestError> {
         match self.store.batch_by_claim(claim)? {
             Some(batch) if batch.state == BatchState::Ingesting => {
-                tracing::info!(tenant = %tenant.id, batch = batch.id, file = %file_name, "batch was cut short by a stop; ingesting it again");
+                tracing::info!(tenant = %tenant.id, batch = batch.id, file = %file_name, "batch was cut short (a stop, or a write that failed); ingesting it again");
                 self.store.discard_batch(&batch)?;
                 self.ingest_claimed(tenant, spool, claim, file_name)
             }

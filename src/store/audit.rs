@@ -9,7 +9,7 @@
 //! sealed record of its own, so cutting entries off the end is found too. Only the holder of the
 //! master key can write an entry that opens, so an entry cannot be forged, only damaged.
 
-use redb::{Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{Durability, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use super::{Result, Store, StoreError, encode, open_record};

@@ -26,8 +26,8 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use redb::{
-    Database, Key, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
-    TableHandle, Value, WriteTransaction,
+    Database, Key, ReadTransaction, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle, Value,
+    WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
 
@@ -435,6 +435,17 @@ impl<R: Read> BackupReader<R> {
     }
 }
 
+/// Reads a whole backup without restoring it: the number of data frames, or why it is refused
+/// (not a backup, cut short, changed, forged, bytes after its end).
+pub fn verify(input: impl Read, keys: &crate::crypto::Keyring) -> std::result::Result<u64, BackupError> {
+    let mut reader = BackupReader::new(input, keys)?;
+    let mut frames = 0;
+    while reader.next()?.is_some() {
+        frames += 1;
+    }
+    Ok(frames)
+}
+
 /// One raw frame: (kind, sealed bytes); `None` at a clean end of input.
 pub fn read_frame(input: &mut impl Read) -> std::result::Result<Option<(u8, Vec<u8>)>, BackupError> {
     let mut head = [0u8; 5];
@@ -544,7 +555,7 @@ fn restore_into(
 ) -> std::result::Result<BackupSummary, BackupError> {
     let mut reader = BackupReader::new(io::BufReader::with_capacity(1 << 20, input), &keys)?;
     let db = Database::builder().create(path).map_err(StoreError::from)?;
-    let store = Store::with_database(db, keys.clone(), path.parent().unwrap_or(Path::new(".")))?;
+    let store = Store::with_database(db, path, keys.clone(), path.parent().unwrap_or(Path::new(".")))?;
     let mut summary = BackupSummary::default();
     let mut kept_files = Vec::new();
     while let Some(frame) = reader.next()? {

@@ -1,7 +1,7 @@
 //! Banned source addresses of the SFTP defender, so bans survive a restart. Addresses are
 //! sealed; an entry is found by a keyed hash of the address.
 
-use redb::{Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{Durability, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use super::{Result, Store, encode, open_record};

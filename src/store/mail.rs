@@ -117,7 +117,7 @@ impl Store {
     /// Mails whose time has come, oldest first.
     pub fn due_mails(&self, now: i64, limit: usize) -> Result<Vec<(u64, MailRecord)>> {
         let keys = self.keys.system();
-        let tx = redb::ReadableDatabase::begin_read(self.db.as_ref())?;
+        let tx = self.db.begin_read()?;
         let table = tx.open_table(MAIL)?;
         let mut out = Vec::new();
         for entry in table.iter()? {
@@ -136,7 +136,7 @@ impl Store {
 
     /// Mails still waiting.
     pub fn pending_mails(&self) -> Result<u64> {
-        let tx = redb::ReadableDatabase::begin_read(self.db.as_ref())?;
+        let tx = self.db.begin_read()?;
         Ok(redb::ReadableTableMetadata::len(&tx.open_table(MAIL)?)?)
     }
 

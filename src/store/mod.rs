@@ -33,6 +33,7 @@ pub use traffic::Traffic;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction,
@@ -96,6 +97,8 @@ pub enum StoreError {
         key: String,
         source: postcard::Error,
     },
+    #[error("the database had an I/O error and is being opened again")]
+    Reopening,
     #[error("keys: {0}")]
     Keys(#[from] crate::crypto::KeyError),
     #[error("no batch {0}")]
@@ -133,12 +136,23 @@ impl From<redb::DatabaseError> for StoreError {
     }
 }
 
+impl StoreError {
+    /// Whether this is the database refusing work after an earlier I/O error (it does until it
+    /// is opened again: [`Store::recover`]).
+    pub fn is_latched(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Database(redb::Error::PreviousIo) | StoreError::Reopening
+        )
+    }
+}
+
 pub type Result<T> = std::result::Result<T, StoreError>;
 
 /// The queue and everything around it. Cheap to clone; safe to share between threads.
 #[derive(Clone)]
 pub struct Store {
-    pub(crate) db: Arc<Database>,
+    pub(crate) db: Arc<Db>,
     pub(crate) keys: Arc<Keyring>,
     /// The folder the database is in (`state_dir`).
     dir: Arc<std::path::PathBuf>,
@@ -324,17 +338,138 @@ pub(crate) fn chunk_key(batch: u64, chunk: u32) -> [u8; 12] {
     k
 }
 
+/// The open database, and its reopening after an I/O error.
+///
+/// redb latches the first failed write (a full disk, say): from then on every transaction of that
+/// `Database` fails with "Previous I/O error occurred" until it is opened again. [`Db::recover`]
+/// does that in place, so the service heals by itself when space comes back. What was committed
+/// before the failure is on the disk; a transaction that failed was never acknowledged to anyone
+/// (ingest answers only after its commit, dispatch steps wait in the dispatch log and are
+/// applied again).
+pub(crate) struct Db {
+    path: std::path::PathBuf,
+    /// `None` only while it is being reopened (or could not be yet).
+    slot: std::sync::RwLock<Option<Arc<Database>>>,
+    /// How many times it was reopened.
+    reopened: AtomicU64,
+}
+
+/// What [`Db::recover`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// Nothing to do.
+    Healthy,
+    /// It had failed and is open again.
+    Reopened,
+    /// It has failed and cannot be opened again yet (the disk is still full, a transaction of the
+    /// failed one is still running); tried again at the next call.
+    Waiting,
+}
+
+impl Db {
+    fn create(path: &Path) -> Result<Database> {
+        let mut builder = Database::builder();
+        builder.set_cache_size(CACHE_BYTES);
+        Ok(builder.create(path)?)
+    }
+
+    fn get(&self) -> Result<Arc<Database>> {
+        let slot = self.slot.read().unwrap_or_else(|e| e.into_inner());
+        slot.clone().ok_or(StoreError::Reopening)
+    }
+
+    pub(crate) fn begin_read(&self) -> Result<redb::ReadTransaction> {
+        Ok(self.get()?.begin_read()?)
+    }
+
+    pub(crate) fn begin_write(&self) -> Result<WriteTransaction> {
+        Ok(self.get()?.begin_write()?)
+    }
+
+    /// Whether the open database has latched an I/O error (a write transaction that could start
+    /// now would fail at once). A running writer hides it until it ends: it is looked at again.
+    fn failed(&self) -> bool {
+        let Ok(db) = self.get() else { return true };
+        matches!(
+            db.try_begin_write(),
+            Err(redb::TransactionError::Storage(
+                redb::StorageError::PreviousIo | redb::StorageError::Io(_)
+            ))
+        )
+    }
+
+    /// Reopens the database if it has failed. Cheap when it has not (one write transaction begun
+    /// and dropped, without waiting for another one).
+    pub(crate) fn recover(&self) -> Recovery {
+        if !self.failed() {
+            return Recovery::Healthy;
+        }
+        let mut slot = self.slot.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = slot.take() {
+            match Arc::try_unwrap(old) {
+                // Closing releases the file and its lock at once (a write transaction still
+                // running holds them until it ends: the open below then waits for a later call).
+                Ok(db) => {
+                    if let Err(e) = db.close() {
+                        tracing::debug!(error = %e, "closing the failed database");
+                    }
+                }
+                // Someone is between taking the handle and beginning a transaction: later.
+                Err(old) => {
+                    *slot = Some(old);
+                    return Recovery::Waiting;
+                }
+            }
+        }
+        match Db::create(&self.path) {
+            Ok(db) => {
+                *slot = Some(Arc::new(db));
+                self.reopened.fetch_add(1, Ordering::Relaxed);
+                Recovery::Reopened
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "the database does not open again yet");
+                Recovery::Waiting
+            }
+        }
+    }
+}
+
 impl Store {
     /// Opens (or creates) the database in `state_dir`, repairing it after a crash.
     pub fn open(state_dir: &Path, keys: Arc<Keyring>) -> Result<Store> {
-        let mut builder = Database::builder();
-        builder.set_cache_size(CACHE_BYTES);
-        let db = builder.create(state_dir.join(DB_FILE))?;
-        Store::with_database(db, keys, state_dir)
+        let path = state_dir.join(DB_FILE);
+        Store::with_database(Db::create(&path)?, &path, keys, state_dir)
+    }
+
+    /// Reopens the database if an I/O error has latched it (see [`Db`]); called every second by
+    /// the disk watch. Logs what it did.
+    pub fn recover(&self) -> Recovery {
+        let r = self.db.recover();
+        match r {
+            Recovery::Healthy => {}
+            Recovery::Reopened => {
+                static THROTTLE: crate::limits::Throttle =
+                    crate::limits::Throttle::new(std::time::Duration::from_secs(60));
+                if let Some(held) = THROTTLE.allow("reopened") {
+                    tracing::warn!(
+                        times = self.reopened(),
+                        "the database had an I/O error and is open again; work goes on ({held} more such reopenings not logged)"
+                    )
+                }
+            }
+            Recovery::Waiting => tracing::debug!("the database had an I/O error; reopening it later"),
+        }
+        r
+    }
+
+    /// How many times the database was reopened after an I/O error since start.
+    pub fn reopened(&self) -> u64 {
+        self.db.reopened.load(Ordering::Relaxed)
     }
 
     /// A store on an opened database, its tables made if they are not there yet.
-    fn with_database(db: Database, keys: Arc<Keyring>, dir: &Path) -> Result<Store> {
+    fn with_database(db: Database, path: &Path, keys: Arc<Keyring>, dir: &Path) -> Result<Store> {
         let tx = db.begin_write()?;
         tx.open_table(META)?;
         tx.open_table(BATCHES)?;
@@ -357,7 +492,11 @@ impl Store {
         tx.commit()?;
         let forms = receipts::FormBook::load(&db)?;
         Ok(Store {
-            db: Arc::new(db),
+            db: Arc::new(Db {
+                path: path.to_path_buf(),
+                slot: std::sync::RwLock::new(Some(Arc::new(db))),
+                reopened: AtomicU64::new(0),
+            }),
             keys,
             dir: Arc::new(dir.to_path_buf()),
             wal_announced: Default::default(),

@@ -8,7 +8,7 @@
 //! send: it does not grow with traffic. A reply leaves the store once the file holding it is
 //! synced and renamed into the outbox.
 
-use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use super::{BLOCKLIST, META, Result, Store, encode, open_record, tenant_key, tenant_range};

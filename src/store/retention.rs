@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 
-use redb::{Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{Durability, ReadableTable, TableDefinition, WriteTransaction};
 
 use super::records::{BatchState, CHUNK_MESSAGES, StoredMessage, message_id};
 use super::{BATCHES, CHUNKS, META, Result, STATUSES, Store, chunk_key, encode, open_record, open_status};

@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 
-use redb::{Durability, ReadableDatabase, ReadableTable};
+use redb::{Durability, ReadableTable};
 use serde::Serialize;
 
 use super::records::{BlockEntry, CHUNK_MESSAGES, StatusRecord, StoredMessage, message_id};

@@ -124,25 +124,7 @@ impl Wal {
                 File::open(dir)?.sync_all()?;
             }
         }
-        let mut steps: LoggedSteps = Vec::new();
-        let mut at = 0usize;
-        while let Some(header) = data.get(at..at + 12) {
-            let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-            let mut seq_bytes = [0u8; 8];
-            seq_bytes.copy_from_slice(&header[4..12]);
-            let seq = u64::from_le_bytes(seq_bytes);
-            if len == 0 || steps.last().is_some_and(|(last, _)| seq <= *last) {
-                break; // zeros, or what is left of the previous round
-            }
-            let Some(sealed) = data.get(at + 12..at + 12 + len).filter(|_| len <= MAX_RECORD) else {
-                break;
-            };
-            let Ok(plain) = keys.open("wal", &seq.to_be_bytes(), sealed) else {
-                break; // cut short by a crash: never acknowledged
-            };
-            steps.push((seq, plain));
-            at += 12 + len;
-        }
+        let (steps, at) = read_records(&data, keys);
         let round = Round {
             file,
             path: path.to_path_buf(),
@@ -168,10 +150,7 @@ impl Wal {
         let mut records = Vec::with_capacity(steps.iter().map(|(_, p)| 12 + p.len() + 64).sum());
         for (seq, plain) in steps {
             (self.announce)(*seq);
-            let sealed = self.keys.seal("wal", &seq.to_be_bytes(), plain);
-            records.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
-            records.extend_from_slice(&seq.to_le_bytes());
-            records.extend_from_slice(&sealed);
+            records.extend_from_slice(&record(&self.keys, *seq, plain));
         }
         let round = &mut self.files[self.current];
         round.file.write_all_at(&records, round.bytes)?;
@@ -203,6 +182,42 @@ impl Wal {
             tracing::debug!(path = %self.files[other].path.display(), "dispatch log goes on in its other file");
         }
     }
+}
+
+/// One record as written: `length (u32 LE) ‖ step number (u64 LE) ‖ sealed step`.
+pub fn record(keys: &TenantKeys, seq: u64, plain: &[u8]) -> Vec<u8> {
+    let sealed = keys.seal("wal", &seq.to_be_bytes(), plain);
+    let mut out = Vec::with_capacity(12 + sealed.len());
+    out.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&sealed);
+    out
+}
+
+/// Reads the records of one file's current round: (step number, plain bytes) in growing order,
+/// and where the round ends. Reading stops at zeros, at a step number that does not grow (what
+/// is left of the previous round), and at a record that does not open (cut short by a crash).
+pub fn read_records(data: &[u8], keys: &TenantKeys) -> (LoggedSteps, usize) {
+    let mut steps: LoggedSteps = Vec::new();
+    let mut at = 0usize;
+    while let Some(header) = data.get(at..at + 12) {
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let mut seq_bytes = [0u8; 8];
+        seq_bytes.copy_from_slice(&header[4..12]);
+        let seq = u64::from_le_bytes(seq_bytes);
+        if len == 0 || steps.last().is_some_and(|(last, _)| seq <= *last) {
+            break; // zeros, or what is left of the previous round
+        }
+        let Some(sealed) = data.get(at + 12..at + 12 + len).filter(|_| len <= MAX_RECORD) else {
+            break;
+        };
+        let Ok(plain) = keys.open("wal", &seq.to_be_bytes(), sealed) else {
+            break; // cut short by a crash: never acknowledged
+        };
+        steps.push((seq, plain));
+        at += 12 + len;
+    }
+    (steps, at)
 }
 
 #[cfg(test)]

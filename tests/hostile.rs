@@ -639,3 +639,138 @@ fn serve_does_not_claim_to_serve_when_its_dispatch_log_cannot_be_made() {
     assert!(err.contains("No space left on device"), "{err}");
     assert!(!err.contains("smsdrop is serving"), "{err}");
 }
+
+/// Fills the file system of `dir` to the last byte (with a file in `dir`), and returns it.
+fn fill_to_the_brim(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let filler = dir.join("filler");
+    let mut f = std::fs::File::create(&filler).expect("filler");
+    let chunk = vec![0u8; 1 << 16];
+    while f.write_all(&chunk).is_ok() {}
+    while f.write_all(&[0u8]).is_ok() {}
+    assert!(free_bytes(dir) < 1 << 16, "the disk is full");
+    filler
+}
+
+#[test]
+fn a_store_that_failed_on_a_full_disk_heals_by_itself_and_nothing_acknowledged_is_lost() {
+    let metrics = free_port();
+    // The free-space guard off: this is about the writes that fail when the disk is full.
+    // The outbox on another file system: what fails here is the store.
+    let outbox = tempfile::tempdir().expect("outbox");
+    let mut app = Appliance::new_with(
+        "min_free_space = 0",
+        &format!(
+            "{}\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n",
+            tenant("acme", &format!("outbox = \"{}\"", outbox.path().display()))
+        ),
+    );
+    let state = app.state_dir();
+    let _disk = Tmpfs::mount(&state, "128m");
+    app.start();
+    // One batch acknowledged before the disk fills.
+    let before = app.inbox("acme").join(".before.tmp");
+    std::fs::write(&before, "phone;message\n0612345670;Before\n").expect("write");
+    std::fs::rename(&before, app.inbox("acme").join("before.csv")).expect("into the inbox");
+    let first = app.wait_file(&outbox.path().join("before.result.csv"), Duration::from_secs(30));
+    assert_eq!(common::parse_csv(&first, b';')[1][3], "queued");
+    app.wait_sink(1, Duration::from_secs(30));
+    // A big batch waits in the inbox under a hidden name while the disk fills up; then it is
+    // let in. Its store commit needs new pages, which the disk cannot give.
+    let mut big = String::from("phone;message;ref\n");
+    for i in 0..40_000u32 {
+        big.push_str(&format!(
+            "06{:08};Message number {i} with some text to take room;r{i}\n",
+            10_000_000 + i
+        ));
+    }
+    let hidden = app.inbox("acme").join(".big.tmp");
+    std::fs::write(&hidden, &big).expect("write");
+    let mut last = 0;
+    wait_for("the state_dir to stop growing", Duration::from_secs(20), || {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = free_bytes(&state);
+        std::mem::replace(&mut last, now) == now
+    });
+    let filler = fill_to_the_brim(&state);
+    std::fs::rename(&hidden, app.inbox("acme").join("big.csv")).expect("into the inbox");
+    // The store's write fails: the file stays unanswered in the spool, and nothing says queued.
+    common::wait_log(&app, "cannot ingest the file", Duration::from_secs(30));
+    assert!(!outbox.path().join("big.result.csv").exists());
+    // On the full disk the appliance still answers what it holds.
+    let out = app.cli(&["status"]);
+    assert!(
+        out.status.success(),
+        "status on a full disk: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Space comes back: the store opens again by itself, the file is answered and sent.
+    std::fs::remove_file(&filler).expect("free the space");
+    let rows = common::parse_csv(
+        &app.wait_file(&outbox.path().join("big.result.csv"), Duration::from_secs(120)),
+        b';',
+    );
+    assert_eq!(rows.len(), 40_001);
+    assert!(rows.iter().skip(1).all(|r| r[3] == "queued"), "every line queued");
+    app.wait_sink(40_001, Duration::from_secs(120));
+    let log = app.log();
+    assert!(log.contains("open again"), "the store was reopened in place:\n{log}");
+    assert_eq!(log.matches("smsdrop is serving").count(), 1, "healed without a restart");
+    // Nothing acknowledged was lost, nothing was sent twice.
+    let sent: Vec<String> = app
+        .sink()
+        .iter()
+        .map(|m| m["to"].as_str().unwrap_or("").to_string())
+        .collect();
+    let unique: std::collections::HashSet<&String> = sent.iter().collect();
+    assert_eq!(unique.len(), 40_001, "every message once");
+    assert!(sent.len() <= 40_001 + 64, "duplicates within a window: {}", sent.len());
+    assert_eq!(http_get(metrics, "/readyz").0, 200);
+    let (_, m) = http_get(metrics, "/metrics");
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("smsdrop_store_reopened_total ") && !l.ends_with(" 0")),
+        "{m}"
+    );
+    // The audit trail kept what happened meanwhile, and its chain holds.
+    app.wait_audit("batch.taken", &[("file", "big.csv")]);
+    let out = app.cli(&["audit", "verify"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_result_file_the_full_outbox_refused_is_written_when_space_comes_back() {
+    let dir = tempfile::tempdir().expect("dir");
+    let outbox = dir.path().join("outbox");
+    let _disk = Tmpfs::mount(&outbox, "1m");
+    let mut app = Appliance::new_with(
+        "min_free_space = 0",
+        &tenant("acme", &format!("outbox = \"{}\"", outbox.display())),
+    );
+    app.start();
+    let filler = fill_to_the_brim(&outbox);
+    app.drop_file(
+        "acme",
+        "june.csv",
+        b"phone;message;ref\n0612345670;Hello;a\n0612345671;Hello;b\n",
+    );
+    common::wait_log(&app, "cannot ingest the file", Duration::from_secs(30));
+    // Nothing is sent for a batch the ERP has no answer for, and it is not left half-made.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(app.sink().is_empty(), "nothing sent before the batch is answered");
+    let out = app.cli(&["batch", "list"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::remove_file(&filler).expect("free the space");
+    let rows = common::parse_csv(
+        &app.wait_file(&outbox.join("june.result.csv"), Duration::from_secs(30)),
+        b';',
+    );
+    assert_eq!(rows.len(), 3);
+    assert!(rows.iter().skip(1).all(|r| r[3] == "queued"), "{rows:?}");
+    app.wait_sink(2, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(app.sink().len(), 2, "each message once");
+    let out = app.cli(&["batch", "list"]);
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert!(!list.contains("ingesting"), "no batch left ingesting:\n{list}");
+}

@@ -115,8 +115,17 @@ function receiverFor(session) {
   return null;
 }
 
+// A bound session that takes receipts for `systemId` (after the submitter's session ended).
+function anyReceiver(systemId) {
+  for (const s of sessions) {
+    if (s.role && s.role !== "bind_transmitter" && s.systemId === systemId) return s;
+  }
+  return null;
+}
+
 function deliverReceipt(submitter, rid, stat, fields) {
-  const session = sessions.has(submitter) ? receiverFor(submitter) : null;
+  // Like a real SMSC: to the submitter's receiver, or to any receiver bound since.
+  const session = sessions.has(submitter) ? receiverFor(submitter) : anyReceiver(submitter.systemId);
   if (!session) {
     // the session ended before its receipt was due: keep it for the next bind
     redeliver.push({ rid, stat, fields });

@@ -3,7 +3,7 @@ CARGO   ?= cargo
 DEMO    := etc/smsdrop.demo.toml
 BIN     := target/release/smsdrop
 
-.PHONY: run test test-deps lint bench build deb clean-demo
+.PHONY: run test test-deps lint bench build deb clean-demo torture fuzz
 
 build:
 	$(CARGO) build --release --locked
@@ -36,6 +36,18 @@ lint:
 ## the integration tests drive).
 test: test-deps lint
 	$(CARGO) nextest run --release --locked --no-fail-fast
+
+## The torture suite at length (tests/torture.rs; `make test` runs its short form): SIGKILLs
+## mid-ingest, mid-dispatch and among receipts, a disk that fills at random moments, a hostile
+## SMSC. TORTURE_ROUNDS sets the rounds, TORTURE_SEED replays a run.
+TORTURE_ROUNDS ?= 10
+torture: test-deps
+	TORTURE_ROUNDS=$(TORTURE_ROUNDS) $(CARGO) nextest run --release --locked --no-fail-fast --test torture --no-capture
+
+## Every fuzz target (fuzz/, cargo-fuzz on the nightly toolchain) for FUZZ_SECONDS each.
+FUZZ_SECONDS ?= 60
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) bash fuzz/run.sh
 
 ## Benchmarks (release build): ingest beside a bare CSV read of the same file; SFTP uploads beside
 ## OpenSSH's own sshd.

@@ -320,4 +320,49 @@ mod tests {
         assert_eq!(to_gsm7("A€@"), Some(vec![0x41, 0x1b, 0x65, 0x00]));
         assert_eq!(to_gsm7("ç"), None);
     }
+
+    proptest::proptest! {
+        /// Any text is cut into the parts `encode` counted, each fits one SMS, and the parts
+        /// put together read back as the text.
+        #[test]
+        fn any_text_is_cut_into_the_parts_counted_and_reads_back(text in "\\PC{0,400}") {
+            round_trip(&text)?;
+        }
+
+        /// Texts of the GSM alphabet, its escaped characters (`€ [ ] { } | ~ ^ \\`) included,
+        /// stay GSM and never have an escape pair cut between two parts.
+        #[test]
+        fn gsm_texts_stay_gsm_and_read_back(text in "[a-zA-Z0-9 @£$¥èéùìòÇØøÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ!#%&()*+,./:;<=>?¡ÄÖÑÜ§¿äöñüà€{}~|^\\[\\]\\\\-]{0,500}") {
+            proptest::prop_assert_eq!(encode(&text).coding, TextCoding::Gsm7);
+            round_trip(&text)?;
+        }
+    }
+
+    fn round_trip(text: &str) -> Result<(), proptest::test_runner::TestCaseError> {
+        let e = encode(text);
+        let parts = segment_payloads(text, e.coding);
+        proptest::prop_assert_eq!(parts.len(), e.parts.max(1));
+        let whole = parts.concat();
+        match e.coding {
+            TextCoding::Gsm7 => {
+                proptest::prop_assert!(parts.iter().all(|p| p.len() <= 160));
+                if parts.len() > 1 {
+                    proptest::prop_assert!(parts.iter().all(|p| p.len() <= 153));
+                    // no part ends on the escape of a pair
+                    proptest::prop_assert!(parts.iter().all(|p| p.last() != Some(&0x1b)));
+                }
+                proptest::prop_assert_eq!(from_gsm7(&whole), text);
+            }
+            TextCoding::Ucs2 => {
+                proptest::prop_assert!(parts.iter().all(|p| p.len() <= 140 && p.len() % 2 == 0));
+                let units: Vec<u16> = whole
+                    .chunks_exact(2)
+                    .map(|c| u16::from_be_bytes([c[0], c[1]]))
+                    .collect();
+                let back = String::from_utf16(&units).ok();
+                proptest::prop_assert_eq!(back.as_deref(), Some(text));
+            }
+        }
+        Ok(())
+    }
 }

@@ -432,4 +432,60 @@ mod tests {
         assert_eq!(seen[2], (7, vec!["last".to_string(), "1".to_string()]));
         assert_eq!(seen.len(), 3);
     }
+
+    /// Records of plain or quoted fields (quoted ones may hold delimiters, quotes and line
+    /// breaks of every kind), separated by LF, CRLF or CR, with blank lines between some.
+    fn record_strategy() -> impl proptest::strategy::Strategy<Value = Vec<(Vec<String>, &'static str, usize)>> {
+        use proptest::prelude::*;
+        let field = prop_oneof![
+            "[a-z0-9 ]{0,8}",
+            "[a-z;\"\n\r ]{0,8}".prop_map(|f| format!("\"{}\"", f.replace('"', "\"\""))),
+        ];
+        let record = proptest::collection::vec(field, 1..4);
+        let end = prop_oneof![Just("\n"), Just("\r\n"), Just("\r")];
+        proptest::collection::vec((record, end, 0usize..3), 1..30)
+    }
+
+    proptest::proptest! {
+        /// Every record is numbered with the line it starts on, whatever the line endings, the
+        /// blank lines between records and the line breaks inside quoted fields.
+        #[test]
+        fn records_are_numbered_with_the_line_they_start_on(records in record_strategy()) {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("f.csv");
+            let mut text = String::new();
+            let mut expected = Vec::new();
+            let mut line = 1u64;
+            for (fields, end, blanks) in &records {
+                let body = fields.join(";");
+                // A record that reads as empty is a blank line, not a record.
+                if body.is_empty() {
+                    continue;
+                }
+                expected.push(line);
+                text.push_str(&body);
+                text.push_str(end);
+                line += 1 + breaks_in(&body);
+                for _ in 0..*blanks {
+                    text.push_str(end);
+                    line += 1;
+                }
+            }
+            std::fs::write(&p, &text).unwrap();
+            let mut r = Records::open(&p, UTF_8, Some(b';')).unwrap();
+            let mut got = Vec::new();
+            while let Some(rec) = r.next_record().unwrap() {
+                got.push(rec.line);
+            }
+            proptest::prop_assert_eq!(got, expected, "{:?}", text);
+        }
+    }
+
+    /// Line breaks inside a record (within quoted fields): CRLF counts once.
+    fn breaks_in(body: &str) -> u64 {
+        body.replace("\r\n", "\n")
+            .chars()
+            .filter(|c| *c == '\n' || *c == '\r')
+            .count() as u64
+    }
 }

@@ -185,15 +185,8 @@ impl AuditWriter {
         let mut held = Held::default();
         let mut retry = std::time::Duration::from_secs(1);
         loop {
-            if held.is_empty() {
-                tokio::select! {
-                    biased;
-                    e = self.rx.recv() => match e {
-                        Some(e) => held.push(e),
-                        None => break,
-                    },
-                    _ = stop.cancelled() => break,
-                }
+            if held.is_empty() && !self.take(&mut held, &stop, None).await {
+                break;
             }
             while held.events.len() < GROUP {
                 match self.rx.try_recv() {
@@ -217,17 +210,7 @@ impl AuditWriter {
                     // Wait, taking in what comes meanwhile.
                     let until = tokio::time::Instant::now() + retry;
                     retry = (retry * 2).min(std::time::Duration::from_secs(30));
-                    loop {
-                        tokio::select! {
-                            biased;
-                            e = self.rx.recv() => match e {
-                                Some(e) => held.push(e),
-                                None => break,
-                            },
-                            _ = stop.cancelled() => break,
-                            _ = tokio::time::sleep_until(until) => break,
-                        }
-                    }
+                    while self.take(&mut held, &stop, Some(until)).await {}
                     if stop.is_cancelled() {
                         break;
                     }
@@ -245,6 +228,29 @@ impl AuditWriter {
                 tracing::error!(error = %e, events = held.events.len(), "cannot write the audit log at shutdown; these events are not kept");
                 break;
             }
+        }
+    }
+
+    /// Waits for one event into `held`; `false` once the queue is closed, `stop` is cancelled or
+    /// `until` has come.
+    async fn take(&mut self, held: &mut Held, stop: &CancellationToken, until: Option<tokio::time::Instant>) -> bool {
+        let deadline = async {
+            match until {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            e = self.rx.recv() => match e {
+                Some(e) => {
+                    held.push(e);
+                    true
+                }
+                None => false,
+            },
+            _ = stop.cancelled() => false,
+            _ = deadline => false,
         }
     }
 

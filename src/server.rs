@@ -227,6 +227,14 @@ pub async fn run(
     };
     let recovered = watcher.recover();
     forget_stale_claims(&store, &recovered);
+    if config.sftp.is_some() {
+        for tenant in config.tenants.values() {
+            let removed = crate::sftp::world::remove_stale_uploads(&tenant.inbox);
+            if removed > 0 {
+                tracing::info!(tenant = %tenant.id, files = removed, "uploads cut short by the last stop removed (never acknowledged)");
+            }
+        }
+    }
     if !recovered.is_empty() {
         tracing::info!(files = recovered.len(), "resuming files claimed before the last stop");
     }

@@ -581,3 +581,240 @@ fn a_hostile_smtp_server_gets_every_alert_once_in_the_end() {
         "hostile SMTP: {refused} RCPT refused with 451, {dropped} connections dropped in DATA; every alert delivered once"
     );
 }
+
+/// Files of a tenant's inbox whose name starts with `prefix`.
+fn inbox_files(app: &Appliance, prefix: &str) -> Vec<String> {
+    std::fs::read_dir(app.inbox("acme"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with(prefix))
+        .collect()
+}
+
+#[test]
+fn kills_in_the_middle_of_an_upload_leave_nothing_half_taken() {
+    let mut rng = Rng::new("upload");
+    let mut d = common::door("", "", "max_lines = 2000000", "");
+    d.app.start();
+    for round in 0..rounds(1) {
+        // About 40 MB: OpenSSH's sftp takes a while to push it through.
+        let local = d.app.path(&format!("big{round}.csv"));
+        let lines = common::batches::write_batch(&local, 300_000, 0).expect("batch");
+        let mut client = common::sftp_command(d.port, &d.key, "acme", Some(Path::new("-")), &[])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("sftp");
+        {
+            use std::io::Write;
+            let mut stdin = client.stdin.take().expect("stdin");
+            writeln!(stdin, "put {} /inbox/big{round}.csv", local.display()).expect("command");
+        }
+        // Killed once part of the file is in the inbox's temporary, and before it is closed.
+        let at = (1 << 20) + rng.below(8 << 20);
+        wait_for("part of the upload", Duration::from_secs(60), || {
+            inbox_files(&d.app, ".upload-").iter().any(|n| {
+                std::fs::metadata(d.app.inbox("acme").join(n))
+                    .map(|m| m.len() >= at)
+                    .unwrap_or(false)
+            })
+        });
+        d.app.kill();
+        let status = client.wait().expect("sftp ends");
+        assert!(
+            !status.success(),
+            "round {round}: the upload was acknowledged: the kill came too late"
+        );
+        assert!(
+            !d.app.inbox("acme").join(format!("big{round}.csv")).exists(),
+            "published half"
+        );
+        d.app.start();
+        // The temporary left by the kill is gone; nothing was taken or answered.
+        wait_for("the stale temporary removed", Duration::from_secs(10), || {
+            inbox_files(&d.app, ".upload-").is_empty()
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        assert!(!d.app.outbox("acme").join(format!("big{round}.result.csv")).exists());
+        // The ERP sends it again: taken whole, once.
+        let out = common::sftp_batch(
+            d.port,
+            &d.key,
+            "acme",
+            &format!("put {} /inbox/big{round}.csv\n", local.display()),
+        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let rows = parse_csv(
+            &d.app.wait_file(
+                &d.app.outbox("acme").join(format!("big{round}.result.csv")),
+                Duration::from_secs(60),
+            ),
+            b';',
+        );
+        assert_eq!(rows.len() as u64, lines + 1, "every line once");
+        eprintln!(
+            "upload round {round}: killed after {} MiB of the upload; sent again, taken whole",
+            at >> 20
+        );
+    }
+}
+
+#[test]
+fn kills_in_the_middle_of_a_retention_sweep_delete_everything_in_the_end() {
+    let dir = tempfile::tempdir().expect("dir");
+    let clock = dir.path().join("clock");
+    std::fs::write(&clock, "0").expect("clock");
+    let mut app = Appliance::new(&tenant(
+        "acme",
+        "delete_after = \"1d\"\nhold_above = 10\nmax_lines = 1000000\nmax_file_bytes = \"256 MiB\"",
+    ));
+    let env = [("SMSDROP_CLOCK_FILE", clock.to_str().expect("path"))];
+    app.start_with_env(&env);
+    let file = app.path("old.csv");
+    // A million messages: the sweep takes seconds, the `status` that watches it milliseconds.
+    let total = common::batches::write_batch(&file, 1_000_000, 0).expect("batch");
+    std::fs::rename(&file, app.inbox("acme").join("old.csv")).expect("drop");
+    app.wait_file(&app.outbox("acme").join("old.result.csv"), Duration::from_secs(60));
+    let out = app.cli(&["batch", "cancel", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let deleted = |app: &Appliance| -> u64 {
+        let out = app.cli(&["status"]);
+        let s = String::from_utf8_lossy(&out.stdout).into_owned();
+        s.lines()
+            .find(|l| l.starts_with("retention:"))
+            .and_then(|l| l.split_once("was made ").map(|(_, r)| r.to_string()))
+            .and_then(|r| {
+                r.split_once(" messages deleted")
+                    .and_then(|(n, _)| n.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    let mut kills = 0;
+    for round in 0..rounds(1) {
+        if round == 0 {
+            std::fs::write(&clock, (2 * 86_400).to_string()).expect("two days on");
+        }
+        let before = deleted(&app);
+        if before >= total {
+            break;
+        }
+        // Looked at as often as `status` answers (tens of milliseconds); the sweep takes seconds.
+        let since = Instant::now();
+        let mut seen = Vec::new();
+        loop {
+            let now = deleted(&app);
+            seen.push((since.elapsed().as_millis(), now));
+            if now > before {
+                break;
+            }
+            assert!(since.elapsed() < Duration::from_secs(60), "the sweep never started");
+        }
+        eprintln!(
+            "retention round {round}: deleted counts seen {:?}",
+            &seen[seen.len().saturating_sub(5)..]
+        );
+        app.kill();
+        let at_kill = deleted(&app);
+        if at_kill >= total {
+            // Only a later round can find the sweep over: the first kill must land in it.
+            assert!(
+                round > 0,
+                "round {round}: the sweep was over before the kill ({at_kill})"
+            );
+            app.start_with_env(&env);
+            break;
+        }
+        kills += 1;
+        eprintln!("retention round {round}: killed with {at_kill} of {total} deleted");
+        app.start_with_env(&env);
+    }
+    poll(
+        Duration::from_secs(120),
+        || (deleted(&app) >= total).then_some(()),
+        || {
+            let out = app.cli(&["status"]);
+            format!(
+                "not every expired message deleted:\n{}\nlog:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                app.log()
+            )
+        },
+    );
+    let out = app.cli(&["subject", "export", "--phone", "0612345678", "--tenant", "acme"]);
+    assert!(out.status.success());
+    let list = String::from_utf8_lossy(&app.cli(&["batch", "list"]).stdout).into_owned();
+    assert!(!list.contains("old.csv"), "the batch is gone: {list}");
+    let out = app.cli(&["audit", "verify"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("retention: {kills} kills mid-sweep; all {total} messages deleted in the end");
+}
+
+#[test]
+fn kills_in_the_middle_of_a_scheduled_backup_leave_no_broken_backup() {
+    let mut app = Appliance::new_with(
+        "",
+        &format!(
+            "{}\n[backup]\ndir = \"{{BACKUPS}}\"\nevery = \"1h\"\nkeep = 3\n",
+            tenant("acme", "max_lines = 400000")
+        ),
+    );
+    let backups = app.path("backups");
+    let config = std::fs::read_to_string(&app.config).expect("config");
+    std::fs::write(
+        &app.config,
+        config.replace("{BACKUPS}", backups.to_str().expect("path")),
+    )
+    .expect("config");
+    std::fs::create_dir_all(&backups).expect("dir");
+    app.start();
+    // A store big enough that its snapshot takes a moment.
+    let file = app.path("big.csv");
+    common::batches::write_batch(&file, 300_000, 0).expect("batch");
+    std::fs::rename(&file, app.inbox("acme").join("big.csv")).expect("drop");
+    app.wait_file(&app.outbox("acme").join("big.result.csv"), Duration::from_secs(60));
+    app.stop();
+    // No backup yet: the scheduler takes one at start; killed while it is being written.
+    for e in std::fs::read_dir(&backups).expect("dir").flatten() {
+        std::fs::remove_file(e.path()).expect("rm");
+    }
+    app.start();
+    let partial = || {
+        std::fs::read_dir(&backups)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".backup.partial"))
+    };
+    wait_for("a backup being written", Duration::from_secs(30), partial);
+    app.kill();
+    let finished: Vec<_> = std::fs::read_dir(&backups)
+        .expect("dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".backup"))
+        .collect();
+    assert!(finished.is_empty() && partial(), "the kill did not land mid-backup");
+    app.start();
+    // The partial is removed and a whole backup is taken; it restores.
+    let whole = poll(
+        Duration::from_secs(60),
+        || {
+            let names: Vec<std::path::PathBuf> =
+                std::fs::read_dir(&backups).ok()?.flatten().map(|e| e.path()).collect();
+            let done: Vec<_> = names
+                .iter()
+                .filter(|p| p.to_string_lossy().ends_with(".backup"))
+                .cloned()
+                .collect();
+            (!done.is_empty() && !partial()).then(|| done[0].clone())
+        },
+        || "no whole backup after the restart".into(),
+    );
+    app.stop();
+    let twin = app.twin(&tenant("acme", "max_lines = 400000"));
+    let out = twin.cli(&["restore", whole.to_str().expect("path")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("backup: killed mid-backup; the partial was removed and the next backup restores");
+}

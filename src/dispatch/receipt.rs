@@ -79,7 +79,9 @@ pub fn parse(text: &str, tlv_id: Option<&str>, tlv_state: Option<u8>, tlv_error:
     let id = tlv_id
         .map(str::to_string)
         .or_else(|| field(text, "id:").map(str::to_string))
-        .filter(|id| !id.is_empty())?;
+        // An id that is only blanks is no id (it would be looked up as "" and could settle a
+        // message whose partner gave it no id: found by `make fuzz`, target `receipt`).
+        .filter(|id| !normal_id(id).is_empty())?;
     let state = match tlv_state {
         Some(s) => state_word(s).to_string(),
         None => field(text, "stat:").unwrap_or("").to_string(),
@@ -192,6 +194,17 @@ pub fn early_keys(submitted: &str, settled: Option<IdForm>) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_id_of_blanks_is_no_id() {
+        // The input `make fuzz` found (target `receipt`): an id of white space only.
+        assert!(parse("", Some(" \n"), Some(2), None).is_none());
+        assert!(parse("id:\t stat:DELIVRD err:000", None, None, None).is_none());
+        assert_eq!(
+            parse("", Some(" 00 "), Some(2), None).map(|r| normal_id(&r.id)),
+            Some("0".into())
+        );
+    }
 
     #[test]
     fn the_text_form_is_read_whatever_its_case() {

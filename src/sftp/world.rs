@@ -4,7 +4,8 @@
 //! hidden names, over-long paths and anything below the two folders are refused, so no path can
 //! reach outside them. Uploads go to a hidden temporary file in the inbox, bounded by the tenant's
 //! `max_file_bytes` while writing, and are synced and renamed on close: the watcher never sees a
-//! half-written file, and a dropped connection leaves only a hidden temporary that is removed.
+//! half-written file, and a dropped connection leaves only a hidden temporary that is removed (one
+//! left by a stop is removed at the next start: [`remove_stale_uploads`]).
 //! An upload any of whose writes failed (a full disk, the size limit) is never published: its
 //! close answers the failure and the temporary is removed, so a client that carries on after a
 //! failed write cannot make half a file a batch.
@@ -38,6 +39,23 @@ const MAX_READ: u32 = 256 * 1024;
 const MAX_HANDLES: usize = 64;
 /// Refused paths audited one by one in a session; past that they are counted.
 const AUDITED_DENIALS: u64 = 10;
+
+/// How the temporary of an upload under way is named in the inbox (`.upload-<tag>.part`).
+const UPLOAD_PREFIX: &str = ".upload-";
+
+/// Removes the temporaries of uploads that a stop cut short (never acknowledged: the client's
+/// close never succeeded). Run at start, before the SFTP server listens. Returns how many.
+pub fn remove_stale_uploads(inbox: &Path) -> usize {
+    let mut removed = 0;
+    for e in fs::read_dir(inbox).into_iter().flatten().flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with(UPLOAD_PREFIX) && name.ends_with(".part") && fs::remove_file(e.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
 
 /// Where a path points, once checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -381,7 +399,7 @@ impl russh_sftp::server::Handler for World {
                 let mut rand = [0u8; 8];
                 getrandom::fill(&mut rand).map_err(|_| StatusCode::Failure)?;
                 let tag: String = rand.iter().map(|b| format!("{b:02x}")).collect();
-                let temp = self.tenant.inbox.join(format!(".upload-{tag}.part"));
+                let temp = self.tenant.inbox.join(format!("{UPLOAD_PREFIX}{tag}.part"));
                 let file = OpenOptions::new()
                     .write(true)
                     .read(true)

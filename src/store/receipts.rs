@@ -263,7 +263,12 @@ impl Store {
         id: u64,
         status: &StatusRecord,
     ) -> Result<Option<StatusRecord>> {
-        let parts: Vec<&str> = status.partner_id.split(' ').filter(|p| !p.is_empty()).collect();
+        // Parts whose id is only blanks are not indexed: no receipt may settle them by "".
+        let parts: Vec<&str> = status
+            .partner_id
+            .split(' ')
+            .filter(|p| !normal_id(p).is_empty())
+            .collect();
         let (index, early) = (&mut tables.receipt_ids, &mut tables.early);
         // Nearly always: no receipt came before its response.
         let none_early = early.is_empty()?;

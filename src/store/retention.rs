@@ -118,8 +118,9 @@ impl Store {
     /// Applies the tenants' retention at `now`, step after step, until nothing is due,
     /// `budget` steps were taken or `give_way` says another writer wants the store (checked
     /// after each step). `now` comes from the caller's clock (tests move it). Steps are
-    /// committed without a sync; the last commit of the sweep, which adds to the totals, syncs
-    /// them all (a crash before it means the same deletions are done again).
+    /// committed without a sync, each with its count in the totals; the last commit of the sweep
+    /// syncs them all (a crash before it means the same deletions are done again, and counted
+    /// again only if their first count was lost with them).
     pub fn sweep(
         &self,
         policies: &HashMap<String, Retention>,
@@ -144,21 +145,29 @@ impl Store {
             }
         }
         if total.steps > 0 {
-            let tx = self.write(Durability::Immediate)?;
-            {
-                let mut meta = tx.open_table(META)?;
-                for (name, n) in [
-                    ("sweep_anonymized", total.anonymized_messages),
-                    ("sweep_deleted", total.deleted_messages),
-                    ("sweep_deleted_batches", total.deleted_batches),
-                ] {
-                    let before = meta.get(name)?.map(|v| v.value()).unwrap_or(0);
-                    meta.insert(name, before + n)?;
-                }
-            }
-            tx.commit()?;
+            // One synced commit makes every step of the sweep durable.
+            self.write(Durability::Immediate)?.commit()?;
         }
         Ok(total)
+    }
+
+    /// Adds a step's work to the totals, in the step's own transaction: a step made durable by
+    /// any later synced commit (another writer's, say) before a crash is counted with it. (The
+    /// totals were added once per sweep: a kill lost the count of steps that another writer
+    /// had made durable; the torture suite found it.)
+    fn count_step(tx: &WriteTransaction, step: &Swept) -> Result<()> {
+        let mut meta = tx.open_table(META)?;
+        for (name, n) in [
+            ("sweep_anonymized", step.anonymized_messages),
+            ("sweep_deleted", step.deleted_messages),
+            ("sweep_deleted_batches", step.deleted_batches),
+        ] {
+            if n > 0 {
+                let before = meta.get(name)?.map(|v| v.value()).unwrap_or(0);
+                meta.insert(name, before + n)?;
+            }
+        }
+        Ok(())
     }
 
     /// Anonymises the next chunks of a batch. Returns what it did and whether the batch is done.
@@ -202,6 +211,7 @@ impl Store {
             )?;
             !more
         };
+        Self::count_step(&tx, &swept)?;
         tx.commit()?;
         Ok((swept, finished))
     }
@@ -255,6 +265,7 @@ impl Store {
             }
             !more
         };
+        Self::count_step(&tx, &swept)?;
         tx.commit()?;
         Ok((swept, finished))
     }

@@ -828,5 +828,26 @@ fn slow_webhook_clients_from_one_address_leave_room_for_receipts_and_a_replay_is
         log.matches("too many connections from this address").count() <= 1,
         "{log}"
     );
+    // An oversized body (a megabyte, unsigned) is refused with 413 before it is read whole.
+    let big = dir.path().join("big.json");
+    std::fs::write(&big, vec![b'x'; 1 << 20]).expect("body");
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+        ])
+        .arg("--data-binary")
+        .arg(format!("@{}", big.display()))
+        .arg(format!("http://127.0.0.1:{webhook_port}/"))
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "413");
     let _ = slow.wait_with_output();
 }

@@ -1,4 +1,4 @@
-//! The admin socket: how commands reach a running `serve` (SPEC §8).
+//! The admin socket: how commands reach a running `serve` (README: Commands).
 //!
 //! redb lets one process open the database, so while `serve` runs, commands that need the data
 //! ask it over a Unix socket (mode 0600, `[admin] socket`). The protocol is one JSON request line,

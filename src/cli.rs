@@ -1,4 +1,4 @@
-//! The command line (SPEC §8): parses arguments and runs one command.
+//! The command line (README: Commands): parses arguments and runs one command.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

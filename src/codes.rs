@@ -1,4 +1,4 @@
-//! The product's wire vocabulary: line and file reason codes and message statuses (SPEC §3, §4).
+//! The product's wire vocabulary: line and file reason codes and message statuses (README: How a file flows).
 //!
 //! Every code has exactly one wire string, defined here and nowhere else. The enums are what the
 //! rest of the code passes around; the strings are what reply files, logs and the CLI show.
@@ -35,7 +35,7 @@ macro_rules! wire_enum {
 }
 
 wire_enum!(
-    /// Why one line of a batch was rejected (SPEC §3).
+    /// Why one line of a batch was rejected (README: How a file flows).
     LineReason {
         InvalidPhone => "invalid_phone",
         EmptyMessage => "empty_message",
@@ -53,7 +53,7 @@ wire_enum!(
 );
 
 wire_enum!(
-    /// Why a whole batch was rejected; no line of it is queued (SPEC §3).
+    /// Why a whole batch was rejected; no line of it is queued (README: How a file flows).
     FileReason {
         DuplicateFile => "duplicate_file",
         Unreadable => "unreadable",
@@ -66,7 +66,7 @@ wire_enum!(
 );
 
 wire_enum!(
-    /// Where one message stands (SPEC §4).
+    /// Where one message stands (README: How a file flows).
     MessageStatus {
         Queued => "queued",
         Held => "held",

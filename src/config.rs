@@ -1,4 +1,4 @@
-//! The configuration file (SPEC §7), read in two stages.
+//! The configuration file (README: Configuration), read in two stages.
 //!
 //! Stage one is a raw `serde` image of the TOML with unknown keys refused; values that need more
 //! than a type check are kept with their byte span. Stage two turns it into [`Config`]: durations
@@ -65,7 +65,7 @@ pub struct BackupSchedule {
     pub keep: usize,
 }
 
-/// The embedded SFTP server (`[sftp]`, SPEC §5).
+/// The embedded SFTP server (`[sftp]`, README: SFTP).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sftp {
     pub listen: std::net::SocketAddr,
@@ -131,7 +131,7 @@ pub enum LogFormat {
     Json,
 }
 
-/// One customer account (SPEC §1, §7).
+/// One customer account (README: Configuration).
 #[derive(Debug)]
 pub struct Tenant {
     pub id: String,
@@ -196,7 +196,7 @@ impl Tenant {
     }
 }
 
-/// How a tenant's files are decoded (SPEC §3).
+/// How a tenant's files are decoded (README: How a file flows).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EncodingChoice {
     /// UTF-8 (with or without BOM, UTF-16 when a BOM says so), else Windows-1252.
@@ -204,7 +204,7 @@ pub enum EncodingChoice {
     Fixed(&'static encoding_rs::Encoding),
 }
 
-/// A way out to the telecom network (SPEC §6).
+/// A way out to the telecom network (README: Partners).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Partner {
     /// Writes each message as one JSON line to `path` and marks it delivered.

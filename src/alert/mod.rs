@@ -40,7 +40,7 @@ fn digest_advice(kind: &str) -> &'static str {
 
 macro_rules! alert_kinds {
     ($($variant:ident => $wire:literal),+ $(,)?) => {
-        /// The kinds of alert, with their wire names (SPEC §5, issue texts).
+        /// The kinds of alert, with their wire names (README: SFTP, issue texts).
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         pub enum AlertKind { $($variant),+ }
 

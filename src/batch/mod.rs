@@ -1,4 +1,4 @@
-//! The batch: a CSV file turned into checked messages (SPEC §3).
+//! The batch: a CSV file turned into checked messages (README: How a file flows).
 //!
 //! `parse` reads records, `columns` maps headers, `validate` checks lines, `encode` decides GSM-7
 //! or UCS-2 and counts segments, `template` fills message templates, and `ingest` runs them as a

@@ -1,4 +1,4 @@
-//! Partner health: when a partner leaves its routes and when it comes back (SPEC §6).
+//! Partner health: when a partner leaves its routes and when it comes back (README: Partners).
 //!
 //! A partner measures its own submissions into its [`Meter`] (the SMPP partner times each
 //! `submit_sm` from the moment it goes on the wire, so queueing for the window or the `tps` cap

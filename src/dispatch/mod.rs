@@ -1,5 +1,5 @@
 //! The way out: takes due messages from the queue in a fair order, routes them, hands them to
-//! partners and records what became of them (SPEC §6).
+//! partners and records what became of them (README: Partners).
 //!
 //! Fairness: tenants take turns, and within a tenant its batches take turns, each turn at most
 //! [`QUANTUM`] messages. A tenant's million-line batch therefore delays another tenant's ten

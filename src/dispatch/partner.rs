@@ -1,4 +1,4 @@
-//! The interface every way out implements: SMPP and HTTP partners plug in here (SPEC §6).
+//! The interface every way out implements: SMPP and HTTP partners plug in here (README: Partners).
 
 use std::future::Future;
 use std::pin::Pin;

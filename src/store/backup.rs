@@ -1,4 +1,4 @@
-//! Backups (SPEC §8): a consistent, encrypted, checksummed snapshot of the whole store, taken
+//! Backups (README: Commands): a consistent, encrypted, checksummed snapshot of the whole store, taken
 //! while `serve` runs, and its restore into an empty `state_dir`.
 //!
 //! A snapshot is one redb read transaction: it sees the store as of one commit and does not

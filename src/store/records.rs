@@ -51,7 +51,7 @@ impl BatchState {
     }
 }
 
-/// How a batch's reply files are written: the same way the batch came in (SPEC §4).
+/// How a batch's reply files are written: the same way the batch came in (README: How a file flows).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplyFormat {
     pub delimiter: u8,
@@ -157,7 +157,7 @@ pub fn decode_batch(plain: &[u8]) -> Result<BatchRecord, postcard::Error> {
     })
 }
 
-/// A file name without its last extension (SPEC §4's `<stem>`).
+/// A file name without its last extension (README: How a file flows `<stem>`).
 pub fn file_stem(file_name: &str) -> &str {
     match file_name.rfind('.') {
         Some(i) if i > 0 => &file_name[..i],
@@ -200,7 +200,7 @@ impl BatchRecord {
         }
     }
 
-    /// The reply files' stem: the file name without its last extension (SPEC §4), unless
+    /// The reply files' stem: the file name without its last extension (README: How a file flows), unless
     /// another batch answers under that one.
     pub fn stem(&self) -> &str {
         self.reply_stem.as_deref().unwrap_or_else(|| file_stem(&self.file_name))

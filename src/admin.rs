@@ -18,14 +18,40 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{Audit, Event};
-use crate::batch::ingest::{self, DryRunSink};
-use crate::codes::MessageStatus;
 use crate::config::Config;
+use crate::ingest::{self, DryRunSink};
+use crate::sms::codes::MessageStatus;
 use crate::store::records::BatchState;
 use crate::store::{ChainCheck, Store, StoreError};
 
 /// Longest request line accepted.
 const MAX_REQUEST: usize = 64 << 10;
+
+/// What a `key-reload` follows: a new master key version, a check before one is retired, or a
+/// retired one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyChange {
+    Rotate,
+    Check,
+    Retire,
+}
+
+impl KeyChange {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyChange::Rotate => "rotate",
+            KeyChange::Check => "check",
+            KeyChange::Retire => "retire",
+        }
+    }
+}
+
+impl std::fmt::Display for KeyChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "kebab-case")]
@@ -81,7 +107,7 @@ pub enum Request {
     /// The key file changed (`action`: `rotate` to `version`, or `retire` of it): read it again
     /// and re-seal the tenant key store under its newest version.
     KeyReload {
-        action: String,
+        action: KeyChange,
         version: u8,
         /// The key file as the command read it: under systemd `serve` cannot read the file
         /// (root's), only the credential copy it was started with.
@@ -147,7 +173,7 @@ impl Request {
 pub struct AdminContext {
     pub store: Store,
     /// The configuration in force (a reload swaps it).
-    pub live: crate::reload::Live,
+    pub live: crate::config::Live,
     pub dispatch: Option<Arc<crate::dispatch::Signal>>,
     /// Asks for a batch's final report (a cancel can finish a batch).
     pub reports: Option<crate::reply::ReportRequests>,
@@ -176,11 +202,11 @@ pub enum AdminError {
     #[error("no tenant `{0}` in the configuration")]
     NoTenant(String),
     #[error("{0}")]
-    Ingest(#[from] ingest::IngestError),
+    Ingest(ingest::IngestError),
     #[error("`{0}` is not a valid phone number for this tenant")]
     InvalidPhone(String),
     #[error("admin socket: {0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
     #[error("serve answered: {0}")]
     Remote(String),
     #[error("the audit log is broken at entry {seq}: {reason}")]
@@ -190,9 +216,27 @@ pub enum AdminError {
     #[error("tenant `{0}` is in the configuration: remove it there (and reload) before purging it")]
     StillConfigured(String),
     #[error("the new configuration is refused; the running one is kept: {0}")]
-    Refused(#[from] crate::reload::Refused),
+    Refused(crate::reload::Refused),
     #[error("serve is not running: the configuration is read when it starts")]
     NotServing,
+}
+
+impl From<ingest::IngestError> for AdminError {
+    fn from(e: ingest::IngestError) -> Self {
+        AdminError::Ingest(e)
+    }
+}
+
+impl From<io::Error> for AdminError {
+    fn from(e: io::Error) -> Self {
+        AdminError::Io(e)
+    }
+}
+
+impl From<crate::reload::Refused> for AdminError {
+    fn from(e: crate::reload::Refused) -> Self {
+        AdminError::Refused(e)
+    }
 }
 
 /// Answers a request against the store, and puts it on the audit log: who (`actor`), what, on
@@ -421,7 +465,7 @@ fn answer(ctx: &AdminContext, request: &Request, event: &mut Event) -> Result<Ve
         Request::KeyReload { action, key, .. } => {
             let masters = match key {
                 Some(text) => text.keys(&config.key_file)?,
-                None => crate::crypto::MasterKeys::load(&crate::server::key_path(config))?,
+                None => crate::crypto::MasterKeys::load(&crate::service::key_path(config))?,
             };
             store.keys().rekey(masters)?;
             let (versions, sealed) = store.keys().versions();
@@ -431,7 +475,7 @@ fn answer(ctx: &AdminContext, request: &Request, event: &mut Event) -> Result<Ve
                 sealed_under = sealed,
                 "master key versions read again; tenant key store re-sealed"
             );
-            if action == "rotate" {
+            if *action == KeyChange::Rotate {
                 // New records under new sealing generations; the old records follow in the
                 // background (serve) or here and now (no serve running).
                 store.keys().new_generation()?;
@@ -511,7 +555,7 @@ fn subject_tenants<'c>(
         None => config
             .tenants
             .values()
-            .filter_map(|t| crate::batch::validate::normalize_phone(phone, t.default_region).map(|e| (t.as_ref(), e)))
+            .filter_map(|t| crate::sms::phone::normalize_phone(phone, t.default_region).map(|e| (t.as_ref(), e)))
             .collect(),
     };
     if out.is_empty() {
@@ -559,7 +603,7 @@ fn read_numbers(path: &Path, region: Option<rlibphonenumber::Region>) -> Result<
             ));
             break;
         }
-        match crate::batch::validate::normalize_phone(line, region) {
+        match crate::sms::phone::normalize_phone(line, region) {
             Some(e164) => numbers.push(e164),
             None => bad.push((i + 1, "not a valid phone number".into())),
         }
@@ -601,7 +645,7 @@ impl<'c> List<'c> {
 /// A list and a number normalised for it.
 fn list_phone<'c>(config: &'c Config, tenant: Option<&str>, phone: &str) -> Result<(List<'c>, String), AdminError> {
     let list = List::of(config, tenant)?;
-    let e164 = crate::batch::validate::normalize_phone(phone, list.region)
+    let e164 = crate::sms::phone::normalize_phone(phone, list.region)
         .ok_or_else(|| AdminError::InvalidPhone(phone.to_string()))?;
     Ok((list, e164))
 }
@@ -616,7 +660,7 @@ fn tenant_phone<'c>(
         .tenants
         .get(tenant)
         .ok_or_else(|| AdminError::NoTenant(tenant.to_string()))?;
-    let e164 = crate::batch::validate::normalize_phone(phone, tenant.default_region)
+    let e164 = crate::sms::phone::normalize_phone(phone, tenant.default_region)
         .ok_or_else(|| AdminError::InvalidPhone(phone.to_string()))?;
     Ok((tenant, e164))
 }
@@ -630,18 +674,21 @@ pub fn validate(store: &Store, config: &Config, tenant: &str, path: &Path) -> Re
     let keys = store.keys().tenant(&tenant.id);
     let now = jiff::Timestamp::now().as_second();
     let window = tenant.dedupe_window.as_secs() as i64;
-    let seen =
-        |hash: &[u8; 32]| -> Result<bool, StoreError> { Ok(store.seen_file(&tenant.id, hash, now, window)?.is_some()) };
+    let seen = |hash: &[u8; 32]| -> Result<bool, ingest::IngestError> {
+        Ok(store.seen_file(&tenant.id, hash, now, window)?.is_some())
+    };
+    let lists = store.blocklists(&tenant.id)?;
+    let blocklisted = |hash: &[u8; 16], e164: &str| lists.contains(hash, e164);
     let cancel = AtomicBool::new(false);
-    let ctx = ingest::Context {
+    let ctx = crate::batch::file::Context {
         tenant,
         keys: &keys,
-        blocklist: store.blocklists(&tenant.id)?,
+        blocklisted: &blocklisted,
         seen: &seen,
         cancel: &cancel,
     };
     let mut sink = DryRunSink::default();
-    let summary = ingest::process(path, &ctx, &mut sink)?;
+    let summary = crate::batch::file::process(path, &ctx, &mut sink).map_err(ingest::IngestError::from)?;
     Ok(sink.finish(&summary)?)
 }
 

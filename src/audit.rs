@@ -105,16 +105,8 @@ impl Audit {
 
 /// Most events held in memory while the store cannot take them (a full disk): beyond it, further
 /// events are kept only as a count per action, appended as one `audit.overflow` event when the
-/// store takes writes again. While any are held, no new work is taken ([`backlogged`]).
+/// store takes writes again. While any are held, no new work is taken ([`crate::disk::set_audit_backlog`]).
 const HELD_MAX: usize = 50_000;
-
-/// Set while events wait for the store.
-static BACKLOG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Whether audit events are waiting for the store to take writes again.
-pub fn backlogged() -> bool {
-    BACKLOG.load(std::sync::atomic::Ordering::Acquire)
-}
 
 /// The task that appends queued events.
 pub struct AuditWriter {
@@ -197,14 +189,14 @@ impl AuditWriter {
             let group = held.group();
             match self.append(group).await {
                 Ok(()) => {
-                    if held.is_empty() && BACKLOG.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                    if held.is_empty() && crate::disk::set_audit_backlog(false) {
                         tracing::info!("the audit log is written again; every held event is in it");
                     }
                     retry = std::time::Duration::from_secs(1);
                 }
                 Err((group, e)) => {
                     held.put_back(group);
-                    if !BACKLOG.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                    if !crate::disk::set_audit_backlog(true) {
                         tracing::error!(error = %e, held = held.events.len(), "cannot write the audit log; events are held and no new work is taken until it can");
                     }
                     // Wait, taking in what comes meanwhile.

@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{self, Request};
+use crate::admin::{self, KeyChange, Request};
 use crate::config::{self, Config, LogFormat};
 use crate::crypto::{KeyFileText, MasterKeys};
 use crate::server;
@@ -402,7 +402,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     masters.save(&config.key_file)?;
                     println!("master key version {version} added to {}", config.key_file.display());
                     Request::KeyReload {
-                        action: "rotate".into(),
+                        action: KeyChange::Rotate,
                         version,
                         key: Some(KeyFileText::read(&config.key_file)?),
                     }
@@ -412,7 +412,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     with_store(
                         Config::load(&cli.config)?,
                         Request::KeyReload {
-                            action: "check".into(),
+                            action: KeyChange::Check,
                             version,
                             key: Some(KeyFileText::read(&config.key_file)?),
                         },
@@ -425,7 +425,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                         config.key_file.display()
                     );
                     Request::KeyReload {
-                        action: "retire".into(),
+                        action: KeyChange::Retire,
                         version,
                         key: Some(KeyFileText::read(&config.key_file)?),
                     }
@@ -488,7 +488,7 @@ fn with_store(config: Config, request: Request) -> anyhow::Result<Vec<u8>> {
     let ctx = admin::AdminContext {
         audit: crate::audit::Audit::direct(store.clone()),
         store,
-        live: crate::reload::Live::new(Arc::new(config)),
+        live: crate::config::Live::new(Arc::new(config)),
         dispatch: None,
         reports: None,
         partners: None,

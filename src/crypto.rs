@@ -46,8 +46,8 @@ pub const SEAL_OVERHEAD: usize = HEADER_LEN + 16;
 /// Problems with the master key file.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("{}: cannot read the master key: {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
+    #[error("{}: cannot read the master key: {cause}", path.display())]
+    Read { path: PathBuf, cause: std::io::Error },
     #[error(
         "{}: a key file readable by group or others (mode {mode:o}); run `chmod 600 {}`",
         path.display(),
@@ -58,8 +58,8 @@ pub enum KeyError {
     Length { path: PathBuf, len: usize },
     #[error("{}: a key already exists; smsdrop never overwrites a master key", path.display())]
     Exists { path: PathBuf },
-    #[error("{}: cannot write the master key: {source}", path.display())]
-    Write { path: PathBuf, source: std::io::Error },
+    #[error("{}: cannot write the master key: {cause}", path.display())]
+    Write { path: PathBuf, cause: std::io::Error },
     #[error("255 master key versions: no more can be added")]
     TooManyVersions,
     #[error("tenant {0} has 255 sealing generations: let the re-sealer finish (key status) before rotating again")]
@@ -72,8 +72,8 @@ pub enum KeyError {
     RetireNewest(u8),
     #[error("the key file holds no master key version {0}")]
     NoVersion(u8),
-    #[error("{}: the tenant key store: {source}", path.display())]
-    Store { path: PathBuf, source: std::io::Error },
+    #[error("{}: the tenant key store: {cause}", path.display())]
+    Store { path: PathBuf, cause: std::io::Error },
     #[error("{}: the tenant key store is sealed under master key version {version}, which the key file does not hold", path.display())]
     StoreVersion { path: PathBuf, version: u8 },
     #[error("{}: the tenant key store does not open (changed, or another master key)", path.display())]
@@ -182,7 +182,7 @@ impl MasterKeys {
     pub fn load(path: &Path) -> Result<MasterKeys, KeyError> {
         let read_err = |source| KeyError::Read {
             path: path.to_path_buf(),
-            source,
+            cause: source,
         };
         let meta = fs::metadata(path).map_err(read_err)?;
         let mode = meta.permissions().mode() & 0o777;
@@ -236,7 +236,7 @@ impl MasterKeys {
     pub fn generate(path: &Path) -> Result<(), KeyError> {
         let write_err = |source| KeyError::Write {
             path: path.to_path_buf(),
-            source,
+            cause: source,
         };
         let key = MasterKey::random().map_err(write_err)?;
         let mut file = match fs::OpenOptions::new()
@@ -283,7 +283,7 @@ impl MasterKeys {
         let next = self.newest().0.checked_add(1).ok_or(KeyError::TooManyVersions)?;
         let key = MasterKey::random().map_err(|source| KeyError::Write {
             path: PathBuf::new(),
-            source,
+            cause: source,
         })?;
         self.versions.insert(next, key);
         Ok(next)
@@ -305,7 +305,7 @@ impl MasterKeys {
     pub fn save(&self, path: &Path) -> Result<(), KeyError> {
         let write_err = |source| KeyError::Write {
             path: path.to_path_buf(),
-            source,
+            cause: source,
         };
         let text = Zeroizing::new(self.to_text());
         write_atomic(path, text.as_bytes()).map_err(write_err)
@@ -551,8 +551,6 @@ impl TenantSecret {
     }
 }
 
-/// The tenant key store's file inside `state_dir`.
-pub const KEY_STORE_FILE: &str = "keys";
 const KEY_STORE_MAGIC: &[u8; 8] = b"SMSDKEYS";
 
 /// The keys that seal `purpose` (the key store, backups) under one master key version.
@@ -575,7 +573,7 @@ const SYSTEM_TENANTS: [&str; 2] = ["@system", "@global"];
 impl Keyring {
     /// Opens the tenant key store of `state_dir` (made empty on first use).
     pub fn open(masters: MasterKeys, state_dir: &Path) -> Result<Keyring, KeyError> {
-        let path = state_dir.join(KEY_STORE_FILE);
+        let path = state_dir.join(crate::paths::KEY_STORE_FILE);
         if let Ok(meta) = fs::metadata(&path) {
             let mode = meta.permissions().mode() & 0o777;
             if mode & 0o077 != 0 {
@@ -585,11 +583,11 @@ impl Keyring {
         let secrets = match fs::read(&path) {
             Ok(bytes) => Self::unseal_store(&masters, &path, &bytes)?,
             // New secrets for a store that already has records would open none of them.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && state_dir.join(crate::store::DB_FILE).exists() => {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && state_dir.join(crate::paths::DB_FILE).exists() => {
                 return Err(KeyError::StoreMissing { path });
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
-            Err(source) => return Err(KeyError::Store { path, source }),
+            Err(source) => return Err(KeyError::Store { path, cause: source }),
         };
         let ring = Keyring {
             masters: RwLock::new(masters),
@@ -650,7 +648,7 @@ impl Keyring {
         // Never an empty store in place of a full one: a failure to encode is an error.
         let plain = Zeroizing::new(postcard::to_stdvec(secrets).map_err(|e| KeyError::Store {
             path: path.clone(),
-            source: std::io::Error::other(e.to_string()),
+            cause: std::io::Error::other(e.to_string()),
         })?);
         let mut out = KEY_STORE_MAGIC.to_vec();
         out.push(version);
@@ -659,13 +657,13 @@ impl Keyring {
             .encrypt(XNonce::from_slice(&nonce), Payload { msg: &plain, aad: &out })
             .map_err(|_| KeyError::Store {
                 path: path.clone(),
-                source: std::io::Error::other("sealing failed"),
+                cause: std::io::Error::other("sealing failed"),
             })?;
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&sealed);
         write_atomic(path, &out).map_err(|source| KeyError::Store {
             path: path.clone(),
-            source,
+            cause: source,
         })
     }
 
@@ -677,7 +675,7 @@ impl Keyring {
             if !secrets.contains_key(*t) {
                 let secret = TenantSecret::random().map_err(|source| KeyError::Store {
                     path: self.path.clone().unwrap_or_default(),
-                    source,
+                    cause: source,
                 })?;
                 secrets.insert(t.to_string(), secret);
                 added = true;
@@ -766,7 +764,7 @@ impl Keyring {
         let mut secrets = self.secrets.lock().map_err(|_| KeyError::Poisoned)?;
         let store_error = |source| KeyError::Store {
             path: self.path.clone().unwrap_or_default(),
-            source,
+            cause: source,
         };
         let mut next = secrets.clone();
         for (tenant, secret) in next.iter_mut() {
@@ -931,7 +929,11 @@ mod tests {
         );
         // the store does not open under a key file without its version
         let other = tempfile::tempdir().unwrap();
-        std::fs::copy(dir.path().join(KEY_STORE_FILE), other.path().join(KEY_STORE_FILE)).unwrap();
+        std::fs::copy(
+            dir.path().join(crate::paths::KEY_STORE_FILE),
+            other.path().join(crate::paths::KEY_STORE_FILE),
+        )
+        .unwrap();
         assert!(matches!(
             Keyring::open(masters(other.path()), other.path()),
             Err(KeyError::StoreVersion { version: 2, .. })

@@ -1,7 +1,8 @@
 //! A full disk is an expected state, not a crash: free space under `state_dir` is watched, and
 //! below `min_free_space` new work is refused before it can fail half-way.
 //!
-//! [`DiskWatch::run`] looks every [`EVERY`]. While space under `state_dir` is low, no new file
+//! The disk watch (`crate::workers::disk`) looks every [`EVERY`] and records here what it saw;
+//! everything else reads it. While space under `state_dir` is low, no new file
 //! is taken from an inbox (files wait where they are; a file already being ingested finishes),
 //! SFTP uploads are refused when opened ("server storage is low"), `/readyz` answers 503, and a
 //! `disk_low` alert goes out once per episode. An SFTP upload is also refused when the inbox's own
@@ -9,18 +10,13 @@
 //! Uploads whose writes fail anyway are never published (`sftp::world`).
 //!
 //! The same look also heals the store: a write that failed for want of space latches redb's
-//! database into refusing every later transaction, and [`Store::recover`] opens it again (once
-//! space allows), so nothing waits for a restart.
+//! database into refusing every later transaction, and `Store::recover` opens it again (once
+//! space allows), so nothing waits for a restart. Audit events that wait for the store hold new
+//! work too ([`set_audit_backlog`]).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
-
-use tokio_util::sync::CancellationToken;
-
-use crate::alert::{Alert, AlertKind, Alerter};
-use crate::reload::Live;
-use crate::store::{Recovery, Store};
 
 /// How often free space is looked at.
 pub const EVERY: Duration = Duration::from_secs(1);
@@ -29,6 +25,8 @@ static LOW: AtomicBool = AtomicBool::new(false);
 /// The store failed and is not open again yet.
 static HEALING: AtomicBool = AtomicBool::new(false);
 static FREE: AtomicU64 = AtomicU64::new(u64::MAX);
+/// Audit events wait for the store.
+static AUDIT_BACKLOG: AtomicBool = AtomicBool::new(false);
 
 /// Bytes free for an unprivileged writer on the file system of `path`.
 pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
@@ -55,7 +53,7 @@ pub fn why_paused() -> Option<&'static str> {
         Some("disk low: free space under state_dir is below min_free_space")
     } else if HEALING.load(Ordering::Acquire) {
         Some("the store had an I/O error and is not open again yet")
-    } else if crate::audit::backlogged() {
+    } else if AUDIT_BACKLOG.load(Ordering::Acquire) {
         Some("audit events wait for the store to take writes")
     } else {
         None
@@ -78,66 +76,18 @@ pub fn upload_allowed(inbox: &Path, min: u64) -> bool {
     !is_low() && (min == 0 || free_bytes(inbox).map(|f| f >= min).unwrap_or(true))
 }
 
-/// Watches `state_dir` until `shutdown`.
-pub struct DiskWatch {
-    pub config: Live,
-    pub store: Store,
-    pub alerts: Alerter,
+/// Records a look at free space under `state_dir`; returns whether space was low before it.
+pub fn record_free(free: u64, low: bool) -> bool {
+    FREE.store(free, Ordering::Release);
+    LOW.swap(low, Ordering::AcqRel)
 }
 
-impl DiskWatch {
-    pub async fn run(self, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {
-                    self.look();
-                    let store = self.store.clone();
-                    if let Ok(Recovery::Waiting) = tokio::task::spawn_blocking(move || store.recover()).await {
-                        HEALING.store(true, Ordering::Release);
-                    } else {
-                        HEALING.store(false, Ordering::Release);
-                    }
-                }
-            }
-        }
-    }
+/// Records whether the store has failed and waits to be opened again.
+pub fn set_store_failed(failed: bool) {
+    HEALING.store(failed, Ordering::Release);
+}
 
-    fn look(&self) {
-        let config = self.config.get();
-        let min = config.min_free_space;
-        let free = match free_bytes(&config.state_dir) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot read free space under state_dir");
-                return;
-            }
-        };
-        FREE.store(free, Ordering::Release);
-        let low = min > 0 && free < min;
-        let was = LOW.swap(low, Ordering::AcqRel);
-        let mib = |b: u64| b / (1 << 20);
-        if low && !was {
-            let what = format!(
-                "Free space under {} is {} MiB, below min_free_space ({} MiB): new files and uploads wait.",
-                config.state_dir.display(),
-                mib(free),
-                mib(min)
-            );
-            self.alerts.raise(
-                Alert::new(AlertKind::DiskLow, None, what)
-                    .detail("state_dir", config.state_dir.display())
-                    .detail("free", format!("{} MiB", mib(free)))
-                    .detail("min_free_space", format!("{} MiB", mib(min)))
-                    .action("Free space on that file system (old backups, logs) or grow it. Nothing accepted is lost: files wait in the inboxes, uploads are refused with a clear message, and everything resumes by itself once space is back."),
-            );
-        } else if was && !low {
-            tracing::info!(
-                free_mib = mib(free),
-                "free space under state_dir is back above min_free_space; taking files again"
-            );
-        }
-    }
+/// Records whether audit events wait for the store; returns whether they did before.
+pub fn set_audit_backlog(waiting: bool) -> bool {
+    AUDIT_BACKLOG.swap(waiting, Ordering::AcqRel)
 }

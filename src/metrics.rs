@@ -1,40 +1,17 @@
-//! `[metrics] listen`: Prometheus text at `/metrics`, and `/healthz` and `/readyz`.
-//!
-//! Encoded by the `prometheus-client` crate (OpenMetrics text, which Prometheus reads). Each
-//! scrape builds a registry from what the store and the dispatcher know at that moment: messages
-//! by tenant and status, queue depth, partner health, window use and latency, the store's size,
-//! the sweeper's and the re-sealer's totals, active bans. Names follow Prometheus conventions:
-//! the `smsdrop_` prefix, `_total` on counters, seconds and bytes.
-//!
-//! What happened since start (files and lines by outcome, line rejections by reason, SFTP
-//! logins, refusals and open sessions, mails, reloads, submit latency per partner) is counted
-//! as it happens in [`events`], one process-wide set of counters, and read by each scrape.
-//!
-//! `/healthz` answers while the process does; `/readyz` only when the store answers a read and
-//! free space under `state_dir` is above `min_free_space` (`crate::disk`).
+//! What happened since start, counted as it happens: files and lines by outcome, line
+//! rejections by reason, SFTP logins, refusals and open sessions, mails, reloads, submit latency
+//! and receipt delay per partner. One process-wide set of counters ([`events`]); the `/metrics`
+//! endpoint (`crate::exporter`) registers them into each scrape.
 
-use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
-
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::{Request, Response, StatusCode};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio_util::sync::CancellationToken;
 
-use crate::codes::MessageStatus;
-use crate::dispatch::HealthBoard;
-use crate::store::records::BatchState;
-use crate::store::{Store, StoreError};
+use crate::sms::codes::{FileReason, LineReason};
 
-/// Connections at once (a scrape reads every batch record); more are refused.
-const SCRAPES: usize = 16;
-
-type Labels = Vec<(&'static str, String)>;
+pub(crate) type Labels = Vec<(&'static str, String)>;
 
 /// A histogram of seconds from 1 ms to about 16 s.
 fn latency_histogram() -> Histogram {
@@ -44,6 +21,15 @@ fn latency_histogram() -> Histogram {
 /// A histogram of whole seconds from 1 s to about 9 hours (receipts are stamped in seconds).
 fn delay_histogram() -> Histogram {
     Histogram::new(exponential_buckets(1.0, 2.0, 16))
+}
+
+/// What one ingested batch file came to, for [`Events::batch`].
+pub struct BatchCounts<'a> {
+    pub tenant: &'a str,
+    pub file_reason: Option<FileReason>,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub reasons: &'a [(LineReason, u64)],
 }
 
 /// Counters of events since start; see [`events`].
@@ -91,8 +77,8 @@ pub fn events() -> &'static Events {
 
 impl Events {
     /// A batch file was ingested: its outcome, its lines, its rejections by reason.
-    pub fn batch(&self, batch: &crate::store::records::BatchRecord) {
-        let tenant = || ("tenant", batch.tenant.clone());
+    pub fn batch(&self, batch: &BatchCounts<'_>) {
+        let tenant = || ("tenant", batch.tenant.to_string());
         let outcome = batch.file_reason.map(|r| r.as_str()).unwrap_or("accepted");
         self.files
             .get_or_create(&vec![tenant(), ("outcome", outcome.to_string())])
@@ -103,7 +89,7 @@ impl Events {
         self.lines
             .get_or_create(&vec![tenant(), ("outcome", "rejected".to_string())])
             .inc_by(batch.rejected);
-        for (reason, n) in &batch.reasons {
+        for (reason, n) in batch.reasons {
             self.line_rejections
                 .get_or_create(&vec![tenant(), ("reason", reason.as_str().to_string())])
                 .inc_by(*n);
@@ -172,7 +158,8 @@ impl Events {
             .observe(seconds.max(0) as f64);
     }
 
-    fn register(&self, registry: &mut Registry) {
+    /// Adds every counter to a scrape's registry.
+    pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "files",
             "Batch files taken in, by tenant and outcome (accepted or the file's reason code)",
@@ -224,245 +211,5 @@ impl Events {
             "Time from a message's submission to its delivery receipt, by partner",
             self.receipt_delay.clone(),
         );
-    }
-}
-
-/// What the listener needs to answer.
-#[derive(Clone)]
-pub struct Exporter {
-    pub store: Store,
-    pub config: crate::reload::Live,
-    pub partners: HealthBoard,
-}
-
-fn gauge_family(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, Gauge> {
-    let family = Family::<Labels, Gauge>::default();
-    registry.register(name, help, family.clone());
-    family
-}
-
-fn gauge(registry: &mut Registry, name: &str, help: &str, value: u64) {
-    let g = Gauge::<i64>::default();
-    g.set(value as i64);
-    registry.register(name, help, g);
-}
-
-fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
-    let c = Counter::<u64>::default();
-    c.inc_by(value);
-    registry.register(name, help, c);
-}
-
-impl Exporter {
-    /// The text of one scrape.
-    pub fn render(&self) -> Result<String, StoreError> {
-        let config = self.config.get();
-        let mut registry = Registry::with_prefix("smsdrop");
-        events().register(&mut registry);
-        let messages = gauge_family(
-            &mut registry,
-            "messages",
-            "Messages held in the store, by tenant and status",
-        );
-        let depth = gauge_family(
-            &mut registry,
-            "queue_depth",
-            "Messages still to be sent or answered (queued, held, submitted), by tenant",
-        );
-        let open = gauge_family(
-            &mut registry,
-            "open_batches",
-            "Batches not finished yet (ingesting, queued, held), by tenant",
-        );
-        for tenant in config.tenants.keys() {
-            let mut counts = [0u64; 9];
-            let mut open_batches = 0;
-            for b in self.store.batches(Some(tenant))? {
-                if matches!(b.state, BatchState::Queued | BatchState::Ingesting | BatchState::Held) {
-                    open_batches += 1;
-                }
-                for (i, c) in b.counts.iter().enumerate() {
-                    counts[i] += c;
-                }
-            }
-            for s in MessageStatus::ALL {
-                messages
-                    .get_or_create(&vec![("tenant", tenant.clone()), ("status", s.as_str().to_string())])
-                    .set(counts[*s as usize] as i64);
-            }
-            let d = counts[MessageStatus::Queued as usize]
-                + counts[MessageStatus::Held as usize]
-                + counts[MessageStatus::Submitted as usize];
-            depth.get_or_create(&vec![("tenant", tenant.clone())]).set(d as i64);
-            open.get_or_create(&vec![("tenant", tenant.clone())]).set(open_batches);
-        }
-
-        let up = gauge_family(
-            &mut registry,
-            "partner_up",
-            "1 while a partner is in its routes, 0 while it is down or probed",
-        );
-        let connected = gauge_family(
-            &mut registry,
-            "partner_connected",
-            "1 while a partner's connection is up",
-        );
-        let in_flight = gauge_family(
-            &mut registry,
-            "partner_in_flight",
-            "Messages handed to a partner and not yet answered",
-        );
-        let window = gauge_family(
-            &mut registry,
-            "partner_window",
-            "A partner's window: messages it may have outstanding",
-        );
-        let latency = Family::<Labels, Gauge<f64, AtomicU64>>::default();
-        registry.register(
-            "partner_submit_latency_median_seconds",
-            "Median submit latency over a partner's last submissions",
-            latency.clone(),
-        );
-        let failed = gauge_family(
-            &mut registry,
-            "partner_recent_failures",
-            "Transient failures among a partner's last submissions",
-        );
-        if let Ok(board) = self.partners.read() {
-            for (id, v) in board.iter() {
-                let l = vec![("partner", id.clone())];
-                up.get_or_create(&l).set(i64::from(v.state == "up"));
-                connected.get_or_create(&l).set(i64::from(v.connected));
-                in_flight.get_or_create(&l).set(v.in_flight as i64);
-                window.get_or_create(&l).set(v.window as i64);
-                latency.get_or_create(&l).set(v.latency_ms as f64 / 1000.0);
-                failed.get_or_create(&l).set(v.failed as i64);
-            }
-        }
-
-        let (file, used) = self.store.space(&config.state_dir)?;
-        gauge(
-            &mut registry,
-            "store_file_bytes",
-            "Size of the store's file on disk",
-            file,
-        );
-        gauge(
-            &mut registry,
-            "store_used_bytes",
-            "Bytes of the store's file in use (the rest is free pages, reused)",
-            used,
-        );
-        counter(
-            &mut registry,
-            "store_reopened",
-            "Times the store was opened again after an I/O error (a full disk) since start",
-            self.store.reopened(),
-        );
-        gauge(
-            &mut registry,
-            "disk_free_bytes",
-            "Free bytes under state_dir, as last looked at",
-            crate::disk::free(),
-        );
-        let (anonymized, deleted, deleted_batches, _) = self.store.sweep_totals()?;
-        counter(
-            &mut registry,
-            "retention_deleted_messages",
-            "Messages the retention sweeper deleted",
-            deleted,
-        );
-        counter(
-            &mut registry,
-            "retention_deleted_batches",
-            "Batches the retention sweeper deleted",
-            deleted_batches,
-        );
-        counter(
-            &mut registry,
-            "retention_anonymized_messages",
-            "Messages the retention sweeper anonymised",
-            anonymized,
-        );
-        let reseal = self.store.reseal_progress();
-        gauge(
-            &mut registry,
-            "reseal_records",
-            "Records re-sealed by the re-sealer's pass under way or last",
-            reseal.resealed,
-        );
-        if config.sftp.is_some() {
-            let bans = crate::sftp::defender::active_bans(&self.store).len() as u64;
-            gauge(
-                &mut registry,
-                "sftp_banned_addresses",
-                "Addresses the SFTP defender bans now",
-                bans,
-            );
-        }
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
-        Ok(out)
-    }
-
-    async fn answer(&self, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
-        let text = |status: StatusCode, body: String, kind: &str| {
-            let mut r = Response::new(Full::new(Bytes::from(body)));
-            *r.status_mut() = status;
-            if let Ok(v) = kind.parse() {
-                r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
-            }
-            r
-        };
-        if req.method() != hyper::Method::GET {
-            return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into(), "text/plain");
-        }
-        match req.uri().path() {
-            "/healthz" => text(StatusCode::OK, "ok\n".into(), "text/plain"),
-            "/readyz" => match self.store.blocking(|s| s.mark("wal_applied")).await {
-                Ok(_) if crate::disk::is_low() => text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!(
-                        "{} ({} MiB free under state_dir)\n",
-                        crate::disk::why_paused().unwrap_or("paused"),
-                        crate::disk::free() >> 20
-                    ),
-                    "text/plain",
-                ),
-                Ok(_) => text(StatusCode::OK, "ready\n".into(), "text/plain"),
-                Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}\n"), "text/plain"),
-            },
-            "/metrics" => {
-                let me = self.clone();
-                match tokio::task::spawn_blocking(move || me.render()).await {
-                    Ok(Ok(body)) => text(
-                        StatusCode::OK,
-                        body,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    ),
-                    Ok(Err(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("store: {e}\n"), "text/plain"),
-                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"), "text/plain"),
-                }
-            }
-            _ => text(
-                StatusCode::NOT_FOUND,
-                "/metrics, /healthz, /readyz\n".into(),
-                "text/plain",
-            ),
-        }
-    }
-
-    /// Binds `addr` (before `READY=1`), then serves until `shutdown`.
-    pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-        tokio::net::TcpListener::bind(addr).await
-    }
-
-    pub async fn run(self, listener: tokio::net::TcpListener, shutdown: CancellationToken) {
-        crate::httpd::serve(listener, SCRAPES, "metrics", shutdown, move |req, _| {
-            let me = self.clone();
-            async move { me.answer(req).await }
-        })
-        .await;
     }
 }

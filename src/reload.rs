@@ -17,43 +17,13 @@
 use std::fmt;
 use std::sync::Arc;
 
-use tokio::sync::{Mutex, watch};
+use tokio::sync::Mutex;
 
 use crate::audit::{Audit, Event};
-use crate::config::Config;
+use crate::config::{Config, Live};
 use crate::dispatch::fleet::Fleet;
 use crate::store::Store;
 use crate::store::records::BatchState;
-
-/// The configuration in force, swapped whole by a reload.
-#[derive(Clone)]
-pub struct Live(Arc<watch::Sender<Arc<Config>>>);
-
-impl Live {
-    pub fn new(config: Arc<Config>) -> Live {
-        Live(Arc::new(watch::Sender::new(config)))
-    }
-
-    /// The configuration now.
-    pub fn get(&self) -> Arc<Config> {
-        self.0.borrow().clone()
-    }
-
-    /// Notified at each reload that took.
-    pub fn subscribe(&self) -> watch::Receiver<Arc<Config>> {
-        self.0.subscribe()
-    }
-
-    fn replace(&self, config: Arc<Config>) {
-        self.0.send_replace(config);
-    }
-}
-
-impl fmt::Debug for Live {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("Live").field(&self.get().path).finish()
-    }
-}
 
 /// What a reload changed, for the log, the audit trail and `smsdrop reload`.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -254,7 +224,7 @@ fn prepare_tenants(
                 "tenant {t} is removed but has {open} open batches: wait for them to finish or cancel them (`smsdrop batch cancel`), then reload"
             )));
         }
-        let spooled = std::fs::read_dir(crate::watch::spool_dir(state_dir, t))
+        let spooled = std::fs::read_dir(crate::paths::spool_dir(state_dir, t))
             .map(|d| d.count())
             .unwrap_or(0);
         if spooled > 0 {
@@ -267,9 +237,10 @@ fn prepare_tenants(
         for (dir, mode, what) in [
             (&t.inbox, 0o770, "inbox"),
             (&t.outbox, 0o770, "outbox"),
-            (&crate::watch::spool_dir(state_dir, &t.id), 0o700, "spool"),
+            (&crate::paths::spool_dir(state_dir, &t.id), 0o700, "spool"),
         ] {
-            crate::server::make_dir(dir, mode, what).map_err(|e| Refused(format!("tenant {}: {e}", t.id)))?;
+            crate::paths::make_dir(dir, mode)
+                .map_err(|e| Refused(format!("tenant {}: {what} {}: {e}", t.id, dir.display())))?;
         }
     }
     let added: Vec<&str> = added.iter().map(String::as_str).collect();

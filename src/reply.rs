@@ -19,7 +19,8 @@ use encoding_rs::{Encoding, UTF_8, UTF_16BE, UTF_16LE};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::records::{BatchRecord, CHUNK_MESSAGES, ReplyFormat, message_id};
+use crate::sms::format::ReplyFormat;
+use crate::store::records::{BatchRecord, CHUNK_MESSAGES, message_id};
 use crate::store::{Store, StoreError};
 
 pub const RESULT_HEADER: [&str; 6] = ["line", "ref", "phone", "status", "reason", "message_id"];
@@ -296,8 +297,8 @@ pub fn write_replies(store: &Store, tenant: &crate::config::Tenant) -> Result<us
     let (Some((_, first)), Some((last, _))) = (pending.first(), pending.last()) else {
         return Ok(0);
     };
-    let mark = format!("replies_ms:{}", tenant.id);
-    let previous = store.mark(&mark)?.unwrap_or(0) as i64;
+    let mark = crate::store::Mark::RepliesMs(&tenant.id);
+    let previous = store.mark(mark.clone())?.unwrap_or(0) as i64;
     let ms = first.received_at.max(previous + 1);
     let name = jiff::Timestamp::from_millisecond(ms)
         .map(|t| format!("replies-{}.csv", t.strftime("%Y%m%dT%H%M%S%.3fZ")))
@@ -323,7 +324,7 @@ pub fn write_replies(store: &Store, tenant: &crate::config::Tenant) -> Result<us
         ])?;
     }
     csv.finish()?.sync()?.publish()?;
-    store.replies_written(&tenant.id, *last, (&mark, ms as u64))?;
+    store.replies_written(&tenant.id, *last, (mark, ms as u64))?;
     tracing::info!(tenant = %tenant.id, file = %name, replies = pending.len(), "replies file written");
     Ok(pending.len())
 }
@@ -331,9 +332,15 @@ pub fn write_replies(store: &Store, tenant: &crate::config::Tenant) -> Result<us
 #[derive(Debug, thiserror::Error)]
 pub enum ReplyError {
     #[error("writing a reply file: {0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl From<io::Error> for ReplyError {
+    fn from(e: io::Error) -> Self {
+        ReplyError::Io(e)
+    }
 }
 
 /// Keeps delivery reports up to date: every tenant's `report_interval` while a batch is under
@@ -341,7 +348,7 @@ pub enum ReplyError {
 /// replies files within a second of their arrival.
 pub struct ReportWriter {
     pub store: Store,
-    pub config: crate::reload::Live,
+    pub config: crate::config::Live,
 }
 
 /// Asks the report writer for a batch's final report.

@@ -7,7 +7,6 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,15 +19,16 @@ use tokio_util::task::TaskTracker;
 use crate::alert::Alerter;
 use crate::alert::mailer::{Mailer, MailerError};
 use crate::audit::{Audit, Event};
-use crate::batch::ingest::{IngestError, Ingestor};
 use crate::config::Config;
+use crate::config::Live;
 use crate::crypto::{KeyError, Keyring, MasterKeys};
 use crate::dispatch::fleet::Fleet;
 use crate::dispatch::{self, Dispatcher};
-use crate::reload::{Live, Reloader};
+use crate::ingest::{IngestError, Ingestor};
+use crate::reload::Reloader;
 use crate::reply::ReportWriter;
 use crate::store::{Store, StoreError};
-use crate::watch::{self, Claimed, InboxWatcher};
+use crate::watch::{Claimed, InboxWatcher};
 
 /// How long workers get to finish at shutdown.
 const STOP_DEADLINE: Duration = Duration::from_secs(20);
@@ -39,19 +39,19 @@ pub enum ServeError {
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error("opening the store: {0}")]
-    Store(#[from] StoreError),
-    #[error("{what} {}: {source}", path.display())]
+    Store(StoreError),
+    #[error("{what} {}: {cause}", path.display())]
     Folder {
         what: &'static str,
         path: std::path::PathBuf,
-        source: io::Error,
+        cause: io::Error,
     },
     #[error("admin socket: {0}")]
     Admin(io::Error),
-    #[error("metrics: cannot listen on {addr}: {source}")]
+    #[error("metrics: cannot listen on {addr}: {cause}")]
     Metrics {
         addr: std::net::SocketAddr,
-        source: io::Error,
+        cause: io::Error,
     },
     #[error("cannot listen for signals: {0}")]
     Signals(io::Error),
@@ -64,32 +64,46 @@ pub enum ServeError {
         fix: String,
     },
     #[error("mail: {0}")]
-    Mailer(#[from] MailerError),
+    Mailer(MailerError),
     #[error("SFTP: {0}")]
-    Sftp(#[from] crate::sftp::SftpError),
+    Sftp(crate::sftp::SftpError),
     #[error("partner: {0}")]
-    Partner(#[from] crate::dispatch::http::HttpSetupError),
+    Partner(crate::dispatch::http::HttpSetupError),
     #[error("cannot start the dispatcher's runtime: {0}")]
     Dispatcher(io::Error),
+}
+
+impl From<StoreError> for ServeError {
+    fn from(e: StoreError) -> Self {
+        ServeError::Store(e)
+    }
+}
+
+impl From<MailerError> for ServeError {
+    fn from(e: MailerError) -> Self {
+        ServeError::Mailer(e)
+    }
+}
+
+impl From<crate::sftp::SftpError> for ServeError {
+    fn from(e: crate::sftp::SftpError) -> Self {
+        ServeError::Sftp(e)
+    }
+}
+
+impl From<crate::dispatch::http::HttpSetupError> for ServeError {
+    fn from(e: crate::dispatch::http::HttpSetupError) -> Self {
+        ServeError::Partner(e)
+    }
 }
 
 pub(crate) fn make_dir(path: &Path, mode: u32, what: &'static str) -> Result<(), ServeError> {
     let err = |source| ServeError::Folder {
         what,
         path: path.to_path_buf(),
-        source,
+        cause: source,
     };
-    if !path.exists() {
-        fs::create_dir_all(path).map_err(err)?;
-        fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(err)?;
-    }
-    Ok(())
-}
-
-/// The master key file to read: the credential `master.key` when the service manager passes
-/// one (`LoadCredential=`), else the configuration's `key_file`.
-pub fn key_path(config: &Config) -> std::path::PathBuf {
-    crate::service::credential("master.key").unwrap_or_else(|| config.key_file.clone())
+    crate::paths::make_dir(path, mode).map_err(err)
 }
 
 /// Refuses a `state_dir` that others could change (or, for `serve`, that another user owns):
@@ -99,7 +113,7 @@ fn check_state_dir(path: &Path, serving: bool) -> Result<(), ServeError> {
     let meta = fs::metadata(path).map_err(|source| ServeError::Folder {
         what: "state_dir",
         path: path.to_path_buf(),
-        source,
+        cause: source,
     })?;
     let mode = meta.mode() & 0o7777;
     if mode & 0o022 != 0 {
@@ -128,7 +142,7 @@ fn check_state_dir(path: &Path, serving: bool) -> Result<(), ServeError> {
 pub fn open_store(config: &Config) -> Result<Store, ServeError> {
     make_dir(&config.state_dir, 0o700, "state_dir")?;
     check_state_dir(&config.state_dir, false)?;
-    let masters = MasterKeys::load(&key_path(config))?;
+    let masters = MasterKeys::load(&crate::service::key_path(config))?;
     let keys = Keyring::open(masters, &config.state_dir)?;
     let tenants: Vec<&str> = config.tenants.keys().map(String::as_str).collect();
     keys.ensure(&tenants)?;
@@ -161,7 +175,7 @@ pub async fn run(
     for t in config.tenants.values() {
         make_dir(&t.inbox, 0o770, "inbox")?;
         make_dir(&t.outbox, 0o770, "outbox")?;
-        make_dir(&watch::spool_dir(&config.state_dir, &t.id), 0o700, "spool")?;
+        make_dir(&crate::paths::spool_dir(&config.state_dir, &t.id), 0o700, "spool")?;
     }
 
     let (audit, audit_writer) = Audit::queued(store.clone());
@@ -241,7 +255,7 @@ pub async fn run(
     let mail_wake = Arc::new(tokio::sync::Notify::new());
     let alerter = Alerter::new(store.clone(), live.clone(), mail_wake.clone());
     {
-        let watch = crate::disk::DiskWatch {
+        let watch = crate::workers::disk::DiskWatch {
             config: live.clone(),
             store: store.clone(),
             alerts: alerter.clone(),
@@ -345,10 +359,10 @@ pub async fn run(
         tracker.spawn(sftp.run(listener, intake.clone()));
     }
     if let Some(addr) = config.metrics_listen {
-        let listener = crate::metrics::Exporter::bind(addr)
+        let listener = crate::exporter::Exporter::bind(addr)
             .await
-            .map_err(|source| ServeError::Metrics { addr, source })?;
-        let exporter = crate::metrics::Exporter {
+            .map_err(|source| ServeError::Metrics { addr, cause: source })?;
+        let exporter = crate::exporter::Exporter {
             store: store.clone(),
             config: live.clone(),
             partners: board.clone(),
@@ -483,7 +497,7 @@ async fn sweep(store: Store, live: Live, audit: Audit, ingesting: Arc<AtomicBool
             .blocking(move |s| {
                 let swept = s.sweep(&policies, now, budget, &|| busy.load(Ordering::Relaxed))?;
                 if swept.steps > 0 || mark {
-                    s.set_mark("sweep_at", now.max(0) as u64)?;
+                    s.set_mark(crate::store::Mark::SweepAt, now.max(0) as u64)?;
                 }
                 Ok(swept)
             })
@@ -654,7 +668,7 @@ async fn backups(
                 event.push("bytes", summary.bytes);
                 event.push("result", "ok");
                 let _ = store
-                    .blocking(move |s| s.set_mark("backup_at", now.max(0) as u64))
+                    .blocking(move |s| s.set_mark(crate::store::Mark::BackupAt, now.max(0) as u64))
                     .await;
                 let all = scheduled_backups(&schedule.dir);
                 for (_, old) in all.iter().take(all.len().saturating_sub(schedule.keep)) {
@@ -749,7 +763,13 @@ fn ingest_one(ingestor: &Ingestor<'_>, config: &Config, claimed: &Claimed) -> bo
         ingestor.ingest_claimed(tenant, &claimed.spool, &claimed.claim, &claimed.file_name)
     };
     match result {
-        Ok(batch) => crate::metrics::events().batch(&batch),
+        Ok(batch) => crate::metrics::events().batch(&crate::metrics::BatchCounts {
+            tenant: &batch.tenant,
+            file_reason: batch.file_reason,
+            accepted: batch.accepted,
+            rejected: batch.rejected,
+            reasons: &batch.reasons,
+        }),
         Err(IngestError::Cancelled) => {
             tracing::info!(tenant = %tenant.id, file = %claimed.file_name, "ingest cut short by shutdown; resumed at next start")
         }

@@ -64,11 +64,17 @@ pub async fn watchdog(store: Store, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        let check = store.blocking(|s| s.mark("wal_applied"));
+        let check = store.blocking(|s| s.mark(crate::store::Mark::WalApplied));
         match tokio::time::timeout(STORE_ANSWER.min(every), check).await {
             Ok(Ok(_)) => send(&[NotifyState::Watchdog]),
             Ok(Err(e)) => tracing::error!(error = %e, "the store does not answer; the watchdog is not pinged"),
             Err(_) => tracing::error!("the store is slow to answer; the watchdog is not pinged"),
         }
     }
+}
+
+/// The master key file to read: the credential `master.key` when the service manager passes
+/// one (`LoadCredential=`), else the configuration's `key_file`.
+pub fn key_path(config: &crate::config::Config) -> std::path::PathBuf {
+    credential("master.key").unwrap_or_else(|| config.key_file.clone())
 }

@@ -30,9 +30,9 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::Mutex;
 
 use crate::audit::{Audit, Event};
+use crate::config::Live;
 use crate::config::Tenant;
 use crate::limits;
-use crate::reload::Live;
 
 /// A file moved into the spool, waiting for ingest.
 #[derive(Debug, Clone)]
@@ -110,11 +110,6 @@ fn new_claim() -> String {
     let mut r = [0u8; 4];
     let _ = getrandom::fill(&mut r);
     format!("c{nanos:x}{}", r.iter().map(|b| format!("{b:02x}")).collect::<String>())
-}
-
-/// The spool folder of a tenant.
-pub fn spool_dir(state_dir: &Path, tenant: &str) -> PathBuf {
-    state_dir.join("spool").join(tenant)
 }
 
 /// Moves `path` into the tenant's spool atomically. Falls back to copy, sync and remove when the
@@ -197,7 +192,7 @@ impl InboxWatcher {
         let mut out = Vec::new();
         let config = self.config.get();
         for tenant in config.tenants.values() {
-            let dir = spool_dir(&config.state_dir, &tenant.id);
+            let dir = crate::paths::spool_dir(&config.state_dir, &tenant.id);
             // Half-finished copies from another file system are done again from the inbox copy.
             if let Ok(entries) = fs::read_dir(&tenant.inbox) {
                 for e in entries.flatten() {
@@ -493,7 +488,7 @@ impl InboxWatcher {
         for (path, tenant) in ready {
             candidates.remove(&path);
             let Some(tenant) = tenant else { continue };
-            let spool = spool_dir(&config.state_dir, &tenant.id);
+            let spool = crate::paths::spool_dir(&config.state_dir, &tenant.id);
             match claim(&path, &tenant, &spool) {
                 Ok(claimed) => {
                     tracing::info!(tenant = %tenant.id, file = %claimed.file_name, claim = %claimed.claim, "file taken");

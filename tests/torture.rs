@@ -106,7 +106,7 @@ fn spooled(app: &Appliance) -> usize {
 
 /// GSM 03.38 septets packed 8 into 7 bytes, as they go on the air.
 fn gsm_packed(text: &str) -> Option<Vec<u8>> {
-    let septets = smsdrop::batch::encode::to_gsm7(text)?;
+    let septets = smsdrop::sms::gsm::to_gsm7(text)?;
     let mut out = Vec::new();
     let (mut acc, mut bits) = (0u32, 0);
     for s in septets {
@@ -156,7 +156,7 @@ fn nothing_in_clear(app: &Appliance, samples: &[(String, String)]) {
         if let Some(packed) = gsm_packed(text) {
             needles.push((format!("GSM-packed {text}"), packed));
         }
-        if let Some(septets) = smsdrop::batch::encode::to_gsm7(text) {
+        if let Some(septets) = smsdrop::sms::gsm::to_gsm7(text) {
             needles.push((format!("GSM septets of {text}"), septets));
         }
     }

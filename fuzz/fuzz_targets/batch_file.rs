@@ -1,19 +1,17 @@
-//! A whole batch file through the CSV records reader and the line checks (`ingest::process`),
+//! A whole batch file through the CSV records reader and the line checks (`batch::file::process`),
 //! for a headed tenant: whatever the bytes, every line gets exactly one answer, numbered after
 //! the one before, and the counts add up.
 #![no_main]
 
-use std::collections::HashSet;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
-use smsdrop::batch::ingest::{Context, IngestError, LineSink, process};
+use smsdrop::batch::file::{Context, LineSink, process};
 use smsdrop::batch::validate::Checked;
 use smsdrop::config::{Config, Tenant};
 use smsdrop::crypto::{Keyring, MasterKeys};
-use smsdrop::store::records::ReplyFormat;
-use smsdrop::store::Blocklists;
+use smsdrop::sms::format::ReplyFormat;
 
 struct World {
     dir: tempfile::TempDir,
@@ -46,13 +44,15 @@ struct Lines {
 }
 
 impl LineSink for Lines {
-    fn start(&mut self, _format: &ReplyFormat) -> Result<(), IngestError> {
+    type Error = std::convert::Infallible;
+
+    fn start(&mut self, _format: &ReplyFormat) -> Result<(), Self::Error> {
         assert!(!self.started, "started twice");
         self.started = true;
         Ok(())
     }
 
-    fn line(&mut self, checked: Checked, index: Option<u64>) -> Result<(), IngestError> {
+    fn line(&mut self, checked: Checked, index: Option<u64>) -> Result<(), Self::Error> {
         assert!(self.started, "a line before the start");
         if let Some(last) = self.numbers.last() {
             assert!(checked.line > *last, "line {} after line {last}", checked.line);
@@ -78,16 +78,14 @@ fuzz_target!(|data: &[u8]| {
     let ctx = Context {
         tenant: &w.tenant,
         keys: &keys,
-        blocklist: Blocklists {
-            tenant: HashSet::new(),
-            global: HashSet::new(),
-            global_keys: w.keys.tenant("@global"),
-        },
+        blocklisted: &|_, _| false,
         seen: &seen,
         cancel: &cancel,
     };
     let mut lines = Lines::default();
-    let summary = process(&path, &ctx, &mut lines).expect("process never fails on content");
+    let Ok(summary) = process(&path, &ctx, &mut lines) else {
+        panic!("process never fails on content");
+    };
     if summary.rejection.is_none() {
         assert_eq!(summary.lines, lines.numbers.len() as u64, "every line answered once");
         assert_eq!(summary.accepted + summary.rejected, summary.lines);

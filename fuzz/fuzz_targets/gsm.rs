@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use smsdrop::batch::encode::{encode, from_gsm7, segment_payloads, to_gsm7};
+use smsdrop::sms::gsm::{encode, from_gsm7, segment_payloads, to_gsm7};
 use smsdrop::store::records::TextCoding;
 
 fuzz_target!(|text: &str| {

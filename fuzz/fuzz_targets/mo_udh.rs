@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use smsdrop::dispatch::mo::{decode_text, optout_keyword, strip_udh};
+use smsdrop::sms::mo::{decode_text, optout_keyword, strip_udh};
 
 fuzz_target!(|input: (u8, &[u8])| {
     let (coding, payload) = input;

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use smsdrop::dispatch::receipt::{IdForm, early_keys, normal_id, parse, receipt_candidates};
+use smsdrop::sms::receipt::{IdForm, early_keys, normal_id, parse, receipt_candidates};
 
 fuzz_target!(|input: (&str, Option<&str>, Option<u8>, Option<&str>, u8)| {
     let (text, tlv_id, tlv_state, tlv_error, form) = input;

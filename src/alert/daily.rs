@@ -8,10 +8,10 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use super::{AlertKind, Alerter};
-use crate::codes::{FileReason, LineReason, MessageStatus};
 use crate::config::{Config, Tenant};
+use crate::sms::codes::{FileReason, LineReason, MessageStatus};
 use crate::store::records::{BatchRecord, BatchState, MailRecord};
-use crate::store::{Store, StoreError};
+use crate::store::{Mark, Store, StoreError};
 
 /// One tenant's day.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -101,10 +101,6 @@ pub fn totals(store: &Store, tenant: &str, from: i64, to: i64) -> Result<DayTota
     Ok(t)
 }
 
-fn mark_name(tenant: &str) -> String {
-    format!("daily_report:{tenant}")
-}
-
 /// When today's report of `tenant` is due, as unix seconds.
 fn due_at(tenant: &Tenant, at: jiff::civil::Time, now: jiff::Timestamp) -> Option<i64> {
     let today = now.to_zoned_datetime(tenant.timezone.clone()).date();
@@ -146,7 +142,7 @@ pub fn send_due(store: &Store, config: &Config, alerter: &Alerter) -> Result<usi
     let mut summary_from = i64::MAX;
     for tenant in config.tenants.values() {
         let Some(due) = due_at(tenant, at, now) else { continue };
-        let last = store.mark(&mark_name(&tenant.id))?.map(|v| v as i64);
+        let last = store.mark(Mark::DailyReport(&tenant.id))?.map(|v| v as i64);
         if now_s < due || last.is_some_and(|l| l >= due) {
             continue;
         }
@@ -177,7 +173,7 @@ pub fn send_due(store: &Store, config: &Config, alerter: &Alerter) -> Result<usi
         totals.render(&mut summary);
         summary.push('\n');
         summary_from = summary_from.min(from);
-        store.set_mark(&mark_name(&tenant.id), now_s as u64)?;
+        store.set_mark(Mark::DailyReport(&tenant.id), now_s as u64)?;
     }
     if !summary.is_empty() {
         let subject = "[smsdrop] daily_report: summary of every tenant".to_string();

@@ -35,8 +35,8 @@ fn retry_delay(attempts: u32) -> i64 {
 /// Why the mailer could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum MailerError {
-    #[error("{}: {source}", path.display())]
-    Secret { path: PathBuf, source: std::io::Error },
+    #[error("{}: {cause}", path.display())]
+    Secret { path: PathBuf, cause: std::io::Error },
     #[error("{}: the SMTP password file is readable by group or others; run `chmod 600 {}`", path.display(), path.display())]
     SecretPermissions { path: PathBuf },
     #[error("email.ca_file {}: {detail}", path.display())]
@@ -44,7 +44,13 @@ pub enum MailerError {
     #[error("no [email] table in the configuration")]
     NoEmail,
     #[error("SMTP transport: {0}")]
-    Transport(#[from] lettre::transport::smtp::Error),
+    Transport(lettre::transport::smtp::Error),
+}
+
+impl From<lettre::transport::smtp::Error> for MailerError {
+    fn from(e: lettre::transport::smtp::Error) -> Self {
+        MailerError::Transport(e)
+    }
 }
 
 /// What became of one attempt.
@@ -56,7 +62,7 @@ enum Sent {
 
 pub struct Mailer {
     store: Store,
-    config: crate::reload::Live,
+    config: crate::config::Live,
     email: Email,
     transport: AsyncSmtpTransport<Tokio1Executor>,
     alerter: Alerter,
@@ -66,7 +72,7 @@ pub struct Mailer {
 fn read_secret(path: &std::path::Path) -> Result<String, MailerError> {
     let meta = std::fs::metadata(path).map_err(|source| MailerError::Secret {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     })?;
     if meta.permissions().mode() & 0o077 != 0 {
         return Err(MailerError::SecretPermissions {
@@ -75,7 +81,7 @@ fn read_secret(path: &std::path::Path) -> Result<String, MailerError> {
     }
     let text = std::fs::read_to_string(path).map_err(|source| MailerError::Secret {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     })?;
     Ok(text.trim_end_matches(['\n', '\r']).to_string())
 }
@@ -83,7 +89,7 @@ fn read_secret(path: &std::path::Path) -> Result<String, MailerError> {
 impl Mailer {
     pub fn new(
         store: Store,
-        config: crate::reload::Live,
+        config: crate::config::Live,
         alerter: Alerter,
         wake: Arc<Notify>,
     ) -> Result<Mailer, MailerError> {

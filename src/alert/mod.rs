@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use tokio::sync::Notify;
 
-use crate::reload::Live;
+use crate::config::Live;
 use crate::store::Store;
 use crate::store::records::{DigestRecord, MailRecord};
 

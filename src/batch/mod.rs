@@ -1,12 +1,10 @@
 //! The batch: a CSV file turned into checked messages (README: How a file flows).
 //!
-//! `parse` reads records, `columns` maps headers, `validate` checks lines, `encode` decides GSM-7
-//! or UCS-2 and counts segments, `template` fills message templates, and `ingest` runs them as a
-//! pipeline into the store and the result file.
+//! `parse` reads records, `validate` checks lines (with the domain's rules from [`crate::sms`]:
+//! columns, templates, phone numbers, GSM-7 or UCS-2 and segments), and `file` runs them over a
+//! whole file, handing each line to a sink. Pure: no store, no alert, no file written;
+//! `crate::ingest` joins it to the queue.
 
-pub mod columns;
-pub mod encode;
-pub mod ingest;
+pub mod file;
 pub mod parse;
-pub mod template;
 pub mod validate;

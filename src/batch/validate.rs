@@ -8,13 +8,14 @@ use std::collections::HashMap;
 
 use jiff::Timestamp;
 
-use crate::batch::columns::ColumnMap;
-use crate::batch::encode;
 use crate::batch::parse::{RawRecord, Records};
-use crate::codes::LineReason;
 use crate::config::Tenant;
 use crate::crypto::TenantKeys;
-use crate::store::records::StoredMessage;
+use crate::sms::codes::LineReason;
+use crate::sms::columns::ColumnMap;
+use crate::sms::gsm;
+use crate::sms::message::Message;
+use crate::sms::phone::parse_phone;
 
 /// A field longer than this is not something an ERP meant to send (a text that long is
 /// `message_too_long`, any other field `bad_line`).
@@ -27,7 +28,7 @@ const SCHEDULE_AHEAD_SECS: i64 = 366 * 24 * 3600;
 /// A line that passed every per-line rule.
 #[derive(Debug, Clone)]
 pub struct Accepted {
-    pub message: StoredMessage,
+    pub message: Message,
     pub phone_hash: [u8; 16],
     /// Same number and same text give the same value (for `duplicate_recipient`).
     pub dedupe: u64,
@@ -53,48 +54,6 @@ pub struct LineRules<'a> {
     pub encoding: &'static encoding_rs::Encoding,
     pub utf8_fields: bool,
     pub now: Timestamp,
-}
-
-/// Senders: up to 11 alphanumeric characters, or a number of up to 15 digits.
-pub fn is_valid_sender(s: &str) -> bool {
-    let digits = s.strip_prefix('+').unwrap_or(s);
-    let numeric = !digits.is_empty() && digits.len() <= 15 && digits.bytes().all(|b| b.is_ascii_digit());
-    let alpha = !s.trim().is_empty()
-        && s.chars().count() <= 11
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || " .-_&".contains(c));
-    numeric || alpha
-}
-
-/// Normalises a phone number to E.164 with the tenant's region; `None` if it is not a valid
-/// number.
-pub fn normalize_phone(raw: &str, region: Option<rlibphonenumber::Region>) -> Option<String> {
-    parse_phone(raw, region).map(|(e164, _)| e164)
-}
-
-/// Like [`normalize_phone`], with the region the number belongs to.
-pub fn parse_phone(
-    raw: &str,
-    region: Option<rlibphonenumber::Region>,
-) -> Option<(String, Option<rlibphonenumber::Region>)> {
-    let trimmed = raw.trim();
-    if trimmed.is_empty() || trimmed.len() > 40 {
-        return None;
-    }
-    // Without a region, "00" is the common international prefix.
-    let owned;
-    let input = match (region, trimmed.strip_prefix("00")) {
-        (None, Some(rest)) => {
-            owned = format!("+{rest}");
-            owned.as_str()
-        }
-        _ => trimmed,
-    };
-    let number = rlibphonenumber::PhoneNumber::parse(input, region).ok()?;
-    if !number.is_valid() {
-        return None;
-    }
-    let e164 = number.format_as(rlibphonenumber::PhoneNumberFormat::E164).into_owned();
-    Some((e164, number.get_region_code()))
 }
 
 /// The hosts of the links in `text`: with a scheme, or a bare domain whose suffix is a known
@@ -207,7 +166,7 @@ impl LineRules<'_> {
                 return Err(LineReason::UrlNotAllowed);
             }
         }
-        let encoded = encode::encode(&text);
+        let encoded = gsm::encode(&text);
         if encoded.parts > usize::from(self.tenant.max_parts) {
             return Err(LineReason::MessageTooLong);
         }
@@ -233,7 +192,7 @@ impl LineRules<'_> {
         let digest = h.finalize();
         let dedupe = u64::from_le_bytes(digest.as_bytes()[..8].try_into().unwrap_or([0; 8]));
         Ok(Accepted {
-            message: StoredMessage {
+            message: Message {
                 line: record.line,
                 reference: reference.trim().to_string(),
                 phone,
@@ -273,44 +232,6 @@ impl LineRules<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rlibphonenumber::Region as Id;
-
-    #[test]
-    fn french_number_forms_are_one_number() {
-        for raw in [
-            "06 12 34 56 78",
-            "+33 6 12 34 56 78",
-            "0033612345678",
-            "06.12.34.56.78",
-            "+33612345678",
-        ] {
-            assert_eq!(
-                normalize_phone(raw, Some(Id::FR)).as_deref(),
-                Some("+33612345678"),
-                "{raw}"
-            );
-        }
-        assert_eq!(normalize_phone("0033612345678", None).as_deref(), Some("+33612345678"));
-        assert_eq!(
-            normalize_phone("+44 7911 123456", Some(Id::FR)).as_deref(),
-            Some("+447911123456")
-        );
-        for bad in [
-            "",
-            "12",
-            "06 12 34",
-            "hello",
-            "+33 6 12 34 56 78 90 12",
-            "0612345678",
-            "06123456789999",
-        ] {
-            if bad == "0612345678" {
-                assert!(normalize_phone(bad, None).is_none(), "no region, national form");
-                continue;
-            }
-            assert!(normalize_phone(bad, Some(Id::FR)).is_none(), "{bad}");
-        }
-    }
 
     #[test]
     fn links_and_their_hosts() {
@@ -330,22 +251,5 @@ mod tests {
         assert!(is_host_allowed("www.acme.fr", &allow));
         assert!(!is_host_allowed("evilacme.fr", &allow));
         assert!(!is_host_allowed("bit.ly", &allow), "a shortener is its own domain");
-    }
-
-    #[test]
-    fn sender_rules() {
-        for ok in ["ACME", "Acme Shop", "A.B-C_D&E", "+33612345678", "36111"] {
-            assert!(is_valid_sender(ok), "{ok}");
-        }
-        for bad in [
-            "",
-            "   ",
-            "TwelveChars!",
-            "ACME SHOP PARIS",
-            "A\u{e9}",
-            "+1234567890123456",
-        ] {
-            assert!(!is_valid_sender(bad), "{bad}");
-        }
     }
 }

@@ -155,7 +155,7 @@ impl Fleet {
                 loop {
                     match h.start(&self.tracker, stop.clone()).await {
                         Ok(()) => break,
-                        Err(HttpSetupError::Listen { source, .. })
+                        Err(HttpSetupError::Listen { cause: source, .. })
                             if source.kind() == std::io::ErrorKind::AddrInUse
                                 && tokio::time::Instant::now() < deadline =>
                         {

@@ -38,10 +38,10 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::health::Meter;
-use super::mo::Mo;
 use super::partner::{Inbound, Incoming, Outbound, Pacer, Partner, PartnerError, SubmitFuture, Submitted};
-use super::receipt::{Receipt, status_of_word};
 use crate::config;
+use crate::sms::mo::Mo;
+use crate::sms::receipt::{Receipt, status_of_word};
 
 /// A webhook body larger than this is refused.
 const WEBHOOK_MAX_BYTES: usize = 64 << 10;
@@ -75,16 +75,22 @@ static WEBHOOK_WARNINGS: crate::limits::Throttle = crate::limits::Throttle::new(
 /// Why the HTTP partner could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpSetupError {
-    #[error("{what} {}: {source}", path.display())]
+    #[error("{what} {}: {cause}", path.display())]
     Secret {
         what: &'static str,
         path: std::path::PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("HTTP client: {0}")]
-    Client(#[from] reqwest::Error),
-    #[error("webhook listener {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    Client(reqwest::Error),
+    #[error("webhook listener {addr}: {cause}")]
+    Listen { addr: SocketAddr, cause: std::io::Error },
+}
+
+impl From<reqwest::Error> for HttpSetupError {
+    fn from(e: reqwest::Error) -> Self {
+        HttpSetupError::Client(e)
+    }
 }
 
 fn read_secret(what: &'static str, path: &std::path::Path) -> Result<String, HttpSetupError> {
@@ -93,7 +99,7 @@ fn read_secret(what: &'static str, path: &std::path::Path) -> Result<String, Htt
         .map_err(|source| HttpSetupError::Secret {
             what,
             path: path.to_path_buf(),
-            source,
+            cause: source,
         })
 }
 
@@ -217,7 +223,7 @@ impl HttpPartner {
         let secret = Arc::new(read_secret("webhook_secret_file", secret_file)?.into_bytes());
         let listener = tokio::net::TcpListener::bind(addr)
             .await
-            .map_err(|source| HttpSetupError::Listen { addr, source })?;
+            .map_err(|source| HttpSetupError::Listen { addr, cause: source })?;
         tracing::info!(partner = %self.id, %addr, "HTTP partner webhook listening");
         let me = self.clone();
         tracker.spawn(crate::httpd::serve(

@@ -15,7 +15,6 @@ pub mod health;
 pub mod http;
 pub mod mo;
 pub mod partner;
-pub mod receipt;
 pub mod sink;
 pub mod smpp;
 
@@ -29,12 +28,14 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::alert::{Alert, AlertKind, Alerter};
-use crate::codes::MessageStatus;
 use crate::config::{self, Config};
 use crate::reply::ReportRequests;
-use crate::store::records::{BatchRecord, CHUNK_MESSAGES, StatusRecord, StoredMessage, message_id, split_message_id};
+use crate::sms::codes::MessageStatus;
+use crate::sms::message::Message;
+use crate::store::records::{BatchRecord, CHUNK_MESSAGES, StatusRecord, message_id, split_message_id};
 use crate::store::wal::Wal;
 use crate::store::{DispatchCommit, IncomingMo, MoOutcome, SentTo, Store, StoreError};
+pub use health::PartnerState;
 use health::{Change, Health};
 use partner::{Inbound, Incoming, Outbound, Partner, PartnerError, Submitted};
 
@@ -226,8 +227,7 @@ impl Drop for Lane {
 /// How a partner stands, for `smsdrop status`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartnerView {
-    /// `up`, `down`, or `probing` (down, with probe messages out).
-    pub state: &'static str,
+    pub state: PartnerState,
     /// Unix seconds of the last move.
     pub since: i64,
     /// Why it is down.
@@ -273,7 +273,7 @@ fn now() -> i64 {
 struct Pick {
     id: u64,
     tenant: String,
-    message: StoredMessage,
+    message: Message,
     /// It came from the scheduled set, with this due time.
     scheduled: Option<i64>,
     attempts: u32,
@@ -679,7 +679,10 @@ impl Dispatcher {
                         let _ = reports.send(b.id);
                     }
                 }
-                let applied = store.mark("wal_applied").map_err(|e| e.to_string())?.unwrap_or(0);
+                let applied = store
+                    .mark(crate::store::Mark::WalApplied)
+                    .map_err(|e| e.to_string())?
+                    .unwrap_or(0);
                 wal.reset_if_applied(wal.last.max(applied), true);
                 // Past a gap: a group write cut short by a crash may have left a later step
                 // of its group on the disk without an earlier one (never acknowledged, and not
@@ -841,14 +844,21 @@ impl Dispatcher {
                     Some(h) => {
                         let (latency, failed, samples) = h.summary();
                         let (state, reason) = match h.state() {
-                            health::State::Up => ("up", String::new()),
+                            health::State::Up => (PartnerState::Up, String::new()),
                             health::State::Down {
                                 reason, probes_sent, ..
-                            } => (if *probes_sent > 0 { "probing" } else { "down" }, reason.clone()),
+                            } => (
+                                if *probes_sent > 0 {
+                                    PartnerState::Probing
+                                } else {
+                                    PartnerState::Down
+                                },
+                                reason.clone(),
+                            ),
                         };
                         (state, h.since, reason, latency, failed, samples)
                     }
-                    None => ("up", 0, String::new(), Duration::ZERO, 0, 0),
+                    None => (PartnerState::Up, 0, String::new(), Duration::ZERO, 0, 0),
                 };
                 board.insert(
                     id.clone(),
@@ -1147,7 +1157,7 @@ impl Dispatcher {
         fresh: Vec<(u64, String, u64)>,
     ) -> Result<(Vec<Pick>, Vec<u64>, Vec<Pick>), StoreError> {
         self.blocking(move |store| {
-            let mut chunks: HashMap<(u64, u32), Arc<Vec<StoredMessage>>> = HashMap::new();
+            let mut chunks: HashMap<(u64, u32), Arc<Vec<Message>>> = HashMap::new();
             let mut tenants: HashMap<u64, Option<String>> = HashMap::new();
             let mut picks = Vec::with_capacity(due.len() + fresh.len());
             let mut wanted: Vec<(u64, String, u64, Option<i64>)> = Vec::new();

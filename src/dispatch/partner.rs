@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use super::mo::Mo;
-use super::receipt::Receipt;
-use crate::store::records::StoredMessage;
+use crate::sms::message::Message;
+use crate::sms::mo::Mo;
+use crate::sms::receipt::Receipt;
 
 /// One message handed to a partner.
 #[derive(Debug, Clone, Copy)]
@@ -18,7 +18,7 @@ pub struct Outbound<'a> {
     pub id: u64,
     pub tenant: &'a str,
     pub batch: u64,
-    pub message: &'a StoredMessage,
+    pub message: &'a Message,
     /// Unix seconds after which the message is not worth delivering (its validity).
     pub valid_until: i64,
 }

@@ -28,12 +28,12 @@ use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::health::Meter;
-use super::mo::{Mo, decode_text, strip_udh};
 use super::partner::{Inbound, Incoming, Outbound, Pacer, Partner, PartnerError, SubmitFuture, Submitted};
-use super::receipt;
-use crate::batch::encode::segment_payloads;
 use crate::config;
-use crate::store::records::TextCoding;
+use crate::sms::gsm::segment_payloads;
+use crate::sms::message::TextCoding;
+use crate::sms::mo::{Mo, decode_text, strip_udh};
+use crate::sms::receipt;
 
 pub struct SmppPartner {
     id: String,

@@ -33,9 +33,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::alert::{Alert, AlertKind, Alerter};
 use crate::audit::{self, Audit, Event};
+use crate::config::Live;
 use crate::config::{Config, Sftp, Tenant};
 use crate::limits::{self, Counter, Held, Throttle};
-use crate::reload::Live;
 
 /// Repeated warnings about refused connections, at most one line a minute per kind and address.
 static REFUSALS: Throttle = Throttle::new(Duration::from_secs(60));
@@ -45,8 +45,8 @@ static REFUSALS: Throttle = Throttle::new(Duration::from_secs(60));
 pub enum SftpError {
     #[error("host key {}: {detail}", path.display())]
     HostKey { path: std::path::PathBuf, detail: String },
-    #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot listen on {addr}: {cause}")]
+    Listen { addr: SocketAddr, cause: std::io::Error },
 }
 
 /// Loads the Ed25519 host key, or makes one (mode 0600) on first start.
@@ -213,7 +213,7 @@ impl SftpServer {
             .await
             .map_err(|source| SftpError::Listen {
                 addr: self.sftp.listen,
-                source,
+                cause: source,
             })
     }
 

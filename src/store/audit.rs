@@ -161,7 +161,7 @@ impl Store {
             }
             let entry: AuditEntry = match open_record(&keys, "audit", &seq.to_be_bytes(), v.value()) {
                 Ok(entry) => entry,
-                Err(StoreError::Sealed { source, .. }) => {
+                Err(StoreError::Sealed { cause: source, .. }) => {
                     return broken(format!("does not open ({source}): altered or not written by this key"));
                 }
                 Err(e) => return broken(e.to_string()),

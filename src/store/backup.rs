@@ -83,7 +83,7 @@ pub struct BackupSummary {
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
     #[error("{0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(
@@ -105,6 +105,12 @@ pub enum BackupError {
     NotEmpty(PathBuf),
     #[error("the backup holds no tenant key store: its records could not be opened")]
     NoKeyStore,
+}
+
+impl From<io::Error> for BackupError {
+    fn from(e: io::Error) -> Self {
+        BackupError::Io(e)
+    }
 }
 
 /// Something done with every table of the store, each with its own key and value types.
@@ -523,10 +529,10 @@ pub fn restore(
     keys: std::sync::Arc<crate::crypto::Keyring>,
     files: &[(&str, &Path)],
 ) -> std::result::Result<BackupSummary, BackupError> {
-    let target = state_dir.join(super::DB_FILE);
+    let target = state_dir.join(crate::paths::DB_FILE);
     if target.exists()
-        || super::wal::WAL_FILES.iter().any(|f| state_dir.join(f).exists())
-        || state_dir.join(crate::crypto::KEY_STORE_FILE).exists()
+        || crate::paths::WAL_FILES.iter().any(|f| state_dir.join(f).exists())
+        || state_dir.join(crate::paths::KEY_STORE_FILE).exists()
     {
         return Err(BackupError::NotEmpty(state_dir.to_path_buf()));
     }
@@ -595,7 +601,7 @@ fn restore_into(
         .commit()
         .map_err(StoreError::from)?;
     drop(store);
-    let key_store = path.with_file_name(crate::crypto::KEY_STORE_FILE);
+    let key_store = path.with_file_name(crate::paths::KEY_STORE_FILE);
     let Some((_, bytes)) = kept_files.iter().find(|(n, _)| n == KEY_STORE) else {
         return Err(BackupError::NoKeyStore);
     };

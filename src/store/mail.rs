@@ -27,9 +27,7 @@ impl Store {
     fn new_mail(&self, tx: &WriteTransaction, mail: &MailRecord) -> Result<u64> {
         let id = {
             let mut meta = tx.open_table(META)?;
-            let next = meta.get("next_mail")?.map(|v| v.value()).unwrap_or(1);
-            meta.insert("next_mail", next + 1)?;
-            next
+            super::next_id(&mut meta, super::Mark::NextMail)?
         };
         self.put_mail(tx, id, mail)?;
         Ok(id)

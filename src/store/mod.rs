@@ -16,6 +16,7 @@ mod audit;
 pub mod backup;
 mod bans;
 mod mail;
+mod marks;
 mod receipts;
 pub mod records;
 mod replies;
@@ -27,6 +28,7 @@ pub mod wal;
 
 pub use audit::{AuditEntry, AuditEvent, ChainCheck};
 pub use bans::Ban;
+pub use marks::Mark;
 pub use replies::{IncomingMo, MoOutcome, ReplyRecord, SentTo};
 pub use traffic::Traffic;
 
@@ -41,8 +43,10 @@ use redb::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::codes::{FileReason, MessageStatus};
 use crate::crypto::{Keyring, SealError, TenantKeys};
+use crate::sms::codes::{FileReason, MessageStatus};
+use crate::sms::format::ReplyFormat;
+use crate::sms::message::Message;
 use records::*;
 
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -53,7 +57,7 @@ const ACTIVE: TableDefinition<u64, ()> = TableDefinition::new("active");
 /// tenant ‖ 0 ‖ keyed hash of a reply stem → keyed hash of the file name ‖ batch id (see
 /// `Store::reply_stem`).
 pub(crate) const REPLY_STEMS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("reply_stems");
-/// (batch id, chunk number) → sealed `Vec<StoredMessage>`.
+/// (batch id, chunk number) → sealed `Vec<Message>`.
 const CHUNKS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("chunks");
 /// message id → status code (one byte, in clear: it moves a batch's counts without opening
 /// the record, and says nothing about anyone) ‖ sealed [`StatusRecord`]; absent means queued.
@@ -73,8 +77,6 @@ const DAILY: TableDefinition<&[u8], &[u8]> = TableDefinition::new("daily");
 /// cannot start with `@`. Its numbers are hashed under a key of its own.
 pub const GLOBAL_LIST: &str = "@global";
 
-/// The database file inside `state_dir`.
-pub const DB_FILE: &str = "smsdrop.redb";
 /// Page cache; redb's default of 1 GiB would dwarf the rest of the daemon.
 const CACHE_BYTES: usize = 16 << 20;
 
@@ -82,25 +84,25 @@ const CACHE_BYTES: usize = 16 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database: {0}")]
-    Database(#[from] redb::Error),
+    Database(redb::Error),
     #[error("the database is in use by another process (is `smsdrop serve` running?)")]
     Locked,
-    #[error("record {table}/{key} does not open: {source}")]
+    #[error("record {table}/{key} does not open: {cause}")]
     Sealed {
         table: &'static str,
         key: String,
-        source: SealError,
+        cause: SealError,
     },
-    #[error("record {table}/{key} does not decode: {source}")]
+    #[error("record {table}/{key} does not decode: {cause}")]
     Decode {
         table: &'static str,
         key: String,
-        source: postcard::Error,
+        cause: postcard::Error,
     },
     #[error("the database had an I/O error and is being opened again")]
     Reopening,
     #[error("keys: {0}")]
-    Keys(#[from] crate::crypto::KeyError),
+    Keys(crate::crypto::KeyError),
     #[error("no batch {0}")]
     NoBatch(u64),
     #[error("batch {id} is {state}: {action} applies only to {wanted} batches")]
@@ -110,6 +112,18 @@ pub enum StoreError {
         action: &'static str,
         wanted: &'static str,
     },
+}
+
+impl From<redb::Error> for StoreError {
+    fn from(e: redb::Error) -> Self {
+        StoreError::Database(e)
+    }
+}
+
+impl From<crate::crypto::KeyError> for StoreError {
+    fn from(e: crate::crypto::KeyError) -> Self {
+        StoreError::Keys(e)
+    }
 }
 
 macro_rules! from_redb {
@@ -212,7 +226,7 @@ pub struct DispatchCommit {
     /// Scheduled entries taken.
     pub unschedule: Vec<(i64, u64)>,
     /// Delivery receipts: (partner, receipt), applied after the outcomes.
-    pub receipts: Vec<(String, crate::dispatch::receipt::Receipt)>,
+    pub receipts: Vec<(String, crate::sms::receipt::Receipt)>,
     /// Messages handed to a partner, for matching the replies to them.
     pub sent: Vec<SentTo>,
     /// Incoming messages, kept for their tenant's replies file.
@@ -247,12 +261,12 @@ pub(crate) fn open_record<T: DeserializeOwned>(
     let plain = keys.open(table, key, sealed).map_err(|source| StoreError::Sealed {
         table,
         key: key_text(key),
-        source,
+        cause: source,
     })?;
     postcard::from_bytes(&plain).map_err(|source| StoreError::Decode {
         table,
         key: key_text(key),
-        source,
+        cause: source,
     })
 }
 
@@ -295,7 +309,7 @@ fn open_status(keys: &TenantKeys, id: u64, value: &[u8]) -> Result<StatusRecord>
         return Err(StoreError::Sealed {
             table: "statuses",
             key: id.to_string(),
-            source: SealError::Truncated,
+            cause: SealError::Truncated,
         });
     }
     Ok(record)
@@ -309,7 +323,7 @@ fn status_code(id: u64, value: &[u8]) -> Result<MessageStatus> {
         .ok_or(StoreError::Sealed {
             table: "statuses",
             key: id.to_string(),
-            source: SealError::Truncated,
+            cause: SealError::Truncated,
         })
 }
 
@@ -438,7 +452,7 @@ impl Db {
 impl Store {
     /// Opens (or creates) the database in `state_dir`, repairing it after a crash.
     pub fn open(state_dir: &Path, keys: Arc<Keyring>) -> Result<Store> {
-        let path = state_dir.join(DB_FILE);
+        let path = state_dir.join(crate::paths::DB_FILE);
         Store::with_database(Db::create(&path)?, &path, keys, state_dir)
     }
 
@@ -507,7 +521,7 @@ impl Store {
 
     /// Where the tenant key store lives (beside the database).
     pub(crate) fn key_store_path(&self) -> std::path::PathBuf {
-        self.dir.join(crate::crypto::KEY_STORE_FILE)
+        self.dir.join(crate::paths::KEY_STORE_FILE)
     }
 
     pub fn keys(&self) -> &Arc<Keyring> {
@@ -544,7 +558,7 @@ impl Store {
         let bad = |source| StoreError::Sealed {
             table: "batches",
             key: id.to_string(),
-            source,
+            cause: source,
         };
         let len = *value.first().ok_or(bad(SealError::Truncated))? as usize;
         let tenant = value
@@ -558,7 +572,7 @@ impl Store {
         records::decode_batch(&plain).map_err(|source| StoreError::Decode {
             table: "batches",
             key: id.to_string(),
-            source,
+            cause: source,
         })
     }
 
@@ -624,9 +638,7 @@ impl Store {
         let tx = self.write(Durability::None)?;
         let id = {
             let mut meta = tx.open_table(META)?;
-            let next = meta.get("next_batch")?.map(|v| v.value()).unwrap_or(1);
-            meta.insert("next_batch", next + 1)?;
-            next
+            next_id(&mut meta, Mark::NextBatch)?
         };
         let mut batch = BatchRecord::new(id, tenant, file_name, claim, received_at, format);
         let keys = self.keys.tenant(tenant);
@@ -685,7 +697,7 @@ impl Store {
 
     /// Seals and writes chunks of a batch being ingested, without waiting for the disk.
     /// `chunks` are (chunk number, messages).
-    pub fn write_chunks(&self, batch: &BatchRecord, chunks: &[(u32, Vec<StoredMessage>)]) -> Result<()> {
+    pub fn write_chunks(&self, batch: &BatchRecord, chunks: &[(u32, Vec<Message>)]) -> Result<()> {
         let keys = self.keys.tenant(&batch.tenant);
         let sealed: Vec<(u32, Vec<u8>)> = chunks
             .iter()
@@ -1086,7 +1098,7 @@ impl Store {
     // ---- dispatch and reports ----------------------------------------------------------
 
     /// The messages of one chunk of a batch.
-    pub fn load_chunk(&self, tenant: &str, batch: u64, chunk: u32) -> Result<Vec<StoredMessage>> {
+    pub fn load_chunk(&self, tenant: &str, batch: u64, chunk: u32) -> Result<Vec<Message>> {
         let tx = self.db.begin_read()?;
         let table = tx.open_table(CHUNKS)?;
         match table.get((batch, chunk))? {
@@ -1145,7 +1157,7 @@ impl Store {
     /// order, and records the last one's number. Steps at or below the recorded number were
     /// applied before and are skipped, so a step is never applied twice.
     pub fn apply_logged(&self, steps: &[(u64, DispatchCommit)], now: i64) -> Result<DispatchDone> {
-        let applied = self.mark("wal_applied")?.unwrap_or(0);
+        let applied = self.mark(Mark::WalApplied)?.unwrap_or(0);
         let fresh: Vec<&(u64, DispatchCommit)> = steps.iter().filter(|(seq, _)| *seq > applied).collect();
         let Some(last) = fresh.last().map(|(seq, _)| *seq) else {
             return Ok(DispatchDone::default());
@@ -1177,7 +1189,7 @@ impl Store {
                 }
             }
         }
-        tx.open_table(META)?.insert("wal_applied", logged)?;
+        tx.open_table(META)?.insert(Mark::WalApplied.key().as_ref(), logged)?;
         let finished = self.put_touched(&tx, touched, now)?;
         tx.commit()?;
         Ok(DispatchDone { finished, mos })
@@ -1411,7 +1423,9 @@ impl Store {
     /// reused by later writes, the file itself does not shrink. Walks the trees under the write
     /// lock (a few milliseconds per 100 MiB): for `status`, not for hot paths.
     pub fn space(&self, state_dir: &Path) -> Result<(u64, u64)> {
-        let file = std::fs::metadata(state_dir.join(DB_FILE)).map(|m| m.len()).unwrap_or(0);
+        let file = std::fs::metadata(state_dir.join(crate::paths::DB_FILE))
+            .map(|m| m.len())
+            .unwrap_or(0);
         let tx = self.db.begin_write()?;
         let stats = tx.stats()?;
         let used = stats.allocated_pages() * stats.page_size() as u64;
@@ -1419,16 +1433,16 @@ impl Store {
         Ok((file, used))
     }
 
-    /// A counter or mark kept under `name` (not personal data: times, ids).
-    pub fn mark(&self, name: &str) -> Result<Option<u64>> {
+    /// A counter or mark (not personal data: times, ids, totals).
+    pub fn mark(&self, mark: Mark<'_>) -> Result<Option<u64>> {
         let tx = self.db.begin_read()?;
         let table = tx.open_table(META)?;
-        Ok(table.get(name)?.map(|v| v.value()))
+        Ok(table.get(mark.key().as_ref())?.map(|v| v.value()))
     }
 
-    pub fn set_mark(&self, name: &str, value: u64) -> Result<()> {
+    pub fn set_mark(&self, mark: Mark<'_>, value: u64) -> Result<()> {
         let tx = self.write(Durability::Immediate)?;
-        tx.open_table(META)?.insert(name, value)?;
+        tx.open_table(META)?.insert(mark.key().as_ref(), value)?;
         tx.commit()?;
         Ok(())
     }
@@ -1442,4 +1456,12 @@ impl Store {
         tx.commit()?;
         Ok(())
     }
+}
+
+/// Takes the next id of a sequence kept in `meta` (ids start at 1).
+fn next_id(meta: &mut redb::Table<&str, u64>, mark: Mark<'_>) -> Result<u64> {
+    let name = mark.key();
+    let next = meta.get(name.as_ref())?.map(|v| v.value()).unwrap_or(1);
+    meta.insert(name.as_ref(), next + 1)?;
+    Ok(next)
 }

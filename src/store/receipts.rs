@@ -4,7 +4,7 @@
 //! Each part of a submitted message is indexed under partner ‖ 0 ‖ its normalised id (a
 //! partner's message id is no personal data, and in clear its keys follow the SMSC's counter,
 //! so the index stays in a few pages instead of one random page per message); a receipt is
-//! looked up under the forms its id may stand for (`dispatch::receipt::receipt_candidates`): as
+//! looked up under the forms its id may stand for (`crate::sms::receipt::receipt_candidates`): as
 //! written, and while the partner's [`IdForm`] is not settled, in the other base too. Each
 //! receipt that finds its message is a vote for the form it was found under; after
 //! [`SETTLE_VOTES`] votes with no more than a tenth for other forms, the partner's form is
@@ -29,8 +29,8 @@ use serde::{Deserialize, Serialize};
 
 use super::records::{BatchRecord, StatusRecord};
 use super::{DispatchCommit, Result, StepTables, Store, encode, open_record};
-use crate::codes::MessageStatus;
-use crate::dispatch::receipt::{IdForm, Receipt, early_keys, normal_id, receipt_candidates};
+use crate::sms::codes::MessageStatus;
+use crate::sms::receipt::{IdForm, Receipt, early_keys, normal_id, receipt_candidates};
 
 /// partner ‖ 0 ‖ normal id → message id (8 bytes) ‖ last part (1 byte).
 pub(super) const RECEIPT_IDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("receipt_ids");

@@ -3,7 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::codes::{FileReason, LineReason, MessageStatus};
+use crate::sms::codes::{FileReason, LineReason, MessageStatus};
+use crate::sms::format::ReplyFormat;
 
 /// Messages of one batch are stored this many to a record: one seal and one B-tree entry per
 /// chunk instead of per message is what lets ingest outrun a per-record store.
@@ -47,26 +48,6 @@ impl BatchState {
             BatchState::Held => "held",
             BatchState::Done => "done",
             BatchState::Rejected => "rejected",
-        }
-    }
-}
-
-/// How a batch's reply files are written: the same way the batch came in (README: How a file flows).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReplyFormat {
-    pub delimiter: u8,
-    /// The WHATWG name of the batch's encoding.
-    pub encoding: String,
-    /// Whether the batch started with a byte-order mark (the reply files then do too).
-    pub bom: bool,
-}
-
-impl Default for ReplyFormat {
-    fn default() -> Self {
-        ReplyFormat {
-            delimiter: b';',
-            encoding: "UTF-8".into(),
-            bom: false,
         }
     }
 }
@@ -218,38 +199,6 @@ impl BatchRecord {
             .map(|s| self.count(*s))
             .sum()
     }
-}
-
-/// How a message's text is coded on the air interface.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum TextCoding {
-    Gsm7,
-    Ucs2,
-}
-
-impl TextCoding {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TextCoding::Gsm7 => "gsm7",
-            TextCoding::Ucs2 => "ucs2",
-        }
-    }
-}
-
-/// One accepted message, as stored inside its batch's chunk.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StoredMessage {
-    /// Line of the batch where its record starts.
-    pub line: u64,
-    pub reference: String,
-    /// E.164.
-    pub phone: String,
-    pub sender: String,
-    pub text: String,
-    pub coding: TextCoding,
-    pub parts: u8,
-    /// Unix seconds; `None` sends at once.
-    pub send_at: Option<i64>,
 }
 
 /// What happened to one message after it was queued. Absent means `queued`.

@@ -1,6 +1,6 @@
 //! Incoming messages (MO) waiting for their `replies-*.csv`, and what each tenant last sent to
 //! each number, so that an MO finds the tenant and the message it answers
-//! (`dispatch::mo` describes the matching).
+//! (`crate::sms::mo` describes the matching).
 //!
 //! Both tables are keyed by tenant ‖ 0 ‖ …, so a tenant's entries are one range, and sealed with
 //! the tenant's key: the number appears only as the tenant's keyed hash in `last_sent` keys and
@@ -12,7 +12,7 @@ use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use super::{BLOCKLIST, META, Result, Store, encode, open_record, tenant_key, tenant_range};
-use crate::dispatch::mo::{Mo, MoCandidate};
+use crate::sms::mo::{Mo, MoCandidate};
 use crate::store::records::BlockEntry;
 
 /// tenant ‖ 0 ‖ keyed phone hash → sealed [`LastSent`].
@@ -201,9 +201,7 @@ impl Store {
         let keys = self.keys.tenant(&candidate.tenant);
         let seq = {
             let mut meta = tx.open_table(META)?;
-            let next = meta.get("next_reply")?.map(|v| v.value()).unwrap_or(1);
-            meta.insert("next_reply", next + 1)?;
-            next
+            super::next_id(&mut meta, super::Mark::NextReply)?
         };
         let record = ReplyRecord {
             received_at: incoming.mo.received_at,
@@ -253,14 +251,14 @@ impl Store {
 
     /// Drops a tenant's replies up to `last` (written to a file) and records the name the file
     /// got (`mark`), in one durable transaction.
-    pub fn replies_written(&self, tenant: &str, last: u64, mark: (&str, u64)) -> Result<()> {
+    pub fn replies_written(&self, tenant: &str, last: u64, mark: (super::Mark<'_>, u64)) -> Result<()> {
         let (start, _) = tenant_range(tenant);
         let end = seq_key(tenant, last);
         let tx = self.write(redb::Durability::Immediate)?;
         tx.open_table(REPLIES)?
             .extract_from_if(start.as_slice()..=end.as_slice(), |_, _| true)?
             .for_each(drop);
-        tx.open_table(META)?.insert(mark.0, mark.1)?;
+        tx.open_table(META)?.insert(mark.0.key().as_ref(), mark.1)?;
         tx.commit()?;
         Ok(())
     }

@@ -162,7 +162,7 @@ impl Store {
         if !state.pass && state.generations == generations {
             if let Some(mark) = state.system_wait {
                 // The pass is over; only the dispatch log kept the system's older generation.
-                if self.mark("wal_applied")?.unwrap_or(0) >= mark {
+                if self.mark(super::Mark::WalApplied)?.unwrap_or(0) >= mark {
                     state.system_wait = None;
                     look.dropped = self.keys.drop_old_generations(Some(&["@system".to_string()]))?;
                     self.update_progress(|p| {
@@ -219,7 +219,7 @@ impl Store {
         tx.commit()?;
         state.pass = false;
         look.finished = true;
-        let applied = self.mark("wal_applied")?.unwrap_or(0);
+        let applied = self.mark(super::Mark::WalApplied)?.unwrap_or(0);
         let mut tenants: Vec<String> = state.generations.keys().filter(|t| *t != "@system").cloned().collect();
         let waiting = if applied >= state.wal_mark {
             tenants.push("@system".into());
@@ -459,7 +459,7 @@ impl Store {
                             return Err(StoreError::Sealed {
                                 table: "batches",
                                 key: batch.to_string(),
-                                source: SealError::Truncated,
+                                cause: SealError::Truncated,
                             });
                         };
                         batch_tenants.insert(batch, t.to_string());

@@ -20,9 +20,10 @@ use std::collections::HashMap;
 
 use redb::{Durability, ReadableTable, TableDefinition, WriteTransaction};
 
-use super::records::{BatchState, CHUNK_MESSAGES, StoredMessage, message_id};
-use super::{BATCHES, CHUNKS, META, Result, STATUSES, Store, chunk_key, encode, open_record, open_status};
-use crate::codes::MessageStatus;
+use super::records::{BatchState, CHUNK_MESSAGES, message_id};
+use super::{BATCHES, CHUNKS, META, Mark, Result, STATUSES, Store, chunk_key, encode, open_record, open_status};
+use crate::sms::codes::MessageStatus;
+use crate::sms::message::Message;
 
 /// Chunks one step handles.
 pub const STEP_CHUNKS: u32 = 16;
@@ -157,14 +158,15 @@ impl Store {
     /// had made durable; the torture suite found it.)
     fn count_step(tx: &WriteTransaction, step: &Swept) -> Result<()> {
         let mut meta = tx.open_table(META)?;
-        for (name, n) in [
-            ("sweep_anonymized", step.anonymized_messages),
-            ("sweep_deleted", step.deleted_messages),
-            ("sweep_deleted_batches", step.deleted_batches),
+        for (mark, n) in [
+            (Mark::SweepAnonymized, step.anonymized_messages),
+            (Mark::SweepDeleted, step.deleted_messages),
+            (Mark::SweepDeletedBatches, step.deleted_batches),
         ] {
             if n > 0 {
-                let before = meta.get(name)?.map(|v| v.value()).unwrap_or(0);
-                meta.insert(name, before + n)?;
+                let name = mark.key();
+                let before = meta.get(name.as_ref())?.map(|v| v.value()).unwrap_or(0);
+                meta.insert(name.as_ref(), before + n)?;
             }
         }
         Ok(())
@@ -185,7 +187,7 @@ impl Store {
                 .collect::<std::result::Result<_, _>>()?;
             for (n, sealed) in &found {
                 let key = chunk_key(batch, *n);
-                let mut messages: Vec<StoredMessage> = open_record(&keys, "chunks", &key, sealed)?;
+                let mut messages: Vec<Message> = open_record(&keys, "chunks", &key, sealed)?;
                 for m in &mut messages {
                     if !m.phone.starts_with('#') {
                         m.phone = format!("#{}", hex(&keys.phone_hash(&m.phone)));
@@ -231,7 +233,7 @@ impl Store {
                 .collect::<std::result::Result<_, _>>()?;
             let mut statuses = tx.open_table(STATUSES)?;
             for (n, sealed) in &found {
-                let messages: Vec<StoredMessage> = open_record(&keys, "chunks", &chunk_key(batch, *n), sealed)?;
+                let messages: Vec<Message> = open_record(&keys, "chunks", &chunk_key(batch, *n), sealed)?;
                 let first = u64::from(*n) * CHUNK_MESSAGES;
                 for (i, m) in messages.iter().enumerate() {
                     let id = message_id(batch, first + i as u64);
@@ -325,10 +327,10 @@ impl Store {
 
     pub fn sweep_totals(&self) -> Result<(u64, u64, u64, Option<u64>)> {
         Ok((
-            self.mark("sweep_anonymized")?.unwrap_or(0),
-            self.mark("sweep_deleted")?.unwrap_or(0),
-            self.mark("sweep_deleted_batches")?.unwrap_or(0),
-            self.mark("sweep_at")?,
+            self.mark(Mark::SweepAnonymized)?.unwrap_or(0),
+            self.mark(Mark::SweepDeleted)?.unwrap_or(0),
+            self.mark(Mark::SweepDeletedBatches)?.unwrap_or(0),
+            self.mark(Mark::SweepAt)?,
         ))
     }
 }
@@ -341,7 +343,8 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
     use crate::crypto::{Keyring, MasterKeys};
-    use crate::store::records::{ReplyFormat, TextCoding};
+    use crate::sms::format::ReplyFormat;
+    use crate::sms::message::TextCoding;
     use std::sync::Arc;
 
     #[test]
@@ -357,9 +360,9 @@ mod tests {
         let mut batch = store
             .begin_batch("acme", "a.csv", "c1", ReplyFormat::default(), 0)
             .unwrap();
-        let chunks: Vec<(u32, Vec<StoredMessage>)> = (0..40)
+        let chunks: Vec<(u32, Vec<Message>)> = (0..40)
             .map(|i| {
-                let m = StoredMessage {
+                let m = Message {
                     line: u64::from(i) + 2,
                     reference: String::new(),
                     phone: "+33612345678".into(),

@@ -17,12 +17,13 @@ use std::collections::HashMap;
 use redb::{Durability, ReadableTable};
 use serde::Serialize;
 
-use super::records::{BlockEntry, CHUNK_MESSAGES, StatusRecord, StoredMessage, message_id};
+use super::records::{BlockEntry, CHUNK_MESSAGES, StatusRecord, message_id};
 use super::replies::ReplyRecord;
 use super::retention::hex;
 use super::{BLOCKLIST, CHUNKS, Result, STATUSES, Store, chunk_key, encode, open_record, open_status, tenant_key};
-use crate::codes::MessageStatus;
 use crate::crypto::TenantKeys;
+use crate::sms::codes::MessageStatus;
+use crate::sms::message::Message;
 
 /// One message to the number.
 #[derive(Debug, Clone, Serialize)]
@@ -75,7 +76,7 @@ impl Store {
         for e in chunks.range((batch, 0)..(batch + 1, 0))? {
             let (k, v) = e?;
             let n = k.value().1;
-            let messages: Vec<StoredMessage> = open_record(keys, "chunks", &chunk_key(batch, n), v.value())?;
+            let messages: Vec<Message> = open_record(keys, "chunks", &chunk_key(batch, n), v.value())?;
             if messages.iter().any(|m| m.phone == e164 || m.phone == anonymized) {
                 out.push(n);
             }
@@ -99,7 +100,7 @@ impl Store {
             for e in chunks.range((batch.id, 0)..(batch.id + 1, 0))? {
                 let (k, v) = e?;
                 let n = k.value().1;
-                let messages: Vec<StoredMessage> = open_record(&keys, "chunks", &chunk_key(batch.id, n), v.value())?;
+                let messages: Vec<Message> = open_record(&keys, "chunks", &chunk_key(batch.id, n), v.value())?;
                 for (i, m) in messages.iter().enumerate() {
                     if m.phone != e164 && m.phone != anonymized {
                         continue;
@@ -169,7 +170,7 @@ impl Store {
                 };
                 for (n, sealed) in found {
                     let key = chunk_key(batch.id, n);
-                    let mut messages: Vec<StoredMessage> = open_record(&keys, "chunks", &key, &sealed)?;
+                    let mut messages: Vec<Message> = open_record(&keys, "chunks", &key, &sealed)?;
                     let mut hit = false;
                     for (i, m) in messages.iter_mut().enumerate() {
                         if m.phone != e164 && m.phone != anonymized {

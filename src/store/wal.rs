@@ -22,7 +22,7 @@
 //! 210 µs for write and `fdatasync`). Each is written full of zeros once ([`PREALLOC_BYTES`])
 //! and records overwrite it in place: a synchronous write that must also commit a new file size
 //! or extent costs the file system a journal commit (about 0.8 ms here, against 0.08 ms
-//! without). There are two files ([`WAL_FILES`]), written in turns: once the one being written
+//! without). There are two files ([`WAL_FILES`](crate::paths::WAL_FILES)), written in turns: once the one being written
 //! holds more than [`RESET_BYTES`] and every step of the other is applied, writing goes on at
 //! the beginning of the other. Under a steady load the database never catches up with the log
 //! (the applier is always a tenth of a second behind), so one file could never start again;
@@ -38,8 +38,8 @@ use std::sync::Arc;
 
 use crate::crypto::TenantKeys;
 
-/// The log's two files inside `state_dir`.
-pub const WAL_FILES: [&str; 2] = ["dispatch.wal", "dispatch.wal.1"];
+use crate::paths::WAL_FILES;
+
 /// Writing goes on in the other file (or at the beginning of this one, once everything is
 /// applied) past this.
 pub const RESET_BYTES: u64 = 16 << 20;

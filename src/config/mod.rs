@@ -4,7 +4,7 @@
 //! than a type check are kept with their byte span. Stage two turns it into [`Config`]: durations
 //! and sizes parsed, regions, time zones and encodings looked up, partner references resolved,
 //! relative paths anchored at the configuration file's folder. Every problem found is reported at
-//! once, each naming the file, the line and the key. This module owns no runtime state.
+//! once, each naming the file, the line and the key. [`Live`] holds the configuration in force.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -16,8 +16,11 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::batch::columns::Column;
-use crate::batch::template::Template;
+use crate::sms::columns::Column;
+use crate::sms::template::Template;
+
+mod live;
+pub use live::Live;
 
 /// Where the configuration is read from when neither `--config` nor `SMSDROP_CONFIG` is given.
 pub const DEFAULT_PATH: &str = "/etc/smsdrop/smsdrop.toml";
@@ -308,7 +311,7 @@ impl Config {
         let path = &std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         let source = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            cause: source,
         })?;
         Config::parse(path, &source)
     }
@@ -350,8 +353,8 @@ impl Config {
 /// A configuration that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{}: cannot read the configuration: {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
+    #[error("{}: cannot read the configuration: {cause}", path.display())]
+    Read { path: PathBuf, cause: std::io::Error },
     #[error("{}", problems_text(.0))]
     Invalid(Vec<Problem>),
 }
@@ -780,7 +783,7 @@ impl Validator<'_> {
             .as_ref()
             .and_then(|a| a.socket.as_ref())
             .map(|s| self.path(s.get_ref()))
-            .unwrap_or_else(|| state_dir.join("admin.sock"));
+            .unwrap_or_else(|| state_dir.join(crate::paths::ADMIN_SOCKET));
         let rescan_interval = self.duration(
             raw.rescan_interval.as_ref(),
             "rescan_interval",
@@ -979,7 +982,7 @@ impl Validator<'_> {
                 .host_key
                 .as_ref()
                 .map(|p| self.path(p.get_ref()))
-                .unwrap_or_else(|| state_dir.join("ssh_host_ed25519_key")),
+                .unwrap_or_else(|| state_dir.join(crate::paths::HOST_KEY)),
             login_deadline,
             idle_timeout,
             max_unauthenticated,
@@ -1345,17 +1348,17 @@ impl Validator<'_> {
             return None;
         }
         let t = raw.get_ref();
-        let drop = state_dir.join("drop").join(id);
+        let (default_inbox, default_outbox) = crate::paths::default_folders(state_dir, id);
         let inbox = t
             .inbox
             .as_ref()
             .map(|p| self.path(p.get_ref()))
-            .unwrap_or_else(|| drop.join("inbox"));
+            .unwrap_or(default_inbox);
         let outbox = t
             .outbox
             .as_ref()
             .map(|p| self.path(p.get_ref()))
-            .unwrap_or_else(|| drop.join("outbox"));
+            .unwrap_or(default_outbox);
 
         let default_region = t.default_region.as_ref().and_then(|r| match parse_region(r.get_ref()) {
             Some(id) => Some(id),
@@ -1383,7 +1386,7 @@ impl Validator<'_> {
             },
         };
         let sender = t.sender.as_ref().map(|s| {
-            if !crate::batch::validate::is_valid_sender(s.get_ref()) {
+            if !crate::sms::sender::is_valid_sender(s.get_ref()) {
                 self.problem(&s.span(), &key("sender"), SENDER_RULE);
             }
             s.get_ref().clone()
@@ -1392,7 +1395,7 @@ impl Validator<'_> {
             .senders
             .iter()
             .map(|s| {
-                if !crate::batch::validate::is_valid_sender(s.get_ref()) {
+                if !crate::sms::sender::is_valid_sender(s.get_ref()) {
                     self.problem(&s.span(), &key("senders"), SENDER_RULE);
                 }
                 s.get_ref().clone()

@@ -6,7 +6,7 @@
 //! octets to the UDH: 153 septets or 67 code units, and a part never splits an escape pair or a
 //! surrogate pair (3GPP TS 23.040 §9.2.3.24.1).
 
-use crate::store::records::TextCoding;
+use crate::sms::message::TextCoding;
 
 /// The basic GSM 03.38 table, by septet value (0x1B, the escape, is never a character).
 const BASIC: [char; 128] = [

@@ -1,35 +1,30 @@
-//! One batch, from its spool file to durable queue records and a result file.
+//! Ingest: a claimed file, from its spool file to durable queue records and a result file.
 //!
-//! The pipeline has three stages on their own threads, joined by bounded channels so memory
-//! stays flat: a reader parses CSV records in chunks; a checker validates each chunk's lines in
-//! parallel (rayon); the caller's thread applies the rules that need file order or the store
-//! (`duplicate_recipient`, `blocklisted`) and hands every line to a [`LineSink`]. The queueing
-//! sink ([`QueueSink`]) seals accepted messages into the store and streams the result rows into
-//! a hidden temporary file; [`ingest_claimed`] then commits the batch durably and only after that
-//! renames the result file into the outbox. A crash anywhere is recovered by [`recover_claim`].
+//! [`crate::batch::file::process`] reads and checks the file and hands every line to a sink.
+//! The queueing sink (`QueueSink`) seals accepted messages into the store and streams the result
+//! rows into a hidden temporary file; [`Ingestor::ingest_claimed`] then commits the batch durably
+//! and only after that renames the result file into the outbox, raises the alerts the batch
+//! calls for and records it on the audit trail. A crash anywhere is recovered by
+//! [`Ingestor::recover_claim`]. [`DryRunSink`] builds the result a file would get, queueing
+//! nothing (`smsdrop validate`).
 //!
-//! What this module does not do: find files (`watch`) or send messages (`dispatch`).
+//! What this module does not do: find files (`watch`, `sftp`) or send messages (`dispatch`).
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs;
 use std::io::{self, Write};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::sync_channel;
-
-use nohash_hasher::BuildNoHashHasher;
-use rayon::prelude::*;
+use std::sync::atomic::AtomicBool;
 
 use crate::alert::{Alert, AlertKind, Alerter};
 use crate::audit::Event;
-use crate::batch::columns::{Column, ColumnMap};
-use crate::batch::parse::{self, CHUNK_RECORDS, RawRecord, Records};
-use crate::batch::validate::{Checked, LineRules};
-use crate::codes::{FileReason, LineReason};
+use crate::batch::file::{Context, LineSink, Stopped, Summary, process};
+use crate::batch::validate::Checked;
 use crate::config::Tenant;
-use crate::crypto::TenantKeys;
 use crate::reply::{self, AtomicFile, RESULT_HEADER, ReplyCsv};
-use crate::store::records::{BatchRecord, BatchState, CHUNK_MESSAGES, ReplyFormat, StoredMessage, message_id};
+use crate::sms::codes::FileReason;
+use crate::sms::format::ReplyFormat;
+use crate::sms::message::Message;
+use crate::store::records::{BatchRecord, BatchState, CHUNK_MESSAGES, message_id};
 use crate::store::{Admission, Admitted, Store, StoreError};
 
 /// Chunks of messages written to the store per transaction.
@@ -41,272 +36,16 @@ pub enum IngestError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("writing the result file: {0}")]
-    Reply(#[source] io::Error),
+    Reply(io::Error),
     #[error("stopped by shutdown; the batch is taken again at next start")]
     Cancelled,
 }
 
-/// How a whole file ended.
-#[derive(Debug, Clone, Default)]
-pub struct Summary {
-    pub format: ReplyFormat,
-    pub hash: Option<[u8; 32]>,
-    pub lines: u64,
-    pub accepted: u64,
-    pub rejected: u64,
-    pub reasons: BTreeMap<LineReason, u64>,
-    /// Destination regions of accepted lines.
-    pub countries: BTreeSet<String>,
-    /// The whole file was refused, with a detail for the log.
-    pub rejection: Option<(FileReason, String)>,
-}
-
-/// Receives every line of a batch, in file order, once the batch's format is known.
-pub trait LineSink {
-    fn start(&mut self, format: &ReplyFormat) -> Result<(), IngestError>;
-    /// `index` is the message's index in the batch when the line was accepted.
-    fn line(&mut self, checked: Checked, index: Option<u64>) -> Result<(), IngestError>;
-}
-
-/// What the file-level checks need from outside the file.
-pub struct Context<'a> {
-    pub tenant: &'a Tenant,
-    pub keys: &'a TenantKeys,
-    pub blocklist: crate::store::Blocklists,
-    /// Whether content with this keyed hash was already taken within the dedupe window.
-    pub seen: &'a dyn Fn(&[u8; 32]) -> Result<bool, StoreError>,
-    pub cancel: &'a AtomicBool,
-}
-
-fn reject(summary: &mut Summary, reason: FileReason, detail: impl Into<String>) -> Result<Summary, IngestError> {
-    summary.rejection = Some((reason, detail.into()));
-    Ok(std::mem::take(summary))
-}
-
-/// Reads, checks and hands on every line of the file at `path`.
-pub fn process(path: &Path, ctx: &Context<'_>, sink: &mut dyn LineSink) -> Result<Summary, IngestError> {
-    let tenant = ctx.tenant;
-    let mut summary = Summary {
-        format: ReplyFormat {
-            delimiter: tenant.delimiter.unwrap_or(b';'),
-            ..ReplyFormat::default()
-        },
-        ..Summary::default()
-    };
-    let size = match fs::metadata(path) {
-        Ok(m) => m.len(),
-        Err(e) => return reject(&mut summary, FileReason::Unreadable, e.to_string()),
-    };
-    if size > tenant.max_file_bytes {
-        return reject(
-            &mut summary,
-            FileReason::TooLarge,
-            format!("{size} bytes, more than max_file_bytes {}", tenant.max_file_bytes),
-        );
-    }
-    let scan = match parse::scan(path, ctx.keys.file_hasher()) {
-        Ok(s) => s,
-        Err(e) => return reject(&mut summary, FileReason::Unreadable, e.to_string()),
-    };
-    summary.hash = Some(scan.hash);
-    let encoding = parse::choose_encoding(tenant.encoding, &scan);
-    summary.format.encoding = encoding.name().to_string();
-    summary.format.bom = scan.bom.is_some();
-    if scan.size == 0 {
-        return reject(&mut summary, FileReason::Unreadable, "the file is empty");
-    }
-    if scan.has_nul && encoding.is_ascii_compatible() {
-        return reject(
-            &mut summary,
-            FileReason::Unreadable,
-            "the file holds NUL bytes: not a text file",
-        );
-    }
-    if (ctx.seen)(&scan.hash)? {
-        return reject(
-            &mut summary,
-            FileReason::DuplicateFile,
-            "same content as a batch taken within dedupe_window",
-        );
-    }
-    let mut records = match Records::open(path, encoding, tenant.delimiter) {
-        Ok(r) => r,
-        Err(e) => return reject(&mut summary, FileReason::Unreadable, e.to_string()),
-    };
-    summary.format.delimiter = records.delimiter;
-
-    let columns = match &tenant.columns {
-        Some(cols) => ColumnMap::new(cols),
-        None => {
-            let header = match records.next_record() {
-                Ok(Some(h)) => h,
-                Ok(None) => return reject(&mut summary, FileReason::Unreadable, "no header line"),
-                Err(e) => return reject(&mut summary, FileReason::Unreadable, e.to_string()),
-            };
-            if header.oversized {
-                return reject(
-                    &mut summary,
-                    FileReason::Unreadable,
-                    "the header line has more than 4,096 columns or 64 KiB",
-                );
-            }
-            let mut cols = Vec::with_capacity(header.len());
-            for field in header.iter() {
-                match Records::decode(records.utf8_fields, encoding, field) {
-                    Some(name) => cols.push(Column::from_header(&name)),
-                    None => {
-                        return reject(
-                            &mut summary,
-                            FileReason::Unreadable,
-                            "the header line is not valid in the file's encoding",
-                        );
-                    }
-                }
-            }
-            ColumnMap::new(&cols)
-        }
-    };
-    if columns.phone.is_none() {
-        return reject(&mut summary, FileReason::MissingColumn, "no phone column");
-    }
-    if columns.message.is_none() && tenant.template.is_none() {
-        return reject(
-            &mut summary,
-            FileReason::MissingColumn,
-            "no message column and no template",
-        );
-    }
-    if let Some(template) = &tenant.template {
-        if let Some(var) = template.variables().find(|v| !columns.vars.iter().any(|(n, _)| n == v)) {
-            return reject(
-                &mut summary,
-                FileReason::MissingColumn,
-                format!("the template uses {{{var}}} and the file has no such column"),
-            );
-        }
-    }
-
-    sink.start(&summary.format)?;
-    let rules = LineRules {
-        tenant,
-        keys: ctx.keys,
-        columns: &columns,
-        encoding,
-        utf8_fields: records.utf8_fields,
-        now: jiff::Timestamp::now(),
-    };
-    let max_lines = tenant.max_lines;
-    // The one structure that grows with the file: 8-byte fingerprints of accepted lines, for
-    // `duplicate_recipient`. Sized once from the file's line count (at most `max_lines`) so it
-    // never rehashes into twice its size.
-    let expected = scan.newlines.saturating_add(1).min(max_lines) as usize;
-    let mut dedupe: HashSet<u64, BuildNoHashHasher<u64>> =
-        HashSet::with_capacity_and_hasher(expected, Default::default());
-    let mut countries: HashSet<rlibphonenumber::Region> = HashSet::new();
-    let mut outcome: Result<(), IngestError> = Ok(());
-    let mut strict_failure = None;
-
-    let read_result = std::thread::scope(|scope| {
-        let (raw_tx, raw_rx) = sync_channel::<Vec<RawRecord>>(2);
-        let (checked_tx, checked_rx) = sync_channel::<Vec<Checked>>(2);
-        let cancel = ctx.cancel;
-        let reader = scope.spawn(move || -> Result<(u64, bool), io::Error> {
-            let mut count = 0u64;
-            loop {
-                if cancel.load(Ordering::Relaxed) {
-                    return Ok((count, false));
-                }
-                let mut chunk = Vec::with_capacity(CHUNK_RECORDS);
-                while chunk.len() < CHUNK_RECORDS {
-                    match records.next_record()? {
-                        Some(r) => chunk.push(r),
-                        None => break,
-                    }
-                }
-                let last = chunk.len() < CHUNK_RECORDS;
-                count += chunk.len() as u64;
-                if count > max_lines {
-                    return Ok((count, true));
-                }
-                if !chunk.is_empty() && raw_tx.send(chunk).is_err() {
-                    return Ok((count, false));
-                }
-                if last {
-                    return Ok((count, false));
-                }
-            }
-        });
-        let rules = &rules;
-        scope.spawn(move || {
-            for chunk in raw_rx {
-                let checked: Vec<Checked> = chunk.par_iter().map(|r| rules.check(r)).collect();
-                if checked_tx.send(checked).is_err() {
-                    return;
-                }
-            }
-        });
-        'chunks: for chunk in checked_rx {
-            for mut checked in chunk {
-                summary.lines += 1;
-                if let Ok(acc) = &checked.outcome {
-                    if ctx.blocklist.contains(&acc.phone_hash, &acc.message.phone) {
-                        checked.outcome = Err(LineReason::Blocklisted);
-                    } else if !dedupe.insert(acc.dedupe) {
-                        checked.outcome = Err(LineReason::DuplicateRecipient);
-                    }
-                }
-                let index = match &checked.outcome {
-                    Ok(acc) => {
-                        if let Some(c) = acc.country {
-                            if countries.insert(c) {
-                                summary.countries.insert(c.to_string());
-                            }
-                        }
-                        summary.accepted += 1;
-                        Some(summary.accepted - 1)
-                    }
-                    Err(reason) => {
-                        summary.rejected += 1;
-                        *summary.reasons.entry(*reason).or_default() += 1;
-                        tracing::debug!(tenant = %tenant.id, line = checked.line, reason = %reason, "line rejected");
-                        if tenant.strict {
-                            strict_failure = Some((checked.line, *reason));
-                            break 'chunks;
-                        }
-                        None
-                    }
-                };
-                if let Err(e) = sink.line(checked, index) {
-                    outcome = Err(e);
-                    break 'chunks;
-                }
-            }
-        }
-        reader
-            .join()
-            .unwrap_or_else(|_| Err(io::Error::other("the reader thread panicked")))
-    });
-    outcome?;
-    if ctx.cancel.load(Ordering::Relaxed) {
-        return Err(IngestError::Cancelled);
-    }
-    if let Some((line, reason)) = strict_failure {
-        return reject(
-            &mut summary,
-            FileReason::Strict,
-            format!("line {line} rejected ({reason}) and the tenant is strict"),
-        );
-    }
-    match read_result {
-        Ok((_, true)) => reject(
-            &mut summary,
-            FileReason::TooManyLines,
-            format!("more than max_lines {max_lines} data lines"),
-        ),
-        Ok(_) => Ok(summary),
-        Err(e) => {
-            let detail = format!("after line {}: {e}", summary.lines);
-            reject(&mut summary, FileReason::Unreadable, detail)
+impl From<Stopped<IngestError>> for IngestError {
+    fn from(stopped: Stopped<IngestError>) -> Self {
+        match stopped {
+            Stopped::Failed(e) => e,
+            Stopped::Cancelled => IngestError::Cancelled,
         }
     }
 }
@@ -354,6 +93,8 @@ impl DryRunSink {
 }
 
 impl LineSink for DryRunSink {
+    type Error = IngestError;
+
     fn start(&mut self, format: &ReplyFormat) -> Result<(), IngestError> {
         let mut csv = ReplyCsv::new(Vec::new(), format).map_err(IngestError::Reply)?;
         csv.row(RESULT_HEADER).map_err(IngestError::Reply)?;
@@ -375,8 +116,8 @@ struct QueueSink<'a> {
     batch: &'a BatchRecord,
     outbox: &'a Path,
     csv: Option<ReplyCsv<AtomicFile>>,
-    current: Vec<StoredMessage>,
-    pending: Vec<(u32, Vec<StoredMessage>)>,
+    current: Vec<Message>,
+    pending: Vec<(u32, Vec<Message>)>,
     next_chunk: u32,
 }
 
@@ -396,6 +137,8 @@ impl QueueSink<'_> {
 }
 
 impl LineSink for QueueSink<'_> {
+    type Error = IngestError;
+
     fn start(&mut self, format: &ReplyFormat) -> Result<(), IngestError> {
         let file = AtomicFile::create(self.outbox, &reply::result_name(self.batch), &self.batch.claim)
             .map_err(IngestError::Reply)?;
@@ -455,24 +198,6 @@ fn advice(reason: FileReason) -> &'static str {
 }
 
 impl Ingestor<'_> {
-    fn context<'c>(
-        &self,
-        tenant: &'c Tenant,
-        keys: &'c TenantKeys,
-        seen: &'c dyn Fn(&[u8; 32]) -> Result<bool, StoreError>,
-    ) -> Result<Context<'c>, StoreError>
-    where
-        Self: 'c,
-    {
-        Ok(Context {
-            tenant,
-            keys,
-            blocklist: self.store.blocklists(&tenant.id)?,
-            seen,
-            cancel: self.cancel,
-        })
-    }
-
     /// Ingests a spool file: the batch is durable and its result file published when this returns
     /// `Ok`. The spool file is removed.
     pub fn ingest_claimed(
@@ -498,10 +223,18 @@ impl Ingestor<'_> {
         let keys = self.store.keys().tenant(&tenant.id);
         let store = self.store;
         let window = tenant.dedupe_window.as_secs() as i64;
-        let seen = move |hash: &[u8; 32]| -> Result<bool, StoreError> {
+        let seen = move |hash: &[u8; 32]| -> Result<bool, IngestError> {
             Ok(store.seen_file(&tenant.id, hash, now, window)?.is_some())
         };
-        let ctx = self.context(tenant, &keys, &seen)?;
+        let lists = self.store.blocklists(&tenant.id)?;
+        let blocklisted = |hash: &[u8; 16], e164: &str| lists.contains(hash, e164);
+        let ctx = Context {
+            tenant,
+            keys: &keys,
+            blocklisted: &blocklisted,
+            seen: &seen,
+            cancel: self.cancel,
+        };
         let mut sink = QueueSink {
             store: self.store,
             batch: &batch,
@@ -773,7 +506,7 @@ mod tests {
         let config = Arc::new(Config::parse(Path::new("/x.toml"), &src).unwrap());
         Alerter::new(
             store.clone(),
-            crate::reload::Live::new(config),
+            crate::config::Live::new(config),
             Arc::new(tokio::sync::Notify::new()),
         )
     }
@@ -806,13 +539,13 @@ mod tests {
         let partial = store
             .begin_batch("acme", "june.csv", "c1", ReplyFormat::default(), 0)
             .unwrap();
-        let stray = StoredMessage {
+        let stray = Message {
             line: 2,
             reference: String::new(),
             phone: "+33612345678".into(),
             sender: "ACME".into(),
             text: "a".into(),
-            coding: crate::store::records::TextCoding::Gsm7,
+            coding: crate::sms::message::TextCoding::Gsm7,
             parts: 1,
             send_at: None,
         };

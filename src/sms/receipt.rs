@@ -15,7 +15,7 @@
 //! [`early_keys`] the ids a kept receipt may be waiting under for a submitted id: a kept
 //! receipt never matches by a change of base until the partner's form is settled.
 
-use crate::codes::MessageStatus;
+use crate::sms::codes::MessageStatus;
 
 /// What a receipt says.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -710,7 +710,7 @@ fn forget_stale_claims(store: &Store, recovered: &[Claimed]) {
 /// again as after a crash: a batch cut short is discarded, a committed one only published.
 #[derive(Default)]
 struct Retries {
-    waiting: Vec<(std::time::Instant, Claimed)>,
+    waiting: Vec<(tokio::time::Instant, Claimed)>,
     delays: std::collections::HashMap<String, Duration>,
 }
 
@@ -726,7 +726,7 @@ impl Retries {
             "the file stays in the spool and is taken again in {} s", delay.as_secs()
         );
         claimed.recovered = true;
-        self.waiting.push((std::time::Instant::now() + *delay, claimed));
+        self.waiting.push((tokio::time::Instant::now() + *delay, claimed));
     }
 
     fn done(&mut self, claim: &str) {
@@ -735,14 +735,14 @@ impl Retries {
 
     /// The first retry that is due, if any.
     fn due(&mut self) -> Option<Claimed> {
-        let now = std::time::Instant::now();
+        let now = tokio::time::Instant::now();
         let i = self.waiting.iter().position(|(at, _)| *at <= now)?;
         Some(self.waiting.swap_remove(i).1)
     }
 
     /// How long until the next retry is due (a long nap when none waits).
     fn wait(&self) -> Duration {
-        let now = std::time::Instant::now();
+        let now = tokio::time::Instant::now();
         self.waiting
             .iter()
             .map(|(at, _)| at.saturating_duration_since(now))
@@ -779,4 +779,47 @@ fn ingest_one(ingestor: &Ingestor<'_>, config: &Config, claimed: &Claimed) -> bo
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claimed(claim: &str) -> Claimed {
+        Claimed {
+            tenant: "acme".into(),
+            spool: std::path::PathBuf::from("/nonexistent"),
+            claim: claim.into(),
+            file_name: "june.csv".into(),
+            recovered: false,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_file_is_retried_after_5_s_then_twice_as_long_up_to_a_minute() {
+        let mut retries = Retries::default();
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            retries.push(claimed("c1"));
+            let wait = retries.wait();
+            waits.push(wait.as_secs());
+            tokio::time::advance(wait - Duration::from_millis(1)).await;
+            assert!(retries.due().is_none(), "not due a millisecond early");
+            tokio::time::advance(Duration::from_millis(1)).await;
+            let due = retries.due().expect("due on time");
+            assert!(due.recovered, "a retry is taken as after a crash");
+        }
+        assert_eq!(waits, [5, 10, 20, 40, 60, 60]);
+        // Once the file went through, its next failure starts again at 5 s; others keep theirs.
+        retries.push(claimed("c2"));
+        retries.done("c1");
+        retries.push(claimed("c1"));
+        assert_eq!(retries.wait(), Duration::from_secs(5));
+        assert_eq!(retries.waiting.len(), 2);
+        assert_eq!(
+            Retries::default().wait(),
+            Duration::from_secs(3600),
+            "a long nap when none waits"
+        );
+    }
 }

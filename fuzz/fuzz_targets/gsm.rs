@@ -4,7 +4,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use smsdrop::sms::gsm::{encode, from_gsm7, segment_payloads, to_gsm7};
-use smsdrop::store::records::TextCoding;
+use smsdrop::sms::message::TextCoding;
 
 fuzz_target!(|text: &str| {
     let encoded = encode(text);

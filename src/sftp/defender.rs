@@ -6,7 +6,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Mutex;
-use std::time::Instant;
+
+use tokio::time::Instant;
 
 use crate::alert::{Alert, AlertKind, Alerter};
 use crate::audit::{Audit, Event};
@@ -44,7 +45,7 @@ pub struct Defender {
 }
 
 fn now() -> i64 {
-    jiff::Timestamp::now().as_second()
+    crate::clock::now()
 }
 
 impl Defender {
@@ -176,4 +177,77 @@ pub fn active_bans(store: &Store) -> Vec<Ban> {
         .into_iter()
         .filter(|b| b.until > t)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::{Config, Live};
+    use crate::crypto::{Keyring, MasterKeys};
+
+    fn defender(dir: &std::path::Path) -> Defender {
+        let key = dir.join("master.key");
+        MasterKeys::generate(&key).expect("key");
+        let keys = Keyring::open(MasterKeys::load(&key).expect("load"), dir).expect("keyring");
+        let store = Store::open(dir, Arc::new(keys)).expect("store");
+        let config = Config::parse(&dir.join("c.toml"), "[tenant.acme]\n").expect("config");
+        let alerts = Alerter::new(store.clone(), Live::new(Arc::new(config)), Arc::default());
+        let cfg = config::Defender {
+            score_limit: 3,
+            window: Duration::from_secs(60),
+            ban: Duration::from_secs(10),
+        };
+        Defender::load(cfg, store.clone(), alerts, Audit::direct(store))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bans_double_at_each_return_and_lift_by_themselves() {
+        let dir = tempfile::tempdir().expect("dir");
+        let d = defender(dir.path());
+        let ip: IpAddr = "192.0.2.7".parse().expect("ip");
+        let mut lengths: Vec<u64> = Vec::new();
+        for _ in 0..4 {
+            for _ in 0..3 {
+                assert!(!d.is_banned(ip, 2222), "not banned below the score limit");
+                d.score(ip, "wrong key");
+            }
+            assert!(d.is_banned(ip, 2222), "banned at the score limit");
+            let mut secs = 0u64;
+            while d.is_banned(ip, 2222) {
+                tokio::time::advance(Duration::from_secs(1)).await;
+                secs += 1;
+            }
+            lengths.push(secs);
+        }
+        // Bans are kept to the second; the real clock may cross a second while the test runs.
+        for (secs, want) in lengths.iter().zip([10u64, 20, 40, 80]) {
+            assert!(secs.abs_diff(want) <= 1, "twice as long at each return: {lengths:?}");
+        }
+        let on_record = d.store.bans().expect("bans");
+        assert_eq!(on_record.len(), 1);
+        assert_eq!(
+            on_record[0].count, 4,
+            "the store keeps the count, so a restart keeps the escalation"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_older_than_the_window_no_longer_count() {
+        let dir = tempfile::tempdir().expect("dir");
+        let d = defender(dir.path());
+        let ip: IpAddr = "192.0.2.8".parse().expect("ip");
+        d.score(ip, "wrong key");
+        d.score(ip, "wrong key");
+        tokio::time::advance(Duration::from_secs(61)).await;
+        d.score(ip, "wrong key");
+        assert!(
+            !d.is_banned(ip, 2222),
+            "two of the three refusals fell out of the window"
+        );
+        d.score(ip, "unknown user");
+        assert!(d.is_banned(ip, 2222), "an unknown user scores 3 points");
+    }
 }

@@ -135,8 +135,10 @@ fn queue_report(store: &Store, to: &str, subject: &str, body: &str, now: i64) ->
 pub fn send_due(store: &Store, config: &Config, alerter: &Alerter) -> Result<usize, StoreError> {
     let Some(email) = &config.email else { return Ok(0) };
     let Some(at) = email.daily_report_at else { return Ok(0) };
-    let now = jiff::Timestamp::now();
-    let now_s = now.as_second();
+    let now_s = crate::clock::now();
+    let Ok(now) = jiff::Timestamp::from_second(now_s) else {
+        return Ok(0);
+    };
     let mut queued = 0;
     let mut summary = String::new();
     let mut summary_from = i64::MAX;
@@ -192,4 +194,49 @@ pub fn send_due(store: &Store, config: &Config, alerter: &Alerter) -> Result<usi
         tracing::info!(mails = queued, "daily reports queued");
     }
     Ok(queued)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Moves the paused clock by `minutes`.
+    async fn advance(minutes: u64) {
+        tokio::time::advance(Duration::from_secs(minutes * 60)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reports_go_once_a_day_at_the_hour_set() {
+        // Keep clear of midnight, where "today" changes under the test.
+        let hour = jiff::Timestamp::from_second(crate::clock::now())
+            .expect("now")
+            .to_zoned_datetime(jiff::tz::TimeZone::UTC)
+            .hour();
+        if hour >= 21 {
+            advance(4 * 60).await;
+        }
+        // The report is due in 60 minutes, to the minute (between 59 and 60 minutes from now).
+        let due = jiff::Timestamp::from_second(crate::clock::now() + 3600)
+            .expect("due")
+            .to_zoned_datetime(jiff::tz::TimeZone::UTC)
+            .time();
+        let at = format!("{:02}:{:02}", due.hour(), due.minute());
+        let dir = tempfile::tempdir().expect("dir");
+        let (store, alerter, config) = crate::alert::tests::alerter(dir.path(), &format!("daily_report_at = \"{at}\""));
+        let send = || send_due(&store, &config, &alerter).expect("send");
+
+        assert_eq!(send(), 0, "not before the hour");
+        advance(58).await;
+        assert_eq!(send(), 0, "not a minute early");
+        advance(2).await;
+        assert_eq!(send(), 2, "the tenant's report and the admin's summary");
+        assert_eq!(send(), 0, "once");
+        advance(23 * 60).await;
+        assert_eq!(send(), 0, "not again the same day");
+        advance(60).await;
+        assert_eq!(send(), 2, "the next day at the same hour");
+        assert_eq!(store.pending_mails().expect("mails"), 4);
+    }
 }

@@ -167,7 +167,7 @@ impl Mailer {
 
     /// Digests whose time has come, then every due mail.
     async fn round(&self) -> Result<(), StoreError> {
-        let now = jiff::Timestamp::now().as_second();
+        let now = crate::clock::now();
         let min_interval = self.email.min_interval.as_secs() as i64;
         let alerter = self.alerter.clone();
         self.blocking(move |s| s.flush_digests(now, min_interval, |d| alerter.render_digest(d, now)))
@@ -193,7 +193,7 @@ impl Mailer {
                 Sent::Retry(why) => {
                     mail.attempts += 1;
                     let delay = retry_delay(mail.attempts);
-                    mail.next_at = jiff::Timestamp::now().as_second() + delay;
+                    mail.next_at = crate::clock::now() + delay;
                     tracing::warn!(kind = %mail.kind, mail = id, attempts = mail.attempts, retry_in_s = delay, "mail not sent, will retry: {why}");
                     self.blocking(move |s| s.mail_retry(id, &mail)).await?;
                 }

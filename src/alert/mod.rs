@@ -84,7 +84,7 @@ impl Alert {
         Alert {
             kind,
             tenant: tenant.map(str::to_string),
-            at: jiff::Timestamp::now().as_second(),
+            at: crate::clock::now(),
             what: what.into(),
             details: Vec::new(),
             action: String::new(),
@@ -276,5 +276,75 @@ impl Alerter {
             next_at: now,
             created_at: now,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::crypto::{Keyring, MasterKeys};
+
+    /// A store and an alerter whose mail goes to ops@ and acme@ (nothing is sent: the mailer is
+    /// not running), with `extra` in `[email]`.
+    pub(crate) fn alerter(dir: &Path, extra: &str) -> (Store, Alerter, Arc<Config>) {
+        let key = dir.join("master.key");
+        MasterKeys::generate(&key).expect("key");
+        let keys = Keyring::open(MasterKeys::load(&key).expect("load"), dir).expect("keyring");
+        let store = Store::open(dir, Arc::new(keys)).expect("store");
+        let src = format!(
+            "[email]\nsmtp_url = \"smtp://127.0.0.1:1\"\nfrom = \"smsdrop <noreply@example.net>\"\nadmin_to = [\"ops@example.net\"]\n{extra}\n[tenant.acme]\ntimezone = \"UTC\"\nalert_to = [\"acme@example.net\"]\n"
+        );
+        let config = Arc::new(Config::parse(&dir.join("c.toml"), &src).expect("config"));
+        let alerter = Alerter::new(store.clone(), Live::new(config.clone()), Arc::default());
+        (store, alerter, config)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn alerts_within_min_interval_wait_for_one_digest() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (store, alerter, _) = alerter(dir.path(), "min_interval = \"60s\"");
+        let raise = |n: u32| alerter.raise(Alert::new(AlertKind::DiskLow, None, format!("disk low #{n}")));
+        let flush = || {
+            let now = crate::clock::now();
+            store
+                .flush_digests(now, 60, |d| alerter.render_digest(d, now))
+                .expect("flush")
+        };
+        raise(1);
+        assert_eq!(store.pending_mails().expect("mails"), 1, "the first alert goes at once");
+        tokio::time::advance(Duration::from_secs(10)).await;
+        raise(2);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        raise(3);
+        assert_eq!(
+            store.pending_mails().expect("mails"),
+            1,
+            "the next ones wait for the digest"
+        );
+        tokio::time::advance(Duration::from_secs(38)).await;
+        assert_eq!(flush(), 0, "not before min_interval has passed since the first mail");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(flush(), 1, "one digest once min_interval has passed");
+        assert_eq!(store.pending_mails().expect("mails"), 2);
+        raise(4);
+        assert_eq!(
+            store.pending_mails().expect("mails"),
+            2,
+            "the digest counts as a mail sent"
+        );
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(flush(), 1);
+        let due = store.due_mails(crate::clock::now(), 10).expect("due");
+        let bodies: Vec<&str> = due.iter().map(|(_, m)| m.body.as_str()).collect();
+        assert!(
+            bodies[1].contains("disk low #2") && bodies[1].contains("disk low #3"),
+            "{}",
+            bodies[1]
+        );
+        assert!(bodies[2].contains("disk low #4"), "{}", bodies[2]);
     }
 }

@@ -1,4 +1,4 @@
-//! The admin socket: how commands reach a running `serve` (README: Commands).
+//! The admin socket: how commands reach a running `serve` (docs/cli.md).
 //!
 //! redb lets one process open the database, so while `serve` runs, commands that need the data
 //! ask it over a Unix socket (mode 0600, `[admin] socket`). The protocol is one JSON request line,

@@ -1,4 +1,4 @@
-//! The audit trail (README: Commands `audit verify|export`): who logged in or was refused, which files
+//! The audit trail (docs/cli.md: `audit verify|export`): who logged in or was refused, which files
 //! came and went, which batches were taken or rejected, every command that read or changed data.
 //!
 //! Code that sees something calls [`Audit::record`]. Inside `serve` events go through a queue to

@@ -1,4 +1,4 @@
-//! The command line (README: Commands): parses arguments and runs one command.
+//! The command line (docs/cli.md): parses arguments and runs one command.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

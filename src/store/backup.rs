@@ -1,4 +1,4 @@
-//! Backups (README: Commands): a consistent, encrypted, checksummed snapshot of the whole store, taken
+//! Backups (docs/cli.md): a consistent, encrypted, checksummed snapshot of the whole store, taken
 //! while `serve` runs, and its restore into an empty `state_dir`.
 //!
 //! A snapshot is one redb read transaction: it sees the store as of one commit and does not

@@ -1,4 +1,4 @@
-//! Subject requests (README: Commands `subject export`, `subject erase`): everything held about one
+//! Subject requests (docs/cli.md: `subject export`, `subject erase`): everything held about one
 //! number in one tenant, found and erased.
 //!
 //! Messages are stored sealed by chunk, with no index by number (an index would be one more

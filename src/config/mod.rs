@@ -68,7 +68,7 @@ pub struct BackupSchedule {
     pub keep: usize,
 }
 
-/// The embedded SFTP server (`[sftp]`, README: SFTP).
+/// The embedded SFTP server (`[sftp]`, docs/sftp.md).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sftp {
     pub listen: std::net::SocketAddr,

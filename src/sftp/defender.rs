@@ -1,4 +1,4 @@
-//! The defender (README: SFTP): every refused attempt scores against its source address; passing
+//! The defender (docs/sftp.md): every refused attempt scores against its source address; passing
 //! `score_limit` within `window` bans the address for `ban`, twice as long for each earlier ban
 //! (at most 30 days). A banned address's connections are dropped before the SSH handshake. Bans
 //! are kept in the store, so a restart does not lift them.

@@ -1,4 +1,4 @@
-//! The way in over SFTP (README: SFTP): an embedded SSH server (russh) that lets tenants upload
+//! The way in over SFTP (docs/sftp.md): an embedded SSH server (russh) that lets tenants upload
 //! batches into their inbox and fetch reply files from their outbox, and nothing else.
 //!
 //! Only Ed25519: the host key is Ed25519 (so key exchange offers only that), and client keys are

@@ -1,4 +1,4 @@
-//! A tenant's SFTP world: exactly `/inbox` and `/outbox` (README: SFTP).
+//! A tenant's SFTP world: exactly `/inbox` and `/outbox` (docs/sftp.md).
 //!
 //! Every path is parsed into a [`Place`] before anything touches the disk; `..`, NUL bytes,
 //! hidden names, over-long paths and anything below the two folders are refused, so no path can

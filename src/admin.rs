@@ -790,7 +790,7 @@ pub fn status_text(
                     out,
                     "{:<16} {:<8} {:>9} {:>10} {:>10} {:>8}  {since}{}{}",
                     id,
-                    v.state,
+                    v.state.as_str(),
                     if v.connected { "yes" } else { "no" },
                     format!("{}/{}", v.in_flight, v.window),
                     format!("{} ms", v.latency_ms),

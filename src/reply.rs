@@ -298,7 +298,7 @@ pub fn write_replies(store: &Store, tenant: &crate::config::Tenant) -> Result<us
         return Ok(0);
     };
     let mark = crate::store::Mark::RepliesMs(&tenant.id);
-    let previous = store.mark(mark.clone())?.unwrap_or(0) as i64;
+    let previous = store.mark(mark)?.unwrap_or(0) as i64;
     let ms = first.received_at.max(previous + 1);
     let name = jiff::Timestamp::from_millisecond(ms)
         .map(|t| format!("replies-{}.csv", t.strftime("%Y%m%dT%H%M%S%.3fZ")))

@@ -53,33 +53,21 @@ fn failing_commands_say_each_thing_once() {
         nonexistent.trim(),
         "smsdrop: /nonexistent.toml: cannot read the configuration: No such file or directory (os error 2)"
     );
-    let cases: Vec<(Vec<&str>, String)> = vec![
-        (vec!["--config", "/nonexistent.toml", "status"], nonexistent),
-        (
-            vec!["--config", &config, "restore", garbage.to_str().expect("utf-8")],
-            fails(&["--config", &config, "restore", garbage.to_str().expect("utf-8")]),
-        ),
-        (
-            vec!["--config", bad_toml.to_str().expect("utf-8"), "check-config"],
-            fails(&["--config", bad_toml.to_str().expect("utf-8"), "check-config"]),
-        ),
-        (
-            vec!["--config", missing_key.to_str().expect("utf-8"), "status"],
-            fails(&["--config", missing_key.to_str().expect("utf-8"), "status"]),
-        ),
-        (
-            vec!["--config", &config, "reload"],
-            fails(&["--config", &config, "reload"]),
-        ),
-        (
-            vec!["--config", &config, "keygen", "--out", "/proc/smsdrop/master.key"],
-            fails(&["--config", &config, "keygen", "--out", "/proc/smsdrop/master.key"]),
-        ),
-        (
-            vec!["--config", &config, "validate", "--tenant", "acme", "/nonexistent.csv"],
-            fails(&["--config", &config, "validate", "--tenant", "acme", "/nonexistent.csv"]),
-        ),
+    let (garbage, bad_toml, missing_key) = (
+        garbage.to_str().expect("utf-8"),
+        bad_toml.to_str().expect("utf-8"),
+        missing_key.to_str().expect("utf-8"),
+    );
+    let commands: [&[&str]; 7] = [
+        &["--config", "/nonexistent.toml", "status"],
+        &["--config", &config, "restore", garbage],
+        &["--config", bad_toml, "check-config"],
+        &["--config", missing_key, "status"],
+        &["--config", &config, "reload"],
+        &["--config", &config, "keygen", "--out", "/proc/smsdrop/master.key"],
+        &["--config", &config, "validate", "--tenant", "acme", "/nonexistent.csv"],
     ];
+    let cases: Vec<(&[&str], String)> = commands.iter().map(|args| (*args, fails(args))).collect();
     for (args, stderr) in &cases {
         assert!(stderr.starts_with("smsdrop: "), "{args:?}: {stderr}");
         assert!(

@@ -96,30 +96,15 @@ pub enum State {
     },
 }
 
-/// How a partner stands, as `smsdrop status` and `/metrics` show it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PartnerState {
-    Up,
-    Down,
-    /// Down, with probe messages out.
-    Probing,
-}
-
-impl PartnerState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PartnerState::Up => "up",
-            PartnerState::Down => "down",
-            PartnerState::Probing => "probing",
-        }
+crate::sms::codes::wire_enum!(
+    /// How a partner stands, as `smsdrop status` and `/metrics` show it (`probing`: down, with
+    /// probe messages out).
+    PartnerState {
+        Up => "up",
+        Down => "down",
+        Probing => "probing",
     }
-}
-
-impl std::fmt::Display for PartnerState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.pad(self.as_str())
-    }
-}
+);
 
 /// A move of a partner in or out of its routes.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,12 +3,11 @@
 //! Every code has exactly one wire string, defined here and nowhere else. The enums are what the
 //! rest of the code passes around; the strings are what reply files, logs and the CLI show.
 
-use serde::{Deserialize, Serialize};
-
+/// An enum whose every variant has one wire string: `as_str`, `parse`, `ALL` and `Display`.
 macro_rules! wire_enum {
     ($(#[$doc:meta])* $name:ident { $($variant:ident => $wire:literal),+ $(,)? }) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
         pub enum $name { $($variant),+ }
 
         impl $name {
@@ -33,6 +32,7 @@ macro_rules! wire_enum {
         }
     };
 }
+pub(crate) use wire_enum;
 
 wire_enum!(
     /// Why one line of a batch was rejected (README: How a file flows).

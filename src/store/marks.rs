@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 
 /// A counter or mark in the store's `meta` table.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mark<'a> {
     /// The dispatch log's position up to which its steps are in the store.
     WalApplied,

@@ -180,6 +180,8 @@ pub struct AdminContext {
     pub audit: Audit,
     /// Partner health as the running dispatcher sees it.
     pub partners: Option<crate::dispatch::HealthBoard>,
+    /// The background workers' board, inside `serve`.
+    pub workers: Option<crate::workers::Workers>,
     /// Inside `serve`: applies `reload`.
     pub reloader: Option<Arc<crate::reload::Reloader>>,
 }
@@ -341,7 +343,7 @@ fn answer(ctx: &AdminContext, request: &Request, event: &mut Event) -> Result<Ve
             tracing::info!(batch = id, tenant = %batch.tenant, canceled, "batch canceled by an operator");
             Ok(format!("batch {id} canceled: {canceled} messages will not be sent\n").into_bytes())
         }
-        Request::Status => Ok(status_text(store, config, ctx.partners.as_ref())?.into_bytes()),
+        Request::Status => Ok(status_text(store, config, ctx.partners.as_ref(), ctx.workers.as_ref())?.into_bytes()),
         Request::Validate { tenant, path } => validate(store, config, tenant, path),
         Request::BlocklistAdd { tenant, phone } => {
             let (list, e164) = list_phone(config, tenant.as_deref(), phone)?;
@@ -766,11 +768,39 @@ pub fn batch_show(b: &crate::store::records::BatchRecord) -> String {
     out
 }
 
-/// `smsdrop status`: partner health (when `serve` runs), bans, queue depth by tenant and status.
+/// The background workers' lines of `smsdrop status`.
+fn workers_text(out: &mut String, workers: Option<&crate::workers::Workers>) {
+    let Some(workers) = workers else {
+        let _ = writeln!(out, "workers: known only while `smsdrop serve` runs");
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "{:<16} {:<12} {:>8} {:>7}  last error",
+        "worker", "state", "rounds", "errors"
+    );
+    for (name, w) in workers.snapshot() {
+        let last = match &w.last_error {
+            Some((at, why)) => format!("{} {why}", time_text(*at)),
+            None => "-".into(),
+        };
+        let _ = writeln!(
+            out,
+            "{name:<16} {:<12} {:>8} {:>7}  {last}",
+            w.state.as_str(),
+            w.rounds,
+            w.errors
+        );
+    }
+}
+
+/// `smsdrop status`: partner health and the background workers (when `serve` runs), bans,
+/// queue depth by tenant and status.
 pub fn status_text(
     store: &Store,
     config: &Config,
     partners: Option<&crate::dispatch::HealthBoard>,
+    workers: Option<&crate::workers::Workers>,
 ) -> Result<String, StoreError> {
     let mut out = String::new();
     match partners.and_then(|b| b.read().ok().map(|b| b.clone())) {
@@ -804,6 +834,8 @@ pub fn status_text(
             let _ = writeln!(out, "partners: health is known only while `smsdrop serve` runs");
         }
     }
+    out.push('\n');
+    workers_text(&mut out, workers);
     out.push('\n');
     let statuses = MessageStatus::ALL;
     if let Some(sftp) = &config.sftp {
@@ -1075,15 +1107,6 @@ fn key_status(store: &Store) -> String {
     out
 }
 
-/// The files a backup carries beside the store: (name, path).
-pub fn backup_files(config: &Config) -> Vec<(&'static str, &Path)> {
-    config
-        .sftp
-        .as_ref()
-        .map(|s| vec![("sftp_host_key", s.host_key.as_path())])
-        .unwrap_or_default()
-}
-
 /// Streams a backup to the admin connection: header, frames, then a summary line. A failure
 /// after the header is sent as an error frame, so the other end never takes half a backup for
 /// a whole one.
@@ -1100,7 +1123,7 @@ fn stream_backup(ctx: &AdminContext, stream: std::os::unix::net::UnixStream, act
     head.push(b'\n');
     out.write_all(&head)?;
     let now = jiff::Timestamp::now().as_second();
-    let result = ctx.store.backup(&mut out, &backup_files(&ctx.live.get()), now);
+    let result = ctx.store.backup(&mut out, &ctx.live.get().backup_files(), now);
     let mut event = Event::new("admin.backup", actor);
     match &result {
         Ok(summary) => {

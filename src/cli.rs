@@ -336,7 +336,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 None => {
                     let store = offline_store(&config)?;
                     let now = jiff::Timestamp::now().as_second();
-                    let result = store.backup_to_file(&file, &admin::backup_files(&config), now);
+                    let result = store.backup_to_file(&file, &config.backup_files(), now);
                     let mut event = crate::audit::Event::new("admin.backup", cli_actor()?);
                     event.push("result", if result.is_ok() { "ok" } else { "failed" });
                     if let Ok(s) = &result {
@@ -360,7 +360,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let config = Config::load(&cli.config)?;
             let keys = Arc::new(crate::crypto::Keyring::in_memory(MasterKeys::load(&config.key_file)?));
             let input = std::fs::File::open(&file).with_context(|| format!("{}", file.display()))?;
-            let summary = crate::store::backup::restore(input, &config.state_dir, keys, &admin::backup_files(&config))
+            let summary = crate::store::backup::restore(input, &config.state_dir, keys, &config.backup_files())
                 .with_context(|| format!("restoring {}", file.display()))?;
             let store = offline_store(&config)?;
             let chain = store.audit_verify()?;
@@ -492,6 +492,7 @@ fn with_store(config: Config, request: Request) -> anyhow::Result<Vec<u8>> {
         dispatch: None,
         reports: None,
         partners: None,
+        workers: None,
         reloader: None,
     };
     Ok(admin::handle(&ctx, &request, &cli_actor()?)?)

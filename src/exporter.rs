@@ -29,6 +29,7 @@ use crate::metrics::{Labels, events};
 use crate::sms::codes::MessageStatus;
 use crate::store::records::BatchState;
 use crate::store::{Store, StoreError};
+use crate::workers::Workers;
 
 /// Connections at once (a scrape reads every batch record); more are refused.
 const SCRAPES: usize = 16;
@@ -39,6 +40,13 @@ pub struct Exporter {
     pub store: Store,
     pub config: crate::config::Live,
     pub partners: HealthBoard,
+    pub workers: Workers,
+}
+
+fn counter_family(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, Counter> {
+    let family = Family::<Labels, Counter>::default();
+    registry.register(name, help, family.clone());
+    family
 }
 
 fn gauge_family(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, Gauge> {
@@ -62,21 +70,29 @@ fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
 impl Exporter {
     /// The text of one scrape.
     pub fn render(&self) -> Result<String, StoreError> {
-        let config = self.config.get();
         let mut registry = Registry::with_prefix("smsdrop");
         events().register(&mut registry);
-        let messages = gauge_family(
-            &mut registry,
-            "messages",
-            "Messages held in the store, by tenant and status",
-        );
+        self.messages(&mut registry)?;
+        self.partners(&mut registry);
+        self.store(&mut registry)?;
+        self.workers(&mut registry);
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        Ok(out)
+    }
+
+    /// Messages by tenant and status, queue depth and open batches.
+    fn messages(&self, registry: &mut Registry) -> Result<(), StoreError> {
+        let config = self.config.get();
+        let messages = gauge_family(registry, "messages", "Messages held in the store, by tenant and status");
         let depth = gauge_family(
-            &mut registry,
+            registry,
             "queue_depth",
             "Messages still to be sent or answered (queued, held, submitted), by tenant",
         );
         let open = gauge_family(
-            &mut registry,
+            registry,
             "open_batches",
             "Batches not finished yet (ingesting, queued, held), by tenant",
         );
@@ -102,24 +118,24 @@ impl Exporter {
             depth.get_or_create(&vec![("tenant", tenant.clone())]).set(d as i64);
             open.get_or_create(&vec![("tenant", tenant.clone())]).set(open_batches);
         }
+        Ok(())
+    }
 
+    /// Partner health as the dispatcher sees it.
+    fn partners(&self, registry: &mut Registry) {
         let up = gauge_family(
-            &mut registry,
+            registry,
             "partner_up",
             "1 while a partner is in its routes, 0 while it is down or probed",
         );
-        let connected = gauge_family(
-            &mut registry,
-            "partner_connected",
-            "1 while a partner's connection is up",
-        );
+        let connected = gauge_family(registry, "partner_connected", "1 while a partner's connection is up");
         let in_flight = gauge_family(
-            &mut registry,
+            registry,
             "partner_in_flight",
             "Messages handed to a partner and not yet answered",
         );
         let window = gauge_family(
-            &mut registry,
+            registry,
             "partner_window",
             "A partner's window: messages it may have outstanding",
         );
@@ -130,7 +146,7 @@ impl Exporter {
             latency.clone(),
         );
         let failed = gauge_family(
-            &mut registry,
+            registry,
             "partner_recent_failures",
             "Transient failures among a partner's last submissions",
         );
@@ -146,54 +162,53 @@ impl Exporter {
                 failed.get_or_create(&l).set(v.failed as i64);
             }
         }
+    }
 
+    /// The store's size, free space, retention and re-sealing totals, bans.
+    fn store(&self, registry: &mut Registry) -> Result<(), StoreError> {
+        let config = self.config.get();
         let (file, used) = self.store.space(&config.state_dir)?;
+        gauge(registry, "store_file_bytes", "Size of the store's file on disk", file);
         gauge(
-            &mut registry,
-            "store_file_bytes",
-            "Size of the store's file on disk",
-            file,
-        );
-        gauge(
-            &mut registry,
+            registry,
             "store_used_bytes",
             "Bytes of the store's file in use (the rest is free pages, reused)",
             used,
         );
         counter(
-            &mut registry,
+            registry,
             "store_reopened",
             "Times the store was opened again after an I/O error (a full disk) since start",
             self.store.reopened(),
         );
         gauge(
-            &mut registry,
+            registry,
             "disk_free_bytes",
             "Free bytes under state_dir, as last looked at",
             crate::disk::free(),
         );
         let (anonymized, deleted, deleted_batches, _) = self.store.sweep_totals()?;
         counter(
-            &mut registry,
+            registry,
             "retention_deleted_messages",
             "Messages the retention sweeper deleted",
             deleted,
         );
         counter(
-            &mut registry,
+            registry,
             "retention_deleted_batches",
             "Batches the retention sweeper deleted",
             deleted_batches,
         );
         counter(
-            &mut registry,
+            registry,
             "retention_anonymized_messages",
             "Messages the retention sweeper anonymised",
             anonymized,
         );
         let reseal = self.store.reseal_progress();
         gauge(
-            &mut registry,
+            registry,
             "reseal_records",
             "Records re-sealed by the re-sealer's pass under way or last",
             reseal.resealed,
@@ -201,16 +216,43 @@ impl Exporter {
         if config.sftp.is_some() {
             let bans = crate::sftp::defender::active_bans(&self.store).len() as u64;
             gauge(
-                &mut registry,
+                registry,
                 "sftp_banned_addresses",
                 "Addresses the SFTP defender bans now",
                 bans,
             );
         }
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
-        Ok(out)
+        Ok(())
+    }
+
+    /// The background workers ([`crate::workers`]): state, rounds, errors.
+    fn workers(&self, registry: &mut Registry) {
+        let state = gauge_family(
+            registry,
+            "worker_state",
+            "1 for the state a background worker is in, 0 for the others",
+        );
+        let rounds = counter_family(registry, "worker_rounds", "Rounds a background worker did since start");
+        let errors = counter_family(
+            registry,
+            "worker_errors",
+            "Rounds of a background worker that failed since start",
+        );
+        let failing = gauge_family(
+            registry,
+            "worker_failing",
+            "Failed rounds of a background worker in a row (0 once one works)",
+        );
+        for (name, w) in self.workers.snapshot() {
+            let l = vec![("worker", name.to_string())];
+            for s in crate::workers::State::ALL {
+                let labels = vec![("worker", name.to_string()), ("state", s.as_str().to_string())];
+                state.get_or_create(&labels).set(i64::from(w.state == *s));
+            }
+            rounds.get_or_create(&l).inc_by(w.rounds);
+            errors.get_or_create(&l).inc_by(w.errors);
+            failing.get_or_create(&l).set(i64::from(w.failing));
+        }
     }
 
     async fn answer(&self, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {

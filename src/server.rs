@@ -29,6 +29,7 @@ use crate::reload::Reloader;
 use crate::reply::ReportWriter;
 use crate::store::{Store, StoreError};
 use crate::watch::{Claimed, InboxWatcher};
+use crate::workers::{Pace, Workers};
 
 /// How long workers get to finish at shutdown.
 const STOP_DEADLINE: Duration = Duration::from_secs(20);
@@ -192,6 +193,7 @@ pub async fn run(
     let (claimed_tx, claimed_rx) = mpsc::unbounded_channel::<Claimed>();
     let (reports_tx, reports_rx) = mpsc::unbounded_channel::<u64>();
     let board = dispatch::HealthBoard::default();
+    let worker_board = Workers::default();
     let live = Live::new(config.clone());
     let (incoming_tx, incoming_rx) = mpsc::unbounded_channel();
     let lane = dispatch::Lane::start().map_err(ServeError::Dispatcher)?;
@@ -221,6 +223,7 @@ pub async fn run(
             reports: Some(reports_tx.clone()),
             audit: audit.clone(),
             partners: Some(board.clone()),
+            workers: Some(worker_board.clone()),
             reloader: Some(reloader.clone()),
         };
         let stop = workers.clone();
@@ -254,20 +257,23 @@ pub async fn run(
     }
     let mail_wake = Arc::new(tokio::sync::Notify::new());
     let alerter = Alerter::new(store.clone(), live.clone(), mail_wake.clone());
-    {
-        let watch = crate::workers::disk::DiskWatch {
-            config: live.clone(),
-            store: store.clone(),
-            alerts: alerter.clone(),
-        };
-        let stop = workers.clone();
-        tracker.spawn(async move { watch.run(stop).await });
-    }
-
-    if config.email.is_some() {
-        let mailer = Mailer::new(store.clone(), live.clone(), alerter.clone(), mail_wake.clone())?;
-        tracker.spawn(mailer.run(workers.clone()));
-    }
+    let mailer = match config.email {
+        Some(_) => Some(Mailer::new(
+            store.clone(),
+            live.clone(),
+            alerter.clone(),
+            mail_wake.clone(),
+        )?),
+        None => None,
+    };
+    let background = Background {
+        store: store.clone(),
+        live: live.clone(),
+        audit: audit.clone(),
+        alerts: alerter.clone(),
+        ingesting: ingesting.clone(),
+    };
+    background.start(&tracker, &worker_board, mailer, &workers);
     // The ingest worker: one batch at a time, on a blocking thread.
     {
         let (store, live, cancel, wake) = (store.clone(), live.clone(), cancel_ingest.clone(), wake.clone());
@@ -335,23 +341,6 @@ pub async fn run(
         };
         tracker.spawn(writer.run(reports_rx, workers.clone()));
     }
-    tracker.spawn(sweep(
-        store.clone(),
-        live.clone(),
-        audit.clone(),
-        ingesting.clone(),
-        workers.clone(),
-    ));
-    tracker.spawn(reseal(store.clone(), audit.clone(), ingesting.clone(), workers.clone()));
-    if let Some(schedule) = config.backup.clone() {
-        tracker.spawn(backups(
-            store.clone(),
-            config.clone(),
-            schedule,
-            audit.clone(),
-            workers.clone(),
-        ));
-    }
     let intake = CancellationToken::new();
     tracker.spawn(watcher.run(intake.clone()));
     if let Some(sftp) = crate::sftp::SftpServer::new(live.clone(), store.clone(), alerter.clone(), audit.clone())? {
@@ -366,6 +355,7 @@ pub async fn run(
             store: store.clone(),
             config: live.clone(),
             partners: board.clone(),
+            workers: worker_board.clone(),
         };
         tracing::info!(%addr, "metrics listening (/metrics, /healthz, /readyz)");
         tracker.spawn(exporter.run(listener, workers.clone()));
@@ -439,255 +429,81 @@ pub async fn run(
     }
 }
 
-/// How often the sweeper looks for batches due for anonymisation or deletion.
-const SWEEP_EVERY: Duration = Duration::from_secs(2);
-/// Steps (transactions of at most `store::retention::STEP_CHUNKS` chunks) per look. A look that
-/// used them all is followed by the next one after [`SWEEP_PAUSE`], not [`SWEEP_EVERY`]: a
-/// million expired messages go in seconds, one small transaction at a time.
-const SWEEP_STEPS: u64 = 64;
-const SWEEP_PAUSE: Duration = Duration::from_millis(20);
-/// While a batch is being ingested the sweeper gives way: one step per look, this far apart
-/// (still some 20,000 messages a second, so a steady stream of batches cannot stop retention).
-const SWEEP_YIELD: Duration = Duration::from_millis(200);
-
-/// Applies every tenant's retention (`anonymize_after`, `delete_after`) in small steps, off the
-/// async threads; records when it ran and what it did (for `status`) and puts each sweep that
-/// did something on the audit log.
-async fn sweep(store: Store, live: Live, audit: Audit, ingesting: Arc<AtomicBool>, shutdown: CancellationToken) {
-    use crate::store::retention::Retention;
-    // Read at each look: a reload changes retention from the next one.
-    let policies = || -> Arc<std::collections::HashMap<String, Retention>> {
-        let policies = live
-            .get()
-            .tenants
-            .values()
-            .map(|t| {
-                (
-                    t.id.clone(),
-                    Retention {
-                        anonymize_after: t.anonymize_after.map(|d| d.as_secs() as i64),
-                        delete_after: t.delete_after.as_secs() as i64,
-                    },
-                )
-            })
-            .collect();
-        Arc::new(policies)
-    };
-    if crate::clock::skew() != 0 {
-        tracing::warn!(
-            skew_seconds = crate::clock::skew(),
-            "{} is set: retention runs on a moved clock",
-            crate::clock::SKEW_VAR
-        );
-    }
-    let mut last_mark = 0i64;
-    let mut pause = SWEEP_EVERY;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(pause) => {}
-        }
-        pause = SWEEP_EVERY;
-        let now = crate::clock::now();
-        let policies = policies();
-        let mark = now - last_mark >= 60;
-        let busy = ingesting.clone();
-        let budget = if busy.load(Ordering::Relaxed) { 1 } else { SWEEP_STEPS };
-        let result = store
-            .blocking(move |s| {
-                let swept = s.sweep(&policies, now, budget, &|| busy.load(Ordering::Relaxed))?;
-                if swept.steps > 0 || mark {
-                    s.set_mark(crate::store::Mark::SweepAt, now.max(0) as u64)?;
-                }
-                Ok(swept)
-            })
-            .await;
-        match result {
-            Ok(swept) => {
-                if mark {
-                    last_mark = now;
-                }
-                if swept.steps > 0 && ingesting.load(Ordering::Relaxed) {
-                    pause = SWEEP_YIELD; // more may be due, but a batch is coming in
-                } else if swept.steps >= budget {
-                    pause = SWEEP_PAUSE; // more is due
-                }
-                if swept.steps > 0 {
-                    last_mark = now;
-                    tracing::info!(
-                        anonymized = swept.anonymized_messages,
-                        deleted = swept.deleted_messages,
-                        batches_deleted = swept.deleted_batches,
-                        "retention sweep"
-                    );
-                    audit.record(
-                        Event::new("retention.sweep", "smsdrop")
-                            .detail("anonymized_messages", swept.anonymized_messages)
-                            .detail("deleted_messages", swept.deleted_messages)
-                            .detail("deleted_batches", swept.deleted_batches),
-                    );
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "retention sweep failed; retried at the next look"),
-        }
-    }
-}
-
-/// How often the re-sealer looks for a rotation to follow up.
-const RESEAL_EVERY: Duration = Duration::from_secs(2);
-/// Steps (of `store::reseal::STEP_RECORDS` records) per look while a pass is under way; the
-/// next look follows after [`SWEEP_PAUSE`], or [`SWEEP_YIELD`] with one step while ingesting.
-const RESEAL_STEPS: u64 = 16;
-
-/// After `key rotate`: re-seals every record under the new generations in small steps, giving
-/// way to ingest like the sweeper, and puts each finished pass on the audit log.
-async fn reseal(store: Store, audit: Audit, ingesting: Arc<AtomicBool>, shutdown: CancellationToken) {
-    let state = Arc::new(std::sync::Mutex::new(crate::store::reseal::Resealer::default()));
-    let mut pause = RESEAL_EVERY;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(pause) => {}
-        }
-        let busy = ingesting.clone();
-        let budget = if busy.load(Ordering::Relaxed) { 1 } else { RESEAL_STEPS };
-        let state = state.clone();
-        let result = store
-            .blocking(move |s| {
-                let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
-                s.reseal(&mut state, budget, &|| busy.load(Ordering::Relaxed))
-            })
-            .await;
-        pause = RESEAL_EVERY;
-        match result {
-            Ok(look) if look.finished => {
-                let progress = store.reseal_progress();
-                tracing::info!(
-                    examined = progress.examined,
-                    resealed = progress.resealed,
-                    damaged = progress.damaged,
-                    generations_destroyed = look.dropped,
-                    "re-seal pass over"
-                );
-                audit.record(
-                    Event::new("key.reseal", "smsdrop")
-                        .detail("examined", progress.examined)
-                        .detail("resealed", progress.resealed)
-                        .detail("damaged", progress.damaged)
-                        .detail("generations_destroyed", look.dropped),
-                );
-            }
-            Ok(look) if look.dropped > 0 => {
-                tracing::info!(
-                    generations_destroyed = look.dropped,
-                    "the system's older key generation destroyed"
-                );
-                audit.record(Event::new("key.reseal", "smsdrop").detail("generations_destroyed", look.dropped));
-            }
-            Ok(look) if look.steps >= budget => {
-                pause = if ingesting.load(Ordering::Relaxed) {
-                    SWEEP_YIELD
-                } else {
-                    SWEEP_PAUSE
-                };
-            }
-            Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "re-sealing failed; retried at the next look"),
-        }
-    }
-}
-
-/// Scheduled backups in `dir`, oldest first: (taken at, path).
-fn scheduled_backups(dir: &Path) -> Vec<(i64, std::path::PathBuf)> {
-    let mut out: Vec<(i64, std::path::PathBuf)> = fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            let stamp = name.strip_prefix("smsdrop-")?.strip_suffix(".backup")?;
-            let civil = jiff::fmt::strtime::parse("%Y%m%dT%H%M%SZ", stamp)
-                .ok()?
-                .to_datetime()
-                .ok()?;
-            let at = jiff::tz::TimeZone::UTC.to_timestamp(civil).ok()?.as_second();
-            Some((at, e.path()))
-        })
-        .collect();
-    out.sort();
-    out
-}
-
-/// Takes a backup every `every` into `dir` and keeps the newest `keep`. The first one is due
-/// `every` after the newest already there (at once when there is none); a failed one is tried
-/// again after a tenth of `every` (at most an hour).
-async fn backups(
+/// What the background workers ([`crate::workers`]) work on.
+struct Background {
     store: Store,
-    config: Arc<Config>,
-    schedule: crate::config::BackupSchedule,
+    live: Live,
     audit: Audit,
-    shutdown: CancellationToken,
-) {
-    if let Err(e) = fs::create_dir_all(&schedule.dir) {
-        tracing::error!(dir = %schedule.dir.display(), error = %e, "cannot make the backup folder; no scheduled backups");
-        return;
-    }
-    for e in fs::read_dir(&schedule.dir).into_iter().flatten().flatten() {
-        if e.file_name().to_string_lossy().ends_with(".backup.partial") {
-            let _ = fs::remove_file(e.path()); // cut short by a crash
+    alerts: Alerter,
+    /// Set while a batch is being ingested: the sweeper and the re-sealer give way.
+    ingesting: Arc<AtomicBool>,
+}
+
+impl Background {
+    /// Starts the disk watch, the sweeper, the re-sealer, the scheduled backups (with
+    /// `[backup]`), the mailer and the daily report (with `[email]`), on `board`.
+    fn start(self, tracker: &TaskTracker, board: &Workers, mailer: Option<Mailer>, stop: &CancellationToken) {
+        use crate::workers::{backup, disk, mail, reseal, spawn, sweep};
+        let config = self.live.get();
+        let pace = |every, budget| Pace {
+            every,
+            budget,
+            ingesting: self.ingesting.clone(),
+        };
+        let disk = disk::DiskWatch {
+            config: self.live.clone(),
+            store: self.store.clone(),
+            alerts: self.alerts.clone(),
+        };
+        spawn(tracker, board, disk, stop.clone());
+        if crate::clock::skew() != 0 {
+            tracing::warn!(
+                skew_seconds = crate::clock::skew(),
+                "{} is set: retention runs on a moved clock",
+                crate::clock::SKEW_VAR
+            );
         }
-    }
-    let every = schedule.every.as_secs() as i64;
-    let retry = (every / 10).clamp(10, 3600);
-    let mut next = scheduled_backups(&schedule.dir)
-        .last()
-        .map(|(at, _)| at + every)
-        .unwrap_or(0);
-    loop {
-        let now = jiff::Timestamp::now().as_second();
-        if next > now {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs((next - now) as u64)) => {}
-            }
-            continue;
+        let sweeper = sweep::Sweeper {
+            store: self.store.clone(),
+            config: self.live.clone(),
+            audit: self.audit.clone(),
+            pace: pace(sweep::EVERY, sweep::STEPS),
+            last_mark: 0,
+        };
+        spawn(tracker, board, sweeper, stop.clone());
+        let resealer = reseal::Resealer {
+            store: self.store.clone(),
+            audit: self.audit.clone(),
+            pace: pace(reseal::EVERY, reseal::STEPS),
+            cursor: Default::default(),
+        };
+        spawn(tracker, board, resealer, stop.clone());
+        if let Some(schedule) = config.backup.clone() {
+            let backups = backup::Backups {
+                store: self.store.clone(),
+                config: config.clone(),
+                schedule,
+                audit: self.audit.clone(),
+                next: None,
+            };
+            spawn(tracker, board, backups, stop.clone());
         }
-        let name = jiff::Timestamp::from_second(now)
-            .map(|t| t.strftime("smsdrop-%Y%m%dT%H%M%SZ.backup").to_string())
-            .unwrap_or_else(|_| format!("smsdrop-{now}.backup"));
-        let path = schedule.dir.join(name);
-        let (target, config2) = (path.clone(), config.clone());
-        let result = store
-            .blocking(move |s| s.backup_to_file(&target, &crate::admin::backup_files(&config2), now))
-            .await;
-        let mut event = Event::new("backup.scheduled", "smsdrop").detail("file", path.display());
-        match result {
-            Ok(summary) => {
-                tracing::info!(file = %path.display(), entries = summary.entries, bytes = summary.bytes, "scheduled backup written");
-                event.push("entries", summary.entries);
-                event.push("bytes", summary.bytes);
-                event.push("result", "ok");
-                let _ = store
-                    .blocking(move |s| s.set_mark(crate::store::Mark::BackupAt, now.max(0) as u64))
-                    .await;
-                let all = scheduled_backups(&schedule.dir);
-                for (_, old) in all.iter().take(all.len().saturating_sub(schedule.keep)) {
-                    match fs::remove_file(old) {
-                        Ok(()) => {
-                            tracing::info!(file = %old.display(), "old backup deleted (keep = {})", schedule.keep)
-                        }
-                        Err(e) => tracing::warn!(file = %old.display(), error = %e, "cannot delete an old backup"),
-                    }
-                }
-                next = now + every;
-            }
-            Err(e) => {
-                tracing::error!(file = %path.display(), error = %e, "scheduled backup failed; tried again in {retry} s");
-                event.push("result", "failed");
-                next = now + retry;
+        if let Some(mailer) = mailer {
+            spawn(
+                tracker,
+                board,
+                mail::MailWorker { mailer, started: false },
+                stop.clone(),
+            );
+            if config.email.as_ref().is_some_and(|e| e.daily_report_at.is_some()) {
+                let daily = mail::DailyReport {
+                    store: self.store,
+                    config: self.live,
+                    alerts: self.alerts,
+                };
+                spawn(tracker, board, daily, stop.clone());
             }
         }
-        audit.record(event);
     }
 }
 

@@ -226,7 +226,41 @@ fn scheduled_backups_are_taken_and_pruned() {
             .count()
             >= 4
     });
+    let status = ok(app.cli(&["status"]));
+    let line = |status: &str| -> Vec<String> {
+        let line = status.lines().find(|l| l.starts_with("backups ")).unwrap_or_default();
+        line.split_whitespace().map(str::to_string).collect()
+    };
+    let backups_line = line(&status);
+    assert!(
+        ["idle", "working"].contains(&backups_line[1].as_str()) && backups_line[3] == "0",
+        "the backups worker, without errors: {status}"
+    );
+    assert!(backups_line[2].parse::<u64>().expect("rounds") >= 4, "{status}");
+    for worker in ["disk-watch", "sweeper", "resealer"] {
+        assert!(status.lines().any(|l| l.starts_with(worker)), "{worker}: {status}");
+    }
+
+    // The folder becomes a file: the next backup fails, and status says so until one works.
+    let saved = app.path("backups.saved");
+    std::fs::rename(&dir, &saved).expect("move the folder away");
+    std::fs::write(&dir, b"not a folder").expect("a file in its place");
+    wait_for("a failed scheduled backup", Duration::from_secs(30), || {
+        app.audit()
+            .iter()
+            .any(|e| e["action"] == "backup.scheduled" && e["details"]["result"] == "failed")
+    });
+    let status = ok(app.cli(&["status"]));
+    let failing = line(&status);
+    assert_eq!(failing[1], "backing-off", "{status}");
+    assert_eq!(failing[3], "1", "one failed round: {status}");
+    assert!(
+        status.contains("scheduled backup") && status.contains("Not a directory"),
+        "the last error: {status}"
+    );
     app.stop();
+    std::fs::remove_file(&dir).expect("the file");
+    std::fs::rename(&saved, &dir).expect("the folder back");
     let names = backups();
     assert_eq!(names.len(), 2, "keep = 2: {names:?}");
     assert!(names.iter().all(|n| n.starts_with("smsdrop-2")), "{names:?}");

@@ -97,6 +97,21 @@ fn metrics_follow_an_end_to_end_run() {
     assert!(value(&samples, "smsdrop_store_file_bytes", &[]) > 0.0);
     assert!(value(&samples, "smsdrop_store_used_bytes", &[]) > 0.0);
     assert_eq!(value(&samples, "smsdrop_retention_deleted_messages_total", &[]), 0.0);
+    // The background workers: each in exactly one state, none failing.
+    for worker in ["disk-watch", "sweeper", "resealer"] {
+        let states: f64 = ["working", "idle", "backing-off", "done", "stopped"]
+            .iter()
+            .map(|s| value(&samples, "smsdrop_worker_state", &[("worker", worker), ("state", s)]))
+            .sum();
+        assert_eq!(states, 1.0, "{worker}");
+        let l = [("worker", worker)];
+        assert_eq!(
+            value(&samples, "smsdrop_worker_state", &[l[0], ("state", "backing-off")]),
+            0.0
+        );
+        assert_eq!(value(&samples, "smsdrop_worker_errors_total", &l), 0.0, "{worker}");
+        assert!(value(&samples, "smsdrop_worker_rounds_total", &l) >= 1.0, "{worker}");
+    }
     // Events since start: files and lines by outcome, rejections by reason, refusals.
     let files = |t: &str, o: &str| value(&samples, "smsdrop_files_total", &[("tenant", t), ("outcome", o)]);
     assert_eq!(files("beta", "accepted"), 1.0);

@@ -8,14 +8,12 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use lettre::message::header::ContentType;
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 use super::Alerter;
 use crate::config::{Email, SmtpSecurity};
@@ -62,7 +60,6 @@ enum Sent {
 
 pub struct Mailer {
     store: Store,
-    config: crate::config::Live,
     email: Email,
     transport: AsyncSmtpTransport<Tokio1Executor>,
     alerter: Alerter,
@@ -132,7 +129,6 @@ impl Mailer {
         }
         Ok(Mailer {
             store,
-            config,
             email,
             transport: builder.build(),
             alerter,
@@ -147,36 +143,23 @@ impl Mailer {
         self.store.blocking(f).await
     }
 
-    /// Runs until `shutdown`; a send under way is bounded by the timeout.
-    pub async fn run(self, shutdown: CancellationToken) {
-        let pending = self.blocking(|s| s.pending_mails()).await.unwrap_or(0);
-        if pending > 0 {
-            tracing::info!(mails = pending, "mail queued before the last stop will be sent");
-        }
-        loop {
-            if let Err(e) = self.round().await {
-                tracing::error!(error = %e, "mail queue");
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
-        }
+    /// Mails queued before the last stop (logged once at start).
+    pub async fn pending(&self) -> u64 {
+        self.blocking(|s| s.pending_mails()).await.unwrap_or(0)
     }
 
-    /// Digests whose time has come, then every due mail.
-    async fn round(&self) -> Result<(), StoreError> {
+    /// What wakes the mailer when an alert is queued.
+    pub fn wake(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
+    /// Digests whose time has come, then every due mail; a send is bounded by the timeout.
+    pub async fn round(&self) -> Result<(), StoreError> {
         let now = crate::clock::now();
         let min_interval = self.email.min_interval.as_secs() as i64;
         let alerter = self.alerter.clone();
         self.blocking(move |s| s.flush_digests(now, min_interval, |d| alerter.render_digest(d, now)))
             .await?;
-        if self.email.daily_report_at.is_some() {
-            let (alerter, config) = (self.alerter.clone(), self.config.get());
-            self.blocking(move |s| super::daily::send_due(s, &config, &alerter))
-                .await?;
-        }
         let due = self.blocking(move |s| s.due_mails(now, 50)).await?;
         for (id, mut mail) in due {
             match self.send(&mail).await {

@@ -306,6 +306,14 @@ pub struct Route {
 }
 
 impl Config {
+    /// The files a backup carries beside the store: (name, path).
+    pub fn backup_files(&self) -> Vec<(&'static str, &Path)> {
+        self.sftp
+            .as_ref()
+            .map(|s| vec![("sftp_host_key", s.host_key.as_path())])
+            .unwrap_or_default()
+    }
+
     /// Reads and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let path = &std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());

@@ -2,8 +2,6 @@
 //! [`crate::disk`], raises `disk_low` once per episode, and opens the store again after a write
 //! that failed for want of space latched it ([`Store::recover`]).
 
-use tokio_util::sync::CancellationToken;
-
 use crate::alert::{Alert, AlertKind, Alerter};
 use crate::config::Live;
 use crate::disk::EVERY;
@@ -16,26 +14,24 @@ pub struct DiskWatch {
     pub alerts: Alerter,
 }
 
-impl DiskWatch {
-    pub async fn run(self, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {
-                    self.look();
-                    let store = self.store.clone();
-                    if let Ok(Recovery::Waiting) = tokio::task::spawn_blocking(move || store.recover()).await {
-                        crate::disk::set_store_failed(true);
-                    } else {
-                        crate::disk::set_store_failed(false);
-                    }
-                }
-            }
-        }
+impl super::Worker for DiskWatch {
+    fn name(&self) -> &'static str {
+        "disk-watch"
     }
 
+    async fn work(&mut self) -> Result<super::Next, super::Failed> {
+        self.look();
+        let store = self.store.clone();
+        let waiting = matches!(
+            tokio::task::spawn_blocking(move || store.recover()).await,
+            Ok(Recovery::Waiting)
+        );
+        crate::disk::set_store_failed(waiting);
+        Ok(super::Next::Idle(EVERY))
+    }
+}
+
+impl DiskWatch {
     fn look(&self) {
         let config = self.config.get();
         let min = config.min_free_space;

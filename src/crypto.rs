@@ -1,4 +1,4 @@
-//! Keys and sealing (README: Data at rest): the master key, per-tenant keys, sealed records and keyed hashes.
+//! Keys and sealing (docs/data.md): the master key, per-tenant keys, sealed records and keyed hashes.
 //!
 //! Envelope encryption, as a KMS does it. The master key file holds one or more *versions* of
 //! the master key (`key rotate` adds one). Each tenant has its own random secrets (sealing

@@ -1,4 +1,4 @@
-//! Reply files in a tenant's outbox (README: How a file flows): `<stem>.result.csv`, `<stem>.report.csv` and
+//! Reply files in a tenant's outbox (docs/reply-files.md): `<stem>.result.csv`, `<stem>.report.csv` and
 //! `replies-<UTC timestamp>.csv`.
 //!
 //! Every reply file is written whole under a hidden temporary name in the outbox, synced, and

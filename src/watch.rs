@@ -1,4 +1,4 @@
-//! The way in from folders (README: How a file flows): watches every tenant's inbox, decides when a file is
+//! The way in from folders (docs/pipeline.md, docs/batch-format.md): watches every tenant's inbox, decides when a file is
 //! complete, and claims it by an atomic rename into the spool under `state_dir`.
 //!
 //! A file is complete when no writer has it open (a close-after-write event was seen, or no write

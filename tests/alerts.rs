@@ -139,7 +139,7 @@ fn mail_waits_for_a_late_server_and_survives_a_restart_once() {
     app.drop_file("acme", "late.csv", b"x;y\n1;2\n");
     app.result("acme", "late");
     wait_log(&app, "will retry", Duration::from_secs(20));
-    // The first retry comes 5 s after the first failure, as the README says.
+    // The first retry comes 5 s after the first failure, as docs/operations.md says.
     let log = app.log();
     let first = log.lines().find(|l| l.contains("will retry")).expect("a retry line");
     let plain: String = {

@@ -1,4 +1,4 @@
-//! Sends the mail queue with lettre (README: Configuration `[email]`).
+//! Sends the mail queue with lettre (docs/configuration.md, `[email]`).
 //!
 //! Every send is bounded by `timeout` as a whole (lettre's own timeout covers connecting only, and
 //! a server that accepts and then says nothing would hang it). A 4xx answer, a refused

@@ -40,7 +40,7 @@ fn digest_advice(kind: &str) -> &'static str {
 
 macro_rules! alert_kinds {
     ($($variant:ident => $wire:literal),+ $(,)?) => {
-        /// The kinds of alert, with their wire names (README: Alerts by mail).
+        /// The kinds of alert, with their wire names (docs/operations.md, alerts by mail).
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         pub enum AlertKind { $($variant),+ }
 

@@ -1,4 +1,4 @@
-//! The batch: a CSV file turned into checked messages (README: How a file flows).
+//! The batch: a CSV file turned into checked messages (docs/batch-format.md).
 //!
 //! `parse` reads records, `validate` checks lines (with the domain's rules from [`crate::sms`]:
 //! columns, templates, phone numbers, GSM-7 or UCS-2 and segments), and `file` runs them over a

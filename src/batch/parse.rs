@@ -1,5 +1,5 @@
 //! Reading a batch file: one scan for its fingerprint and encoding, then RFC 4180 records in
-//! bounded chunks (README: How a file flows). Memory does not depend on the file's size.
+//! bounded chunks (docs/batch-format.md). Memory does not depend on the file's size.
 //!
 //! The scan computes the keyed content hash (for `duplicate_file`), checks UTF-8 validity (for
 //! `encoding = "auto"`) and looks for NUL bytes (a binary file is `unreadable`). Records are then

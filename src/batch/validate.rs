@@ -1,4 +1,4 @@
-//! Checking one line against the tenant's rules (README: How a file flows): phone number, text, template,
+//! Checking one line against the tenant's rules (docs/batch-format.md): phone number, text, template,
 //! segments, sender, schedule. Pure and thread-safe, so lines are checked in parallel; the rules
 //! that depend on earlier lines or on the store (`duplicate_recipient`, `blocklisted`) are
 //! applied afterwards, in file order, by the ingest pipeline.

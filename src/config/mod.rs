@@ -1,4 +1,4 @@
-//! The configuration file (README: Configuration), read in two stages.
+//! The configuration file (docs/configuration.md), read in two stages.
 //!
 //! Stage one is a raw `serde` image of the TOML with unknown keys refused; values that need more
 //! than a type check are kept with their byte span. Stage two turns it into [`Config`]: durations
@@ -134,7 +134,7 @@ pub enum LogFormat {
     Json,
 }
 
-/// One customer account (README: Configuration).
+/// One customer account (docs/configuration.md).
 #[derive(Debug)]
 pub struct Tenant {
     pub id: String,
@@ -199,7 +199,7 @@ impl Tenant {
     }
 }
 
-/// How a tenant's files are decoded (README: How a file flows).
+/// How a tenant's files are decoded (docs/batch-format.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EncodingChoice {
     /// UTF-8 (with or without BOM, UTF-16 when a BOM says so), else Windows-1252.
@@ -207,7 +207,7 @@ pub enum EncodingChoice {
     Fixed(&'static encoding_rs::Encoding),
 }
 
-/// A way out to the telecom network (README: Partners).
+/// A way out to the telecom network (docs/partners.md).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Partner {
     /// Writes each message as one JSON line to `path` and marks it delivered.
@@ -1739,6 +1739,77 @@ pub fn is_valid_id(id: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every key the raw image takes, as `table.key` (`tenant.<id>.inbox`), read from the serde
+    /// derives themselves, so a key added to the code is found here.
+    fn keys_in_the_code() -> std::collections::BTreeSet<String> {
+        use serde_aux::serde_introspection::serde_introspect;
+        let tables: [(&str, &[&str]); 9] = [
+            ("admin", serde_introspect::<RawAdmin>()),
+            ("metrics", serde_introspect::<RawMetrics>()),
+            ("backup", serde_introspect::<RawBackup>()),
+            ("sftp", serde_introspect::<RawSftp>()),
+            ("defender", serde_introspect::<RawDefender>()),
+            ("email", serde_introspect::<RawEmail>()),
+            ("tenant.<id>", serde_introspect::<RawTenant>()),
+            ("partner.<id>", serde_introspect::<RawPartner>()),
+            ("route", serde_introspect::<RawRoute>()),
+        ];
+        let mut keys = std::collections::BTreeSet::new();
+        for top in serde_introspect::<RawConfig>() {
+            let table = tables.iter().find(|(t, _)| t.split('.').next() == Some(*top));
+            match table {
+                Some((name, fields)) => keys.extend(fields.iter().map(|f| format!("{name}.{f}"))),
+                None => {
+                    keys.insert(top.to_string());
+                }
+            }
+        }
+        keys
+    }
+
+    /// The keys docs/configuration.md documents: the first cell of each table row, under its
+    /// section (`## Top level`, ``## `[tenant.<id>]` ``, ``## `[[route]]` ``).
+    fn keys_in_the_reference() -> std::collections::BTreeSet<String> {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/configuration.md"))
+            .expect("docs/configuration.md");
+        let mut keys = std::collections::BTreeSet::new();
+        let mut table = None;
+        for line in text.lines() {
+            if let Some(heading) = line.strip_prefix("## ") {
+                table = match heading {
+                    "Top level" => Some(String::new()),
+                    h => h
+                        .strip_prefix("`[")
+                        .and_then(|h| h.strip_suffix("]`"))
+                        .map(|t| t.trim_matches(['[', ']']).to_string()),
+                };
+                continue;
+            }
+            let (Some(table), Some(row)) = (&table, line.strip_prefix("| `")) else {
+                continue;
+            };
+            let key = row.split('`').next().unwrap_or_default();
+            keys.insert(if table.is_empty() {
+                key.to_string()
+            } else {
+                format!("{table}.{key}")
+            });
+        }
+        keys
+    }
+
+    #[test]
+    fn every_key_is_in_the_configuration_reference_and_nothing_else_is() {
+        let (code, docs) = (keys_in_the_code(), keys_in_the_reference());
+        assert!(code.len() > 90, "the introspection found the keys: {code:?}");
+        let undocumented: Vec<&String> = code.difference(&docs).collect();
+        let unknown: Vec<&String> = docs.difference(&code).collect();
+        assert!(
+            undocumented.is_empty() && unknown.is_empty(),
+            "keys the code takes that docs/configuration.md lacks: {undocumented:?}; keys it documents that the code does not take: {unknown:?}"
+        );
+    }
 
     fn parse(src: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("/etc/smsdrop/test.toml"), src)

@@ -1,4 +1,4 @@
-//! The HTTP partner (README: Partners): one JSON request per message, receipts and incoming messages by
+//! The HTTP partner (docs/partners.md): one JSON request per message, receipts and incoming messages by
 //! a signed webhook.
 //!
 //! Request: `POST <url>` with `Content-Type: application/json` (and `Authorization: Bearer …`

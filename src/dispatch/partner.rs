@@ -1,4 +1,4 @@
-//! The interface every way out implements: SMPP and HTTP partners plug in here (README: Partners).
+//! The interface every way out implements: SMPP and HTTP partners plug in here (docs/partners.md).
 
 use std::future::Future;
 use std::pin::Pin;

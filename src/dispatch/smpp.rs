@@ -1,4 +1,4 @@
-//! The SMPP 3.4 partner (README: Partners), on rusmppc.
+//! The SMPP 3.4 partner (docs/partners.md), on rusmppc.
 //!
 //! Each of `binds` connections is kept by its own task: connect (TCP or TLS), bind, answer
 //! `enquire_link`, hand incoming `deliver_sm` to the receipt writer and acknowledge them only

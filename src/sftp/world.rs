@@ -324,7 +324,7 @@ impl russh_sftp::server::Handler for World {
 
     async fn init(&mut self, _version: u32, _extensions: HashMap<String, String>) -> Reply<Version> {
         let mut v = Version::new();
-        // Without it OpenSSH's client writes 32 KiB at a time; with it, 255 KiB (README, SFTP).
+        // Without it OpenSSH's client writes 32 KiB at a time; with it, 255 KiB (docs/sftp.md).
         v.extensions.insert("limits@openssh.com".into(), "1".into());
         Ok(v)
     }

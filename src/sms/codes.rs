@@ -1,4 +1,4 @@
-//! The product's wire vocabulary: line and file reason codes and message statuses (README: How a file flows).
+//! The product's wire vocabulary: line and file reason codes and message statuses (docs/reply-files.md).
 //!
 //! Every code has exactly one wire string, defined here and nowhere else. The enums are what the
 //! rest of the code passes around; the strings are what reply files, logs and the CLI show.
@@ -35,7 +35,7 @@ macro_rules! wire_enum {
 pub(crate) use wire_enum;
 
 wire_enum!(
-    /// Why one line of a batch was rejected (README: How a file flows).
+    /// Why one line of a batch was rejected (docs/reply-files.md).
     LineReason {
         InvalidPhone => "invalid_phone",
         EmptyMessage => "empty_message",
@@ -53,7 +53,7 @@ wire_enum!(
 );
 
 wire_enum!(
-    /// Why a whole batch was rejected; no line of it is queued (README: How a file flows).
+    /// Why a whole batch was rejected; no line of it is queued (docs/reply-files.md).
     FileReason {
         DuplicateFile => "duplicate_file",
         Unreadable => "unreadable",
@@ -66,7 +66,7 @@ wire_enum!(
 );
 
 wire_enum!(
-    /// Where one message stands (README: How a file flows).
+    /// Where one message stands (docs/reply-files.md).
     MessageStatus {
         Queued => "queued",
         Held => "held",
@@ -99,7 +99,7 @@ impl MessageStatus {
 mod tests {
     use super::*;
 
-    /// The wire strings are what ERPs parse: pinned here, written out by hand as the README
+    /// The wire strings are what ERPs parse: pinned here, written out by hand as docs/reply-files.md
     /// documents them, so that a renamed variant or a changed literal fails.
     #[test]
     fn wire_strings_are_the_documented_ones() {

@@ -1,4 +1,4 @@
-//! Column names of a batch file and their aliases (README: How a file flows).
+//! Column names of a batch file and their aliases (docs/batch-format.md).
 
 /// What a column of a batch means.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

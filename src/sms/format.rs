@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-/// How a batch's reply files are written: the same way the batch came in (README: How a file flows).
+/// How a batch's reply files are written: the same way the batch came in (docs/reply-files.md).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplyFormat {
     pub delimiter: u8,

@@ -1,5 +1,5 @@
 //! Incoming messages (MO): what a handset sent back, which tenant it belongs to, and whether it
-//! is an opt-out (README: How a file flows, `replies-*.csv`).
+//! is an opt-out (docs/partners.md, incoming messages; docs/reply-files.md, `replies-*.csv`).
 //!
 //! A partner turns its wire form into a [`Mo`]; the dispatcher turns it into [`MoCandidate`]s
 //! with the configuration (the store cannot see it), and the store picks the tenant inside the

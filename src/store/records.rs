@@ -138,7 +138,7 @@ pub fn decode_batch(plain: &[u8]) -> Result<BatchRecord, postcard::Error> {
     })
 }
 
-/// A file name without its last extension (README: How a file flows `<stem>`).
+/// A file name without its last extension (docs/reply-files.md, `<stem>`).
 pub fn file_stem(file_name: &str) -> &str {
     match file_name.rfind('.') {
         Some(i) if i > 0 => &file_name[..i],
@@ -181,7 +181,7 @@ impl BatchRecord {
         }
     }
 
-    /// The reply files' stem: the file name without its last extension (README: How a file flows), unless
+    /// The reply files' stem: the file name without its last extension (docs/reply-files.md), unless
     /// another batch answers under that one.
     pub fn stem(&self) -> &str {
         self.reply_stem.as_deref().unwrap_or_else(|| file_stem(&self.file_name))

@@ -1,4 +1,4 @@
-//! Retention (README: Configuration `anonymize_after`, `delete_after`): finished batches lose their personal
+//! Retention (docs/data.md; `anonymize_after`, `delete_after` in docs/configuration.md): finished batches lose their personal
 //! data, then leave the store, in small steps.
 //!
 //! A batch is due once it is finished (`done` or `rejected`) and its last change (`updated_at`:

@@ -1,4 +1,4 @@
-//! Partner health: when a partner leaves its routes and when it comes back (README: Partners).
+//! Partner health: when a partner leaves its routes and when it comes back (docs/partners.md).
 //!
 //! A partner measures its own submissions into its [`Meter`] (the SMPP partner times each
 //! `submit_sm` from the moment it goes on the wire, so queueing for the window or the `tps` cap
@@ -105,6 +105,27 @@ crate::sms::codes::wire_enum!(
         Probing => "probing",
     }
 );
+
+/// How a partner stands, for `smsdrop status` and `/metrics` (the health board).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartnerView {
+    pub state: PartnerState,
+    /// Unix seconds of the last move.
+    pub since: i64,
+    /// Why it is down.
+    pub reason: String,
+    pub connected: bool,
+    /// Messages handed to it and not yet recorded, and its window.
+    pub in_flight: usize,
+    pub window: usize,
+    /// Median submit latency and transient failures over its last submissions.
+    pub latency_ms: u64,
+    pub failed: usize,
+    pub samples: usize,
+}
+
+/// Every partner's [`PartnerView`], kept by the dispatcher.
+pub type HealthBoard = std::sync::Arc<std::sync::RwLock<std::collections::BTreeMap<String, PartnerView>>>;
 
 /// A move of a partner in or out of its routes.
 #[derive(Debug, Clone, PartialEq, Eq)]

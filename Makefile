@@ -3,7 +3,7 @@ CARGO   ?= cargo
 DEMO    := etc/smsdrop.demo.toml
 BIN     := target/release/smsdrop
 
-.PHONY: run test test-deps lint bench build deb clean-demo torture fuzz
+.PHONY: run test test-deps lint bench bench-compare build deb clean-demo torture fuzz
 
 build:
 	$(CARGO) build --release --locked
@@ -56,6 +56,10 @@ bench: test-deps
 	$(CARGO) bench --locked --bench sftp
 	$(CARGO) bench --locked --bench dispatch
 	$(CARGO) bench --locked --bench sweep
+
+## An older binary against this one, in turns: make bench-compare OLD=/path/to/old/smsdrop
+bench-compare: build
+	OLD=$(OLD) sh benches/compare.sh
 
 clean-demo:
 	rm -rf var

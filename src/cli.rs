@@ -229,237 +229,241 @@ pub enum BlocklistAction {
 
 /// Runs the parsed command; the process exit code follows the result.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let path = cli.config.as_path();
     match cli.command {
         Command::Generate { dir } => generate(&dir),
-        Command::CheckConfig => {
-            let config = Config::load(&cli.config)?;
-            if !config.routes.iter().any(|r| r.prefix.is_empty()) && !config.tenants.is_empty() {
-                eprintln!("warning: no route with prefix \"\": numbers no route matches will fail");
-            }
-            println!(
-                "{}: ok ({} tenants, {} partners, {} routes)",
-                cli.config.display(),
-                config.tenants.len(),
-                config.partners.len(),
-                config.routes.len()
-            );
-            Ok(())
-        }
-        Command::Keygen { out } => {
-            let path = match out {
-                Some(p) => p,
-                None => Config::load(&cli.config)
-                    .map(|c| c.key_file)
-                    .context("no --out given and the configuration cannot be read for `key_file`")?,
-            };
-            MasterKeys::generate(&path)?;
-            println!(
-                "wrote a new master key to {} (mode 0600): back it up, it opens every record",
-                path.display()
-            );
-            Ok(())
-        }
-        Command::Serve => serve(&cli.config),
-        Command::Reload => {
-            let config = Config::load(&cli.config).context("the running configuration is kept")?;
-            match admin::ask(&config.admin_socket, &Request::Reload)? {
-                Some(out) => {
-                    std::io::stdout().write_all(&out)?;
-                    Ok(())
-                }
-                None => Err(admin::AdminError::NotServing.into()),
-            }
-        }
-        Command::Validate { tenant, file } => {
-            let config = Config::load(&cli.config)?;
+        Command::CheckConfig => check_config(path),
+        Command::Keygen { out } => keygen(path, out),
+        Command::Serve => serve(path),
+        Command::Reload => reload(path),
+        Command::Backup { file } => backup(path, &file),
+        Command::Restore { file } => restore(path, &file),
+        Command::Validate { tenant, file } => send(path, |_| {
             let file = std::fs::canonicalize(&file).with_context(|| format!("{}", file.display()))?;
-            let out = with_store(config, Request::Validate { tenant, path: file })?;
-            std::io::stdout().write_all(&out)?;
-            Ok(())
-        }
-        Command::Status => {
-            let config = Config::load(&cli.config)?;
-            let out = with_store(config, Request::Status)?;
-            std::io::stdout().write_all(&out)?;
-            Ok(())
-        }
-        Command::Batch { action } => {
-            let config = Config::load(&cli.config)?;
-            let request = match action {
-                BatchAction::List { tenant } => Request::BatchList { tenant },
-                BatchAction::Show { id } => Request::BatchShow { id },
-                BatchAction::Release { id } => Request::BatchRelease { id },
-                BatchAction::Cancel { id } => Request::BatchCancel { id },
-            };
-            let out = with_store(config, request)?;
-            std::io::stdout().write_all(&out)?;
-            Ok(())
-        }
-        Command::Blocklist { action } => {
-            let config = Config::load(&cli.config)?;
-            let request = match action {
-                BlocklistAction::Add { list, phone } => Request::BlocklistAdd {
-                    tenant: list.tenant,
-                    phone,
-                },
-                BlocklistAction::Remove { list, phone } => Request::BlocklistRemove {
-                    tenant: list.tenant,
-                    phone,
-                },
-                BlocklistAction::List { list } => Request::BlocklistList { tenant: list.tenant },
-                BlocklistAction::Import { list, file } => Request::BlocklistImport {
-                    tenant: list.tenant,
-                    path: std::fs::canonicalize(&file).with_context(|| format!("{}", file.display()))?,
-                },
-            };
-            let out = with_store(config, request)?;
-            std::io::stdout().write_all(&out)?;
-            Ok(())
-        }
-        Command::Subject { action } => {
-            let config = Config::load(&cli.config)?;
-            let request = match action {
-                SubjectAction::Export { phone, tenant } => Request::SubjectExport { phone, tenant },
-                SubjectAction::Erase { phone, tenant, block } => Request::SubjectErase { phone, tenant, block },
-            };
-            let out = with_store(config, request)?;
-            std::io::stdout().write_all(&out)?;
-            Ok(())
-        }
-        Command::Backup { file } => {
-            let config = Config::load(&cli.config)?;
-            if file.exists() {
-                bail!("{} exists: a backup never overwrites a file", file.display());
-            }
-            let summary = match admin::ask_backup(&config.admin_socket, &file)? {
-                Some(summary) => summary,
-                None => {
-                    let store = offline_store(&config)?;
-                    let now = jiff::Timestamp::now().as_second();
-                    let result = store.backup_to_file(&file, &config.backup_files(), now);
-                    let mut event = crate::audit::Event::new("admin.backup", cli_actor()?);
-                    event.push("result", if result.is_ok() { "ok" } else { "failed" });
-                    if let Ok(s) = &result {
-                        event.push("entries", s.entries);
-                        event.push("bytes", s.bytes);
-                    }
-                    event.record(&crate::audit::Audit::direct(store));
-                    result?
-                }
-            };
-            println!(
-                "backup written to {}: {} batches, {} records, {} bytes (sealed under the master key: keep the key apart)",
-                file.display(),
-                summary.batches,
-                summary.entries,
-                summary.bytes
-            );
-            Ok(())
-        }
-        Command::Restore { file } => {
-            let config = Config::load(&cli.config)?;
-            let keys = Arc::new(crate::crypto::Keyring::in_memory(MasterKeys::load(&config.key_file)?));
-            let input = std::fs::File::open(&file).with_context(|| format!("{}", file.display()))?;
-            let summary = crate::store::backup::restore(input, &config.state_dir, keys, &config.backup_files())
-                .with_context(|| format!("restoring {}", file.display()))?;
-            let store = offline_store(&config)?;
-            let chain = store.audit_verify()?;
-            crate::audit::Event::new("backup.restore", cli_actor()?)
-                .detail("file", file.display())
-                .detail("batches", summary.batches)
-                .detail("entries", summary.entries)
-                .record(&crate::audit::Audit::direct(store));
-            let taken = jiff::Timestamp::from_second(summary.created_at)
-                .map(|t| t.to_string())
-                .unwrap_or_default();
-            println!(
-                "restored {} into {}: backup of {taken}, {} batches, {} records{}",
-                file.display(),
-                config.state_dir.display(),
-                summary.batches,
-                summary.entries,
-                if summary.files.is_empty() {
-                    String::new()
-                } else {
-                    format!(", files: {}", summary.files.join(", "))
-                }
-            );
-            match chain {
-                crate::store::ChainCheck::Intact { entries } => println!("audit log intact: {entries} entries"),
-                crate::store::ChainCheck::Broken { seq, reason } => {
-                    bail!("the restored audit log is broken at entry {seq}: {reason}")
-                }
-            }
-            Ok(())
-        }
-        Command::Key { action } => {
-            let config = Config::load(&cli.config)?;
-            let request = match action {
-                KeyAction::Status => Request::KeyStatus,
-                KeyAction::Rotate => {
-                    let mut masters = MasterKeys::load(&config.key_file)?;
-                    let version = masters.add_version()?;
-                    masters.save(&config.key_file)?;
-                    println!("master key version {version} added to {}", config.key_file.display());
-                    Request::KeyReload {
-                        action: KeyChange::Rotate,
-                        version,
-                        key: Some(KeyFileText::read(&config.key_file)?),
-                    }
-                }
-                KeyAction::Retire { version } => {
-                    // Everything in state_dir under the newest version first, then the old one goes.
-                    with_store(
-                        Config::load(&cli.config)?,
-                        Request::KeyReload {
-                            action: KeyChange::Check,
-                            version,
-                            key: Some(KeyFileText::read(&config.key_file)?),
-                        },
-                    )?;
-                    let mut masters = MasterKeys::load(&config.key_file)?;
-                    masters.retire(version)?;
-                    masters.save(&config.key_file)?;
-                    println!(
-                        "master key version {version} destroyed in {}: backups taken under it no longer open",
-                        config.key_file.display()
-                    );
-                    Request::KeyReload {
-                        action: KeyChange::Retire,
-                        version,
-                        key: Some(KeyFileText::read(&config.key_file)?),
-                    }
-                }
-            };
-            let out = with_store(config, request)?;
-            std::io::stdout().write_all(&out)?;
-            Ok(())
-        }
+            Ok(Request::Validate { tenant, path: file })
+        }),
+        Command::Status => send(path, |_| Ok(Request::Status)),
+        Command::Batch { action } => send(path, |_| Ok(batch_request(action))),
+        Command::Blocklist { action } => send(path, |_| blocklist_request(action)),
+        Command::Subject { action } => send(path, |_| Ok(subject_request(action))),
+        Command::Key { action } => send(path, |config| key_request(path, config, action)),
         Command::Tenant {
             action: TenantAction::Purge { tenant },
-        } => {
-            let config = Config::load(&cli.config)?;
-            let out = with_store(config, Request::TenantPurge { tenant })?;
-            std::io::stdout().write_all(&out)?;
-            Ok(())
-        }
-        Command::Audit { action } => {
-            let config = Config::load(&cli.config)?;
-            let request = match action {
-                AuditAction::Verify => Request::AuditVerify,
-                AuditAction::Export { since, tenant } => Request::AuditExport {
-                    since: since.unwrap_or(i64::MIN),
-                    tenant,
-                },
-            };
-            let out = with_store(config, request)?;
-            std::io::stdout().write_all(&out)?;
-            Ok(())
-        }
+        } => send(path, |_| Ok(Request::TenantPurge { tenant })),
+        Command::Audit { action } => send(path, |_| Ok(audit_request(action))),
     }
 }
 
-/// The store opened by this command, when no `serve` holds it.
+/// Reads the configuration, makes the command's request, runs it (through a running `serve`
+/// or on the store) and prints the answer.
+fn send(path: &Path, request: impl FnOnce(&Config) -> anyhow::Result<Request>) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let request = request(&config)?;
+    let out = with_store(config, request)?;
+    std::io::stdout().write_all(&out)?;
+    Ok(())
+}
+
+/// `smsdrop check-config`.
+fn check_config(path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    if !config.routes.iter().any(|r| r.prefix.is_empty()) && !config.tenants.is_empty() {
+        eprintln!("warning: no route with prefix \"\": numbers no route matches will fail");
+    }
+    println!(
+        "{}: ok ({} tenants, {} partners, {} routes)",
+        path.display(),
+        config.tenants.len(),
+        config.partners.len(),
+        config.routes.len()
+    );
+    Ok(())
+}
+
+/// `smsdrop keygen`: to `--out`, or to the configuration's `key_file`.
+fn keygen(config: &Path, out: Option<PathBuf>) -> anyhow::Result<()> {
+    let path = match out {
+        Some(p) => p,
+        None => Config::load(config)
+            .map(|c| c.key_file)
+            .context("no --out given and the configuration cannot be read for `key_file`")?,
+    };
+    MasterKeys::generate(&path)?;
+    println!(
+        "wrote a new master key to {} (mode 0600): back it up, it opens every record",
+        path.display()
+    );
+    Ok(())
+}
+
+/// `smsdrop reload`: only a running `serve` can.
+fn reload(path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path).context("the running configuration is kept")?;
+    match admin::ask(&config.admin_socket, &Request::Reload)? {
+        Some(out) => {
+            std::io::stdout().write_all(&out)?;
+            Ok(())
+        }
+        None => Err(admin::AdminError::NotServing.into()),
+    }
+}
+
+fn batch_request(action: BatchAction) -> Request {
+    match action {
+        BatchAction::List { tenant } => Request::BatchList { tenant },
+        BatchAction::Show { id } => Request::BatchShow { id },
+        BatchAction::Release { id } => Request::BatchRelease { id },
+        BatchAction::Cancel { id } => Request::BatchCancel { id },
+    }
+}
+
+fn blocklist_request(action: BlocklistAction) -> anyhow::Result<Request> {
+    Ok(match action {
+        BlocklistAction::Add { list, phone } => Request::BlocklistAdd {
+            tenant: list.tenant,
+            phone,
+        },
+        BlocklistAction::Remove { list, phone } => Request::BlocklistRemove {
+            tenant: list.tenant,
+            phone,
+        },
+        BlocklistAction::List { list } => Request::BlocklistList { tenant: list.tenant },
+        BlocklistAction::Import { list, file } => Request::BlocklistImport {
+            tenant: list.tenant,
+            path: std::fs::canonicalize(&file).with_context(|| format!("{}", file.display()))?,
+        },
+    })
+}
+
+fn subject_request(action: SubjectAction) -> Request {
+    match action {
+        SubjectAction::Export { phone, tenant } => Request::SubjectExport { phone, tenant },
+        SubjectAction::Erase { phone, tenant, block } => Request::SubjectErase { phone, tenant, block },
+    }
+}
+
+fn audit_request(action: AuditAction) -> Request {
+    match action {
+        AuditAction::Verify => Request::AuditVerify,
+        AuditAction::Export { since, tenant } => Request::AuditExport {
+            since: since.unwrap_or(i64::MIN),
+            tenant,
+        },
+    }
+}
+
+/// `smsdrop key status|rotate|retire`: the key file changes here (the command runs as the
+/// key's owner), then `serve` (or the store) is told.
+fn key_request(path: &Path, config: &Config, action: KeyAction) -> anyhow::Result<Request> {
+    Ok(match action {
+        KeyAction::Status => Request::KeyStatus,
+        KeyAction::Rotate => {
+            let mut masters = MasterKeys::load(&config.key_file)?;
+            let version = masters.add_version()?;
+            masters.save(&config.key_file)?;
+            println!("master key version {version} added to {}", config.key_file.display());
+            Request::KeyReload {
+                action: KeyChange::Rotate,
+                version,
+                key: Some(KeyFileText::read(&config.key_file)?),
+            }
+        }
+        KeyAction::Retire { version } => {
+            // Everything in state_dir under the newest version first, then the old one goes.
+            with_store(
+                Config::load(path)?,
+                Request::KeyReload {
+                    action: KeyChange::Check,
+                    version,
+                    key: Some(KeyFileText::read(&config.key_file)?),
+                },
+            )?;
+            let mut masters = MasterKeys::load(&config.key_file)?;
+            masters.retire(version)?;
+            masters.save(&config.key_file)?;
+            println!(
+                "master key version {version} destroyed in {}: backups taken under it no longer open",
+                config.key_file.display()
+            );
+            Request::KeyReload {
+                action: KeyChange::Retire,
+                version,
+                key: Some(KeyFileText::read(&config.key_file)?),
+            }
+        }
+    })
+}
+
+/// `smsdrop backup FILE`: streamed by a running `serve`, or taken from the store.
+fn backup(path: &Path, file: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    if file.exists() {
+        bail!("{} exists: a backup never overwrites a file", file.display());
+    }
+    let summary = match admin::ask_backup(&config.admin_socket, file)? {
+        Some(summary) => summary,
+        None => {
+            let store = offline_store(&config)?;
+            let now = jiff::Timestamp::now().as_second();
+            let result = store.backup_to_file(file, &config.backup_files(), now);
+            let mut event = crate::audit::Event::new("admin.backup", cli_actor()?);
+            event.push("result", if result.is_ok() { "ok" } else { "failed" });
+            if let Ok(s) = &result {
+                event.push("entries", s.entries);
+                event.push("bytes", s.bytes);
+            }
+            event.record(&crate::audit::Audit::direct(store));
+            result?
+        }
+    };
+    println!(
+        "backup written to {}: {} batches, {} records, {} bytes (sealed under the master key: keep the key apart)",
+        file.display(),
+        summary.batches,
+        summary.entries,
+        summary.bytes
+    );
+    Ok(())
+}
+
+/// `smsdrop restore FILE`: into an empty `state_dir`, then the audit chain checked.
+fn restore(path: &Path, file: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let keys = Arc::new(crate::crypto::Keyring::in_memory(MasterKeys::load(&config.key_file)?));
+    let input = std::fs::File::open(file).with_context(|| format!("{}", file.display()))?;
+    let summary = crate::store::backup::restore(input, &config.state_dir, keys, &config.backup_files())
+        .with_context(|| format!("restoring {}", file.display()))?;
+    let store = offline_store(&config)?;
+    let chain = store.audit_verify()?;
+    crate::audit::Event::new("backup.restore", cli_actor()?)
+        .detail("file", file.display())
+        .detail("batches", summary.batches)
+        .detail("entries", summary.entries)
+        .record(&crate::audit::Audit::direct(store));
+    let taken = jiff::Timestamp::from_second(summary.created_at)
+        .map(|t| t.to_string())
+        .unwrap_or_default();
+    println!(
+        "restored {} into {}: backup of {taken}, {} batches, {} records{}",
+        file.display(),
+        config.state_dir.display(),
+        summary.batches,
+        summary.entries,
+        if summary.files.is_empty() {
+            String::new()
+        } else {
+            format!(", files: {}", summary.files.join(", "))
+        }
+    );
+    match chain {
+        crate::store::ChainCheck::Intact { entries } => println!("audit log intact: {entries} entries"),
+        crate::store::ChainCheck::Broken { seq, reason } => {
+            bail!("the restored audit log is broken at entry {seq}: {reason}")
+        }
+    }
+    Ok(())
+}
+
 fn offline_store(config: &Config) -> anyhow::Result<crate::store::Store> {
     match server::open_store(config) {
         Ok(s) => Ok(s),

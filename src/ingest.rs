@@ -222,7 +222,7 @@ impl Ingestor<'_> {
         }
         let keys = self.store.keys().tenant(&tenant.id);
         let store = self.store;
-        let window = tenant.dedupe_window.as_secs() as i64;
+        let window = tenant.batch.dedupe_window.as_secs() as i64;
         let seen = move |hash: &[u8; 32]| -> Result<bool, IngestError> {
             Ok(store.seen_file(&tenant.id, hash, now, window)?.is_some())
         };
@@ -238,7 +238,7 @@ impl Ingestor<'_> {
         let mut sink = QueueSink {
             store: self.store,
             batch: &batch,
-            outbox: &tenant.outbox,
+            outbox: &tenant.folders.outbox,
             csv: None,
             current: Vec::with_capacity(CHUNK_MESSAGES as usize),
             pending: Vec::new(),
@@ -270,8 +270,8 @@ impl Ingestor<'_> {
                     .to_zoned_datetime(tenant.timezone.clone())
                     .date()
                     .to_string(),
-                max_per_day: tenant.max_per_day,
-                hold: tenant.hold_above.is_some_and(|limit| summary.accepted > limit),
+                max_per_day: tenant.policy.max_per_day,
+                hold: tenant.policy.hold_above.is_some_and(|limit| summary.accepted > limit),
             };
             match self.store.finish_batch(&mut batch, summary.hash, now, &admission)? {
                 Admitted::OverQuota { used } => {
@@ -279,7 +279,7 @@ impl Ingestor<'_> {
                     let detail = format!(
                         "{} messages would pass max_per_day {} ({used} already queued on {})",
                         summary.accepted,
-                        tenant.max_per_day.unwrap_or(0),
+                        tenant.policy.max_per_day.unwrap_or(0),
                         admission.day
                     );
                     rejection = Some((FileReason::QuotaExceeded, detail));
@@ -290,60 +290,84 @@ impl Ingestor<'_> {
                 }
             }
         }
-        if let Some((reason, detail)) = &rejection {
-            self.store.reject_batch(&mut batch, *reason, now)?;
-            let kind = if *reason == FileReason::QuotaExceeded {
-                AlertKind::QuotaExceeded
-            } else {
-                AlertKind::BatchRejected
-            };
-            self.alerts.raise(
-                Alert::new(
-                    kind,
-                    Some(&tenant.id),
-                    format!("file {file_name} of tenant {} rejected as a whole: {reason}", tenant.id),
-                )
-                .detail("file", file_name)
-                .detail("batch", batch.id)
-                .detail("reason", reason)
-                .detail("detail", detail)
-                .detail("lines read", summary.lines)
-                .action(advice(*reason)),
-            );
-            tracing::warn!(tenant = %tenant.id, batch = batch.id, file = %file_name, reason = %reason, "file rejected: {detail}");
-            Event::new("batch.rejected", "ingest")
-                .tenant(&tenant.id)
-                .detail("batch", batch.id)
-                .detail("file", file_name)
-                .detail("reason", reason)
-                .detail("lines", summary.lines)
-                .record(self.audit);
-            publish_rejection(tenant, &batch)?;
-        } else {
-            self.alert_accepted(tenant, &batch, file_name, admitted == Some(Admitted::Held), now);
-            let state = if admitted == Some(Admitted::Held) {
-                "held"
-            } else {
-                "queued"
-            };
-            tracing::info!(
-                tenant = %tenant.id, batch = batch.id, file = %file_name,
-                lines = summary.lines, queued = summary.accepted, rejected = summary.rejected,
-                reasons = ?summary.reasons.iter().map(|(r, n)| format!("{r}={n}")).collect::<Vec<_>>(),
-                "batch {state}"
-            );
-            Event::new("batch.taken", "ingest")
-                .tenant(&tenant.id)
-                .detail("batch", batch.id)
-                .detail("file", file_name)
-                .detail("state", state)
-                .detail("lines", summary.lines)
-                .detail("accepted", summary.accepted)
-                .detail("rejected", summary.rejected)
-                .record(self.audit);
+        match &rejection {
+            Some((reason, detail)) => {
+                self.rejected(tenant, &mut batch, file_name, (*reason, detail), summary.lines, now)?
+            }
+            None => self.accepted(
+                tenant,
+                &batch,
+                file_name,
+                &summary,
+                admitted == Some(Admitted::Held),
+                now,
+            ),
         }
         finish_claim(self.store, spool, claim);
         Ok(batch)
+    }
+
+    /// A file refused whole: the batch marked, an alert, the log, the audit trail, and its
+    /// one-row result file.
+    fn rejected(
+        &self,
+        tenant: &Tenant,
+        batch: &mut BatchRecord,
+        file_name: &str,
+        (reason, detail): (FileReason, &str),
+        lines: u64,
+        now: i64,
+    ) -> Result<(), IngestError> {
+        self.store.reject_batch(batch, reason, now)?;
+        let kind = if reason == FileReason::QuotaExceeded {
+            AlertKind::QuotaExceeded
+        } else {
+            AlertKind::BatchRejected
+        };
+        self.alerts.raise(
+            Alert::new(
+                kind,
+                Some(&tenant.id),
+                format!("file {file_name} of tenant {} rejected as a whole: {reason}", tenant.id),
+            )
+            .detail("file", file_name)
+            .detail("batch", batch.id)
+            .detail("reason", reason)
+            .detail("detail", detail)
+            .detail("lines read", lines)
+            .action(advice(reason)),
+        );
+        tracing::warn!(tenant = %tenant.id, batch = batch.id, file = %file_name, reason = %reason, "file rejected: {detail}");
+        Event::new("batch.rejected", "ingest")
+            .tenant(&tenant.id)
+            .detail("batch", batch.id)
+            .detail("file", file_name)
+            .detail("reason", reason)
+            .detail("lines", lines)
+            .record(self.audit);
+        publish_rejection(tenant, batch)?;
+        Ok(())
+    }
+
+    /// A batch queued or held: its alerts, the log and the audit trail.
+    fn accepted(&self, tenant: &Tenant, batch: &BatchRecord, file_name: &str, summary: &Summary, held: bool, now: i64) {
+        self.alert_accepted(tenant, batch, file_name, held, now);
+        let state = if held { "held" } else { "queued" };
+        tracing::info!(
+            tenant = %tenant.id, batch = batch.id, file = %file_name,
+            lines = summary.lines, queued = summary.accepted, rejected = summary.rejected,
+            reasons = ?summary.reasons.iter().map(|(r, n)| format!("{r}={n}")).collect::<Vec<_>>(),
+            "batch {state}"
+        );
+        Event::new("batch.taken", "ingest")
+            .tenant(&tenant.id)
+            .detail("batch", batch.id)
+            .detail("file", file_name)
+            .detail("state", state)
+            .detail("lines", summary.lines)
+            .detail("accepted", summary.accepted)
+            .detail("rejected", summary.rejected)
+            .record(self.audit);
     }
 
     /// Alerts about a batch that was queued or held: many rejected lines, held, unusual traffic.
@@ -354,7 +378,9 @@ impl Ingestor<'_> {
             .map(|(r, n)| format!("{r}={n}"))
             .collect::<Vec<_>>()
             .join(", ");
-        if batch.rejected > 0 && batch.rejected * 100 >= u64::from(tenant.alert_rejected_percent) * batch.lines.max(1) {
+        if batch.rejected > 0
+            && batch.rejected * 100 >= u64::from(tenant.alerts.alert_rejected_percent) * batch.lines.max(1)
+        {
             self.alerts.raise(
                 Alert::new(
                     AlertKind::BatchRejected,
@@ -381,7 +407,7 @@ impl Ingestor<'_> {
                 .detail("file", file_name)
                 .detail("batch", batch.id)
                 .detail("messages", batch.accepted)
-                .detail("hold_above", tenant.hold_above.unwrap_or(0))
+                .detail("hold_above", tenant.policy.hold_above.unwrap_or(0))
                 .action(format!(
                     "Nothing is sent until an operator runs `smsdrop batch release {id}`, or `smsdrop batch cancel {id}` to drop it.",
                     id = batch.id
@@ -414,7 +440,7 @@ impl Ingestor<'_> {
                         .action("If this traffic is unexpected, cancel it with `smsdrop batch cancel ID` and check the account; allowed_countries restricts destinations."),
                     );
                 }
-                if traffic.is_volume_anomaly(tenant.anomaly_factor, tenant.anomaly_min_messages) {
+                if traffic.is_volume_anomaly(tenant.alerts.anomaly_factor, tenant.alerts.anomaly_min_messages) {
                     self.alerts.raise(
                         Alert::new(
                             AlertKind::Anomaly,
@@ -428,7 +454,7 @@ impl Ingestor<'_> {
                         )
                         .detail("file", file_name)
                         .detail("batch", batch.id)
-                        .detail("anomaly_factor", tenant.anomaly_factor)
+                        .detail("anomaly_factor", tenant.alerts.anomaly_factor)
                         .action("If this volume is unexpected, cancel the batch with `smsdrop batch cancel ID` and check the account."),
                     );
                 }
@@ -458,9 +484,9 @@ impl Ingestor<'_> {
                 Ok(batch)
             }
             Some(batch) => {
-                let temp = reply::temp_path(&tenant.outbox, &reply::result_name(&batch), claim);
+                let temp = reply::temp_path(&tenant.folders.outbox, &reply::result_name(&batch), claim);
                 if temp.exists() {
-                    reply::publish(&temp, &tenant.outbox.join(reply::result_name(&batch)))
+                    reply::publish(&temp, &tenant.folders.outbox.join(reply::result_name(&batch)))
                         .map_err(IngestError::Reply)?;
                 }
                 tracing::info!(tenant = %tenant.id, batch = batch.id, file = %file_name, "batch was already queued before the stop; result file published");
@@ -474,8 +500,8 @@ impl Ingestor<'_> {
 
 fn publish_rejection(tenant: &Tenant, batch: &BatchRecord) -> Result<(), IngestError> {
     let reason = batch.file_reason.unwrap_or(FileReason::Unreadable);
-    let file =
-        AtomicFile::create(&tenant.outbox, &reply::result_name(batch), &batch.claim).map_err(IngestError::Reply)?;
+    let file = AtomicFile::create(&tenant.folders.outbox, &reply::result_name(batch), &batch.claim)
+        .map_err(IngestError::Reply)?;
     write_file_rejection(file, &batch.format, reason)
         .and_then(AtomicFile::sync)
         .and_then(|p| p.publish())
@@ -520,7 +546,7 @@ mod tests {
         );
         let config = Config::parse(&dir.join("c.toml"), &src).unwrap();
         let tenant = config.tenants["acme"].clone();
-        fs::create_dir_all(&tenant.outbox).unwrap();
+        fs::create_dir_all(&tenant.folders.outbox).unwrap();
         let store = Store::open(
             dir,
             Arc::new(Keyring::open(MasterKeys::load(&key).unwrap(), dir).unwrap()),
@@ -569,7 +595,7 @@ mod tests {
         );
         assert!(!spool.exists());
         assert!(store.claims().unwrap().is_empty());
-        let result = fs::read_to_string(tenant.outbox.join("june.result.csv")).unwrap();
+        let result = fs::read_to_string(tenant.folders.outbox.join("june.result.csv")).unwrap();
         assert_eq!(result.lines().count(), 3);
     }
 
@@ -588,7 +614,7 @@ mod tests {
         store
             .finish_batch(&mut batch, Some([9; 32]), 0, &Admission::default())
             .unwrap();
-        let temp = reply::temp_path(&tenant.outbox, "july.result.csv", "c2");
+        let temp = reply::temp_path(&tenant.folders.outbox, "july.result.csv", "c2");
         fs::write(&temp, "the result written before the crash").unwrap();
 
         let cancel = AtomicBool::new(false);
@@ -602,7 +628,7 @@ mod tests {
         let recovered = ingestor.recover_claim(&tenant, &spool, "c2", "july.csv").unwrap();
         assert_eq!(recovered.id, batch.id, "not queued a second time");
         assert_eq!(store.batches(None).unwrap().len(), 1);
-        let published = fs::read_to_string(tenant.outbox.join("july.result.csv")).unwrap();
+        let published = fs::read_to_string(tenant.folders.outbox.join("july.result.csv")).unwrap();
         assert_eq!(published, "the result written before the crash");
         assert!(!temp.exists() && !spool.exists());
         assert!(store.claims().unwrap().is_empty());

@@ -235,8 +235,8 @@ fn prepare_tenants(
     }
     for t in folders {
         for (dir, mode, what) in [
-            (&t.inbox, 0o770, "inbox"),
-            (&t.outbox, 0o770, "outbox"),
+            (&t.folders.inbox, 0o770, "inbox"),
+            (&t.folders.outbox, 0o770, "outbox"),
             (&crate::paths::spool_dir(state_dir, &t.id), 0o700, "spool"),
         ] {
             crate::paths::make_dir(dir, mode)

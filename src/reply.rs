@@ -304,14 +304,14 @@ pub fn write_replies(store: &Store, tenant: &crate::config::Tenant) -> Result<us
         .map(|t| format!("replies-{}.csv", t.strftime("%Y%m%dT%H%M%S%.3fZ")))
         .unwrap_or_else(|_| format!("replies-{ms}.csv"));
     let format = ReplyFormat {
-        delimiter: tenant.delimiter.unwrap_or(b';'),
-        encoding: match tenant.encoding {
+        delimiter: tenant.batch.delimiter.unwrap_or(b';'),
+        encoding: match tenant.batch.encoding {
             crate::config::EncodingChoice::Fixed(e) => e.name().to_string(),
             crate::config::EncodingChoice::Auto => "UTF-8".into(),
         },
         bom: false,
     };
-    let file = AtomicFile::create(&tenant.outbox, &name, "replies")?;
+    let file = AtomicFile::create(&tenant.folders.outbox, &name, "replies")?;
     let mut csv = ReplyCsv::new(file, &format)?;
     csv.row(REPLIES_HEADER)?;
     for (_, r) in &pending {
@@ -404,7 +404,7 @@ impl ReportWriter {
         let res = tokio::task::spawn_blocking(move || -> Result<(), ReplyError> {
             let Some(batch) = store.batch(id)? else { return Ok(()) };
             let Some(tenant) = config.tenants.get(&batch.tenant) else { return Ok(()) };
-            write_report(&store, &tenant.outbox, &batch)?;
+            write_report(&store, &tenant.folders.outbox, &batch)?;
             store.mark_report_final(id)?;
             tracing::info!(batch = id, tenant = %batch.tenant, file = %report_name(&batch), "final delivery report written");
             Ok(())
@@ -446,12 +446,12 @@ impl ReportWriter {
                 continue;
             };
             let since = last.entry(batch.id).or_insert(now);
-            if now.duration_since(*since) < tenant.report_interval {
+            if now.duration_since(*since) < tenant.replies.report_interval {
                 continue;
             }
             *since = now;
             let store = self.store.clone();
-            let outbox = tenant.outbox.clone();
+            let outbox = tenant.folders.outbox.clone();
             let res = tokio::task::spawn_blocking(move || write_report(&store, &outbox, &batch)).await;
             if let Ok(Err(e)) = res {
                 tracing::warn!(error = %e, "cannot write a delivery report; will retry");

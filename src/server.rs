@@ -1,9 +1,15 @@
-//! `smsdrop serve`: wires the parts together and tears them down in order.
+//! `smsdrop serve`: wiring only. It starts the parts and stops them in order.
 //!
-//! Start: state folders, master key, store, spool recovery, then the workers (ingest, dispatcher,
-//! report writer, admin socket) and last the inbox watcher. Stop (the `shutdown` token): the
-//! watcher stops taking files, the batch being ingested is cut short (it is redone from the spool
-//! at next start), the dispatcher finishes and commits its step, then the store is closed.
+//! Start ([`start`]): the state folders are checked and the store opened, then the admin socket
+//! is bound (so `READY=1` means commands reach this serve). Next come what the last stop left
+//! (spool files, stale claims, cut uploads), the background workers, the ingest worker, the
+//! dispatcher and the report writer. The ways in (the inbox watcher, SFTP) and the exporter
+//! start last. The service says it is serving once the dispatch log is open ([`serving`]).
+//!
+//! Stop ([`Running::stop`]): intake first (no new file is taken), then the batch being ingested
+//! is cut short (it is redone from the spool at next start) and every worker stops (the
+//! dispatcher commits its step). Then the dispatcher's thread ends, the audit writer appends
+//! the last events, and the store closes.
 
 use std::fs;
 use std::io;
@@ -24,7 +30,6 @@ use crate::config::Live;
 use crate::crypto::{KeyError, Keyring, MasterKeys};
 use crate::dispatch::fleet::Fleet;
 use crate::dispatch::{self, Dispatcher};
-use crate::ingest::{IngestError, Ingestor};
 use crate::reload::Reloader;
 use crate::reply::ReportWriter;
 use crate::store::{Store, StoreError};
@@ -155,8 +160,34 @@ pub fn open_store(config: &Config) -> Result<Store, ServeError> {
 pub async fn run(
     config: Arc<Config>,
     shutdown: CancellationToken,
-    mut reloads: mpsc::UnboundedReceiver<()>,
+    reloads: mpsc::UnboundedReceiver<()>,
 ) -> Result<(), ServeError> {
+    let store = prepare(&config).await?;
+    let (audit, audit_writer) = Audit::queued(store.clone());
+    let audit_stop = CancellationToken::new();
+    let audit_task = tokio::spawn(audit_writer.run(audit_stop.clone()));
+    audit.record(Event::new("service.start", "smsdrop").detail("version", env!("CARGO_PKG_VERSION")));
+
+    let (running, log_opened) = start(&config, &store, &audit, reloads).await?;
+    // Serving means the dispatch log is open: without it nothing could be sent.
+    let failure = serving(&config, log_opened, &shutdown).await;
+    shutdown.cancelled().await;
+    running.stop().await;
+    // Last: the audit writer appends what the others recorded on their way out.
+    audit.record(Event::new("service.stop", "smsdrop"));
+    drop(audit);
+    audit_stop.cancel();
+    let _ = audit_task.await;
+    drop(store);
+    tracing::info!("stopped");
+    match failure {
+        Some(e) => Err(ServeError::DispatchLog(e)),
+        None => Ok(()),
+    }
+}
+
+/// The state folders checked, the store opened, every tenant's folders made.
+async fn prepare(config: &Arc<Config>) -> Result<Store, ServeError> {
     make_dir(&config.state_dir, 0o700, "state_dir")?;
     check_state_dir(&config.state_dir, true)?;
     let fds = crate::limits::descriptors();
@@ -174,79 +205,244 @@ pub async fn run(
             .map_err(|e| ServeError::Admin(io::Error::other(e)))??
     };
     for t in config.tenants.values() {
-        make_dir(&t.inbox, 0o770, "inbox")?;
-        make_dir(&t.outbox, 0o770, "outbox")?;
+        make_dir(&t.folders.inbox, 0o770, "inbox")?;
+        make_dir(&t.folders.outbox, 0o770, "outbox")?;
         make_dir(&crate::paths::spool_dir(&config.state_dir, &t.id), 0o700, "spool")?;
     }
+    Ok(store)
+}
 
-    let (audit, audit_writer) = Audit::queued(store.clone());
-    let audit_stop = CancellationToken::new();
-    let audit_task = tokio::spawn(audit_writer.run(audit_stop.clone()));
-    audit.record(Event::new("service.start", "smsdrop").detail("version", env!("CARGO_PKG_VERSION")));
+/// What every part is wired with.
+#[derive(Clone)]
+struct Wiring {
+    store: Store,
+    live: Live,
+    audit: Audit,
+    alerts: Alerter,
+    /// The dispatcher's doorbell.
+    wake: Arc<dispatch::Signal>,
+    /// Partner health, as the dispatcher publishes it.
+    health: dispatch::HealthBoard,
+    /// The background workers' board.
+    workers: Workers,
+    /// Set while a batch is being ingested: the sweeper and the re-sealer give way.
+    ingesting: Arc<AtomicBool>,
+    /// Batches whose final report is due.
+    reports: crate::reply::ReportRequests,
+}
 
-    let tracker = TaskTracker::new();
-    let workers = CancellationToken::new();
-    let cancel_ingest = Arc::new(AtomicBool::new(false));
-    // Set while a batch is being ingested: the sweeper gives way.
-    let ingesting = Arc::new(AtomicBool::new(false));
-    let wake = Arc::new(dispatch::Signal::default());
-    let (claimed_tx, claimed_rx) = mpsc::unbounded_channel::<Claimed>();
-    let (reports_tx, reports_rx) = mpsc::unbounded_channel::<u64>();
-    let board = dispatch::HealthBoard::default();
-    let worker_board = Workers::default();
+/// Everything `serve` started, for an ordered stop.
+struct Running {
+    tracker: TaskTracker,
+    /// Cancelled first: the watcher and the SFTP server take no new file.
+    intake: CancellationToken,
+    /// Cuts the batch being ingested short (it is redone from the spool at next start).
+    cancel_ingest: Arc<AtomicBool>,
+    /// Cancelled next: every worker; the dispatcher finishes and commits its step.
+    workers: CancellationToken,
+    lane: dispatch::Lane,
+}
+
+/// Starts every part, the admin socket first and the ways in last. Returns what to stop, and
+/// whether the dispatch log opened.
+async fn start(
+    config: &Arc<Config>,
+    store: &Store,
+    audit: &Audit,
+    reloads: mpsc::UnboundedReceiver<()>,
+) -> Result<(Running, LogOpened), ServeError> {
+    let running = Running {
+        tracker: TaskTracker::new(),
+        intake: CancellationToken::new(),
+        cancel_ingest: Arc::new(AtomicBool::new(false)),
+        workers: CancellationToken::new(),
+        lane: dispatch::Lane::start().map_err(ServeError::Dispatcher)?,
+    };
+    let (tracker, stop) = (&running.tracker, &running.workers);
     let live = Live::new(config.clone());
+    let mail_wake = Arc::new(tokio::sync::Notify::new());
+    let (reports_tx, reports_rx) = mpsc::unbounded_channel::<u64>();
+    let wiring = Wiring {
+        store: store.clone(),
+        alerts: Alerter::new(store.clone(), live.clone(), mail_wake.clone()),
+        live,
+        audit: audit.clone(),
+        wake: Arc::new(dispatch::Signal::default()),
+        health: dispatch::HealthBoard::default(),
+        workers: Workers::default(),
+        ingesting: Arc::new(AtomicBool::new(false)),
+        reports: reports_tx,
+    };
     let (incoming_tx, incoming_rx) = mpsc::unbounded_channel();
-    let lane = dispatch::Lane::start().map_err(ServeError::Dispatcher)?;
     let fleet = Fleet::start(
         &config.partners,
         incoming_tx,
         tracker.clone(),
-        lane.handle(),
-        workers.clone(),
+        running.lane.handle(),
+        stop.clone(),
     )
     .await?;
     let partners = fleet.subscribe();
     let reloader = Arc::new(Reloader::new(
-        live.clone(),
+        wiring.live.clone(),
         store.clone(),
         audit.clone(),
         fleet,
-        wake.clone(),
+        wiring.wake.clone(),
     ));
+    // Bound before anything else starts: `READY=1` means commands reach this serve.
+    start_admin(config, &wiring, reloader.clone(), tracker, stop)?;
 
-    {
-        let path = config.admin_socket.clone();
-        let ctx = crate::admin::AdminContext {
-            store: store.clone(),
-            live: live.clone(),
-            dispatch: Some(wake.clone()),
-            reports: Some(reports_tx.clone()),
-            audit: audit.clone(),
-            partners: Some(board.clone()),
-            workers: Some(worker_board.clone()),
-            reloader: Some(reloader.clone()),
-        };
-        let stop = workers.clone();
-        // Bound before anything else starts: `READY=1` means commands reach this serve.
-        let listener = crate::admin::bind(&path).map_err(ServeError::Admin)?;
-        tracker.spawn(async move {
-            if let Err(e) = crate::admin::serve(listener, path, Arc::new(ctx), stop).await {
-                tracing::error!(error = %e, "admin socket failed; commands will not reach this serve");
-            }
-        });
-    }
-
+    let (claimed_tx, claimed_rx) = mpsc::unbounded_channel::<Claimed>();
     let watcher = InboxWatcher {
-        config: live.clone(),
+        config: wiring.live.clone(),
         claimed: claimed_tx,
         audit: audit.clone(),
         refused: Default::default(),
     };
+    let recovered = recover_intake(config, store, &watcher);
+    let mailer = match config.email {
+        Some(_) => Some(Mailer::new(
+            store.clone(),
+            wiring.live.clone(),
+            wiring.alerts.clone(),
+            mail_wake,
+        )?),
+        None => None,
+    };
+    wiring.start_background(tracker, mailer, stop);
+    let ingest = crate::workers::ingest::IngestWorker {
+        store: store.clone(),
+        live: wiring.live.clone(),
+        alerts: wiring.alerts.clone(),
+        audit: audit.clone(),
+        wake: wiring.wake.clone(),
+        ingesting: wiring.ingesting.clone(),
+        cancel: running.cancel_ingest.clone(),
+    };
+    ingest.spawn(tracker, claimed_rx, recovered);
+    let first = partners.borrow().clone();
+    let dispatcher = Dispatcher {
+        store: store.clone(),
+        config: config.clone(),
+        live: wiring.live.subscribe(),
+        partners: first,
+        fleet: partners,
+        wake: wiring.wake.clone(),
+        reports: wiring.reports.clone(),
+        incoming: incoming_rx,
+        alerts: wiring.alerts.clone(),
+        board: wiring.health.clone(),
+    };
+    let log_opened = dispatcher.spawn(tracker, &running.lane, stop.clone());
+    let writer = ReportWriter {
+        store: store.clone(),
+        config: wiring.live.clone(),
+    };
+    tracker.spawn(writer.run(reports_rx, stop.clone()));
+    tracker.spawn(watcher.run(running.intake.clone()));
+    if let Some(sftp) =
+        crate::sftp::SftpServer::new(wiring.live.clone(), store.clone(), wiring.alerts.clone(), audit.clone())?
+    {
+        let listener = sftp.bind().await?;
+        tracker.spawn(sftp.run(listener, running.intake.clone()));
+    }
+    start_exporter(config, &wiring, tracker, stop).await?;
+    tracker.spawn(crate::service::watchdog(store.clone(), stop.clone()));
+    tracker.spawn(follow_reloads(reloader, reloads, stop.clone()));
+    tracker.close();
+    Ok((running, log_opened))
+}
+
+impl Running {
+    /// Stops in order: the ways in first, then the batch being ingested and every worker (the
+    /// dispatcher commits its step), then the dispatcher's thread. The store closes after.
+    async fn stop(self) {
+        crate::service::stopping();
+        tracing::info!("stopping: no new files are taken");
+        self.intake.cancel();
+        self.cancel_ingest.store(true, Ordering::Relaxed);
+        self.workers.cancel();
+        if tokio::time::timeout(STOP_DEADLINE, self.tracker.wait()).await.is_err() {
+            tracing::warn!("some workers did not stop in time; what they had not committed is redone at next start");
+        }
+        self.lane.finish();
+    }
+}
+
+/// Whether the dispatch log opened (`Err` with why not).
+type LogOpened = tokio::sync::oneshot::Receiver<Result<(), String>>;
+
+/// Waits until the dispatch log is open, then says `serve` is serving (log and systemd). On a
+/// log that cannot open, cancels `shutdown` and returns why.
+async fn serving(config: &Config, log_opened: LogOpened, shutdown: &CancellationToken) -> Option<String> {
+    let failure = tokio::select! {
+        r = log_opened => match r {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e),
+            Err(_) => Some("the dispatcher stopped before its log opened".to_string()),
+        },
+        _ = shutdown.cancelled() => None,
+    };
+    match &failure {
+        Some(e) => {
+            tracing::error!(error = %e, "not serving: the dispatch log cannot be opened; stopping");
+            shutdown.cancel();
+        }
+        None => {
+            tracing::info!(
+                tenants = config.tenants.len(),
+                partners = config.partners.len(),
+                admin = %config.admin_socket.display(),
+                "smsdrop is serving"
+            );
+            crate::service::ready(&format!(
+                "serving {} tenants through {} partners",
+                config.tenants.len(),
+                config.partners.len()
+            ));
+        }
+    }
+    failure
+}
+
+/// Binds the admin socket and serves it.
+fn start_admin(
+    config: &Config,
+    wiring: &Wiring,
+    reloader: Arc<Reloader>,
+    tracker: &TaskTracker,
+    stop: &CancellationToken,
+) -> Result<(), ServeError> {
+    let path = config.admin_socket.clone();
+    let ctx = crate::admin::AdminContext {
+        store: wiring.store.clone(),
+        live: wiring.live.clone(),
+        dispatch: Some(wiring.wake.clone()),
+        reports: Some(wiring.reports.clone()),
+        audit: wiring.audit.clone(),
+        partners: Some(wiring.health.clone()),
+        workers: Some(wiring.workers.clone()),
+        reloader: Some(reloader),
+    };
+    let listener = crate::admin::bind(&path).map_err(ServeError::Admin)?;
+    let stop = stop.clone();
+    tracker.spawn(async move {
+        if let Err(e) = crate::admin::serve(listener, path, Arc::new(ctx), stop).await {
+            tracing::error!(error = %e, "admin socket failed; commands will not reach this serve");
+        }
+    });
+    Ok(())
+}
+
+/// What the last stop left: files claimed into the spool (returned, to be ingested first),
+/// claims whose file is gone, uploads cut short.
+fn recover_intake(config: &Config, store: &Store, watcher: &InboxWatcher) -> Vec<Claimed> {
     let recovered = watcher.recover();
-    forget_stale_claims(&store, &recovered);
+    crate::workers::ingest::forget_stale_claims(store, &recovered);
     if config.sftp.is_some() {
         for tenant in config.tenants.values() {
-            let removed = crate::sftp::world::remove_stale_uploads(&tenant.inbox);
+            let removed = crate::sftp::world::remove_stale_uploads(&tenant.folders.inbox);
             if removed > 0 {
                 tracing::info!(tenant = %tenant.id, files = removed, "uploads cut short by the last stop removed (never acknowledged)");
             }
@@ -255,195 +451,52 @@ pub async fn run(
     if !recovered.is_empty() {
         tracing::info!(files = recovered.len(), "resuming files claimed before the last stop");
     }
-    let mail_wake = Arc::new(tokio::sync::Notify::new());
-    let alerter = Alerter::new(store.clone(), live.clone(), mail_wake.clone());
-    let mailer = match config.email {
-        Some(_) => Some(Mailer::new(
-            store.clone(),
-            live.clone(),
-            alerter.clone(),
-            mail_wake.clone(),
-        )?),
-        None => None,
-    };
-    let background = Background {
-        store: store.clone(),
-        live: live.clone(),
-        audit: audit.clone(),
-        alerts: alerter.clone(),
-        ingesting: ingesting.clone(),
-    };
-    background.start(&tracker, &worker_board, mailer, &workers);
-    // The ingest worker: one batch at a time, on a blocking thread.
-    {
-        let (store, live, cancel, wake) = (store.clone(), live.clone(), cancel_ingest.clone(), wake.clone());
-        let busy = ingesting.clone();
-        let alerter = alerter.clone();
-        let audit = audit.clone();
-        let mut claimed_rx = claimed_rx;
-        tracker.spawn_blocking(move || {
-            let ingestor = Ingestor {
-                store: &store,
-                cancel: &cancel,
-                alerts: &alerter,
-                audit: &audit,
-            };
-            let mut queue: std::collections::VecDeque<Claimed> = recovered.into();
-            let mut later = Retries::default();
-            let runtime = tokio::runtime::Handle::current();
-            loop {
-                let next = match queue.pop_front().or_else(|| later.due()) {
-                    Some(c) => c,
-                    None => {
-                        let wait = later.wait();
-                        match runtime.block_on(tokio::time::timeout(wait, claimed_rx.recv())) {
-                            Ok(Some(c)) => c,
-                            Ok(None) => break,
-                            Err(_) => continue, // a retry is due
-                        }
-                    }
-                };
-                if cancel.load(Ordering::Relaxed) {
-                    break;
-                }
-                busy.store(true, Ordering::Relaxed);
-                let failed = !ingest_one(&ingestor, &live.get(), &next);
-                busy.store(false, Ordering::Relaxed);
-                if failed {
-                    later.push(next);
-                } else {
-                    later.done(&next.claim);
-                }
-                wake.poke();
-            }
-        });
-    }
-    let log_opened = {
-        let first = partners.borrow().clone();
-        let dispatcher = Dispatcher {
-            store: store.clone(),
-            config: config.clone(),
-            live: live.subscribe(),
-            partners: first,
-            fleet: partners,
-            wake: wake.clone(),
-            reports: reports_tx,
-            incoming: incoming_rx,
-            alerts: alerter.clone(),
-            board: board.clone(),
-        };
-        Some(dispatcher.spawn(&tracker, &lane, workers.clone()))
-    };
-    {
-        let writer = ReportWriter {
-            store: store.clone(),
-            config: live.clone(),
-        };
-        tracker.spawn(writer.run(reports_rx, workers.clone()));
-    }
-    let intake = CancellationToken::new();
-    tracker.spawn(watcher.run(intake.clone()));
-    if let Some(sftp) = crate::sftp::SftpServer::new(live.clone(), store.clone(), alerter.clone(), audit.clone())? {
-        let listener = sftp.bind().await?;
-        tracker.spawn(sftp.run(listener, intake.clone()));
-    }
-    if let Some(addr) = config.metrics_listen {
-        let listener = crate::exporter::Exporter::bind(addr)
-            .await
-            .map_err(|source| ServeError::Metrics { addr, cause: source })?;
-        let exporter = crate::exporter::Exporter {
-            store: store.clone(),
-            config: live.clone(),
-            partners: board.clone(),
-            workers: worker_board.clone(),
-        };
-        tracing::info!(%addr, "metrics listening (/metrics, /healthz, /readyz)");
-        tracker.spawn(exporter.run(listener, workers.clone()));
-    }
-    tracker.spawn(crate::service::watchdog(store.clone(), workers.clone()));
-    {
-        let stop = workers.clone();
-        tracker.spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    got = reloads.recv() => if got.is_none() { return },
-                }
-                crate::service::reloading();
-                let _ = reloader.reload("SIGHUP").await;
-                crate::service::ready("serving");
-            }
-        });
-    }
-    tracker.close();
-    // Serving means the dispatch log is open: without it nothing could be sent.
-    let failure = match log_opened {
-        Some(opened) => tokio::select! {
-            r = opened => match r {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e),
-                Err(_) => Some("the dispatcher stopped before its log opened".to_string()),
-            },
-            _ = shutdown.cancelled() => None,
-        },
-        None => None,
-    };
-    if let Some(e) = &failure {
-        tracing::error!(error = %e, "not serving: the dispatch log cannot be opened; stopping");
-        shutdown.cancel();
-    }
-    if failure.is_none() {
-        tracing::info!(
-            tenants = config.tenants.len(),
-            partners = config.partners.len(),
-            admin = %config.admin_socket.display(),
-            "smsdrop is serving"
-        );
-        crate::service::ready(&format!(
-            "serving {} tenants through {} partners",
-            config.tenants.len(),
-            config.partners.len()
-        ));
-    }
+    recovered
+}
 
-    shutdown.cancelled().await;
-    crate::service::stopping();
-    tracing::info!("stopping: no new files are taken");
-    intake.cancel();
-    cancel_ingest.store(true, Ordering::Relaxed);
-    workers.cancel();
-    if tokio::time::timeout(STOP_DEADLINE, tracker.wait()).await.is_err() {
-        tracing::warn!("some workers did not stop in time; what they had not committed is redone at next start");
-    }
-    lane.finish();
-    // Last: the audit writer appends what the others recorded on their way out.
-    audit.record(Event::new("service.stop", "smsdrop"));
-    drop(audit);
-    audit_stop.cancel();
-    let _ = audit_task.await;
-    drop(store);
-    tracing::info!("stopped");
-    match failure {
-        Some(e) => Err(ServeError::DispatchLog(e)),
-        None => Ok(()),
+/// `[metrics] listen`: the exporter.
+async fn start_exporter(
+    config: &Config,
+    wiring: &Wiring,
+    tracker: &TaskTracker,
+    stop: &CancellationToken,
+) -> Result<(), ServeError> {
+    let Some(addr) = config.metrics_listen else {
+        return Ok(());
+    };
+    let listener = crate::exporter::Exporter::bind(addr)
+        .await
+        .map_err(|source| ServeError::Metrics { addr, cause: source })?;
+    let exporter = crate::exporter::Exporter {
+        store: wiring.store.clone(),
+        config: wiring.live.clone(),
+        partners: wiring.health.clone(),
+        workers: wiring.workers.clone(),
+    };
+    tracing::info!(%addr, "metrics listening (/metrics, /healthz, /readyz)");
+    tracker.spawn(exporter.run(listener, stop.clone()));
+    Ok(())
+}
+
+/// SIGHUP: reads the configuration again, telling systemd while it does.
+async fn follow_reloads(reloader: Arc<Reloader>, mut reloads: mpsc::UnboundedReceiver<()>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            got = reloads.recv() => if got.is_none() { return },
+        }
+        crate::service::reloading();
+        let _ = reloader.reload("SIGHUP").await;
+        crate::service::ready("serving");
     }
 }
 
-/// What the background workers ([`crate::workers`]) work on.
-struct Background {
-    store: Store,
-    live: Live,
-    audit: Audit,
-    alerts: Alerter,
-    /// Set while a batch is being ingested: the sweeper and the re-sealer give way.
-    ingesting: Arc<AtomicBool>,
-}
-
-impl Background {
+impl Wiring {
     /// Starts the disk watch, the sweeper, the re-sealer, the scheduled backups (with
     /// `[backup]`), the mailer and the daily report (with `[email]`), on `board`.
-    fn start(self, tracker: &TaskTracker, board: &Workers, mailer: Option<Mailer>, stop: &CancellationToken) {
+    fn start_background(&self, tracker: &TaskTracker, mailer: Option<Mailer>, stop: &CancellationToken) {
         use crate::workers::{backup, disk, mail, reseal, spawn, sweep};
+        let board = &self.workers;
         let config = self.live.get();
         let pace = |every, budget| Pace {
             every,
@@ -497,145 +550,12 @@ impl Background {
             );
             if config.email.as_ref().is_some_and(|e| e.daily_report_at.is_some()) {
                 let daily = mail::DailyReport {
-                    store: self.store,
-                    config: self.live,
-                    alerts: self.alerts,
+                    store: self.store.clone(),
+                    config: self.live.clone(),
+                    alerts: self.alerts.clone(),
                 };
                 spawn(tracker, board, daily, stop.clone());
             }
         }
-    }
-}
-
-/// Claims whose spool file is gone: the batch finished (or a partial one was abandoned by hand).
-fn forget_stale_claims(store: &Store, recovered: &[Claimed]) {
-    let Ok(claims) = store.claims() else { return };
-    for claim in claims.iter().filter(|c| !recovered.iter().any(|r| &r.claim == *c)) {
-        let result = store.batch_by_claim(claim).and_then(|batch| match batch {
-            Some(b) if b.state == crate::store::records::BatchState::Ingesting => store.discard_batch(&b),
-            _ => store.forget_claim(claim),
-        });
-        if let Err(e) = result {
-            tracing::warn!(claim = %claim, error = %e, "cannot forget a stale claim");
-        }
-    }
-}
-
-/// Spool files whose ingest failed (the store or the outbox could not be written: a full disk,
-/// say), taken again later, each after 5 s, then twice as long each time up to a minute. Taken
-/// again as after a crash: a batch cut short is discarded, a committed one only published.
-#[derive(Default)]
-struct Retries {
-    waiting: Vec<(tokio::time::Instant, Claimed)>,
-    delays: std::collections::HashMap<String, Duration>,
-}
-
-impl Retries {
-    const FIRST: Duration = Duration::from_secs(5);
-    const MAX: Duration = Duration::from_secs(60);
-
-    fn push(&mut self, mut claimed: Claimed) {
-        let delay = self.delays.entry(claimed.claim.clone()).or_insert(Self::FIRST / 2);
-        *delay = (*delay * 2).min(Self::MAX);
-        tracing::warn!(
-            tenant = %claimed.tenant, file = %claimed.file_name,
-            "the file stays in the spool and is taken again in {} s", delay.as_secs()
-        );
-        claimed.recovered = true;
-        self.waiting.push((tokio::time::Instant::now() + *delay, claimed));
-    }
-
-    fn done(&mut self, claim: &str) {
-        self.delays.remove(claim);
-    }
-
-    /// The first retry that is due, if any.
-    fn due(&mut self) -> Option<Claimed> {
-        let now = tokio::time::Instant::now();
-        let i = self.waiting.iter().position(|(at, _)| *at <= now)?;
-        Some(self.waiting.swap_remove(i).1)
-    }
-
-    /// How long until the next retry is due (a long nap when none waits).
-    fn wait(&self) -> Duration {
-        let now = tokio::time::Instant::now();
-        self.waiting
-            .iter()
-            .map(|(at, _)| at.saturating_duration_since(now))
-            .min()
-            .unwrap_or(Duration::from_secs(3600))
-    }
-}
-
-/// Ingests one claimed file; `false` when it failed and should be taken again later.
-fn ingest_one(ingestor: &Ingestor<'_>, config: &Config, claimed: &Claimed) -> bool {
-    let Some(tenant) = config.tenants.get(&claimed.tenant) else {
-        tracing::error!(tenant = %claimed.tenant, file = %claimed.file_name, "spool file of a tenant no longer configured; left in place");
-        return true;
-    };
-    let result = if claimed.recovered {
-        ingestor.recover_claim(tenant, &claimed.spool, &claimed.claim, &claimed.file_name)
-    } else {
-        ingestor.ingest_claimed(tenant, &claimed.spool, &claimed.claim, &claimed.file_name)
-    };
-    match result {
-        Ok(batch) => crate::metrics::events().batch(&crate::metrics::BatchCounts {
-            tenant: &batch.tenant,
-            file_reason: batch.file_reason,
-            accepted: batch.accepted,
-            rejected: batch.rejected,
-            reasons: &batch.reasons,
-        }),
-        Err(IngestError::Cancelled) => {
-            tracing::info!(tenant = %tenant.id, file = %claimed.file_name, "ingest cut short by shutdown; resumed at next start")
-        }
-        Err(e) => {
-            tracing::error!(tenant = %tenant.id, file = %claimed.file_name, error = %e, "cannot ingest the file");
-            return false;
-        }
-    }
-    true
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn claimed(claim: &str) -> Claimed {
-        Claimed {
-            tenant: "acme".into(),
-            spool: std::path::PathBuf::from("/nonexistent"),
-            claim: claim.into(),
-            file_name: "june.csv".into(),
-            recovered: false,
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_failed_file_is_retried_after_5_s_then_twice_as_long_up_to_a_minute() {
-        let mut retries = Retries::default();
-        let mut waits = Vec::new();
-        for _ in 0..6 {
-            retries.push(claimed("c1"));
-            let wait = retries.wait();
-            waits.push(wait.as_secs());
-            tokio::time::advance(wait - Duration::from_millis(1)).await;
-            assert!(retries.due().is_none(), "not due a millisecond early");
-            tokio::time::advance(Duration::from_millis(1)).await;
-            let due = retries.due().expect("due on time");
-            assert!(due.recovered, "a retry is taken as after a crash");
-        }
-        assert_eq!(waits, [5, 10, 20, 40, 60, 60]);
-        // Once the file went through, its next failure starts again at 5 s; others keep theirs.
-        retries.push(claimed("c2"));
-        retries.done("c1");
-        retries.push(claimed("c1"));
-        assert_eq!(retries.wait(), Duration::from_secs(5));
-        assert_eq!(retries.waiting.len(), 2);
-        assert_eq!(
-            Retries::default().wait(),
-            Duration::from_secs(3600),
-            "a long nap when none waits"
-        );
     }
 }

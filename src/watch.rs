@@ -133,7 +133,7 @@ fn claim(path: &Path, tenant: &Tenant, spool: &Path) -> io::Result<Claimed> {
         Err(e) => return Err(e),
     }
     fs::File::open(spool)?.sync_all()?;
-    if tenant.require_trigger {
+    if tenant.folders.require_trigger {
         let _ = fs::remove_file(trigger_path(path));
     }
     Ok(Claimed {
@@ -194,7 +194,7 @@ impl InboxWatcher {
         for tenant in config.tenants.values() {
             let dir = crate::paths::spool_dir(&config.state_dir, &tenant.id);
             // Half-finished copies from another file system are done again from the inbox copy.
-            if let Ok(entries) = fs::read_dir(&tenant.inbox) {
+            if let Ok(entries) = fs::read_dir(&tenant.folders.inbox) {
                 for e in entries.flatten() {
                     let name = e.file_name().to_string_lossy().into_owned();
                     if let Some(spooled) = name.strip_prefix(".smsdrop-claim-") {
@@ -283,10 +283,10 @@ impl InboxWatcher {
     ) {
         let config = self.config.get();
         by_dir.clear();
-        let wanted: HashSet<PathBuf> = config.tenants.values().map(|t| t.inbox.clone()).collect();
+        let wanted: HashSet<PathBuf> = config.tenants.values().map(|t| t.folders.inbox.clone()).collect();
         for t in config.tenants.values() {
-            by_dir.insert(t.inbox.clone(), t.id.clone());
-            if let Ok(real) = fs::canonicalize(&t.inbox) {
+            by_dir.insert(t.folders.inbox.clone(), t.id.clone());
+            if let Ok(real) = fs::canonicalize(&t.folders.inbox) {
                 by_dir.insert(real, t.id.clone());
             }
         }
@@ -296,15 +296,15 @@ impl InboxWatcher {
         }
         watched.retain(|d| wanted.contains(d));
         for t in config.tenants.values() {
-            if watched.contains(&t.inbox) {
+            if watched.contains(&t.folders.inbox) {
                 continue;
             }
-            match w.watch(&t.inbox, RecursiveMode::NonRecursive) {
+            match w.watch(&t.folders.inbox, RecursiveMode::NonRecursive) {
                 Ok(()) => {
-                    watched.insert(t.inbox.clone());
+                    watched.insert(t.folders.inbox.clone());
                 }
                 Err(e) => {
-                    tracing::warn!(tenant = %t.id, inbox = %t.inbox.display(), error = %e, "cannot watch the inbox; relying on the periodic rescan")
+                    tracing::warn!(tenant = %t.id, inbox = %t.folders.inbox.display(), error = %e, "cannot watch the inbox; relying on the periodic rescan")
                 }
             }
         }
@@ -415,10 +415,10 @@ impl InboxWatcher {
             refused.retain(|p, _| fs::symlink_metadata(p).is_ok());
         }
         for t in self.config.get().tenants.values() {
-            let entries = match fs::read_dir(&t.inbox) {
+            let entries = match fs::read_dir(&t.folders.inbox) {
                 Ok(e) => e,
                 Err(e) => {
-                    tracing::warn!(tenant = %t.id, inbox = %t.inbox.display(), error = %e, "cannot list the inbox");
+                    tracing::warn!(tenant = %t.id, inbox = %t.folders.inbox.display(), error = %e, "cannot list the inbox");
                     continue;
                 }
             };
@@ -451,7 +451,7 @@ impl InboxWatcher {
                         &meta,
                         *owners
                             .entry(tenant.id.as_str())
-                            .or_insert_with(|| fs::metadata(&tenant.inbox).ok().map(|m| m.uid())),
+                            .or_insert_with(|| fs::metadata(&tenant.folders.inbox).ok().map(|m| m.uid())),
                     )
                     .is_some() =>
                 {
@@ -472,11 +472,11 @@ impl InboxWatcher {
                 }
             }
             let quiet = now.duration_since(c.changed_at);
-            let complete = if tenant.require_trigger {
+            let complete = if tenant.folders.require_trigger {
                 trigger_path(path).exists()
             } else {
-                quiet >= tenant.settle
-                    && (!c.writing || quiet >= tenant.settle.max(Duration::from_secs(3)) * QUIET_FACTOR)
+                quiet >= tenant.folders.settle
+                    && (!c.writing || quiet >= tenant.folders.settle.max(Duration::from_secs(3)) * QUIET_FACTOR)
             };
             if complete {
                 ready.push((path.clone(), Some(tenant.clone())));

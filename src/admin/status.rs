@@ -49,6 +49,42 @@ fn text(
     workers: Option<&crate::workers::Workers>,
 ) -> Result<String, StoreError> {
     let mut out = String::new();
+    partners_text(&mut out, partners);
+    out.push('\n');
+    workers_text(&mut out, workers);
+    out.push('\n');
+    sftp_text(&mut out, store, config);
+    tenants_text(&mut out, store, config)?;
+    let (anonymized, deleted, deleted_batches, at) = store.sweep_totals()?;
+    let when = at
+        .and_then(|t| jiff::Timestamp::from_second(t as i64).ok())
+        .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .unwrap_or_else(|| "never".into());
+    let _ = writeln!(
+        out,
+        "\nretention: last sweep {when}; since the store was made {deleted} messages deleted ({deleted_batches} batches), {anonymized} anonymised"
+    );
+    let reseal = store.reseal_progress();
+    if reseal.running || store.keys().has_old_generations() {
+        let _ = writeln!(
+            out,
+            "keys: re-sealing after a rotation, {} records looked at, {} re-sealed (smsdrop key status)",
+            reseal.examined, reseal.resealed
+        );
+    }
+    let (file, used) = store.space(&config.state_dir)?;
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    let _ = writeln!(
+        out,
+        "store: {:.1} MiB on disk, {:.1} MiB in use (pages freed by deletion are reused; the file does not shrink)",
+        mib(file),
+        mib(used)
+    );
+    Ok(out)
+}
+
+/// Partner health, as the running dispatcher sees it.
+fn partners_text(out: &mut String, partners: Option<&crate::dispatch::HealthBoard>) {
     match partners.and_then(|b| b.read().ok().map(|b| b.clone())) {
         Some(board) => {
             let _ = writeln!(
@@ -80,10 +116,10 @@ fn text(
             let _ = writeln!(out, "partners: health is known only while `smsdrop serve` runs");
         }
     }
-    out.push('\n');
-    workers_text(&mut out, workers);
-    out.push('\n');
-    let statuses = MessageStatus::ALL;
+}
+
+/// The SFTP server's address and host key, and the bans in force.
+fn sftp_text(out: &mut String, store: &Store, config: &Config) {
     if let Some(sftp) = &config.sftp {
         let key = russh::keys::load_secret_key(&sftp.host_key, None)
             .map(|k| crate::sftp::fingerprint(k.public_key()))
@@ -101,6 +137,11 @@ fn text(
         }
         out.push('\n');
     }
+}
+
+/// Batches and messages by tenant and status.
+fn tenants_text(out: &mut String, store: &Store, config: &Config) -> Result<(), StoreError> {
+    let statuses = MessageStatus::ALL;
     let _ = writeln!(
         out,
         "{:<16} {:>8} {:>8}{}",
@@ -139,30 +180,5 @@ fn text(
         }
         out.push('\n');
     }
-    let (anonymized, deleted, deleted_batches, at) = store.sweep_totals()?;
-    let when = at
-        .and_then(|t| jiff::Timestamp::from_second(t as i64).ok())
-        .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
-        .unwrap_or_else(|| "never".into());
-    let _ = writeln!(
-        out,
-        "\nretention: last sweep {when}; since the store was made {deleted} messages deleted ({deleted_batches} batches), {anonymized} anonymised"
-    );
-    let reseal = store.reseal_progress();
-    if reseal.running || store.keys().has_old_generations() {
-        let _ = writeln!(
-            out,
-            "keys: re-sealing after a rotation, {} records looked at, {} re-sealed (smsdrop key status)",
-            reseal.examined, reseal.resealed
-        );
-    }
-    let (file, used) = store.space(&config.state_dir)?;
-    let mib = |b: u64| b as f64 / f64::from(1 << 20);
-    let _ = writeln!(
-        out,
-        "store: {:.1} MiB on disk, {:.1} MiB in use (pages freed by deletion are reused; the file does not shrink)",
-        mib(file),
-        mib(used)
-    );
-    Ok(out)
+    Ok(())
 }

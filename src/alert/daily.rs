@@ -167,7 +167,7 @@ pub fn send_due(store: &Store, config: &Config, alerter: &Alerter) -> Result<usi
             "[smsdrop] daily_report: tenant {}, {} files, {} messages",
             tenant.id, totals.files, totals.lines_accepted
         );
-        for to in &tenant.alert_to {
+        for to in &tenant.alerts.alert_to {
             queue_report(store, &to.to_string(), &subject, &body, now_s)?;
             queued += 1;
         }

@@ -139,7 +139,7 @@ impl Alerter {
         }
         if let Some(t) = alert.tenant.as_ref().and_then(|t| config.tenants.get(t)) {
             if !matches!(alert.kind, AlertKind::PartnerDown | AlertKind::PartnerUp) {
-                to.extend(t.alert_to.iter().map(|m| m.to_string()));
+                to.extend(t.alerts.alert_to.iter().map(|m| m.to_string()));
             }
         }
         to

@@ -14,6 +14,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::sync_channel;
 
+use encoding_rs::Encoding;
 use nohash_hasher::BuildNoHashHasher;
 use rayon::prelude::*;
 
@@ -74,6 +75,9 @@ fn reject<E>(summary: &mut Summary, reason: FileReason, detail: impl Into<String
     Ok(std::mem::take(summary))
 }
 
+/// A file refused whole: its reason, and a detail for the log.
+type Refusal = (FileReason, String);
+
 /// Reads, checks and hands on every line of the file at `path`.
 pub fn process<S: LineSink>(
     path: &Path,
@@ -83,7 +87,7 @@ pub fn process<S: LineSink>(
     let tenant = ctx.tenant;
     let mut summary = Summary {
         format: ReplyFormat {
-            delimiter: tenant.delimiter.unwrap_or(b';'),
+            delimiter: tenant.batch.delimiter.unwrap_or(b';'),
             ..ReplyFormat::default()
         },
         ..Summary::default()
@@ -92,11 +96,11 @@ pub fn process<S: LineSink>(
         Ok(m) => m.len(),
         Err(e) => return reject(&mut summary, FileReason::Unreadable, e.to_string()),
     };
-    if size > tenant.max_file_bytes {
+    if size > tenant.batch.max_file_bytes {
         return reject(
             &mut summary,
             FileReason::TooLarge,
-            format!("{size} bytes, more than max_file_bytes {}", tenant.max_file_bytes),
+            format!("{size} bytes, more than max_file_bytes {}", tenant.batch.max_file_bytes),
         );
     }
     let scan = match parse::scan(path, ctx.keys.file_hasher()) {
@@ -104,7 +108,7 @@ pub fn process<S: LineSink>(
         Err(e) => return reject(&mut summary, FileReason::Unreadable, e.to_string()),
     };
     summary.hash = Some(scan.hash);
-    let encoding = parse::choose_encoding(tenant.encoding, &scan);
+    let encoding = parse::choose_encoding(tenant.batch.encoding, &scan);
     summary.format.encoding = encoding.name().to_string();
     summary.format.bom = scan.bom.is_some();
     if scan.size == 0 {
@@ -124,62 +128,15 @@ pub fn process<S: LineSink>(
             "same content as a batch taken within dedupe_window",
         );
     }
-    let mut records = match Records::open(path, encoding, tenant.delimiter) {
+    let mut records = match Records::open(path, encoding, tenant.batch.delimiter) {
         Ok(r) => r,
         Err(e) => return reject(&mut summary, FileReason::Unreadable, e.to_string()),
     };
     summary.format.delimiter = records.delimiter;
-
-    let columns = match &tenant.columns {
-        Some(cols) => ColumnMap::new(cols),
-        None => {
-            let header = match records.next_record() {
-                Ok(Some(h)) => h,
-                Ok(None) => return reject(&mut summary, FileReason::Unreadable, "no header line"),
-                Err(e) => return reject(&mut summary, FileReason::Unreadable, e.to_string()),
-            };
-            if header.oversized {
-                return reject(
-                    &mut summary,
-                    FileReason::Unreadable,
-                    "the header line has more than 4,096 columns or 64 KiB",
-                );
-            }
-            let mut cols = Vec::with_capacity(header.len());
-            for field in header.iter() {
-                match Records::decode(records.utf8_fields, encoding, field) {
-                    Some(name) => cols.push(Column::from_header(&name)),
-                    None => {
-                        return reject(
-                            &mut summary,
-                            FileReason::Unreadable,
-                            "the header line is not valid in the file's encoding",
-                        );
-                    }
-                }
-            }
-            ColumnMap::new(&cols)
-        }
+    let columns = match columns(tenant, &mut records, encoding) {
+        Ok(c) => c,
+        Err((reason, detail)) => return reject(&mut summary, reason, detail),
     };
-    if columns.phone.is_none() {
-        return reject(&mut summary, FileReason::MissingColumn, "no phone column");
-    }
-    if columns.message.is_none() && tenant.template.is_none() {
-        return reject(
-            &mut summary,
-            FileReason::MissingColumn,
-            "no message column and no template",
-        );
-    }
-    if let Some(template) = &tenant.template {
-        if let Some(var) = template.variables().find(|v| !columns.vars.iter().any(|(n, _)| n == v)) {
-            return reject(
-                &mut summary,
-                FileReason::MissingColumn,
-                format!("the template uses {{{var}}} and the file has no such column"),
-            );
-        }
-    }
 
     sink.start(&summary.format).map_err(Stopped::Failed)?;
     let rules = LineRules {
@@ -190,22 +147,101 @@ pub fn process<S: LineSink>(
         utf8_fields: records.utf8_fields,
         now: jiff::Timestamp::now(),
     };
-    let max_lines = tenant.max_lines;
     // The one structure that grows with the file: 8-byte fingerprints of accepted lines, for
     // `duplicate_recipient`. Sized once from the file's line count (at most `max_lines`) so it
     // never rehashes into twice its size.
-    let expected = scan.newlines.saturating_add(1).min(max_lines) as usize;
-    let mut dedupe: HashSet<u64, BuildNoHashHasher<u64>> =
-        HashSet::with_capacity_and_hasher(expected, Default::default());
-    let mut countries: HashSet<rlibphonenumber::Region> = HashSet::new();
-    let mut outcome: Result<(), S::Error> = Ok(());
-    let mut strict_failure = None;
+    let expected = scan.newlines.saturating_add(1).min(tenant.batch.max_lines) as usize;
+    let mut tally = Tally {
+        ctx,
+        summary: &mut summary,
+        dedupe: HashSet::with_capacity_and_hasher(expected, Default::default()),
+        countries: HashSet::new(),
+        strict_failure: None,
+    };
+    let (read, written) = pipeline(records, &rules, ctx.cancel, tenant.batch.max_lines, |checked| {
+        tally.take(checked, sink)
+    });
+    let strict_failure = tally.strict_failure;
+    written.map_err(Stopped::Failed)?;
+    if ctx.cancel.load(Ordering::Relaxed) {
+        return Err(Stopped::Cancelled);
+    }
+    if let Some((line, reason)) = strict_failure {
+        return reject(
+            &mut summary,
+            FileReason::Strict,
+            format!("line {line} rejected ({reason}) and the tenant is strict"),
+        );
+    }
+    match read {
+        Ok((_, true)) => reject(
+            &mut summary,
+            FileReason::TooManyLines,
+            format!("more than max_lines {} data lines", tenant.batch.max_lines),
+        ),
+        Ok(_) => Ok(summary),
+        Err(e) => {
+            let detail = format!("after line {}: {e}", summary.lines);
+            reject(&mut summary, FileReason::Unreadable, detail)
+        }
+    }
+}
 
-    let read_result = std::thread::scope(|scope| {
+/// The file's columns: the tenant's `columns`, or its header line; refused when the phone
+/// column, the text (without a template) or a template's variable is missing.
+fn columns(tenant: &Tenant, records: &mut Records, encoding: &'static Encoding) -> Result<ColumnMap, Refusal> {
+    let unreadable = |detail: &str| (FileReason::Unreadable, detail.to_string());
+    let columns = match &tenant.batch.columns {
+        Some(cols) => ColumnMap::new(cols),
+        None => {
+            let header = match records.next_record() {
+                Ok(Some(h)) => h,
+                Ok(None) => return Err(unreadable("no header line")),
+                Err(e) => return Err(unreadable(&e.to_string())),
+            };
+            if header.oversized {
+                return Err(unreadable("the header line has more than 4,096 columns or 64 KiB"));
+            }
+            let mut cols = Vec::with_capacity(header.len());
+            for field in header.iter() {
+                match Records::decode(records.utf8_fields, encoding, field) {
+                    Some(name) => cols.push(Column::from_header(&name)),
+                    None => return Err(unreadable("the header line is not valid in the file's encoding")),
+                }
+            }
+            ColumnMap::new(&cols)
+        }
+    };
+    let missing = |detail: String| Err((FileReason::MissingColumn, detail));
+    if columns.phone.is_none() {
+        return missing("no phone column".into());
+    }
+    if columns.message.is_none() && tenant.batch.template.is_none() {
+        return missing("no message column and no template".into());
+    }
+    if let Some(template) = &tenant.batch.template {
+        if let Some(var) = template.variables().find(|v| !columns.vars.iter().any(|(n, _)| n == v)) {
+            return missing(format!("the template uses {{{var}}} and the file has no such column"));
+        }
+    }
+    Ok(columns)
+}
+
+/// The three stages: a reader thread parses records in chunks, a checker thread checks each
+/// chunk's lines in parallel, and this thread hands every checked line, in file order, to
+/// `take` (which says whether to go on). Returns what the reader saw (records read, whether
+/// past `max_lines`), and how `take` ended.
+fn pipeline<E>(
+    mut records: Records,
+    rules: &LineRules<'_>,
+    cancel: &AtomicBool,
+    max_lines: u64,
+    mut take: impl FnMut(Checked) -> Result<bool, E>,
+) -> (io::Result<(u64, bool)>, Result<(), E>) {
+    std::thread::scope(|scope| {
         let (raw_tx, raw_rx) = sync_channel::<Vec<RawRecord>>(2);
         let (checked_tx, checked_rx) = sync_channel::<Vec<Checked>>(2);
-        let cancel = ctx.cancel;
-        let reader = scope.spawn(move || -> Result<(u64, bool), io::Error> {
+        let reader = scope.spawn(move || -> io::Result<(u64, bool)> {
             let mut count = 0u64;
             loop {
                 if cancel.load(Ordering::Relaxed) {
@@ -231,7 +267,6 @@ pub fn process<S: LineSink>(
                 }
             }
         });
-        let rules = &rules;
         scope.spawn(move || {
             for chunk in raw_rx {
                 let checked: Vec<Checked> = chunk.par_iter().map(|r| rules.check(r)).collect();
@@ -240,68 +275,71 @@ pub fn process<S: LineSink>(
                 }
             }
         });
+        let mut taken = Ok(());
         'chunks: for chunk in checked_rx {
-            for mut checked in chunk {
-                summary.lines += 1;
-                if let Ok(acc) = &checked.outcome {
-                    if (ctx.blocklisted)(&acc.phone_hash, &acc.message.phone) {
-                        checked.outcome = Err(LineReason::Blocklisted);
-                    } else if !dedupe.insert(acc.dedupe) {
-                        checked.outcome = Err(LineReason::DuplicateRecipient);
+            for checked in chunk {
+                match take(checked) {
+                    Ok(true) => {}
+                    Ok(false) => break 'chunks,
+                    Err(e) => {
+                        taken = Err(e);
+                        break 'chunks;
                     }
-                }
-                let index = match &checked.outcome {
-                    Ok(acc) => {
-                        if let Some(c) = acc.country {
-                            if countries.insert(c) {
-                                summary.countries.insert(c.to_string());
-                            }
-                        }
-                        summary.accepted += 1;
-                        Some(summary.accepted - 1)
-                    }
-                    Err(reason) => {
-                        summary.rejected += 1;
-                        *summary.reasons.entry(*reason).or_default() += 1;
-                        tracing::debug!(tenant = %tenant.id, line = checked.line, reason = %reason, "line rejected");
-                        if tenant.strict {
-                            strict_failure = Some((checked.line, *reason));
-                            break 'chunks;
-                        }
-                        None
-                    }
-                };
-                if let Err(e) = sink.line(checked, index) {
-                    outcome = Err(e);
-                    break 'chunks;
                 }
             }
         }
-        reader
+        let read = reader
             .join()
-            .unwrap_or_else(|_| Err(io::Error::other("the reader thread panicked")))
-    });
-    outcome.map_err(Stopped::Failed)?;
-    if ctx.cancel.load(Ordering::Relaxed) {
-        return Err(Stopped::Cancelled);
-    }
-    if let Some((line, reason)) = strict_failure {
-        return reject(
-            &mut summary,
-            FileReason::Strict,
-            format!("line {line} rejected ({reason}) and the tenant is strict"),
-        );
-    }
-    match read_result {
-        Ok((_, true)) => reject(
-            &mut summary,
-            FileReason::TooManyLines,
-            format!("more than max_lines {max_lines} data lines"),
-        ),
-        Ok(_) => Ok(summary),
-        Err(e) => {
-            let detail = format!("after line {}: {e}", summary.lines);
-            reject(&mut summary, FileReason::Unreadable, detail)
+            .unwrap_or_else(|_| Err(io::Error::other("the reader thread panicked")));
+        (read, taken)
+    })
+}
+
+/// The rules that need file order or the caller's lists, and the file's totals.
+struct Tally<'a, 'c, E> {
+    ctx: &'a Context<'c, E>,
+    summary: &'a mut Summary,
+    dedupe: HashSet<u64, BuildNoHashHasher<u64>>,
+    countries: HashSet<rlibphonenumber::Region>,
+    /// The first rejected line of a strict tenant: the file is refused.
+    strict_failure: Option<(u64, LineReason)>,
+}
+
+impl<E> Tally<'_, '_, E> {
+    /// Applies `blocklisted` and `duplicate_recipient`, counts the line and hands it to `sink`.
+    /// `Ok(false)`: a strict tenant's line was rejected, stop.
+    fn take<S: LineSink<Error = E>>(&mut self, mut checked: Checked, sink: &mut S) -> Result<bool, E> {
+        let summary = &mut *self.summary;
+        summary.lines += 1;
+        if let Ok(acc) = &checked.outcome {
+            if (self.ctx.blocklisted)(&acc.phone_hash, &acc.message.phone) {
+                checked.outcome = Err(LineReason::Blocklisted);
+            } else if !self.dedupe.insert(acc.dedupe) {
+                checked.outcome = Err(LineReason::DuplicateRecipient);
+            }
         }
+        let index = match &checked.outcome {
+            Ok(acc) => {
+                if let Some(c) = acc.country {
+                    if self.countries.insert(c) {
+                        summary.countries.insert(c.to_string());
+                    }
+                }
+                summary.accepted += 1;
+                Some(summary.accepted - 1)
+            }
+            Err(reason) => {
+                summary.rejected += 1;
+                *summary.reasons.entry(*reason).or_default() += 1;
+                tracing::debug!(tenant = %self.ctx.tenant.id, line = checked.line, reason = %reason, "line rejected");
+                if self.ctx.tenant.batch.strict {
+                    self.strict_failure = Some((checked.line, *reason));
+                    return Ok(false);
+                }
+                None
+            }
+        };
+        sink.line(checked, index)?;
+        Ok(true)
     }
 }

@@ -135,13 +135,13 @@ impl LineRules<'_> {
 
         let (phone, region) = parse_phone(&phone_raw, self.tenant.default_region).ok_or(LineReason::InvalidPhone)?;
         phone_shown.clone_from(&phone);
-        if let Some(allowed) = &self.tenant.allowed_countries {
+        if let Some(allowed) = &self.tenant.policy.allowed_countries {
             if !region.is_some_and(|r| allowed.contains(&r)) {
                 return Err(LineReason::CountryNotAllowed);
             }
         }
 
-        let text = match &self.tenant.template {
+        let text = match &self.tenant.batch.template {
             Some(template) => {
                 let mut vars = HashMap::with_capacity(self.columns.vars.len());
                 for (name, i) in &self.columns.vars {
@@ -161,19 +161,19 @@ impl LineRules<'_> {
         if text.trim().is_empty() {
             return Err(LineReason::EmptyMessage);
         }
-        if let Some(domains) = &self.tenant.url_allowlist {
+        if let Some(domains) = &self.tenant.policy.url_allowlist {
             if link_hosts(&text).iter().any(|h| !is_host_allowed(h, domains)) {
                 return Err(LineReason::UrlNotAllowed);
             }
         }
         let encoded = gsm::encode(&text);
-        if encoded.parts > usize::from(self.tenant.max_parts) {
+        if encoded.parts > usize::from(self.tenant.batch.max_parts) {
             return Err(LineReason::MessageTooLong);
         }
 
         let sender_raw = sender_raw.trim();
         let sender = if sender_raw.is_empty() {
-            self.tenant.sender.clone().ok_or(LineReason::SenderNotAllowed)?
+            self.tenant.batch.sender.clone().ok_or(LineReason::SenderNotAllowed)?
         } else if self.tenant.is_sender_allowed(sender_raw) {
             sender_raw.to_string()
         } else {

@@ -134,15 +134,39 @@ pub enum LogFormat {
     Json,
 }
 
-/// One customer account (docs/configuration.md).
+/// One customer account (docs/configuration.md), its settings grouped as the reference groups
+/// them.
 #[derive(Debug)]
 pub struct Tenant {
     pub id: String,
     pub name: String,
+    /// How national numbers are read (`None`: only international forms).
+    pub default_region: Option<rlibphonenumber::Region>,
+    /// For `send_at` without an offset, daily quotas and the daily report's hour.
+    pub timezone: jiff::tz::TimeZone,
+    pub folders: Folders,
+    pub batch: BatchRules,
+    pub policy: Policy,
+    pub replies: Replies,
+    pub retention: RetentionRules,
+    pub alerts: AlertRules,
+    pub sftp: SftpAccess,
+}
+
+/// Where a tenant's files come in and its answers go, and when a dropped file is complete.
+#[derive(Debug)]
+pub struct Folders {
     pub inbox: PathBuf,
     pub outbox: PathBuf,
-    pub default_region: Option<rlibphonenumber::Region>,
-    pub timezone: jiff::tz::TimeZone,
+    /// A file is taken only once `<name>.ok` appears.
+    pub require_trigger: bool,
+    /// A dropped file must stay unchanged this long.
+    pub settle: Duration,
+}
+
+/// How a tenant's batch files are read and checked (docs/batch-format.md).
+#[derive(Debug)]
+pub struct BatchRules {
     pub sender: Option<String>,
     pub senders: Vec<String>,
     pub encoding: EncodingChoice,
@@ -153,10 +177,14 @@ pub struct Tenant {
     pub max_parts: u8,
     pub max_file_bytes: u64,
     pub max_lines: u64,
-    pub require_trigger: bool,
-    pub settle: Duration,
     pub dedupe_window: Duration,
-    pub report_interval: Duration,
+    /// How long a message is worth delivering after its send time: SMPP `validity_period`.
+    pub validity: Duration,
+}
+
+/// A tenant's traffic policies.
+#[derive(Debug)]
+pub struct Policy {
     /// Destination countries allowed (`None`: every country).
     pub allowed_countries: Option<Vec<rlibphonenumber::Region>>,
     /// Domains links may point to, subdomains included (`None`: any link).
@@ -165,6 +193,29 @@ pub struct Tenant {
     pub max_per_day: Option<u64>,
     /// A batch with more accepted messages than this is held until released (`None`: never).
     pub hold_above: Option<u64>,
+}
+
+/// Delivery reports and incoming messages.
+#[derive(Debug)]
+pub struct Replies {
+    pub report_interval: Duration,
+    /// Incoming texts that put their sender on the blocklist, besides `STOP` (upper case).
+    pub optout_keywords: Vec<String>,
+}
+
+/// How long a tenant's finished batches are kept.
+#[derive(Debug)]
+pub struct RetentionRules {
+    /// A finished batch's messages lose their personal data this long after its last change
+    /// (`None`: only at `delete_after`).
+    pub anonymize_after: Option<Duration>,
+    /// A finished batch leaves the store this long after its last change.
+    pub delete_after: Duration,
+}
+
+/// Who gets a tenant's alerts, and when a batch raises one.
+#[derive(Debug)]
+pub struct AlertRules {
     /// Who gets this tenant's alerts (the admin gets them too).
     pub alert_to: Vec<lettre::message::Mailbox>,
     /// A batch with at least this share of rejected lines raises `batch_rejected`.
@@ -173,6 +224,11 @@ pub struct Tenant {
     pub anomaly_factor: u32,
     /// ...once it is also above this many messages.
     pub anomaly_min_messages: u64,
+}
+
+/// Who may log in over SFTP as a tenant, from where, and how much at once.
+#[derive(Debug)]
+pub struct SftpAccess {
     /// SFTP client keys (Ed25519 only).
     pub keys: Vec<russh::keys::PublicKey>,
     /// Where SFTP logins may come from (empty: anywhere).
@@ -181,21 +237,12 @@ pub struct Tenant {
     pub max_sessions: usize,
     /// Files and folders open at once over SFTP, across all of the tenant's connections.
     pub max_open_files: usize,
-    /// How long a message is worth delivering after its send time: SMPP `validity_period`.
-    pub validity: Duration,
-    /// Incoming texts that put their sender on the blocklist, besides `STOP` (upper case).
-    pub optout_keywords: Vec<String>,
-    /// A finished batch's messages lose their personal data this long after its last change
-    /// (`None`: only at `delete_after`).
-    pub anonymize_after: Option<Duration>,
-    /// A finished batch leaves the store this long after its last change.
-    pub delete_after: Duration,
 }
 
 impl Tenant {
     /// Whether `sender` may be used on this tenant's messages.
     pub fn is_sender_allowed(&self, sender: &str) -> bool {
-        self.sender.as_deref() == Some(sender) || self.senders.iter().any(|s| s == sender)
+        self.batch.sender.as_deref() == Some(sender) || self.batch.senders.iter().any(|s| s == sender)
     }
 }
 
@@ -761,31 +808,7 @@ impl Validator<'_> {
             .as_ref()
             .map(|s| self.path(s.get_ref()))
             .unwrap_or_else(|| PathBuf::from("/etc/smsdrop/master.key"));
-        let log_format = match raw.log_format.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
-            None | Some(("text", _)) => LogFormat::Text,
-            Some(("json", _)) => LogFormat::Json,
-            Some((other, span)) => {
-                self.problem(&span, "log_format", format!("`{other}` is not `text` or `json`"));
-                LogFormat::Text
-            }
-        };
-        let log_filter = match &raw.log_filter {
-            None => "info".to_string(),
-            Some(f) => match tracing_subscriber::EnvFilter::builder().parse(f.get_ref()) {
-                Ok(_) => f.get_ref().clone(),
-                Err(e) => {
-                    self.problem(
-                        &f.span(),
-                        "log_filter",
-                        format!(
-                            "`{}` is not a filter ({e}); write e.g. \"info\" or \"smsdrop::dispatch=debug,info\"",
-                            f.get_ref()
-                        ),
-                    );
-                    "info".to_string()
-                }
-            },
-        };
+        let (log_format, log_filter) = self.logging(&raw);
         let admin_socket = raw
             .admin
             .as_ref()
@@ -813,6 +836,74 @@ impl Validator<'_> {
             }
         }
 
+        let routes = self.routes(&raw);
+
+        let mut tenants = BTreeMap::new();
+        for (id, t) in &raw.tenant {
+            if let Some(tenant) = self.tenant(id, t, &state_dir) {
+                tenants.insert(id.clone(), Arc::new(tenant));
+            }
+        }
+        self.check_folders(&raw, &tenants);
+
+        let email = raw.email.as_ref().and_then(|e| self.email(e));
+        let defender = self.defender(raw.defender.as_ref());
+        let sftp = raw.sftp.as_ref().and_then(|s| self.sftp(s, &state_dir, defender));
+        let backup = self.backup(&raw, &state_dir);
+
+        let metrics_listen = self.metrics(&raw);
+
+        Config {
+            path: self.file.clone(),
+            state_dir,
+            key_file,
+            log_format,
+            log_filter,
+            admin_socket,
+            rescan_interval,
+            min_free_space,
+            tenants,
+            partners,
+            routes,
+            email,
+            sftp,
+            backup,
+            metrics_listen,
+        }
+    }
+
+    /// `log_format` and `log_filter`.
+    fn logging(&mut self, raw: &RawConfig) -> (LogFormat, String) {
+        let log_format = match raw.log_format.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+            None | Some(("text", _)) => LogFormat::Text,
+            Some(("json", _)) => LogFormat::Json,
+            Some((other, span)) => {
+                self.problem(&span, "log_format", format!("`{other}` is not `text` or `json`"));
+                LogFormat::Text
+            }
+        };
+        let log_filter = match &raw.log_filter {
+            None => "info".to_string(),
+            Some(f) => match tracing_subscriber::EnvFilter::builder().parse(f.get_ref()) {
+                Ok(_) => f.get_ref().clone(),
+                Err(e) => {
+                    self.problem(
+                        &f.span(),
+                        "log_filter",
+                        format!(
+                            "`{}` is not a filter ({e}); write e.g. \"info\" or \"smsdrop::dispatch=debug,info\"",
+                            f.get_ref()
+                        ),
+                    );
+                    "info".to_string()
+                }
+            },
+        };
+        (log_format, log_filter)
+    }
+
+    /// `[[route]]`, longest prefix first.
+    fn routes(&mut self, raw: &RawConfig) -> Vec<Route> {
         let mut routes = Vec::new();
         let mut prefixes = BTreeSet::new();
         for r in &raw.route {
@@ -852,18 +943,11 @@ impl Validator<'_> {
             });
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+        routes
+    }
 
-        let mut tenants = BTreeMap::new();
-        for (id, t) in &raw.tenant {
-            if let Some(tenant) = self.tenant(id, t, &state_dir) {
-                tenants.insert(id.clone(), Arc::new(tenant));
-            }
-        }
-        self.check_folders(&raw, &tenants);
-
-        let email = raw.email.as_ref().and_then(|e| self.email(e));
-        let defender = self.defender(raw.defender.as_ref());
-        let sftp = raw.sftp.as_ref().and_then(|s| self.sftp(s, &state_dir, defender));
+    /// `[backup]`: never inside `state_dir`.
+    fn backup(&mut self, raw: &RawConfig, state_dir: &Path) -> Option<BackupSchedule> {
         let backup = raw.backup.as_ref().map(|b| {
             let b = b.get_ref();
             BackupSchedule {
@@ -878,7 +962,7 @@ impl Validator<'_> {
             }
         });
         if let Some(b) = &backup {
-            if b.dir.starts_with(&state_dir) {
+            if b.dir.starts_with(state_dir) {
                 let span = raw.backup.as_ref().map(|r| r.get_ref().dir.span()).unwrap_or(0..0);
                 self.problem(
                     &span,
@@ -887,8 +971,12 @@ impl Validator<'_> {
                 );
             }
         }
+        backup
+    }
 
-        let metrics_listen = raw.metrics.as_ref().and_then(|m| {
+    /// `[metrics] listen`.
+    fn metrics(&mut self, raw: &RawConfig) -> Option<std::net::SocketAddr> {
+        raw.metrics.as_ref().and_then(|m| {
             let listen = &m.get_ref().listen;
             match listen.get_ref().parse::<std::net::SocketAddr>() {
                 Ok(a) => Some(a),
@@ -901,25 +989,7 @@ impl Validator<'_> {
                     None
                 }
             }
-        });
-
-        Config {
-            path: self.file.clone(),
-            state_dir,
-            key_file,
-            log_format,
-            log_filter,
-            admin_socket,
-            rescan_interval,
-            min_free_space,
-            tenants,
-            partners,
-            routes,
-            email,
-            sftp,
-            backup,
-            metrics_listen,
-        }
+        })
     }
 
     fn defender(&mut self, raw: Option<&Spanned<RawDefender>>) -> Defender {
@@ -1356,18 +1426,6 @@ impl Validator<'_> {
             return None;
         }
         let t = raw.get_ref();
-        let (default_inbox, default_outbox) = crate::paths::default_folders(state_dir, id);
-        let inbox = t
-            .inbox
-            .as_ref()
-            .map(|p| self.path(p.get_ref()))
-            .unwrap_or(default_inbox);
-        let outbox = t
-            .outbox
-            .as_ref()
-            .map(|p| self.path(p.get_ref()))
-            .unwrap_or(default_outbox);
-
         let default_region = t.default_region.as_ref().and_then(|r| match parse_region(r.get_ref()) {
             Some(id) => Some(id),
             None => {
@@ -1393,6 +1451,56 @@ impl Validator<'_> {
                 }
             },
         };
+        Some(Tenant {
+            id: id.to_string(),
+            name: t.name.clone().unwrap_or_else(|| id.to_string()),
+            default_region,
+            timezone,
+            folders: self.folders(id, t, state_dir, &key),
+            batch: self.batch_rules(t, &span, &key),
+            policy: self.policy(t, &key),
+            replies: self.replies(t, &key),
+            retention: self.retention(t, &key),
+            alerts: self.alert_rules(t, &key),
+            sftp: self.sftp_access(t, &key),
+        })
+    }
+
+    /// A tenant's `inbox`, `outbox`, `require_trigger` and `settle`.
+    fn folders(&mut self, id: &str, t: &RawTenant, state_dir: &Path, key: &dyn Fn(&str) -> String) -> Folders {
+        let (default_inbox, default_outbox) = crate::paths::default_folders(state_dir, id);
+        let inbox = t
+            .inbox
+            .as_ref()
+            .map(|p| self.path(p.get_ref()))
+            .unwrap_or(default_inbox);
+        let outbox = t
+            .outbox
+            .as_ref()
+            .map(|p| self.path(p.get_ref()))
+            .unwrap_or(default_outbox);
+
+        let settle = self.duration(
+            t.settle.as_ref(),
+            &key("settle"),
+            Duration::from_secs(2),
+            (Duration::ZERO, Duration::from_secs(3600)),
+        );
+        Folders {
+            inbox,
+            outbox,
+            require_trigger: t.require_trigger,
+            settle,
+        }
+    }
+
+    /// How a tenant's batch files are read and checked.
+    fn batch_rules(
+        &mut self,
+        t: &RawTenant,
+        span: &std::ops::Range<usize>,
+        key: &dyn Fn(&str) -> String,
+    ) -> BatchRules {
         let sender = t.sender.as_ref().map(|s| {
             if !crate::sms::sender::is_valid_sender(s.get_ref()) {
                 self.problem(&s.span(), &key("sender"), SENDER_RULE);
@@ -1470,47 +1578,36 @@ impl Validator<'_> {
             (1, MAX_FILE_BYTES_LIMIT),
             "must be a size from 1 byte to 4 GiB (a number of bytes or e.g. \"100 MiB\")",
         );
-        let settle = self.duration(
-            t.settle.as_ref(),
-            &key("settle"),
-            Duration::from_secs(2),
-            (Duration::ZERO, Duration::from_secs(3600)),
-        );
         let dedupe_window = self.duration(
             t.dedupe_window.as_ref(),
             &key("dedupe_window"),
             Duration::from_secs(30 * 86400),
             (Duration::ZERO, Duration::from_secs(3660 * 86400)),
         );
-        let report_interval = self.duration(
-            t.report_interval.as_ref(),
-            &key("report_interval"),
-            Duration::from_secs(15 * 60),
-            (Duration::from_secs(1), Duration::from_secs(7 * 86400)),
+        let validity = self.duration(
+            t.validity.as_ref(),
+            &key("validity"),
+            Duration::from_secs(48 * 3600),
+            (Duration::from_secs(300), Duration::from_secs(7 * 86400)),
         );
-        let delete_after = self.duration(
-            t.delete_after.as_ref(),
-            &key("delete_after"),
-            Duration::from_secs(365 * 86400),
-            (Duration::from_secs(86400), Duration::from_secs(3652 * 86400)),
-        );
-        let anonymize_after = t.anonymize_after.as_ref().map(|raw| {
-            let d = self.duration(
-                Some(raw),
-                &key("anonymize_after"),
-                delete_after,
-                (Duration::from_secs(3600), Duration::from_secs(3652 * 86400)),
-            );
-            if d > delete_after {
-                self.problem(
-                    &raw.span(),
-                    &key("anonymize_after"),
-                    "must not be longer than delete_after (the data is gone by then)",
-                );
-            }
-            d
-        });
+        BatchRules {
+            sender,
+            senders,
+            encoding,
+            delimiter,
+            columns,
+            template,
+            strict: t.strict,
+            max_parts: max_parts as u8,
+            max_file_bytes,
+            max_lines: max_lines as u64,
+            dedupe_window,
+            validity,
+        }
+    }
 
+    /// A tenant's traffic policies.
+    fn policy(&mut self, t: &RawTenant, key: &dyn Fn(&str) -> String) -> Policy {
         let allowed_countries = t.allowed_countries.as_ref().map(|list| {
             list.iter()
                 .filter_map(|c| match parse_region(c.get_ref()) {
@@ -1561,6 +1658,71 @@ impl Validator<'_> {
             .as_ref()
             .map(|v| self.int(Some(v), &key("hold_above"), 0, (0, i64::MAX)) as u64);
 
+        Policy {
+            allowed_countries,
+            url_allowlist,
+            max_per_day,
+            hold_above,
+        }
+    }
+
+    /// Delivery reports and incoming messages.
+    fn replies(&mut self, t: &RawTenant, key: &dyn Fn(&str) -> String) -> Replies {
+        let report_interval = self.duration(
+            t.report_interval.as_ref(),
+            &key("report_interval"),
+            Duration::from_secs(15 * 60),
+            (Duration::from_secs(1), Duration::from_secs(7 * 86400)),
+        );
+        let mut optout_keywords = Vec::new();
+        for k in &t.optout_keywords {
+            let word = k.get_ref().split_whitespace().collect::<Vec<_>>().join(" ");
+            if word.is_empty() || word.chars().count() > 40 {
+                self.problem(&k.span(), &key("optout_keywords"), "a keyword is 1 to 40 characters");
+            } else {
+                optout_keywords.push(word.to_uppercase());
+            }
+        }
+
+        Replies {
+            report_interval,
+            optout_keywords,
+        }
+    }
+
+    /// How long a tenant's finished batches are kept.
+    fn retention(&mut self, t: &RawTenant, key: &dyn Fn(&str) -> String) -> RetentionRules {
+        let delete_after = self.duration(
+            t.delete_after.as_ref(),
+            &key("delete_after"),
+            Duration::from_secs(365 * 86400),
+            (Duration::from_secs(86400), Duration::from_secs(3652 * 86400)),
+        );
+        let anonymize_after = t.anonymize_after.as_ref().map(|raw| {
+            let d = self.duration(
+                Some(raw),
+                &key("anonymize_after"),
+                delete_after,
+                (Duration::from_secs(3600), Duration::from_secs(3652 * 86400)),
+            );
+            if d > delete_after {
+                self.problem(
+                    &raw.span(),
+                    &key("anonymize_after"),
+                    "must not be longer than delete_after (the data is gone by then)",
+                );
+            }
+            d
+        });
+
+        RetentionRules {
+            anonymize_after,
+            delete_after,
+        }
+    }
+
+    /// Who gets a tenant's alerts, and when a batch raises one.
+    fn alert_rules(&mut self, t: &RawTenant, key: &dyn Fn(&str) -> String) -> AlertRules {
         let alert_to = t
             .alert_to
             .iter()
@@ -1580,6 +1742,16 @@ impl Validator<'_> {
             (1, i64::MAX),
         ) as u64;
 
+        AlertRules {
+            alert_to,
+            alert_rejected_percent,
+            anomaly_factor,
+            anomaly_min_messages,
+        }
+    }
+
+    /// Who may log in over SFTP as the tenant, from where, and how much at once.
+    fn sftp_access(&mut self, t: &RawTenant, key: &dyn Fn(&str) -> String) -> SftpAccess {
         let mut keys: Vec<russh::keys::PublicKey> = t
             .keys
             .iter()
@@ -1629,60 +1801,12 @@ impl Validator<'_> {
             .collect();
         let max_sessions = self.int(t.max_sessions.as_ref(), &key("max_sessions"), 4, (1, 1000)) as usize;
         let max_open_files = self.int(t.max_open_files.as_ref(), &key("max_open_files"), 64, (1, 100_000)) as usize;
-        let validity = self.duration(
-            t.validity.as_ref(),
-            &key("validity"),
-            Duration::from_secs(48 * 3600),
-            (Duration::from_secs(300), Duration::from_secs(7 * 86400)),
-        );
-        let mut optout_keywords = Vec::new();
-        for k in &t.optout_keywords {
-            let word = k.get_ref().split_whitespace().collect::<Vec<_>>().join(" ");
-            if word.is_empty() || word.chars().count() > 40 {
-                self.problem(&k.span(), &key("optout_keywords"), "a keyword is 1 to 40 characters");
-            } else {
-                optout_keywords.push(word.to_uppercase());
-            }
-        }
-
-        Some(Tenant {
-            id: id.to_string(),
-            name: t.name.clone().unwrap_or_else(|| id.to_string()),
-            inbox,
-            outbox,
-            default_region,
-            timezone,
-            sender,
-            senders,
-            encoding,
-            delimiter,
-            columns,
-            template,
-            strict: t.strict,
-            max_parts: max_parts as u8,
-            max_file_bytes,
-            max_lines: max_lines as u64,
-            require_trigger: t.require_trigger,
-            settle,
-            dedupe_window,
-            report_interval,
-            anonymize_after,
-            delete_after,
-            allowed_countries,
-            url_allowlist,
-            max_per_day,
-            hold_above,
-            alert_to,
-            alert_rejected_percent,
-            anomaly_factor,
-            anomaly_min_messages,
+        SftpAccess {
             keys,
             allow_ips,
             max_sessions,
             max_open_files,
-            validity,
-            optout_keywords,
-        })
+        }
     }
 
     fn int(&mut self, raw: Option<&Spanned<i64>>, key: &str, default: i64, range: (i64, i64)) -> i64 {
@@ -1700,7 +1824,7 @@ impl Validator<'_> {
     fn check_folders(&mut self, raw: &RawConfig, tenants: &BTreeMap<String, Arc<Tenant>>) {
         let mut seen: BTreeMap<&Path, &str> = BTreeMap::new();
         for t in tenants.values() {
-            for folder in [&t.inbox, &t.outbox] {
+            for folder in [&t.folders.inbox, &t.folders.outbox] {
                 if let Some(other) = seen.insert(folder.as_path(), &t.id) {
                     let span = raw.tenant.get(&t.id).map(|r| r.span()).unwrap_or(0..0);
                     self.problem(
@@ -1844,10 +1968,10 @@ partners = ["sink"]
         assert_eq!(c.state_dir, PathBuf::from("/etc/smsdrop/state"));
         assert_eq!(c.admin_socket, PathBuf::from("/etc/smsdrop/state/admin.sock"));
         let t = &c.tenants["acme"];
-        assert_eq!(t.inbox, PathBuf::from("/etc/smsdrop/state/drop/acme/inbox"));
-        assert_eq!(t.settle, Duration::from_millis(500));
-        assert_eq!(t.max_parts, 6);
-        assert_eq!(t.max_file_bytes, 100 << 20);
+        assert_eq!(t.folders.inbox, PathBuf::from("/etc/smsdrop/state/drop/acme/inbox"));
+        assert_eq!(t.folders.settle, Duration::from_millis(500));
+        assert_eq!(t.batch.max_parts, 6);
+        assert_eq!(t.batch.max_file_bytes, 100 << 20);
         assert_eq!(c.route_for("+33612345678").unwrap().prefix, "+33");
         assert_eq!(c.route_for("+4412345").unwrap().prefix, "");
     }
@@ -1972,7 +2096,7 @@ partners = ["sink"]
             c.sftp.unwrap().host_key,
             PathBuf::from("/var/lib/smsdrop/ssh_host_ed25519_key")
         );
-        assert_eq!(c.tenants["acme"].allow_ips.len(), 2);
+        assert_eq!(c.tenants["acme"].sftp.allow_ips.len(), 2);
     }
 
     #[test]
@@ -1983,7 +2107,7 @@ partners = ["sink"]
         std::fs::write(&file, format!("# the ERP\n\nrestrict,no-pty {ed} erp@host\n")).unwrap();
         let src = format!("[tenant.acme]\nauthorized_keys_file = \"{}\"\n", file.display());
         let c = Config::parse(&dir.path().join("c.toml"), &src).unwrap();
-        assert_eq!(c.tenants["acme"].keys.len(), 1);
+        assert_eq!(c.tenants["acme"].sftp.keys.len(), 1);
 
         std::fs::write(&file, format!("from=\"10.0.0.1\" {ed}\nssh-dss AAAA\n")).unwrap();
         let p = match Config::parse(&dir.path().join("c.toml"), &src) {

@@ -11,7 +11,13 @@ pub fn candidates(config: &Config, mo: &Mo) -> Vec<MoCandidate> {
     let by_sender: Vec<_> = config
         .tenants
         .values()
-        .filter(|t| t.sender.iter().chain(t.senders.iter()).any(|s| same_address(s, &mo.to)))
+        .filter(|t| {
+            t.batch
+                .sender
+                .iter()
+                .chain(t.batch.senders.iter())
+                .any(|s| same_address(s, &mo.to))
+        })
         .collect();
     let pool: Vec<_> = if by_sender.is_empty() {
         config.tenants.values().collect()
@@ -24,7 +30,7 @@ pub fn candidates(config: &Config, mo: &Mo) -> Vec<MoCandidate> {
             Some(MoCandidate {
                 tenant: t.id.clone(),
                 from,
-                optout: optout_keyword(&mo.text, &t.optout_keywords),
+                optout: optout_keyword(&mo.text, &t.replies.optout_keywords),
             })
         })
         .collect()

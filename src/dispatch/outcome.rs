@@ -73,7 +73,7 @@ impl Dispatcher {
             .config
             .tenants
             .get(&p.tenant)
-            .map(|c| c.validity.as_secs() as i64)
+            .map(|c| c.batch.validity.as_secs() as i64)
             .unwrap_or(48 * 3600);
         p.message.send_at.unwrap_or(now).min(now) + validity
     }

@@ -131,6 +131,75 @@ fn ssh_config(sftp: &Sftp, key: PrivateKey) -> russh::server::Config {
     }
 }
 
+/// One connection from its accept to its end: cut at the login deadline unless logged in by
+/// then, or when a reload takes its login away (`cut`).
+struct Lifetime {
+    id: u64,
+    peer: SocketAddr,
+    deadline: tokio::time::Instant,
+    authenticated: Arc<AtomicBool>,
+    cut: CancellationToken,
+    connections: Connections,
+    alerts: Alerter,
+    audit: Audit,
+    defender: Arc<defender::Defender>,
+}
+
+impl Lifetime {
+    async fn run(
+        self,
+        ssh: Arc<russh::server::Config>,
+        stream: fuse::Fused<tokio::net::TcpStream>,
+        handler: SshSession,
+        descriptor: limits::Descriptor,
+    ) {
+        let _descriptor = descriptor;
+        let peer = self.peer;
+        let login = async {
+            tokio::time::sleep_until(self.deadline).await;
+            if self.authenticated.load(Ordering::Acquire) {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::pin!(login);
+        let running = tokio::select! {
+            r = russh::server::run_stream(ssh, stream, handler) => match r {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(peer = %peer, error = %e, "SSH handshake failed");
+                    return;
+                }
+            },
+            _ = &mut login => {
+                deadline_passed(&self.alerts, &self.audit, &self.defender, peer);
+                return;
+            }
+        };
+        if let Ok(mut all) = self.connections.lock() {
+            all.entry(self.id).or_default().handle = Some(running.handle());
+        }
+        tokio::pin!(running);
+        tokio::select! {
+            res = &mut running => {
+                if let Err(e) = res {
+                    tracing::debug!(peer = %peer, error = %e, "SSH session ended with an error");
+                }
+            }
+            _ = &mut login => {
+                deadline_passed(&self.alerts, &self.audit, &self.defender, peer);
+                self.cut.cancel();
+                let _ = tokio::time::timeout(Duration::from_secs(5), running).await;
+            }
+            _ = self.cut.cancelled() => {
+                let _ = tokio::time::timeout(Duration::from_secs(5), running).await;
+            }
+        }
+        if let Ok(mut all) = self.connections.lock() {
+            all.remove(&self.id);
+        }
+    }
+}
+
 /// Sessions per tenant, shared by all connections.
 type Sessions = Arc<Mutex<HashMap<String, usize>>>;
 
@@ -155,13 +224,13 @@ fn revoked(config: &Config, tenant: &Tenant, key: &PublicKey, ip: std::net::IpAd
     let Some(now) = config.tenants.get(&tenant.id) else {
         return Some("tenant removed");
     };
-    if !now.keys.iter().any(|k| k.key_data() == key.key_data()) {
+    if !now.sftp.keys.iter().any(|k| k.key_data() == key.key_data()) {
         return Some("key removed");
     }
-    if !now.allow_ips.is_empty() && !now.allow_ips.iter().any(|n| n.contains(&ip)) {
+    if !now.sftp.allow_ips.is_empty() && !now.sftp.allow_ips.iter().any(|n| n.contains(&ip)) {
         return Some("address no longer allowed");
     }
-    if now.inbox != tenant.inbox || now.outbox != tenant.outbox {
+    if now.folders.inbox != tenant.folders.inbox || now.folders.outbox != tenant.folders.outbox {
         return Some("folders moved");
     }
     None
@@ -297,59 +366,19 @@ impl SftpServer {
                 channels: HashMap::new(),
                 refused_channels: 0,
             };
-            let ssh = self.ssh.clone();
-            let alerts = self.alerts.clone();
-            let audit = self.audit.clone();
-            let defender = self.defender.clone();
-            let deadline = tokio::time::Instant::now() + self.sftp.login_deadline;
-            let connections = connections.clone();
-            let stream = fuse::Fused::new(socket, cut.clone());
-            tokio::spawn(async move {
-                let _descriptor = descriptor;
-                // Cut at the deadline unless logged in by then.
-                let login = async {
-                    tokio::time::sleep_until(deadline).await;
-                    if authenticated.load(Ordering::Acquire) {
-                        std::future::pending::<()>().await;
-                    }
-                };
-                tokio::pin!(login);
-                let running = tokio::select! {
-                    r = russh::server::run_stream(ssh, stream, handler) => match r {
-                        Ok(r) => r,
-                        Err(e) => {
-                            tracing::debug!(peer = %peer, error = %e, "SSH handshake failed");
-                            return;
-                        }
-                    },
-                    _ = &mut login => {
-                        deadline_passed(&alerts, &audit, &defender, peer);
-                        return;
-                    }
-                };
-                if let Ok(mut all) = connections.lock() {
-                    all.entry(id).or_default().handle = Some(running.handle());
-                }
-                tokio::pin!(running);
-                tokio::select! {
-                    res = &mut running => {
-                        if let Err(e) = res {
-                            tracing::debug!(peer = %peer, error = %e, "SSH session ended with an error");
-                        }
-                    }
-                    _ = &mut login => {
-                        deadline_passed(&alerts, &audit, &defender, peer);
-                        cut.cancel();
-                        let _ = tokio::time::timeout(Duration::from_secs(5), running).await;
-                    }
-                    _ = cut.cancelled() => {
-                        let _ = tokio::time::timeout(Duration::from_secs(5), running).await;
-                    }
-                }
-                if let Ok(mut all) = connections.lock() {
-                    all.remove(&id);
-                }
-            });
+            let life = Lifetime {
+                id,
+                peer,
+                deadline: tokio::time::Instant::now() + self.sftp.login_deadline,
+                authenticated,
+                cut: cut.clone(),
+                connections: connections.clone(),
+                alerts: self.alerts.clone(),
+                audit: self.audit.clone(),
+                defender: self.defender.clone(),
+            };
+            let stream = fuse::Fused::new(socket, cut);
+            tokio::spawn(life.run(self.ssh.clone(), stream, handler, descriptor));
         }
     }
 
@@ -494,14 +523,14 @@ impl SshSession {
     fn check(&self, user: &str, key: &PublicKey) -> Result<Arc<Tenant>, &'static str> {
         let config = self.config.get();
         let tenant = config.tenants.get(user).ok_or("unknown user")?;
-        if !tenant.allow_ips.is_empty() && !tenant.allow_ips.iter().any(|n| n.contains(&self.peer.ip())) {
+        if !tenant.sftp.allow_ips.is_empty() && !tenant.sftp.allow_ips.iter().any(|n| n.contains(&self.peer.ip())) {
             return Err("IP not allowed");
         }
         if key.algorithm() != Algorithm::Ed25519 {
             return Err("key type not allowed");
         }
         // Compare key data, not the whole key: the comment is not part of the key.
-        if !tenant.keys.iter().any(|k| k.key_data() == key.key_data()) {
+        if !tenant.sftp.keys.iter().any(|k| k.key_data() == key.key_data()) {
             return Err("unknown key");
         }
         Ok(tenant.clone())
@@ -548,7 +577,7 @@ impl russh::server::Handler for SshSession {
         {
             let mut sessions = self.sessions.lock().map_err(|_| russh::Error::Disconnect)?;
             let count = sessions.entry(tenant.id.clone()).or_default();
-            if *count >= tenant.max_sessions {
+            if *count >= tenant.sftp.max_sessions {
                 drop(sessions);
                 return Ok(self.refuse(user, "publickey", Some(key.public_key), "too many sessions"));
             }

@@ -224,7 +224,7 @@ impl World {
         }
         let Some(held) = self
             .open_files
-            .try_take(self.tenant.id.clone(), self.tenant.max_open_files)
+            .try_take(self.tenant.id.clone(), self.tenant.sftp.max_open_files)
         else {
             return Err(refused(
                 StatusCode::Failure,
@@ -267,8 +267,8 @@ impl World {
 
     fn folder(&self, place: &Place) -> Option<&Path> {
         match place {
-            Place::Inbox | Place::InboxFile(_) => Some(&self.tenant.inbox),
-            Place::Outbox | Place::OutboxFile(_) => Some(&self.tenant.outbox),
+            Place::Inbox | Place::InboxFile(_) => Some(&self.tenant.folders.inbox),
+            Place::Outbox | Place::OutboxFile(_) => Some(&self.tenant.folders.outbox),
             Place::Root => None,
         }
     }
@@ -388,9 +388,9 @@ impl russh_sftp::server::Handler for World {
         let place = self.place(&filename)?;
         let open = match (place, writing) {
             (Place::InboxFile(name), true) => {
-                if !crate::disk::upload_allowed(&self.tenant.inbox, self.min_free_space) {
+                if !crate::disk::upload_allowed(&self.tenant.folders.inbox, self.min_free_space) {
                     tracing::warn!(tenant = %self.tenant.id, file = %limits::shown(&name), "SFTP upload refused: server storage low");
-                    self.event("sftp.upload-refused", &self.tenant.inbox.join(&name))
+                    self.event("sftp.upload-refused", &self.tenant.folders.inbox.join(&name))
                         .detail("reason", "disk_low")
                         .record(&self.audit);
                     return Err(refused(StatusCode::Failure, "server storage is low; try again later"));
@@ -399,7 +399,7 @@ impl russh_sftp::server::Handler for World {
                 let mut rand = [0u8; 8];
                 getrandom::fill(&mut rand).map_err(|_| StatusCode::Failure)?;
                 let tag: String = rand.iter().map(|b| format!("{b:02x}")).collect();
-                let temp = self.tenant.inbox.join(format!("{UPLOAD_PREFIX}{tag}.part"));
+                let temp = self.tenant.folders.inbox.join(format!("{UPLOAD_PREFIX}{tag}.part"));
                 let file = OpenOptions::new()
                     .write(true)
                     .read(true)
@@ -410,7 +410,7 @@ impl russh_sftp::server::Handler for World {
                 let upload = Open::Upload {
                     file,
                     temp,
-                    target: self.tenant.inbox.join(name),
+                    target: self.tenant.folders.inbox.join(name),
                     failed: None,
                 };
                 self.add(upload, slot)
@@ -420,7 +420,7 @@ impl russh_sftp::server::Handler for World {
                 let file = OpenOptions::new()
                     .read(true)
                     .custom_flags(libc::O_NOFOLLOW)
-                    .open(self.tenant.outbox.join(&name))
+                    .open(self.tenant.folders.outbox.join(&name))
                     .map_err(|e| io_reply(&e))?;
                 if !file.metadata().map(|m| m.is_file()).unwrap_or(false) {
                     return Err(StatusCode::NoSuchFile.into());
@@ -433,7 +433,7 @@ impl russh_sftp::server::Handler for World {
     }
 
     async fn write(&mut self, id: u32, handle: String, offset: u64, data: Vec<u8>) -> Reply<Status> {
-        let limit = self.tenant.max_file_bytes;
+        let limit = self.tenant.batch.max_file_bytes;
         match self.handle_mut(&handle) {
             Some(Open::Upload {
                 failed: Some((_, message)),
@@ -474,7 +474,7 @@ impl russh_sftp::server::Handler for World {
 
     async fn fsetstat(&mut self, id: u32, handle: String, attrs: FileAttributes) -> Reply<Status> {
         // `scp -s` truncates with fsetstat(size): apply it; times and modes are accepted and ignored.
-        let limit = self.tenant.max_file_bytes;
+        let limit = self.tenant.batch.max_file_bytes;
         if let (Some(size), Some(Open::Upload { file, failed, .. })) = (attrs.size, self.handle_mut(&handle)) {
             if size > limit {
                 *failed = Some(TOO_LARGE);
@@ -510,7 +510,7 @@ impl russh_sftp::server::Handler for World {
                 tracing::warn!(tenant = %self.tenant.id, file = %limits::shown(&file_name(&target)), reason, "SFTP upload refused");
                 let mut event = self.event("sftp.upload-refused", &target).detail("reason", reason);
                 if reason == TOO_LARGE.0 {
-                    event = event.detail("limit", self.tenant.max_file_bytes);
+                    event = event.detail("limit", self.tenant.batch.max_file_bytes);
                 }
                 event.record(&self.audit);
                 Err(refused(StatusCode::Failure, message))
@@ -525,7 +525,7 @@ impl russh_sftp::server::Handler for World {
                 let landed = file
                     .sync_all()
                     .and_then(|_| fs::rename(&temp, &target))
-                    .and_then(|_| File::open(&self.tenant.inbox)?.sync_all());
+                    .and_then(|_| File::open(&self.tenant.folders.inbox)?.sync_all());
                 if let Err(e) = landed {
                     let _ = fs::remove_file(&temp);
                     let why = write_failure(&e);
@@ -587,7 +587,7 @@ impl russh_sftp::server::Handler for World {
     async fn remove(&mut self, id: u32, filename: String) -> Reply<Status> {
         match self.place(&filename)? {
             Place::OutboxFile(name) => {
-                let path = self.tenant.outbox.join(&name);
+                let path = self.tenant.folders.outbox.join(&name);
                 if file_attrs(&path).is_none() {
                     return Err(StatusCode::NoSuchFile.into());
                 }
@@ -604,11 +604,11 @@ impl russh_sftp::server::Handler for World {
         // Clients that upload as `name.filepart` and rename afterwards (WinSCP).
         match (self.place(&oldpath)?, self.place(&newpath)?) {
             (Place::InboxFile(from), Place::InboxFile(to)) => {
-                let from = self.tenant.inbox.join(from);
+                let from = self.tenant.folders.inbox.join(from);
                 if file_attrs(&from).is_none() {
                     return Err(StatusCode::NoSuchFile.into());
                 }
-                let target = self.tenant.inbox.join(to);
+                let target = self.tenant.folders.inbox.join(to);
                 fs::rename(&from, &target).map_err(|e| io_code(&e))?;
                 self.event("sftp.rename", &target)
                     .detail("from", file_name(&from))

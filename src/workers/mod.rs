@@ -8,6 +8,8 @@
 //! [`DEADLINE`].
 //!
 //! The workers:
+//! - [`ingest`]: claimed files into the store, one at a time (on a blocking thread of its own,
+//!   not under [`spawn`]: a batch is one long blocking task);
 //! - [`disk`]: the disk watch (free space under `state_dir`, the store's healing);
 //! - [`sweep`]: retention (`anonymize_after`, `delete_after`);
 //! - [`reseal`]: re-sealing after `key rotate`;
@@ -19,6 +21,7 @@
 
 pub mod backup;
 pub mod disk;
+pub mod ingest;
 pub mod mail;
 pub mod reseal;
 pub mod sweep;

@@ -40,8 +40,8 @@ impl Sweeper {
                 (
                     t.id.clone(),
                     Retention {
-                        anonymize_after: t.anonymize_after.map(|d| d.as_secs() as i64),
-                        delete_after: t.delete_after.as_secs() as i64,
+                        anonymize_after: t.retention.anonymize_after.map(|d| d.as_secs() as i64),
+                        delete_after: t.retention.delete_after.as_secs() as i64,
                     },
                 )
             })

@@ -23,6 +23,11 @@ pub fn now() -> i64 {
         .saturating_add(paused_ahead())
 }
 
+/// [`now`] as a timestamp.
+pub fn timestamp() -> jiff::Timestamp {
+    jiff::Timestamp::from_second(now()).unwrap_or_else(|_| jiff::Timestamp::now())
+}
+
 /// Seconds the clock runs ahead of the system's.
 pub fn skew() -> i64 {
     std::env::var_os(SKEW_VAR)

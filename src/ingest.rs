@@ -207,7 +207,7 @@ impl Ingestor<'_> {
         claim: &str,
         file_name: &str,
     ) -> Result<BatchRecord, IngestError> {
-        let now = jiff::Timestamp::now().as_second();
+        let now = crate::clock::now();
         let mut batch = self
             .store
             .begin_batch(&tenant.id, file_name, claim, ReplyFormat::default(), now)?;
@@ -266,7 +266,7 @@ impl Ingestor<'_> {
         if let (None, Some(prepared)) = (&rejection, prepared) {
             batch.accepted = summary.accepted;
             let admission = Admission {
-                day: jiff::Timestamp::now()
+                day: crate::clock::timestamp()
                     .to_zoned_datetime(tenant.timezone.clone())
                     .date()
                     .to_string(),

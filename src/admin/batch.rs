@@ -87,7 +87,7 @@ fn dry_run(
         .get(tenant)
         .ok_or_else(|| AdminError::NoTenant(tenant.to_string()))?;
     let keys = store.keys().tenant(&tenant.id);
-    let now = jiff::Timestamp::now().as_second();
+    let now = crate::clock::now();
     let window = tenant.batch.dedupe_window.as_secs() as i64;
     let seen = |hash: &[u8; 32]| -> Result<bool, ingest::IngestError> {
         Ok(store.seen_file(&tenant.id, hash, now, window)?.is_some())

@@ -131,7 +131,7 @@ fn answer(ctx: &AdminContext, request: &Request, event: &mut Event) -> Result<Ve
         ctx,
         config: &config,
         event,
-        now: jiff::Timestamp::now().as_second(),
+        now: crate::clock::now(),
     };
     match request {
         Request::Status => status::status(call),

@@ -145,7 +145,7 @@ pub fn process<S: LineSink>(
         columns: &columns,
         encoding,
         utf8_fields: records.utf8_fields,
-        now: jiff::Timestamp::now(),
+        now: crate::clock::timestamp(),
     };
     // The one structure that grows with the file: 8-byte fingerprints of accepted lines, for
     // `duplicate_recipient`. Sized once from the file's line count (at most `max_lines`) so it

@@ -279,7 +279,7 @@ impl HttpPartner {
             use sha2::Digest;
             sha2::Sha256::digest(&body).into()
         };
-        let now = jiff::Timestamp::now().as_second();
+        let now = crate::clock::now();
         if self
             .seen
             .lock()

@@ -68,8 +68,9 @@ pub struct Dispatcher {
     pub board: HealthBoard,
 }
 
+/// The dispatcher's wall time: `send_at`, retries, validity and receipt timeouts read it.
 fn now() -> i64 {
-    jiff::Timestamp::now().as_second()
+    crate::clock::now()
 }
 
 impl Dispatcher {

@@ -259,6 +259,17 @@ impl HttpPartner {
             .get("x-smsdrop-signature")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+        // A body declared too large is refused before a byte of it is read: a client that
+        // asked `Expect: 100-continue` (curl does for large bodies) then sends nothing, and no
+        // unread body is left to reset the connection under the answer.
+        let declared = req
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|n| n > WEBHOOK_MAX_BYTES as u64) {
+            return answer(StatusCode::PAYLOAD_TOO_LARGE, "body too large (64 KiB at most)");
+        }
         let body = match tokio::time::timeout(
             WEBHOOK_BODY_DEADLINE,
             Limited::new(req.into_body(), WEBHOOK_MAX_BYTES).collect(),

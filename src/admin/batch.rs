@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
-use super::{AdminError, Call};
+use super::{AdminError, Call, time_text};
 use crate::ingest::{self, DryRunSink};
 use crate::sms::codes::MessageStatus;
 use crate::store::StoreError;
@@ -105,12 +105,6 @@ fn dry_run(
     let mut sink = DryRunSink::default();
     let summary = crate::batch::file::process(path, &ctx, &mut sink).map_err(ingest::IngestError::from)?;
     Ok(sink.finish(&summary)?)
-}
-
-pub(super) fn time_text(t: i64) -> String {
-    jiff::Timestamp::from_second(t)
-        .map(|ts| ts.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
-        .unwrap_or_default()
 }
 
 /// `smsdrop batch list`.

@@ -163,3 +163,10 @@ fn answer(ctx: &AdminContext, request: &Request, event: &mut Event) -> Result<Ve
 fn number_hash(store: &Store, tenant: &str, e164: &str) -> String {
     crate::store::retention::hex(&store.keys().tenant(tenant).phone_hash(e164))
 }
+
+/// A time as commands print it: UTC, to the second.
+pub(crate) fn time_text(t: i64) -> String {
+    jiff::Timestamp::from_second(t)
+        .map(|ts| ts.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .unwrap_or_default()
+}

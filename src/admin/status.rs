@@ -27,7 +27,7 @@ fn workers_text(out: &mut String, workers: Option<&crate::workers::Workers>) {
     );
     for (name, w) in workers.snapshot() {
         let last = match &w.last_error {
-            Some((at, why)) => format!("{} {why}", super::batch::time_text(*at)),
+            Some((at, why)) => format!("{} {why}", super::time_text(*at)),
             None => "-".into(),
         };
         let _ = writeln!(

@@ -231,6 +231,12 @@ impl Pace {
         self.ingesting.load(Ordering::Relaxed)
     }
 
+    /// [`Pace::ingesting`] for the store's step loops, which run on a blocking thread.
+    pub fn give_way(&self) -> impl Fn() -> bool + Send + 'static {
+        let ingesting = self.ingesting.clone();
+        move || ingesting.load(Ordering::Relaxed)
+    }
+
     /// The next round after one that took `steps` of `budget`: soon while more may be due (it
     /// used its budget, or ingest cut it short), at `every` once nothing is.
     pub fn next(&self, steps: u64, budget: u64) -> Next {

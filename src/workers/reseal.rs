@@ -30,12 +30,12 @@ impl Worker for Resealer {
 
     async fn work(&mut self) -> Result<Next, Failed> {
         let budget = self.pace.budget();
-        let (busy, cursor) = (self.pace.ingesting.clone(), self.cursor.clone());
+        let (give_way, cursor) = (self.pace.give_way(), self.cursor.clone());
         let look = self
             .store
             .blocking(move |s| {
                 let mut cursor = cursor.lock().unwrap_or_else(|p| p.into_inner());
-                s.reseal(&mut cursor, budget, &|| busy.load(std::sync::atomic::Ordering::Relaxed))
+                s.reseal(&mut cursor, budget, &give_way)
             })
             .await
             .map_err(Failed::new)?;

@@ -60,13 +60,11 @@ impl Worker for Sweeper {
         let policies = self.policies();
         let mark = now - self.last_mark >= 60;
         let budget = self.pace.budget();
-        let busy = self.pace.ingesting.clone();
+        let give_way = self.pace.give_way();
         let swept = self
             .store
             .blocking(move |s| {
-                let swept = s.sweep(&policies, now, budget, &|| {
-                    busy.load(std::sync::atomic::Ordering::Relaxed)
-                })?;
+                let swept = s.sweep(&policies, now, budget, &give_way)?;
                 if swept.steps > 0 || mark {
                     s.set_mark(Mark::SweepAt, now.max(0) as u64)?;
                 }

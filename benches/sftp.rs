@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Appliance, batches, client_key, free_port, peak_rss_kib};
+use common::{Appliance, batches, client_key, peak_rss_kib, reserve};
 
 fn upload(port: u16, key: &Path, user: &str, local: &Path, remote: &str) -> Duration {
     let batch = local.with_extension("batch");
@@ -84,15 +84,16 @@ fn main() {
         .unwrap_or(1024);
     let work = tempfile::tempdir().expect("dir");
     let (key, public) = client_key(work.path(), "id_bench", "ed25519");
-    let port = free_port();
     let mut app = Appliance::new(&format!(
-        "\n[tenant.bench]\ndefault_region = \"FR\"\nsender = \"ACME\"\nrequire_trigger = true\nmax_file_bytes = \"4 GiB\"\nkeys = [\"{public}\"]\n\n[sftp]\nlisten = \"127.0.0.1:{port}\"\n"
+        "\n[tenant.bench]\ndefault_region = \"FR\"\nsender = \"ACME\"\nrequire_trigger = true\nmax_file_bytes = \"4 GiB\"\nkeys = [\"{public}\"]\n\n[sftp]\nlisten = \"127.0.0.1:0\"\n"
     ));
     app.start();
-    let sshd_port = free_port();
+    let port = app.port("SFTP server");
+    // Held for sshd, which binds it by number (with SO_REUSEADDR).
+    let sshd_port = reserve();
     let sshd_dir = work.path().join("sshd");
     std::fs::create_dir_all(&sshd_dir).expect("dir");
-    let mut sshd = start_sshd(&sshd_dir, sshd_port, &public);
+    let mut sshd = start_sshd(&sshd_dir, sshd_port.port, &public);
     let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
 
     let bin = work.path().join("big.bin");
@@ -130,7 +131,7 @@ fn main() {
             );
             let _ = std::fs::remove_file(&landed);
             let dest = sshd_dir.join(&remote);
-            theirs.push(upload(sshd_port, &key, &user, local, dest.to_str().expect("path")));
+            theirs.push(upload(sshd_port.port, &key, &user, local, dest.to_str().expect("path")));
             let _ = std::fs::remove_file(&dest);
         }
         let mb = size as f64 / 1e6;

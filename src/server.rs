@@ -473,7 +473,9 @@ async fn start_exporter(
         partners: wiring.health.clone(),
         workers: wiring.workers.clone(),
     };
-    tracing::info!(%addr, "metrics listening (/metrics, /healthz, /readyz)");
+    // The address bound, not the one asked for: `127.0.0.1:0` takes any free port.
+    let bound = listener.local_addr().unwrap_or(addr);
+    tracing::info!(addr = %bound, "metrics listening (/metrics, /healthz, /readyz)");
     tracker.spawn(exporter.run(listener, stop.clone()));
     Ok(())
 }

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Appliance, SmtpServer, free_port, tenant, wait_log};
+use common::{Appliance, SmtpServer, reserve, tenant, wait_log};
 
 const ADMIN: &str = "ops@example.net";
 const ERP: &str = "erp@acme.example";
@@ -23,14 +23,15 @@ fn acme(extra: &str) -> String {
 
 #[test]
 fn each_alert_kind_reaches_tenant_and_admin_with_details() {
-    let port = free_port();
+    let smtp_port = reserve();
+    let port = smtp_port.port;
     let mut app = Appliance::new(&format!(
         "{}{}{}",
         acme("hold_above = 2\nmax_per_day = 6"),
         tenant("quiet", ""),
         email_table(&format!("smtp://127.0.0.1:{port}"), "")
     ));
-    let smtp = SmtpServer::start(port, &app.path("maildir"), None);
+    let smtp = SmtpServer::start(&smtp_port, &app.path("maildir"), None);
     app.start();
     // batch_rejected: a whole file
     app.drop_file("acme", "nocol.csv", b"name;text\nZoe;Hi\n");
@@ -129,7 +130,8 @@ fn each_alert_kind_reaches_tenant_and_admin_with_details() {
 
 #[test]
 fn mail_waits_for_a_late_server_and_survives_a_restart_once() {
-    let port = free_port();
+    let smtp_port = reserve();
+    let port = smtp_port.port;
     let mut app = Appliance::new(&format!(
         "{}{}",
         acme(""),
@@ -162,7 +164,7 @@ fn mail_waits_for_a_late_server_and_survives_a_restart_once() {
     assert!(plain.split_whitespace().any(|w| w == "retry_in_s=5"), "{plain}");
     // stopped with the mail still queued
     assert!(app.stop().success());
-    let smtp = SmtpServer::start(port, &app.path("maildir"), None);
+    let smtp = SmtpServer::start(&smtp_port, &app.path("maildir"), None);
     app.start();
     wait_log(
         &app,
@@ -185,7 +187,7 @@ fn mail_waits_for_a_late_server_and_survives_a_restart_once() {
     app.drop_file("acme", "later.csv", b"a;b\n1;2\n");
     app.result("acme", "later");
     std::thread::sleep(Duration::from_secs(2));
-    let smtp = SmtpServer::start(port, &app.path("maildir"), None);
+    let smtp = SmtpServer::start(&smtp_port, &app.path("maildir"), None);
     let mails = smtp.wait_mails(4, Duration::from_secs(40));
     assert_eq!(mails.iter().filter(|m| m.subject.contains("later.csv")).count(), 2);
 }
@@ -223,13 +225,14 @@ fn a_silent_server_does_not_hang_smsdrop() {
 
 #[test]
 fn a_flood_of_rejected_files_gives_one_mail_and_one_digest() {
-    let port = free_port();
+    let smtp_port = reserve();
+    let port = smtp_port.port;
     let mut app = Appliance::new(&format!(
         "{}{}",
         acme(""),
         email_table(&format!("smtp://127.0.0.1:{port}"), "")
     ));
-    let smtp = SmtpServer::start(port, &app.path("maildir"), None);
+    let smtp = SmtpServer::start(&smtp_port, &app.path("maildir"), None);
     app.start();
     for i in 0..100 {
         app.drop_file("acme", &format!("bad{i:03}.csv"), format!("x;y\n{i};2\n").as_bytes());
@@ -266,7 +269,8 @@ fn a_flood_of_rejected_files_gives_one_mail_and_one_digest() {
 
 #[test]
 fn starttls_with_a_test_ca_and_plain_text_refused_cleanly() {
-    let port = free_port();
+    let smtp_port = reserve();
+    let port = smtp_port.port;
     let certs = tempfile::tempdir().expect("dir");
     let (ca, cert, key) = common::test_ca(certs.path());
     let mut app = Appliance::new(&format!(
@@ -277,7 +281,7 @@ fn starttls_with_a_test_ca_and_plain_text_refused_cleanly() {
             &format!("ca_file = \"{}\"", ca.display())
         )
     ));
-    let smtp = SmtpServer::start(port, &app.path("maildir"), Some((&cert, &key)));
+    let smtp = SmtpServer::start(&smtp_port, &app.path("maildir"), Some((&cert, &key)));
     app.start();
     app.drop_file("acme", "tls.csv", b"x;y\n1;2\n");
     app.result("acme", "tls");
@@ -300,7 +304,8 @@ fn starttls_with_a_test_ca_and_plain_text_refused_cleanly() {
 
 #[test]
 fn daily_report_per_tenant_and_summary_for_the_admin_once() {
-    let port = free_port();
+    let smtp_port = reserve();
+    let port = smtp_port.port;
     let at = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(6);
     let local = at
         .to_zoned_datetime(jiff::tz::TimeZone::get("Europe/Paris").expect("tz"))
@@ -314,7 +319,7 @@ fn daily_report_per_tenant_and_summary_for_the_admin_once() {
             &format!("daily_report_at = \"{local}\"")
         )
     ));
-    let smtp = SmtpServer::start(port, &app.path("maildir"), None);
+    let smtp = SmtpServer::start(&smtp_port, &app.path("maildir"), None);
     app.start();
     app.drop_file("acme", "day.csv", b"phone;message\n0612345678;Hello\nbad;x\n");
     app.drop_file("acme", "broken.csv", b"x;y\n1;2\n");
@@ -370,7 +375,8 @@ fn daily_report_per_tenant_and_summary_for_the_admin_once() {
 
 #[test]
 fn implicit_tls_with_a_test_ca() {
-    let port = free_port();
+    let smtp_port = reserve();
+    let port = smtp_port.port;
     let certs = tempfile::tempdir().expect("dir");
     let (ca, cert, key) = common::test_ca(certs.path());
     let mut app = Appliance::new(&format!(
@@ -381,7 +387,7 @@ fn implicit_tls_with_a_test_ca() {
             &format!("ca_file = \"{}\"", ca.display())
         )
     ));
-    let smtp = SmtpServer::start_with(port, &app.path("maildir"), Some((&cert, &key)), true);
+    let smtp = SmtpServer::start_with(&smtp_port, &app.path("maildir"), Some((&cert, &key)), true);
     app.start();
     app.drop_file("acme", "smtps.csv", b"x;y\n1;2\n");
     app.result("acme", "smtps");

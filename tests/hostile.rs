@@ -9,7 +9,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Appliance, Door, client_key, free_port, sftp_batch, tenant, venv_python, wait_for};
+use common::{Appliance, Door, client_key, reserve, sftp_batch, tenant, venv_python, wait_for};
 
 /// An appliance with `[sftp]` (plus `sftp_extra`), tenant acme with one Ed25519 key (plus
 /// `acme_extra`) and `tables` after them.
@@ -30,7 +30,7 @@ fn hostile(port: u16, args: &[&str]) -> Command {
 /// `conns` connections of the hostile peer, each with 4 SFTP sessions opening uploads until
 /// refused: the peer, still holding them until its stdin closes, and what it reported.
 fn hold_handles(d: &Door, conns: u32) -> (std::process::Child, serde_json::Value) {
-    let mut held = hostile(d.port, &["handles", d.key.to_str().expect("path"), &conns.to_string()])
+    let mut held = hostile(d.port(), &["handles", d.key.to_str().expect("path"), &conns.to_string()])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -59,7 +59,7 @@ fn upload(d: &Door, name: &str, content: &str) -> std::process::Output {
     let local = d.app.path(&format!("local-{name}"));
     std::fs::write(&local, content).expect("write");
     sftp_batch(
-        d.port,
+        d.port(),
         &d.key,
         "acme",
         &format!("put {} /inbox/{name}\n", local.display()),
@@ -71,7 +71,7 @@ fn silent_banners_are_cut_at_the_login_deadline_and_one_address_cannot_fill_the_
     let mut d = door("login_deadline = \"2s\"\nmax_unauthenticated_per_ip = 4", "", "");
     d.app.start();
     // Ten connections from 127.0.0.2 that send a banner and then nothing.
-    let attack = hostile(d.port, &["silent", "10", "12", "127.0.0.2"])
+    let attack = hostile(d.port(), &["silent", "10", "12", "127.0.0.2"])
         .stdout(Stdio::piped())
         .spawn()
         .expect("hostile peer");
@@ -114,7 +114,7 @@ fn silent_banners_are_cut_at_the_login_deadline_and_one_address_cannot_fill_the_
 fn one_connection_cannot_open_more_than_max_channels_and_closed_channels_are_released() {
     let mut d = door("", "", "");
     d.app.start();
-    let got = hostile_json(d.port, &["channels", d.key.to_str().expect("path"), "10"]);
+    let got = hostile_json(d.port(), &["channels", d.key.to_str().expect("path"), "10"]);
     assert_eq!(got["opened"], 4, "{got}");
     assert_eq!(got["refused"], 6, "{got}");
     assert_eq!(
@@ -195,7 +195,7 @@ fn clients_cannot_take_the_descriptors_the_store_watcher_and_admin_socket_need()
 fn every_request_an_sftp_appliance_refuses_gets_an_answer_and_the_tries_are_audited() {
     let mut d = door("", "", "");
     d.app.start();
-    let got = hostile_json(d.port, &["requests", d.key.to_str().expect("path")]);
+    let got = hostile_json(d.port(), &["requests", d.key.to_str().expect("path")]);
     for request in ["env", "pty-req", "x11-req", "exec", "shell"] {
         assert_eq!(got[request], "answered", "{request}: {got}");
     }
@@ -210,7 +210,7 @@ fn every_request_an_sftp_appliance_refuses_gets_an_answer_and_the_tries_are_audi
 fn malformed_and_overlong_sftp_packets_get_a_status_with_their_id() {
     let mut d = door("", "", "");
     d.app.start();
-    let got = hostile_json(d.port, &["badpackets", d.key.to_str().expect("path")]);
+    let got = hostile_json(d.port(), &["badpackets", d.key.to_str().expect("path")]);
     assert_eq!(got["version"], 2, "VERSION answers INIT: {got}");
     // SSH_FXP_STATUS (101), the request's own id, SSH_FX_BAD_MESSAGE (5)
     assert_eq!(
@@ -309,7 +309,7 @@ fn names_with_control_characters_are_refused_and_never_forge_a_log_line() {
     std::fs::write(&local, "phone;message\n0612345678;Hello\n").expect("write");
     let out = Command::new(venv_python())
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/paramiko_client.py"))
-        .args([&d.port.to_string(), "acme", "upload", d.key.to_str().expect("path")])
+        .args([&d.port().to_string(), "acme", "upload", d.key.to_str().expect("path")])
         .arg(&local)
         .arg("/inbox/evil\nINFO forged line.csv")
         .output()
@@ -467,7 +467,8 @@ fn cr_only_files_long_messages_and_wide_headers_get_the_right_codes() {
 
 #[test]
 fn a_burst_of_refusals_gives_a_digest_that_keeps_each_refusals_details() {
-    let port = free_port();
+    let smtp_port = reserve();
+    let port = smtp_port.port;
     let keys = tempfile::tempdir().expect("dir");
     let (stranger, stranger_public) = client_key(keys.path(), "id_stranger", "ed25519");
     let print = {
@@ -490,11 +491,11 @@ fn a_burst_of_refusals_gives_a_digest_that_keeps_each_refusals_details() {
             "\n[defender]\nscore_limit = 1000\n\n[email]\nsmtp_url = \"smtp://127.0.0.1:{port}\"\nfrom = \"smsdrop <smsdrop@example.net>\"\nadmin_to = [\"ops@example.net\"]\nmin_interval = \"5s\"\ntimeout = \"3s\"\n"
         ),
     );
-    let smtp = common::SmtpServer::start(port, &d.app.path("maildir"), None);
+    let smtp = common::SmtpServer::start(&smtp_port, &d.app.path("maildir"), None);
     d.app.start();
     // Six tries with a key the tenant does not have: one alert mail, then a digest.
     for _ in 0..6 {
-        let out = sftp_batch(d.port, &stranger, "acme", "ls /\n");
+        let out = sftp_batch(d.port(), &stranger, "acme", "ls /\n");
         assert!(!out.status.success());
     }
     let mails = smtp.wait_mails(2, Duration::from_secs(30));
@@ -558,16 +559,16 @@ fn http_get(port: u16, path: &str) -> (u16, String) {
 
 #[test]
 fn below_min_free_space_new_work_waits_and_everything_resumes_when_space_is_back() {
-    let metrics = free_port();
     let mut d = common::door(
         "min_free_space = \"100 MiB\"",
         "",
         "",
-        &format!("\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n"),
+        "\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
     );
     // state_dir (with the inboxes under it) on a 256 MiB file system of its own.
     let _disk = Tmpfs::mount(&d.app.state_dir(), "256m");
     d.app.start();
+    let metrics = d.app.port("metrics");
     assert_eq!(http_get(metrics, "/readyz").0, 200);
     // Fill it to 50 MiB free, once the dispatch log's files are written whole (two of 32 MiB).
     let state = d.app.state_dir();
@@ -654,20 +655,20 @@ fn fill_to_the_brim(dir: &std::path::Path) -> std::path::PathBuf {
 
 #[test]
 fn a_store_that_failed_on_a_full_disk_heals_by_itself_and_nothing_acknowledged_is_lost() {
-    let metrics = free_port();
     // The free-space guard off: this is about the writes that fail when the disk is full.
     // The outbox on another file system: what fails here is the store.
     let outbox = tempfile::tempdir().expect("outbox");
     let mut app = Appliance::new_with(
         "min_free_space = 0",
         &format!(
-            "{}\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n",
+            "{}\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
             tenant("acme", &format!("outbox = \"{}\"", outbox.path().display()))
         ),
     );
     let state = app.state_dir();
     let _disk = Tmpfs::mount(&state, "128m");
     app.start();
+    let metrics = app.port("metrics");
     // One batch acknowledged before the disk fills.
     let before = app.inbox("acme").join(".before.tmp");
     std::fs::write(&before, "phone;message\n0612345670;Before\n").expect("write");

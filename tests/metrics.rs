@@ -41,9 +41,8 @@ fn get(port: u16, path: &str) -> (u16, String) {
 fn metrics_follow_an_end_to_end_run() {
     let dir = tempfile::tempdir().expect("dir");
     let smsc = Smsc::start(dir.path(), &[]);
-    let (port, sftp_port) = (common::free_port(), common::free_port());
     let tables = format!(
-        "{}{}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n\n[sftp]\nlisten = \"127.0.0.1:{sftp_port}\"\n\n[partner.smsc]\nkind = \"smpp\"\naddress = \"127.0.0.1:{}\"\nsystem_id = \"smsdrop\"\npassword_file = \"smsc.secret\"\n\n[[route]]\nprefix = \"+33\"\npartners = [\"smsc\"]\n",
+        "{}{}\n[metrics]\nlisten = \"127.0.0.1:0\"\n\n[sftp]\nlisten = \"127.0.0.1:0\"\n\n[partner.smsc]\nkind = \"smpp\"\naddress = \"127.0.0.1:{}\"\nsystem_id = \"smsdrop\"\npassword_file = \"smsc.secret\"\n\n[[route]]\nprefix = \"+33\"\npartners = [\"smsc\"]\n",
         tenant("acme", "hold_above = 3\n"),
         tenant("beta", ""),
         smsc.port
@@ -51,6 +50,7 @@ fn metrics_follow_an_end_to_end_run() {
     let mut app = Appliance::new(&tables);
     std::fs::write(app.path("smsc.secret"), "secret\n").expect("password file");
     app.start();
+    let (port, sftp_port) = (app.port("metrics"), app.port("SFTP server"));
     assert_eq!(get(port, "/healthz").0, 200);
     assert_eq!(get(port, "/readyz").0, 200);
     assert_eq!(get(port, "/nothing").0, 404);

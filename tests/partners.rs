@@ -444,26 +444,27 @@ fn until_up(app: &Appliance, partner: &str, next: &mut usize) {
 #[test]
 fn failover_from_a_dead_or_slow_smsc_and_back() {
     let dir = tempfile::tempdir().expect("dir");
-    let smtp_port = common::free_port();
+    let smtp_port = common::reserve();
     let backup = Smsc::start(dir.path(), &[]);
-    let primary_port = common::free_port(); // nothing listens there yet: the primary is dead
+    let primary_port = common::reserve(); // held, and nothing listens there yet: the primary is dead
     let smpp = |id: &str, port: u16, extra: &str| {
         format!(
             "\n[partner.{id}]\nkind = \"smpp\"\naddress = \"127.0.0.1:{port}\"\nsystem_id = \"smsdrop\"\npassword_file = \"smsc.secret\"\nwindow = 10\n{extra}\n"
         )
     };
     let mut app = Appliance::new(&format!(
-        "{}\n[email]\nsmtp_url = \"smtp://127.0.0.1:{smtp_port}\"\nfrom = \"smsdrop@example.net\"\nadmin_to = [\"ops@example.net\"]\nmin_interval = \"0s\"\n{}{}\n[[route]]\nprefix = \"+33\"\npartners = [\"primary\", \"backup\"]\n",
+        "{}\n[email]\nsmtp_url = \"smtp://127.0.0.1:{}\"\nfrom = \"smsdrop@example.net\"\nadmin_to = [\"ops@example.net\"]\nmin_interval = \"0s\"\n{}{}\n[[route]]\nprefix = \"+33\"\npartners = [\"primary\", \"backup\"]\n",
         tenant("acme", ""),
+        smtp_port.port,
         smpp(
             "primary",
-            primary_port,
+            primary_port.port,
             "response_timeout = \"5s\"\nmax_latency = \"1s\"\nprobe_interval = \"2s\""
         ),
         smpp("backup", backup.port, ""),
     ));
     std::fs::write(app.path("smsc.secret"), "secret\n").expect("password file");
-    let smtp = common::SmtpServer::start(smtp_port, &app.path("maildir"), None);
+    let smtp = common::SmtpServer::start(&smtp_port, &app.path("maildir"), None);
     app.start();
     let partner_of = |report: &[Vec<String>]| -> std::collections::BTreeSet<String> {
         report[1..].iter().map(|r| r[5].clone()).collect()
@@ -493,7 +494,7 @@ fn failover_from_a_dead_or_slow_smsc_and_back() {
     assert!(down.body.contains("+33"), "names its routes: {}", down.body);
 
     // 2. It comes back: probed with real messages, taken back, traffic returns to it.
-    let mut primary = Smsc::start_on(dir.path(), primary_port, &[]);
+    let mut primary = Smsc::start_on(dir.path(), &primary_port, &[]);
     let mut next = 1000;
     until_up(&app, "primary", &mut next);
     common::poll(
@@ -573,27 +574,34 @@ fn a_message_without_a_receipt_ends_submitted_after_receipt_timeout() {
 }
 
 /// The HTTP partner's peer and an appliance routing +33 to it (window 4, `partner_extra`), with
-/// the webhook on a free port, signed with the secret `hook-secret`: (peer, appliance, webhook port).
-fn with_http_api(dir: &std::path::Path, partner_extra: &str) -> (common::Peer, Appliance, u16) {
-    let webhook_port = common::free_port();
+/// the webhook on port 0, signed with the secret `hook-secret`: (peer, appliance).
+fn with_http_api(dir: &std::path::Path, partner_extra: &str) -> (common::Peer, Appliance) {
     let secret = dir.join("webhook.secret");
     std::fs::write(&secret, "hook-secret\n").expect("secret");
-    let api = common::Peer::http_api(dir, &format!("http://127.0.0.1:{webhook_port}/smsdrop"), &secret);
+    let api = common::Peer::http_api(dir, &secret);
     let app = Appliance::new(&format!(
-        "{}\n[partner.web]\nkind = \"http\"\nurl = \"http://127.0.0.1:{}/sms\"\nwindow = 4\nwebhook_listen = \"127.0.0.1:{webhook_port}\"\nwebhook_secret_file = \"{}\"\n{partner_extra}\n\n[[route]]\nprefix = \"+33\"\npartners = [\"web\"]\n",
+        "{}\n[partner.web]\nkind = \"http\"\nurl = \"http://127.0.0.1:{}/sms\"\nwindow = 4\nwebhook_listen = \"127.0.0.1:0\"\nwebhook_secret_file = \"{}\"\n{partner_extra}\n\n[[route]]\nprefix = \"+33\"\npartners = [\"web\"]\n",
         tenant("acme", ""),
         api.port,
         secret.display()
     ));
-    (api, app, webhook_port)
+    (api, app)
+}
+
+/// Starts the appliance and tells the HTTP partner where its webhook came up: the webhook's port.
+fn start_with_webhook(app: &mut Appliance, api: &mut common::Peer) -> u16 {
+    app.start();
+    let port = app.port("HTTP partner webhook");
+    api.set_webhook(&format!("http://127.0.0.1:{port}/smsdrop"));
+    port
 }
 
 #[test]
 fn an_http_partner_takes_messages_and_its_webhook_brings_receipts_and_replies() {
     let dir = tempfile::tempdir().expect("dir");
-    let (mut api, mut app, _) = with_http_api(dir.path(), "token_file = \"web.token\"");
+    let (mut api, mut app) = with_http_api(dir.path(), "token_file = \"web.token\"");
     std::fs::write(app.path("web.token"), "api-token\n").expect("token");
-    app.start();
+    start_with_webhook(&mut app, &mut api);
     let unicode = "Привет 😀, à bientôt";
     app.drop_file(
         "acme",
@@ -780,8 +788,8 @@ fn unreadable_and_unknown_receipts_are_acknowledged_and_kept_within_bounds() {
 #[test]
 fn slow_webhook_clients_from_one_address_leave_room_for_receipts_and_a_replay_is_kept_once() {
     let dir = tempfile::tempdir().expect("dir");
-    let (mut api, mut app, webhook_port) = with_http_api(dir.path(), "");
-    app.start();
+    let (mut api, mut app) = with_http_api(dir.path(), "");
+    let webhook_port = start_with_webhook(&mut app, &mut api);
     // 100 connections from 127.0.0.2 that send half a request head and then a byte a second.
     let slow = std::process::Command::new(common::venv_python())
         .arg("-c")

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Appliance, Smsc, base_config, client_key, failed, free_port, ok, sftp_batch, tenant, wait_log};
+use common::{Appliance, Smsc, base_config, client_key, failed, ok, sftp_batch, tenant, wait_log};
 
 /// A logged-in paramiko SFTP session that stays open and takes commands.
 struct Session {
@@ -85,13 +85,12 @@ fn reload_adds_a_tenant_and_removes_a_key_while_sessions_and_binds_stay_up() {
     let dir = tempfile::tempdir().expect("dir");
     let smsc = Smsc::start(dir.path(), &[]);
     let smsc2 = Smsc::start(dir.path(), &[]);
-    let port = free_port();
     let mut app = Appliance::new("");
     std::fs::write(app.path("smsc.secret"), "secret\n").expect("password file");
     let (k1, pub1) = key(&app, "id_one");
     let (k2, pub2) = key(&app, "id_two");
     let (k3, pub3) = key(&app, "id_beta");
-    let sftp = format!("\n[sftp]\nlisten = \"127.0.0.1:{port}\"\n");
+    let sftp = "\n[sftp]\nlisten = \"127.0.0.1:0\"\n";
     let route =
         |prefix: &str, partner: &str| format!("\n[[route]]\nprefix = \"{prefix}\"\npartners = [\"{partner}\"]\n");
     write_config(
@@ -104,6 +103,7 @@ fn reload_adds_a_tenant_and_removes_a_key_while_sessions_and_binds_stay_up() {
         ),
     );
     app.start();
+    let port = app.port("SFTP server");
     smsc.wait("bind", 1, Duration::from_secs(10));
 
     let mut one = Session::open(port, "acme", &k1);

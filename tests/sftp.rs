@@ -5,7 +5,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Door, client_key, free_port, sftp_batch, tenant, wait_for};
+use common::{Door, client_key, reserve, sftp_batch, tenant, wait_for};
 
 /// An appliance with `[sftp]` (login deadline 3 s) and tenant acme holding one Ed25519 key.
 fn door(extra_tenant: &str) -> Door {
@@ -19,7 +19,7 @@ fn door_with(extra_tenant: &str, extra_sftp: &str) -> Door {
 
 /// An interactive `sftp` session of acme, held open by a stdin that stays open.
 fn hold_session(d: &Door) -> std::process::Child {
-    common::sftp_command(d.port, &d.key, "acme", None, &[])
+    common::sftp_command(d.port(), &d.key, "acme", None, &[])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -36,7 +36,7 @@ fn upload_then_download_and_delete_the_result() {
     let local = d.app.path("june.csv");
     std::fs::write(&local, "phone;message\n0612345678;Hello over SFTP\n").expect("write");
     let out = sftp_batch(
-        d.port,
+        d.port(),
         &d.key,
         "acme",
         &format!("ls /\nput {} /inbox/june.csv\n", local.display()),
@@ -47,7 +47,7 @@ fn upload_then_download_and_delete_the_result() {
     assert_eq!(result[1][3], "queued");
     let got = d.app.path("got.csv");
     let out = sftp_batch(
-        d.port,
+        d.port(),
         &d.key,
         "acme",
         &format!(
@@ -110,7 +110,7 @@ fn only_known_ed25519_keys_of_known_users_get_in() {
     let (ecdsa, _) = client_key(keys.path(), "id_ecdsa", "ecdsa");
     let (other, _) = client_key(keys.path(), "id_other", "ed25519");
     for key in [&rsa, &ecdsa, &other] {
-        let out = sftp_batch(d.port, key, "acme", "ls /\n");
+        let out = sftp_batch(d.port(), key, "acme", "ls /\n");
         assert!(!out.status.success(), "{} got in", key.display());
         assert!(
             String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
@@ -118,7 +118,7 @@ fn only_known_ed25519_keys_of_known_users_get_in() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let out = sftp_batch(d.port, &d.key, "nobody", "ls /\n");
+    let out = sftp_batch(d.port(), &d.key, "nobody", "ls /\n");
     assert!(!out.status.success());
     let unknown_key = d
         .app
@@ -141,14 +141,14 @@ fn only_known_ed25519_keys_of_known_users_get_in() {
     );
     let log = d.app.log();
     assert!(log.contains("reason=\"unknown key\"") && log.contains("reason=\"unknown user\""));
-    assert!(sftp_batch(d.port, &d.key, "acme", "ls /\n").status.success());
+    assert!(sftp_batch(d.port(), &d.key, "acme", "ls /\n").status.success());
 }
 
 #[test]
 fn ips_outside_allow_ips_are_refused() {
     let mut d = door("allow_ips = [\"192.0.2.0/24\"]");
     d.app.start();
-    let out = sftp_batch(d.port, &d.key, "acme", "ls /\n");
+    let out = sftp_batch(d.port(), &d.key, "acme", "ls /\n");
     assert!(!out.status.success());
     d.app
         .wait_audit("sftp.refused", &[("reason", "IP not allowed"), ("user", "acme")]);
@@ -181,7 +181,7 @@ fn no_path_leads_outside_the_two_folders() {
          -ls /etc\n",
         s = secret.display()
     );
-    let out = sftp_batch(d.port, &d.key, "acme", &attempts);
+    let out = sftp_batch(d.port(), &d.key, "acme", &attempts);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let refused = stderr
         .lines()
@@ -215,7 +215,7 @@ fn oversize_uploads_are_cut_off_and_leave_nothing() {
     let local = d.app.path("big.csv");
     std::fs::write(&local, format!("phone;message\n{}", "0612345678;Hello\n".repeat(400))).expect("write");
     let out = sftp_batch(
-        d.port,
+        d.port(),
         &d.key,
         "acme",
         &format!("put {} /inbox/big.csv\n", local.display()),
@@ -251,7 +251,7 @@ fn a_dropped_connection_leaves_nothing_to_take() {
     }
     let batch = d.app.path("batch");
     std::fs::write(&batch, format!("put {} /inbox/huge.csv\n", local.display())).expect("batch");
-    let mut child = common::sftp_command(d.port, &d.key, "acme", Some(&batch), &["-B", "32768"])
+    let mut child = common::sftp_command(d.port(), &d.key, "acme", Some(&batch), &["-B", "32768"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -289,7 +289,7 @@ fn twenty_sessions_upload_at_once_and_scp_works() {
         let batch = d.app.path(&format!("b{i}"));
         std::fs::write(&batch, format!("put {} /inbox/f{i}.csv\n", local.display())).expect("batch");
         children.push(
-            common::sftp_command(d.port, &d.key, "acme", Some(&batch), &[])
+            common::sftp_command(d.port(), &d.key, "acme", Some(&batch), &[])
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -307,7 +307,7 @@ fn twenty_sessions_upload_at_once_and_scp_works() {
     let local = d.app.path("scp.csv");
     std::fs::write(&local, "phone;message\n0612345699;Hello scp\n").expect("write");
     let out = Command::new("scp")
-        .args(["-s", "-P", &d.port.to_string(), "-i"])
+        .args(["-s", "-P", &d.port().to_string(), "-i"])
         .arg(&d.key)
         .args([
             "-o",
@@ -338,7 +338,7 @@ fn python(args: &[&str]) -> std::process::Output {
 fn paramiko_uploads_and_cannot_escape_or_use_a_password() {
     let mut d = door("");
     d.app.start();
-    let port = d.port.to_string();
+    let port = d.port().to_string();
     let local = d.app.path("pm.csv");
     std::fs::write(&local, "phone;message\n0612345678;Hello paramiko\n").expect("write");
     let key = d.key.to_str().expect("path").to_string();
@@ -416,7 +416,7 @@ fn ssh_audit_finds_no_failure_and_warns_only_on_curve25519() {
     let mut d = door("");
     d.app.start();
     let out = Command::new(common::venv_python())
-        .args(["-m", "ssh_audit", "-n", "-p", &d.port.to_string(), "127.0.0.1"])
+        .args(["-m", "ssh_audit", "-n", "-p", &d.port().to_string(), "127.0.0.1"])
         .output()
         .expect("ssh-audit");
     let report = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -477,7 +477,7 @@ fn ssh_audit_finds_no_failure_and_warns_only_on_curve25519() {
 /// `filed` takes its key from an `authorized_keys` file.
 #[test]
 fn every_refusal_is_an_audit_event_and_a_mail() {
-    let smtp_port = free_port();
+    let smtp_port = reserve();
     let mut d = door("alert_to = [\"erp@acme.example\"]\nmax_sessions = 1");
     let keys = tempfile::tempdir().expect("dir");
     let (filed_key, filed_public) = client_key(keys.path(), "id_filed", "ed25519");
@@ -492,29 +492,30 @@ fn every_refusal_is_an_audit_event_and_a_mail() {
     std::fs::write(
         &d.app.config,
         format!(
-            "{text}\n{}{}[defender]\nscore_limit = 16\nwindow = \"10m\"\nban = \"5m\"\n[email]\nsmtp_url = \"smtp://127.0.0.1:{smtp_port}\"\nfrom = \"smsdrop@example.net\"\nadmin_to = [\"ops@example.net\"]\nmin_interval = \"0s\"\n",
+            "{text}\n{}{}[defender]\nscore_limit = 16\nwindow = \"10m\"\nban = \"5m\"\n[email]\nsmtp_url = \"smtp://127.0.0.1:{}\"\nfrom = \"smsdrop@example.net\"\nadmin_to = [\"ops@example.net\"]\nmin_interval = \"0s\"\n",
             tenant("filed", "authorized_keys_file = \"filed.keys\""),
             tenant("locked", &format!("keys = [\"{filed_public}\"]\nallow_ips = [\"192.0.2.0/24\"]")),
+            smtp_port.port,
         ),
     )
     .expect("config");
-    let smtp = common::SmtpServer::start(smtp_port, &d.app.path("maildir"), None);
+    let smtp = common::SmtpServer::start(&smtp_port, &d.app.path("maildir"), None);
     d.app.start();
-    let port = d.port.to_string();
+    let port = d.port().to_string();
 
     assert!(
-        sftp_batch(d.port, &filed_key, "filed", "ls /\n").status.success(),
+        sftp_batch(d.port(), &filed_key, "filed", "ls /\n").status.success(),
         "a key from authorized_keys_file gets in"
     );
-    assert!(!sftp_batch(d.port, &stranger, "acme", "ls /\n").status.success());
-    assert!(!sftp_batch(d.port, &d.key, "mallory", "ls /\n").status.success());
+    assert!(!sftp_batch(d.port(), &stranger, "acme", "ls /\n").status.success());
+    assert!(!sftp_batch(d.port(), &d.key, "mallory", "ls /\n").status.success());
     assert!(python(&[&port, "acme", "password", "secret"]).status.success());
     assert!(
         python(&[&port, "acme", "trykey", ecdsa.to_str().expect("path")])
             .status
             .success()
     );
-    assert!(!sftp_batch(d.port, &filed_key, "locked", "ls /\n").status.success());
+    assert!(!sftp_batch(d.port(), &filed_key, "locked", "ls /\n").status.success());
     let logins = |app: &common::Appliance| app.audit().iter().filter(|e| e["action"] == "sftp.login").count();
     let before = logins(&d.app);
     let mut held = hold_session(&d);
@@ -523,24 +524,24 @@ fn every_refusal_is_an_audit_event_and_a_mail() {
         logins(&d.app) > before
     });
     assert!(
-        !sftp_batch(d.port, &d.key, "acme", "ls /\n").status.success(),
+        !sftp_batch(d.port(), &d.key, "acme", "ls /\n").status.success(),
         "max_sessions = 1"
     );
     drop(held.stdin.take());
     let _ = held.wait();
     {
         // says nothing after the banner until the deadline passes
-        let mut silent = std::net::TcpStream::connect(("127.0.0.1", d.port)).expect("connect");
+        let mut silent = std::net::TcpStream::connect(("127.0.0.1", d.port())).expect("connect");
         silent.set_read_timeout(Some(Duration::from_secs(15))).expect("timeout");
         let mut buf = [0u8; 256];
         while matches!(std::io::Read::read(&mut silent, &mut buf), Ok(n) if n > 0) {}
     }
     // So far 10 points; two more unknown users (3 each) pass 16.
     for _ in 0..2 {
-        assert!(!sftp_batch(d.port, &d.key, "mallory", "ls /\n").status.success());
+        assert!(!sftp_batch(d.port(), &d.key, "mallory", "ls /\n").status.success());
     }
     d.app.wait_audit("sftp.ban", &[("source", "127.0.0.1"), ("bans", "1")]);
-    assert!(!sftp_batch(d.port, &d.key, "acme", "ls /\n").status.success(), "banned");
+    assert!(!sftp_batch(d.port(), &d.key, "acme", "ls /\n").status.success(), "banned");
 
     let refusals = [
         ("unknown key", "acme", "publickey"),
@@ -644,13 +645,13 @@ fn a_ban_after_the_limit_survives_a_restart_and_lifts_after_ban() {
     let keys = tempfile::tempdir().expect("dir");
     let (stranger, _) = client_key(keys.path(), "id_stranger", "ed25519");
     for _ in 0..3 {
-        assert!(!sftp_batch(d.port, &stranger, "acme", "ls /\n").status.success());
+        assert!(!sftp_batch(d.port(), &stranger, "acme", "ls /\n").status.success());
     }
     wait_for("ban logged", Duration::from_secs(10), || {
         d.app.log().contains("SFTP source address banned")
     });
     let banned_at = Instant::now();
-    let out = sftp_batch(d.port, &d.key, "acme", "ls /\n");
+    let out = sftp_batch(d.port(), &d.key, "acme", "ls /\n");
     assert!(!out.status.success(), "even the right key is dropped while banned");
     assert!(d.app.log().contains("reason=\"banned IP\""));
     d.app.wait_audit("sftp.ban", &[("source", "127.0.0.1"), ("bans", "1")]);
@@ -661,13 +662,13 @@ fn a_ban_after_the_limit_survives_a_restart_and_lifts_after_ban() {
     assert!(d.app.stop().success());
     d.app.start();
     assert!(
-        !sftp_batch(d.port, &d.key, "acme", "ls /\n").status.success(),
+        !sftp_batch(d.port(), &d.key, "acme", "ls /\n").status.success(),
         "the ban survives a restart"
     );
     wait_for("ban lifted", Duration::from_secs(30), || {
         banned_at.elapsed() > Duration::from_secs(9)
     });
-    let out = sftp_batch(d.port, &d.key, "acme", "ls /\n");
+    let out = sftp_batch(d.port(), &d.key, "acme", "ls /\n");
     assert!(
         out.status.success(),
         "lifted after `ban`: {}",
@@ -680,7 +681,7 @@ fn silent_connections_meet_the_login_deadline() {
     let mut d = door("");
     d.app.start();
     let started = Instant::now();
-    let mut socket = std::net::TcpStream::connect(("127.0.0.1", d.port)).expect("connect");
+    let mut socket = std::net::TcpStream::connect(("127.0.0.1", d.port())).expect("connect");
     socket.set_read_timeout(Some(Duration::from_secs(15))).expect("timeout");
     let mut buf = [0u8; 256];
     // read the server's banner, say nothing, and wait to be dropped
@@ -707,7 +708,7 @@ fn sessions_beyond_max_sessions_are_refused() {
     wait_for("first session in", Duration::from_secs(10), || {
         d.app.log().contains("SFTP login peer")
     });
-    let out = sftp_batch(d.port, &d.key, "acme", "ls /\n");
+    let out = sftp_batch(d.port(), &d.key, "acme", "ls /\n");
     assert!(!out.status.success(), "a second session is refused");
     d.app
         .wait_audit("sftp.refused", &[("reason", "too many sessions"), ("user", "acme")]);
@@ -718,7 +719,7 @@ fn sessions_beyond_max_sessions_are_refused() {
         d.app.log().contains("SFTP session closed")
     });
     assert!(
-        sftp_batch(d.port, &d.key, "acme", "ls /\n").status.success(),
+        sftp_batch(d.port(), &d.key, "acme", "ls /\n").status.success(),
         "a slot is free again"
     );
 }

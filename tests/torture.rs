@@ -406,20 +406,26 @@ struct Hostile {
 }
 
 impl Hostile {
+    /// Starts it on port 0; its `listening` event names the port it got.
     fn start(dir: &Path, mode: &str) -> Hostile {
-        let port = common::free_port();
         let log = dir.join(format!("hostile-{mode}.jsonl"));
         let child = std::process::Command::new("python3")
             .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/hostile_smsc.py"))
-            .arg(port.to_string())
+            .arg("0")
             .arg(&log)
             .arg(mode)
             .spawn()
             .expect("python3 hostile_smsc.py");
-        let h = Hostile { child, port, log };
-        poll(
+        let mut h = Hostile { child, port: 0, log };
+        h.port = poll(
             Duration::from_secs(10),
-            || h.events().iter().any(|e| e["ev"] == "listening").then_some(()),
+            || {
+                h.events()
+                    .iter()
+                    .find(|e| e["ev"] == "listening")
+                    .and_then(|e| e["port"].as_u64())
+                    .and_then(|p| u16::try_from(p).ok())
+            },
             || "the hostile SMSC did not start".into(),
         );
         h
@@ -531,7 +537,9 @@ fn a_hostile_smsc_on_raw_sockets_never_stops_the_service_nor_makes_a_status_up()
 #[test]
 fn a_hostile_smtp_server_gets_every_alert_once_in_the_end() {
     let dir = tempfile::tempdir().expect("dir");
-    let port = common::free_port();
+    // Held: aiosmtpd's Controller binds it by number.
+    let held = common::reserve();
+    let port = held.port;
     let maildir = dir.path().join("maildir");
     let log = dir.path().join("smtp.jsonl");
     let mut smtp = std::process::Command::new(common::venv_python())
@@ -618,7 +626,7 @@ fn kills_in_the_middle_of_an_upload_leave_nothing_half_taken() {
         // About 40 MB: OpenSSH's sftp takes a while to push it through.
         let local = d.app.path(&format!("big{round}.csv"));
         let lines = common::batches::write_batch(&local, 300_000, 0).expect("batch");
-        let mut client = common::sftp_command(d.port, &d.key, "acme", Some(Path::new("-")), &[])
+        let mut client = common::sftp_command(d.port(), &d.key, "acme", Some(Path::new("-")), &[])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
@@ -657,7 +665,7 @@ fn kills_in_the_middle_of_an_upload_leave_nothing_half_taken() {
         assert!(!d.app.outbox("acme").join(format!("big{round}.result.csv")).exists());
         // The ERP sends it again: taken whole, once.
         let out = common::sftp_batch(
-            d.port,
+            d.port(),
             &d.key,
             "acme",
             &format!("put {} /inbox/big{round}.csv\n", local.display()),

@@ -224,7 +224,8 @@ impl HttpPartner {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| HttpSetupError::Listen { addr, cause: source })?;
-        tracing::info!(partner = %self.id, %addr, "HTTP partner webhook listening");
+        let bound = listener.local_addr().unwrap_or(addr);
+        tracing::info!(partner = %self.id, addr = %bound, "HTTP partner webhook listening");
         let me = self.clone();
         tracker.spawn(crate::httpd::serve(
             listener,

@@ -277,13 +277,17 @@ impl SftpServer {
         }))
     }
 
+    /// Binds `listen` and says where (the address bound: `127.0.0.1:0` takes any free port).
     pub async fn bind(&self) -> Result<TcpListener, SftpError> {
-        TcpListener::bind(self.sftp.listen)
+        let listener = TcpListener::bind(self.sftp.listen)
             .await
             .map_err(|source| SftpError::Listen {
                 addr: self.sftp.listen,
                 cause: source,
-            })
+            })?;
+        let bound = listener.local_addr().unwrap_or(self.sftp.listen);
+        tracing::info!(addr = %bound, host_key = %self.fingerprint, "SFTP server listening");
+        Ok(listener)
     }
 
     /// Accepts connections until `shutdown`.
@@ -303,7 +307,6 @@ impl SftpServer {
         let mut reloads = self.config.subscribe();
         let mut reloads_open = true;
         let mut number = 0u64;
-        tracing::info!(listen = %self.sftp.listen, host_key = %self.fingerprint, "SFTP server listening");
         loop {
             let descriptor = tokio::select! {
                 _ = shutdown.cancelled() => break,

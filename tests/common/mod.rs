@@ -194,6 +194,19 @@ impl Appliance {
         self.child.as_ref().map(|c| c.id()).expect("not started")
     }
 
+    /// The port this start's `what` listener bound (`listen = "127.0.0.1:0"` in the tests): "SFTP
+    /// server", "metrics" or "HTTP partner webhook". Every listener binds before `serve` says it
+    /// is serving; a webhook started by a reload is waited for.
+    #[track_caller]
+    pub fn port(&self, what: &str) -> u16 {
+        poll(
+            Duration::from_secs(20),
+            || bound_in(&std::fs::read_to_string(self.log_path()).unwrap_or_default(), what),
+            || format!("no `{what} listening addr=` line in this start's log:\n{}", self.log()),
+        )
+        .port()
+    }
+
     fn signal(&mut self, sig: i32) -> ExitStatus {
         let mut child = self.child.take().expect("not started");
         unsafe {
@@ -426,12 +439,42 @@ pub fn venv_python() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python")
 }
 
-/// A loopback port nobody listens on (yet).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
+/// A loopback port held for the whole test: bound, with `SO_REUSEADDR`, but not listening.
+///
+/// A connection to it is refused (a peer that is down), the kernel gives it to no one who asks
+/// for any free port (neither a listener binding port 0 nor an outgoing connection), and a peer
+/// that binds it by number with `SO_REUSEADDR` listens on it (node, Python's servers, aiosmtpd
+/// and tokio all set it). For a peer that smsdrop must find at a number written in its
+/// configuration before the peer starts, or that goes down and comes back at the same number.
+/// Everything else binds port 0 and says which port it got.
+pub struct Reserved {
+    pub port: u16,
+    _socket: socket2::Socket,
+}
+
+pub fn reserve() -> Reserved {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    socket.set_reuse_address(true).expect("SO_REUSEADDR");
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().expect("address");
+    socket.bind(&any.into()).expect("bind a loopback port");
+    let port = socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
         .map(|a| a.port())
-        .expect("free port")
+        .expect("bound port");
+    Reserved { port, _socket: socket }
+}
+
+/// The address a listener of this start bound, from its `… listening addr=…` log line: `what`
+/// is the start of the line's message ("SFTP server", "metrics", "HTTP partner webhook").
+fn bound_in(log: &str, what: &str) -> Option<std::net::SocketAddr> {
+    log.lines()
+        .rev()
+        .filter(|l| l.contains(&format!(" {what}")) && l.contains(" listening"))
+        .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")))
+        .and_then(|a| a.parse().ok())
 }
 
 /// A real SMTP server (aiosmtpd) storing every mail in a Maildir.
@@ -451,13 +494,15 @@ pub struct Mail {
 }
 
 impl SmtpServer {
-    /// Starts aiosmtpd on `port`; with `tls` = (cert, key), STARTTLS is required.
-    pub fn start(port: u16, maildir: &Path, tls: Option<(&Path, &Path)>) -> SmtpServer {
+    /// Starts aiosmtpd on the held `port` (the configuration names it before the server starts;
+    /// a test may start the server late); with `tls` = (cert, key), STARTTLS is required.
+    pub fn start(port: &Reserved, maildir: &Path, tls: Option<(&Path, &Path)>) -> SmtpServer {
         SmtpServer::start_with(port, maildir, tls, false)
     }
 
     /// Like [`SmtpServer::start`]; with `implicit`, the certificate serves SMTPS instead.
-    pub fn start_with(port: u16, maildir: &Path, tls: Option<(&Path, &Path)>, implicit: bool) -> SmtpServer {
+    pub fn start_with(port: &Reserved, maildir: &Path, tls: Option<(&Path, &Path)>, implicit: bool) -> SmtpServer {
+        let port = port.port;
         // aiosmtpd's Mailbox makes the Maildir (cur, new, tmp) only if the folder does not exist.
         let mut cmd = Command::new(venv_python());
         cmd.args([
@@ -481,12 +526,18 @@ impl SmtpServer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        let child = cmd.spawn().expect("start aiosmtpd (run tests/peers/install.sh)");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "aiosmtpd did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let mut child = cmd.spawn().expect("start aiosmtpd (run tests/peers/install.sh)");
+        // The port is held for this test: what answers there is this aiosmtpd.
+        poll(
+            Duration::from_secs(20),
+            || {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("aiosmtpd exited with {status} at start");
+                }
+                std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+            },
+            || "aiosmtpd did not start".into(),
+        );
         SmtpServer {
             port,
             maildir: maildir.to_path_buf(),
@@ -602,20 +653,26 @@ pub fn test_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 /// An appliance with an SFTP server and tenant acme holding one Ed25519 key, and that key.
 pub struct Door {
     pub app: Appliance,
-    pub port: u16,
     pub key: PathBuf,
 }
 
+impl Door {
+    /// The SFTP port of the running start.
+    #[track_caller]
+    pub fn port(&self) -> u16 {
+        self.app.port("SFTP server")
+    }
+}
+
 /// A [`Door`]: top-level keys `top`, tenant acme (plus `acme_extra`), `tables`, then `[sftp]` on
-/// a free port (plus `sftp_extra`).
+/// port 0 (plus `sftp_extra`): each start takes a free port and says which.
 pub fn door(top: &str, sftp_extra: &str, acme_extra: &str, tables: &str) -> Door {
-    let port = free_port();
     let keys = tempfile::tempdir().expect("dir");
     let (key_in_temp, public) = client_key(keys.path(), "id_acme", "ed25519");
     let app = Appliance::new_with(
         top,
         &format!(
-            "{}{tables}\n[sftp]\nlisten = \"127.0.0.1:{port}\"\n{sftp_extra}\n",
+            "{}{tables}\n[sftp]\nlisten = \"127.0.0.1:0\"\n{sftp_extra}\n",
             tenant("acme", &format!("keys = [\"{public}\"]\n{acme_extra}"))
         ),
     );
@@ -623,7 +680,7 @@ pub fn door(top: &str, sftp_extra: &str, acme_extra: &str, tables: &str) -> Door
     let key = app.path("id_acme");
     std::fs::copy(&key_in_temp, &key).expect("copy key");
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
-    Door { app, port, key }
+    Door { app, key }
 }
 
 /// A client key made by OpenSSH's ssh-keygen: (private key path, public key line).
@@ -685,41 +742,55 @@ pub struct Peer {
 
 pub type Smsc = Peer;
 
+/// One log file per peer started, named in start order (a peer on port 0 has no number yet).
+fn peer_log(dir: &Path, kind: &str) -> PathBuf {
+    static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    dir.join(format!("{kind}-{n}.jsonl"))
+}
+
 impl Peer {
-    /// Starts the HTTP SMS API on a free port; it posts receipts to `webhook` signed with the
-    /// secret in `secret_file`.
-    pub fn http_api(dir: &Path, webhook: &str, secret_file: &Path) -> Peer {
-        let port = free_port();
-        let log = dir.join(format!("http-{port}.jsonl"));
+    /// Starts the HTTP SMS API on port 0; it posts receipts to the webhook that
+    /// [`Peer::set_webhook`] gives, signed with the secret in `secret_file`.
+    pub fn http_api(dir: &Path, secret_file: &Path) -> Peer {
+        let log = peer_log(dir, "http");
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/peers/http_partner.py");
         let child = Command::new(venv_python())
             .arg(script)
-            .arg(port.to_string())
+            .args(["0"])
             .arg(&log)
-            .arg(webhook)
+            .arg("-")
             .arg(secret_file)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("python3 http_partner.py");
-        let peer = Peer { port, log, child };
+        Peer::listening(log, child, "the HTTP partner")
+    }
+
+    /// Tells the HTTP SMS API where smsdrop's webhook is, and waits until it took it.
+    pub fn set_webhook(&mut self, url: &str) {
+        self.control(serde_json::json!({ "webhook": url }));
         poll(
             Duration::from_secs(10),
-            || peer.events().iter().any(|e| e["ev"] == "listening").then_some(()),
-            || "the HTTP partner did not start".into(),
+            || self.of("webhook_set").iter().any(|e| e["url"] == url).then_some(()),
+            || format!("the HTTP partner did not take the webhook {url}"),
         );
-        peer
     }
 
-    /// Starts it on a free port; `env` sets its behaviours (see smsc.js).
+    /// Starts it on port 0; `env` sets its behaviours (see smsc.js).
     pub fn start(dir: &Path, env: &[(&str, &str)]) -> Smsc {
-        Smsc::start_on(dir, free_port(), env)
+        Smsc::launch(dir, 0, env)
     }
 
-    /// Starts it on `port` (to bring back an SMSC that was down).
-    pub fn start_on(dir: &Path, port: u16, env: &[(&str, &str)]) -> Smsc {
-        let log = dir.join(format!("smsc-{port}.jsonl"));
+    /// Starts it on the held `port` (an SMSC that was down and comes back at its number).
+    pub fn start_on(dir: &Path, port: &Reserved, env: &[(&str, &str)]) -> Smsc {
+        Smsc::launch(dir, port.port, env)
+    }
+
+    fn launch(dir: &Path, port: u16, env: &[(&str, &str)]) -> Smsc {
+        let log = peer_log(dir, "smsc");
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/peers/smsc.js");
         let child = Command::new("node")
             .arg(script)
@@ -731,13 +802,27 @@ impl Peer {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("node smsc.js (run tests/peers/install.sh)");
-        let smsc = Peer { port, log, child };
-        poll(
+        Peer::listening(log, child, "the SMSC")
+    }
+
+    /// Waits for the peer's `listening` event, which names the port it bound.
+    fn listening(log: PathBuf, mut child: Child, what: &str) -> Peer {
+        let port = poll(
             Duration::from_secs(10),
-            || smsc.events().iter().any(|e| e["ev"] == "listening").then_some(()),
-            || "the SMSC did not start".into(),
+            || {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("{what} exited with {status} at start");
+                }
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                text.lines()
+                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                    .find(|e| e["ev"] == "listening")
+                    .and_then(|e| e["port"].as_u64())
+                    .and_then(|p| u16::try_from(p).ok())
+            },
+            || format!("{what} did not start"),
         );
-        smsc
+        Peer { port, log, child }
     }
 
     /// Its process id.

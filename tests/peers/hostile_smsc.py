@@ -4,7 +4,7 @@
     hostile_smsc.py PORT LOG MODE
 
 Every connection is answered according to MODE; what it did goes to LOG, one JSON object per
-line ({"ev": "listening"} first). Modes:
+line ({"ev": "listening", "port": …} first; PORT 0 takes any free port). Modes:
   garbage      answers the bind with random bytes, then closes
   bad_length   answers the bind with a header claiming 0x7fffffff bytes, the next connection
                with one claiming 8 (shorter than a header), and holds the socket open
@@ -141,7 +141,7 @@ def main():
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     server.bind(("127.0.0.1", PORT))
     server.listen(64)
-    write(ev="listening", port=PORT, mode=MODE)
+    write(ev="listening", port=server.getsockname()[1], mode=MODE)
     while True:
         conn, _ = server.accept()
         connections[0] += 1

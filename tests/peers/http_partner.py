@@ -2,15 +2,20 @@
 
 usage: python3 http_partner.py PORT LOGFILE WEBHOOK_URL SECRET_FILE
 
+PORT 0 takes any free port; the "listening" event says which. WEBHOOK_URL "-" means none yet: a
+{"webhook": URL} control line gives it (smsdrop binds its webhook on port 0 and says where).
+
 Takes smsdrop's documented request (POST, one JSON message) and answers {"id": "h<n>"}; then
 posts a signed receipt to smsdrop's webhook. Writes one JSON line per event to LOGFILE:
-{"ev":"listening"}, {"ev":"submit","id","to","from","text","auth"}, {"ev":"refused","to",
-"status"}, {"ev":"webhook","kind","status"} (smsdrop's answer to a webhook call).
+{"ev":"listening","port"}, {"ev":"webhook_set","url"}, {"ev":"submit","id","to","from","text",
+"auth"}, {"ev":"refused","to","status"}, {"ev":"webhook","kind","status"} (smsdrop's answer to a
+webhook call).
 
 Behaviour by destination number (its last four digits):
   ...0404  400 Bad Request (permanent)     ...0429  429 Too Many Requests the first time
   ...0402  receipt UNDELIV                 ...0406  no receipt
 Control on stdin, one JSON object per line:
+  {"webhook": "http://127.0.0.1:40123/smsdrop"}                    where receipts and MO go from now
   {"mo": {"from": "+33612345678", "to": "ACME", "text": "STOP"}}   an incoming message
   {"mo": {...}, "times": 2}                                        the same signed body twice (a replay)
   {"forged": true}                                                 a receipt with a bad signature
@@ -30,7 +35,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 port = int(sys.argv[1])
 log_path = sys.argv[2]
-webhook = sys.argv[3]
+webhook = sys.argv[3]  # "-": none yet
 with open(sys.argv[4], "rb") as f:
     secret = f.read().rstrip(b"\r\n")
 
@@ -114,11 +119,15 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def control():
+    global webhook
     for line in sys.stdin:
         try:
             cmd = json.loads(line)
         except ValueError:
             continue
+        if "webhook" in cmd:
+            webhook = cmd["webhook"]
+            write({"ev": "webhook_set", "url": webhook})
         if "mo" in cmd:
             event = dict(cmd["mo"])
             event["type"] = "mo"
@@ -130,5 +139,5 @@ def control():
 
 server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
 threading.Thread(target=control, daemon=True).start()
-write({"ev": "listening", "port": port})
+write({"ev": "listening", "port": server.server_address[1]})
 server.serve_forever()

@@ -1,6 +1,6 @@
 // A loopback SMSC for the tests and the benchmark, on the npm `smpp` package (SMPP 3.4).
 //
-// usage: node smsc.js PORT LOGFILE
+// usage: node smsc.js PORT LOGFILE   (PORT 0: any free port, named by the "listening" event)
 //
 // Writes one JSON line per event to LOGFILE: {"ev":"bind",...}, {"ev":"submit","id","to","from",
 // "text","dc","esm","udh"?,"registered"}, {"ev":"message","to","text","parts"} once every part of
@@ -360,4 +360,5 @@ readline.createInterface({ input: process.stdin }).on("line", (line) => {
   }
 });
 
-server.listen(port, "127.0.0.1", () => write({ ev: "listening", port }));
+// Port 0 takes any free port; the "listening" event says which.
+server.listen(port, "127.0.0.1", () => write({ ev: "listening", port: server.address().port }));

@@ -294,10 +294,12 @@ async fn start(
     start_admin(config, &wiring, reloader.clone(), tracker, stop)?;
 
     let (claimed_tx, claimed_rx) = mpsc::unbounded_channel::<Claimed>();
+    let board = wiring.workers.clone();
     let watcher = InboxWatcher {
         config: wiring.live.clone(),
         claimed: claimed_tx,
         audit: audit.clone(),
+        scanned: Box::new(move |scan| board.record("inbox-watch", scan)),
         refused: Default::default(),
     };
     let recovered = recover_intake(config, store, &watcher);

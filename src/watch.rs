@@ -167,10 +167,15 @@ struct Candidate {
     changed_at: Instant,
     /// A write was seen and no close-after-write since.
     writing: bool,
+    /// Complete, and said to wait for disk space (said once).
+    waits_for_space: bool,
 }
 
 /// Files with no close event are still taken after this many `settle` periods of quiet.
 const QUIET_FACTOR: u32 = 10;
+
+/// Told after each full rescan of the inboxes: `Err` names the inboxes that could not be listed.
+pub type OnScan = Box<dyn Fn(Result<(), String>) + Send + Sync>;
 
 /// Watches all inboxes and sends claimed files to `claimed`; follows reloads (a new tenant's
 /// inbox is watched, a removed one's no longer).
@@ -178,6 +183,8 @@ pub struct InboxWatcher {
     pub config: Live,
     pub claimed: mpsc::UnboundedSender<Claimed>,
     pub audit: Audit,
+    /// The server counts rescans on the workers' board (`inbox-watch` in `smsdrop status`).
+    pub scanned: OnScan,
     /// Files refused and already reported, with the inode and reason reported: reported again
     /// only when that changes. Forgotten when the file goes.
     pub refused: Mutex<HashMap<PathBuf, (u64, String)>>,
@@ -375,6 +382,7 @@ impl InboxWatcher {
             modified,
             changed_at: now,
             writing: false,
+            waits_for_space: false,
         });
         if c.size != meta.len() || c.modified != modified {
             c.size = meta.len();
@@ -414,11 +422,13 @@ impl InboxWatcher {
         if let Ok(mut refused) = self.refused.lock() {
             refused.retain(|p, _| fs::symlink_metadata(p).is_ok());
         }
+        let mut unlisted = Vec::new();
         for t in self.config.get().tenants.values() {
             let entries = match fs::read_dir(&t.folders.inbox) {
                 Ok(e) => e,
                 Err(e) => {
                     tracing::warn!(tenant = %t.id, inbox = %t.folders.inbox.display(), error = %e, "cannot list the inbox");
+                    unlisted.push(format!("{}: {e}", t.folders.inbox.display()));
                     continue;
                 }
             };
@@ -426,12 +436,16 @@ impl InboxWatcher {
                 self.observe(&e.path(), &t.id, None, candidates);
             }
         }
+        (self.scanned)(match unlisted.is_empty() {
+            true => Ok(()),
+            false => Err(format!("cannot list {}", unlisted.join("; "))),
+        });
     }
 
+    /// Claims the files that are complete. Below `min_free_space` they wait in their inbox until
+    /// space is back ([`crate::disk`]); each says so once.
     fn take_ready(&self, candidates: &mut HashMap<PathBuf, Candidate>) {
-        if crate::disk::is_low() {
-            return; // files wait in their inbox until space is back (`crate::disk`)
-        }
+        let low = crate::disk::is_low();
         let now = Instant::now();
         let mut ready = Vec::new();
         let mut refresh = Vec::new();
@@ -486,8 +500,19 @@ impl InboxWatcher {
             self.observe(&path, &tenant, None, candidates);
         }
         for (path, tenant) in ready {
+            let Some(tenant) = tenant else {
+                candidates.remove(&path);
+                continue;
+            };
+            if low {
+                if let Some(c) = candidates.get_mut(&path).filter(|c| !c.waits_for_space) {
+                    c.waits_for_space = true;
+                    let name = limits::shown(&path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
+                    tracing::info!(tenant = %tenant.id, file = %name, "file complete; it waits in the inbox until the disk is above min_free_space");
+                }
+                continue;
+            }
             candidates.remove(&path);
-            let Some(tenant) = tenant else { continue };
             let spool = crate::paths::spool_dir(&config.state_dir, &tenant.id);
             match claim(&path, &tenant, &spool) {
                 Ok(claimed) => {

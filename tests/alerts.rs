@@ -172,7 +172,8 @@ fn mail_waits_for_a_late_server_and_survives_a_restart_once() {
         Duration::from_secs(10),
     );
     let mails = smtp.wait_mails(2, Duration::from_secs(30));
-    std::thread::sleep(Duration::from_secs(3));
+    // Nothing left in the queue: no mail can come again.
+    app.mail_settled();
     let mails_after = smtp.mails();
     assert_eq!(
         mails_after.len(),
@@ -184,9 +185,15 @@ fn mail_waits_for_a_late_server_and_survives_a_restart_once() {
 
     // and a server that starts after the alert was raised, while smsdrop runs
     drop(smtp);
+    let failed = || app.log().matches("mail not sent, will retry").count();
+    let before = failed();
     app.drop_file("acme", "later.csv", b"a;b\n1;2\n");
     app.result("acme", "later");
-    std::thread::sleep(Duration::from_secs(2));
+    // Tried while the server was down...
+    common::wait_for("a try while the server is down", Duration::from_secs(20), || {
+        failed() > before
+    });
+    // ...and sent once it is up.
     let smtp = SmtpServer::start(&smtp_port, &app.path("maildir"), None);
     let mails = smtp.wait_mails(4, Duration::from_secs(40));
     assert_eq!(mails.iter().filter(|m| m.subject.contains("later.csv")).count(), 2);
@@ -238,13 +245,12 @@ fn a_flood_of_rejected_files_gives_one_mail_and_one_digest() {
         app.drop_file("acme", &format!("bad{i:03}.csv"), format!("x;y\n{i};2\n").as_bytes());
     }
     app.result("acme", "bad099");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while app.log().matches("rejected as a whole").count() < 100 {
-        assert!(Instant::now() < deadline, "not all files rejected");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    common::wait_for("every file rejected", Duration::from_secs(60), || {
+        app.log().matches("rejected as a whole").count() >= 100
+    });
     let mails = smtp.wait_mails(4, Duration::from_secs(30));
-    std::thread::sleep(Duration::from_secs(7));
+    // No mail queued and no alert held for a digest: no more mail can come.
+    app.mail_settled();
     let mails_after = smtp.mails();
     assert_eq!(
         mails_after.len(),
@@ -296,7 +302,7 @@ fn starttls_with_a_test_ca_and_plain_text_refused_cleanly() {
     app.drop_file("acme", "plain.csv", b"x;y\n3;4\n");
     app.result("acme", "plain");
     wait_log(&app, "refused for good and dropped", Duration::from_secs(30));
-    std::thread::sleep(Duration::from_secs(1));
+    app.mail_settled();
     assert!(smtp.mails().iter().all(|m| !m.subject.contains("plain.csv")));
     app.drop_file("acme", "after.csv", b"phone;message\n0612345678;Hi\n");
     assert_eq!(app.result("acme", "after")[1][3], "queued", "the service carries on");
@@ -325,23 +331,17 @@ fn daily_report_per_tenant_and_summary_for_the_admin_once() {
     app.drop_file("acme", "broken.csv", b"x;y\n1;2\n");
     app.final_report("acme", "day", 1);
     app.result("acme", "broken");
-    let deadline = Instant::now() + Duration::from_secs(40);
-    let reports = loop {
-        let reports: Vec<_> = smtp
-            .mails()
+    let daily = || -> Vec<common::Mail> {
+        smtp.mails()
             .into_iter()
             .filter(|m| m.subject.contains("daily_report"))
-            .collect();
-        if reports.len() >= 2 {
-            break reports;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no daily report: {reports:#?}\n{}",
-            app.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
+            .collect()
     };
+    let reports = common::poll(
+        Duration::from_secs(40),
+        || Some(daily()).filter(|r| r.len() >= 2),
+        || format!("no daily report: {:#?}\n{}", daily(), app.log()),
+    );
     let tenant = reports.iter().find(|m| m.to.contains(ERP)).expect("tenant report");
     assert!(
         tenant.subject.contains("tenant acme, 2 files, 1 messages"),
@@ -364,7 +364,10 @@ fn daily_report_per_tenant_and_summary_for_the_admin_once() {
     assert!(admin.body.contains("== acme (acme) =="), "{}", admin.body);
     assert!(app.stop().success());
     app.start();
-    std::thread::sleep(Duration::from_secs(3));
+    // Two rounds of the daily report after the restart, and their mail (had they queued any)
+    // taken by the server.
+    app.after_rounds("daily-report", 2);
+    app.mail_settled();
     let again = smtp
         .mails()
         .into_iter()

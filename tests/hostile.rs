@@ -30,11 +30,14 @@ fn hostile(port: u16, args: &[&str]) -> Command {
 /// `conns` connections of the hostile peer, each with 4 SFTP sessions opening uploads until
 /// refused: the peer, still holding them until its stdin closes, and what it reported.
 fn hold_handles(d: &Door, conns: u32) -> (std::process::Child, serde_json::Value) {
-    let mut held = hostile(d.port(), &["handles", d.key.to_str().expect("path"), &conns.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("hostile peer");
+    let mut held = hostile(
+        d.port(),
+        &["handles", d.key.to_str().expect("path"), &conns.to_string()],
+    )
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .spawn()
+    .expect("hostile peer");
     let mut line = String::new();
     std::io::BufRead::read_line(
         &mut std::io::BufReader::new(held.stdout.as_mut().expect("stdout")),
@@ -75,7 +78,8 @@ fn silent_banners_are_cut_at_the_login_deadline_and_one_address_cannot_fill_the_
         .stdout(Stdio::piped())
         .spawn()
         .expect("hostile peer");
-    std::thread::sleep(Duration::from_millis(500));
+    // The fifth is dropped: four hold every unauthenticated place 127.0.0.2 may have.
+    common::wait_log(&d.app, "SFTP connection dropped", Duration::from_secs(10));
     // Meanwhile an honest client from 127.0.0.1 gets in.
     let out = upload(&d, "june.csv", "phone;message\n0612345678;Hello\n");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -285,8 +289,11 @@ fn an_upload_cut_short_by_a_full_disk_is_never_published() {
     assert!(stderr.contains("close remote: Failure"), "{stderr}");
     d.app
         .wait_audit("sftp.upload-refused", &[("file", "big.csv"), ("reason", "no_space")]);
-    // Nothing was published, so nothing is taken or answered.
-    std::thread::sleep(Duration::from_secs(2));
+    // Space is back once the temporary is gone: the next upload lands.
+    let out = upload(&d, "small.csv", "phone;message\n0612345678;Hello\n");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(d.app.result("acme", "small")[1][3], "queued");
+    // Taken after it, it is the marker: nothing of big.csv was published, taken or answered.
     let left: Vec<_> = std::fs::read_dir(&inbox)
         .expect("inbox")
         .flatten()
@@ -294,10 +301,6 @@ fn an_upload_cut_short_by_a_full_disk_is_never_published() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
     assert!(!d.app.outbox("acme").join("big.result.csv").exists());
-    // Space is back once the temporary is gone: the next upload lands.
-    let out = upload(&d, "small.csv", "phone;message\n0612345678;Hello\n");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(d.app.result("acme", "small")[1][3], "queued");
 }
 
 #[test]
@@ -389,7 +392,11 @@ fn hard_links_special_files_and_links_in_an_inbox_are_left_alone_and_audited() {
         "inbox.refused",
         &[("file", "fifo.csv"), ("reason", "not a regular file (a special file)")],
     );
-    std::thread::sleep(Duration::from_secs(1));
+    // A full rescan after the refusals, then a file taken: had a refused one been taken, it
+    // would have been by then.
+    app.after_rounds("inbox-watch", 2);
+    app.drop_file("plain", "after.csv", b"0612345678;After\n");
+    app.result("plain", "after");
     for name in ["link.csv", "sym.csv", "fifo.csv", "foreign.csv"] {
         assert!(inbox.join(name).symlink_metadata().is_ok(), "{name} left where it was");
     }
@@ -602,7 +609,13 @@ fn below_min_free_space_new_work_waits_and_everything_resumes_when_space_is_back
     let hidden = d.app.inbox("acme").join(".dropped.tmp");
     std::fs::write(&hidden, "phone;message\n0612345679;Hello\n").expect("write");
     std::fs::rename(&hidden, &dropped).expect("into the inbox");
-    std::thread::sleep(Duration::from_secs(2));
+    // Complete, and not taken: the watcher says it waits for space.
+    common::wait_log(
+        &d.app,
+        "file complete; it waits in the inbox until the disk is above min_free_space",
+        Duration::from_secs(10),
+    );
+    assert!(d.app.log().contains("file=dropped.csv"), "{}", d.app.log());
     assert!(dropped.exists(), "not taken while space is low");
     // Space comes back: everything resumes by itself.
     std::fs::remove_file(&filler).expect("free the space");
@@ -746,7 +759,11 @@ fn a_result_file_the_full_outbox_refused_is_written_when_space_comes_back() {
     let _disk = Tmpfs::mount(&outbox, "1m");
     let mut app = Appliance::new_with(
         "min_free_space = 0",
-        &tenant("acme", &format!("outbox = \"{}\"", outbox.display())),
+        &format!(
+            "{}{}",
+            tenant("acme", &format!("outbox = \"{}\"", outbox.display())),
+            tenant("beta", "")
+        ),
     );
     app.start();
     let filler = fill_to_the_brim(&outbox);
@@ -756,9 +773,14 @@ fn a_result_file_the_full_outbox_refused_is_written_when_space_comes_back() {
         b"phone;message;ref\n0612345670;Hello;a\n0612345671;Hello;b\n",
     );
     common::wait_log(&app, "cannot ingest the file", Duration::from_secs(30));
-    // Nothing is sent for a batch the ERP has no answer for, and it is not left half-made.
-    std::thread::sleep(Duration::from_secs(1));
-    assert!(app.sink().is_empty(), "nothing sent before the batch is answered");
+    // Nothing is sent for a batch the ERP has no answer for, and it is not left half-made. The
+    // marker: another tenant's batch, taken after it, is sent.
+    app.drop_file("beta", "marker.csv", b"phone;message\n0612345679;marker\n");
+    let sent = app.wait_sink(1, Duration::from_secs(30));
+    assert!(
+        sent.iter().all(|m| m["text"] == "marker"),
+        "nothing of june.csv sent before it is answered: {sent:?}"
+    );
     let out = app.cli(&["batch", "list"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     std::fs::remove_file(&filler).expect("free the space");
@@ -768,9 +790,13 @@ fn a_result_file_the_full_outbox_refused_is_written_when_space_comes_back() {
     );
     assert_eq!(rows.len(), 3);
     assert!(rows.iter().skip(1).all(|r| r[3] == "queued"), "{rows:?}");
-    app.wait_sink(2, Duration::from_secs(30));
-    std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(app.sink().len(), 2, "each message once");
+    // Every message final: none can be sent again.
+    app.final_report("beta", "marker", 1);
+    common::wait_for("june's messages final", Duration::from_secs(30), || {
+        let rows = common::parse_csv(&std::fs::read(outbox.join("june.report.csv")).unwrap_or_default(), b';');
+        rows.len() == 3 && rows.iter().skip(1).all(|r| r[4] == "delivered")
+    });
+    assert_eq!(app.sink().len(), 3, "each message once (june's two and the marker)");
     let out = app.cli(&["batch", "list"]);
     let list = String::from_utf8_lossy(&out.stdout);
     assert!(!list.contains("ingesting"), "no batch left ingesting:\n{list}");

@@ -103,14 +103,12 @@ fn sigterm_during_dispatch_loses_nothing_and_sends_nothing_twice() {
     assert!(app.log().contains("stopped"));
 
     app.start();
-    let sent = app.wait_sink(valid, Duration::from_secs(120));
-    std::thread::sleep(Duration::from_millis(500));
+    // Every message final: the sink holds all it ever will.
+    let report = app.final_report("acme", "run", valid);
     let sent_after = app.sink();
-    assert_eq!(sent_after.len(), sent.len());
     let ids: HashSet<String> = message_ids(&sent_after).into_iter().collect();
     assert_eq!(ids.len(), valid, "every message sent");
     assert_eq!(sent_after.len(), valid, "none sent twice after a clean stop");
-    let report = app.final_report("acme", "run", valid);
     assert!(report[1..].iter().all(|r| r[4] == "delivered" && r[5] == "sink"));
 }
 

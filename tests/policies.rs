@@ -82,8 +82,9 @@ fn daily_quota_rejects_the_file_that_would_pass_it() {
         "queued",
         "what fits the quota still goes"
     );
-    app.wait_sink(3, Duration::from_secs(20));
-    std::thread::sleep(Duration::from_millis(300));
+    // Every message queued is final: nothing more can be sent.
+    app.final_report("acme", "a", 2);
+    app.final_report("acme", "c", 1);
     assert_eq!(app.sink().len(), 3);
     assert!(app.log().contains("would pass max_per_day 3"), "{}", app.log());
 }
@@ -105,9 +106,11 @@ fn held_batches_wait_for_release_or_cancel() {
     );
     assert!(app.result("acme", "big")[1..].iter().all(|r| r[3] == "queued"));
     app.result("acme", "other");
-    app.wait_sink(1, Duration::from_secs(20));
-    std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(app.sink().len(), 1, "held batches send nothing");
+    // The marker: a batch taken after them, not held, is sent in full.
+    app.drop_file("acme", "after.csv", b"phone;message\n0612345678;after\n");
+    app.final_report("acme", "after", 1);
+    app.final_report("acme", "small", 1);
+    assert_eq!(app.sink().len(), 2, "held batches send nothing");
     let list = String::from_utf8_lossy(&app.cli(&["batch", "list", "--tenant", "acme"]).stdout).into_owned();
     assert_eq!(list.lines().filter(|l| l.contains(" held ")).count(), 2, "{list}");
 
@@ -122,13 +125,13 @@ fn held_batches_wait_for_release_or_cancel() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("3 messages will not be sent"));
     let report = app.final_report("acme", "other", 3);
     assert!(report[1..].iter().all(|r| r[4] == "canceled"), "{report:?}");
-    std::thread::sleep(Duration::from_millis(500));
+    // Every batch's messages are final: the sink holds all it ever will.
     let texts: Vec<String> = app
         .sink()
         .iter()
         .map(|v| v["text"].as_str().unwrap_or_default().to_string())
         .collect();
-    assert_eq!(texts.len(), 4, "small and big only: {texts:?}");
+    assert_eq!(texts.len(), 5, "small, after and big only: {texts:?}");
     assert!(!texts.iter().any(|t| ["x", "y", "z"].contains(&t.as_str())));
 
     let again = app.cli(&["batch", "release", &other]);

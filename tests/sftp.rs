@@ -269,7 +269,10 @@ fn a_dropped_connection_leaves_nothing_to_take() {
             .unwrap_or(false)
     });
     d.app.wait_audit("sftp.upload-abandoned", &[("file", "huge.csv")]);
-    std::thread::sleep(Duration::from_millis(800));
+    // The marker: a file dropped after it is taken and answered.
+    d.app
+        .drop_file("acme", "after.csv", b"phone;message\n0612345678;after\n");
+    d.app.result("acme", "after");
     assert!(
         !d.app.outbox("acme").join("huge.result.csv").exists(),
         "nothing was taken"
@@ -541,7 +544,10 @@ fn every_refusal_is_an_audit_event_and_a_mail() {
         assert!(!sftp_batch(d.port(), &d.key, "mallory", "ls /\n").status.success());
     }
     d.app.wait_audit("sftp.ban", &[("source", "127.0.0.1"), ("bans", "1")]);
-    assert!(!sftp_batch(d.port(), &d.key, "acme", "ls /\n").status.success(), "banned");
+    assert!(
+        !sftp_batch(d.port(), &d.key, "acme", "ls /\n").status.success(),
+        "banned"
+    );
 
     let refusals = [
         ("unknown key", "acme", "publickey"),

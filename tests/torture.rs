@@ -589,7 +589,8 @@ fn a_hostile_smtp_server_gets_every_alert_once_in_the_end() {
             )
         },
     );
-    std::thread::sleep(Duration::from_secs(3));
+    // Nothing left queued: no mail can come again.
+    app.mail_settled();
     let ev = events();
     let refused = ev.iter().filter(|e| e["ev"] == "rcpt_451").count();
     let dropped = ev.iter().filter(|e| e["ev"] == "dropped_in_data").count();
@@ -661,7 +662,6 @@ fn kills_in_the_middle_of_an_upload_leave_nothing_half_taken() {
         wait_for("the stale temporary removed", Duration::from_secs(10), || {
             inbox_files(&d.app, ".upload-").is_empty()
         });
-        std::thread::sleep(Duration::from_secs(1));
         assert!(!d.app.outbox("acme").join(format!("big{round}.result.csv")).exists());
         // The ERP sends it again: taken whole, once.
         let out = common::sftp_batch(
@@ -679,6 +679,13 @@ fn kills_in_the_middle_of_an_upload_leave_nothing_half_taken() {
             b';',
         );
         assert_eq!(rows.len() as u64, lines + 1, "every line once");
+        // Answered: it is the marker. Had half the file been taken, it would be a batch too.
+        let list = common::ok(d.app.cli(&["batch", "list"]));
+        let batches = list
+            .lines()
+            .filter(|l| l.ends_with(&format!(" big{round}.csv")))
+            .count();
+        assert_eq!(batches, 1, "round {round}: one batch of big{round}.csv:\n{list}");
         eprintln!(
             "upload round {round}: killed after {} MiB of the upload; sent again, taken whole",
             at >> 20

@@ -54,6 +54,7 @@ fn text(
     workers_text(&mut out, workers);
     out.push('\n');
     sftp_text(&mut out, store, config);
+    mail_text(&mut out, store, config)?;
     tenants_text(&mut out, store, config)?;
     let (anonymized, deleted, deleted_batches, at) = store.sweep_totals()?;
     let when = at
@@ -137,6 +138,19 @@ fn sftp_text(out: &mut String, store: &Store, config: &Config) {
         }
         out.push('\n');
     }
+}
+
+/// The mail queue: mails not yet taken by the SMTP server, alerts held for a digest.
+fn mail_text(out: &mut String, store: &Store, config: &Config) -> Result<(), StoreError> {
+    if config.email.is_some() {
+        let _ = writeln!(
+            out,
+            "mail: {} queued, {} alerts held for a digest\n",
+            store.pending_mails()?,
+            store.digest_lines()?
+        );
+    }
+    Ok(())
 }
 
 /// Batches and messages by tenant and status.

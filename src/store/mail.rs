@@ -138,6 +138,19 @@ impl Store {
         Ok(redb::ReadableTableMetadata::len(&tx.open_table(MAIL)?)?)
     }
 
+    /// Alerts held for a digest (not yet turned into a mail), over every kind and recipient.
+    pub fn digest_lines(&self) -> Result<u64> {
+        let keys = self.keys.system();
+        let tx = self.db.begin_read()?;
+        let mut lines = 0u64;
+        for entry in tx.open_table(DIGESTS)?.iter()? {
+            let (k, v) = entry?;
+            let digest: DigestRecord = open_record(&keys, "mail_digests", k.value(), v.value())?;
+            lines = lines.saturating_add(digest.pending);
+        }
+        Ok(lines)
+    }
+
     /// A mail is done (sent, or refused for good): it leaves the queue.
     pub fn mail_done(&self, id: u64) -> Result<()> {
         let tx = self.write(Durability::Immediate)?;

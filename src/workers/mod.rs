@@ -118,6 +118,22 @@ impl Workers {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// One round of a part that runs its own loop (the inbox watcher's rescans), counted like a
+    /// worker's: it stays `idle` between rounds; a failed one is an error with its reason.
+    pub fn record(&self, name: &'static str, round: Result<(), String>) {
+        self.update(name, |s| {
+            s.rounds += 1;
+            match round {
+                Ok(()) => s.failing = 0,
+                Err(why) => {
+                    s.errors += 1;
+                    s.failing = s.failing.saturating_add(1);
+                    s.last_error = Some((crate::clock::now(), why));
+                }
+            }
+        });
+    }
+
     fn update(&self, name: &'static str, f: impl FnOnce(&mut Status)) {
         let mut board = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let status = board.entry(name).or_insert(Status {

@@ -294,6 +294,54 @@ impl Appliance {
         )
     }
 
+    /// `smsdrop status`.
+    #[track_caller]
+    pub fn status(&self) -> String {
+        ok(self.cli(&["status"]))
+    }
+
+    /// The rounds a background worker did since this start, from its line of `smsdrop status`
+    /// (`inbox-watch` counts the watcher's full rescans of the inboxes).
+    #[track_caller]
+    pub fn rounds(&self, worker: &str) -> u64 {
+        let status = self.status();
+        status
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.first() == Some(&worker)).then(|| f.get(2)?.parse().ok())?
+            })
+            .unwrap_or_else(|| panic!("no worker {worker} in:\n{status}"))
+    }
+
+    /// Waits until `worker` did `n` more rounds than it has now. The marker for an absence: a
+    /// round that began after what the test did has looked at it. `n` = 2, since a round under
+    /// way now may have looked before.
+    #[track_caller]
+    pub fn after_rounds(&self, worker: &str, n: u64) {
+        let target = self.rounds(worker) + n;
+        poll(
+            Duration::from_secs(60),
+            || (self.rounds(worker) >= target).then_some(()),
+            || format!("{worker} did not reach {target} rounds:\n{}", self.status()),
+        )
+    }
+
+    /// Waits until no mail is queued and no alert is held for a digest: every mail there will
+    /// be for what happened so far has been taken by the SMTP server (or refused for good).
+    #[track_caller]
+    pub fn mail_settled(&self) {
+        poll(
+            Duration::from_secs(60),
+            || {
+                self.status()
+                    .contains("mail: 0 queued, 0 alerts held for a digest")
+                    .then_some(())
+            },
+            || format!("mail still waiting:\n{}", self.status()),
+        )
+    }
+
     /// The audit log as `smsdrop audit export` prints it.
     pub fn audit(&self) -> Vec<serde_json::Value> {
         let out = self.cli(&["audit", "export"]);

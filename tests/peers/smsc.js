@@ -206,7 +206,7 @@ const server = smpp.createServer(serverOptions, (session) => {
     bound = true;
     session.role = pdu.command;
     session.systemId = pdu.system_id;
-    write({ ev: "bind", command: pdu.command, system_id: pdu.system_id, system_type: pdu.system_type });
+    write({ ev: "bind", command: pdu.command, system_id: pdu.system_id, system_type: pdu.system_type, at_ms: Date.now() });
     session.send(pdu.response({ system_id: "loopback-smsc" }));
     if (breakAfterBind > 0) {
       setTimeout(() => {

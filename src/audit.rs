@@ -36,7 +36,7 @@ pub struct Event(AuditEvent);
 impl Event {
     pub fn new(action: &str, actor: impl Into<String>) -> Event {
         Event(AuditEvent {
-            at: jiff::Timestamp::now().as_millisecond(),
+            at: crate::clock::now_ms(),
             action: action.to_string(),
             tenant: None,
             actor: actor.into(),

@@ -164,7 +164,7 @@ fn parse_since(s: &str) -> Result<i64, String> {
             .map_err(|e| e.to_string());
     }
     match humantime::parse_duration(s) {
-        Ok(d) => Ok(jiff::Timestamp::now().as_millisecond() - d.as_millis().min(i64::MAX as u128) as i64),
+        Ok(d) => Ok(crate::clock::now_ms() - d.as_millis().min(i64::MAX as u128) as i64),
         Err(_) => Err(format!(
             "`{s}` is neither a time (2026-11-25T08:00:00Z), a date (2026-11-25) nor a duration (24h)"
         )),

@@ -23,6 +23,14 @@ pub fn now() -> i64 {
         .saturating_add(paused_ahead())
 }
 
+/// Unix milliseconds, now, moved as [`now`] is: for times kept to the millisecond (audit entries,
+/// incoming messages, sends remembered for reply matching).
+pub fn now_ms() -> i64 {
+    jiff::Timestamp::now()
+        .as_millisecond()
+        .saturating_add(skew().saturating_add(paused_ahead()).saturating_mul(1000))
+}
+
 /// [`now`] as a timestamp.
 pub fn timestamp() -> jiff::Timestamp {
     jiff::Timestamp::from_second(now()).unwrap_or_else(|_| jiff::Timestamp::now())

@@ -158,7 +158,7 @@ impl Health {
             recent: VecDeque::with_capacity(SAMPLES),
             state: State::Up,
             disconnected_since: None,
-            since: jiff::Timestamp::now().as_second(),
+            since: crate::clock::now(),
         }
     }
 
@@ -259,7 +259,7 @@ impl Health {
             None => {}
         }
         if change.is_some() {
-            self.since = jiff::Timestamp::now().as_second();
+            self.since = crate::clock::now();
         }
         change
     }

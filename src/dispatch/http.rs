@@ -162,6 +162,47 @@ pub fn is_transient_status(status: StatusCode) -> bool {
         || status.as_u16() == 425
 }
 
+/// A webhook answer: a status and one line of text.
+fn answer(status: StatusCode, text: &str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(format!("{text}\n"))));
+    *r.status_mut() = status;
+    r
+}
+
+/// A webhook call's body and signature header, or the answer that refuses it: not a `POST`, a
+/// body over 64 KiB (refused before a byte of it is read when its declared length says so: a
+/// client that asked `Expect: 100-continue`, as curl does for large bodies, then sends nothing,
+/// and no unread body is left to reset the connection under the answer), or a body that takes
+/// longer than [`WEBHOOK_BODY_DEADLINE`].
+async fn read_webhook(req: Request<hyper::body::Incoming>) -> Result<(Bytes, Option<String>), Response<Full<Bytes>>> {
+    if req.method() != hyper::Method::POST {
+        return Err(answer(StatusCode::METHOD_NOT_ALLOWED, "POST only"));
+    }
+    let signature = req
+        .headers()
+        .get("x-smsdrop-signature")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > WEBHOOK_MAX_BYTES as u64) {
+        return Err(answer(StatusCode::PAYLOAD_TOO_LARGE, "body too large (64 KiB at most)"));
+    }
+    match tokio::time::timeout(
+        WEBHOOK_BODY_DEADLINE,
+        Limited::new(req.into_body(), WEBHOOK_MAX_BYTES).collect(),
+    )
+    .await
+    {
+        Ok(Ok(b)) => Ok((b.to_bytes(), signature)),
+        Ok(Err(_)) => Err(answer(StatusCode::PAYLOAD_TOO_LARGE, "body too large (64 KiB at most)")),
+        Err(_) => Err(answer(StatusCode::REQUEST_TIMEOUT, "body not received within 10 s")),
+    }
+}
+
 /// The signature a webhook body must carry.
 fn signature_ok(secret: &[u8], body: &[u8], header: Option<&str>) -> bool {
     let Some(hex) = header.and_then(|h| h.trim().strip_prefix("sha256=")) else {
@@ -247,39 +288,9 @@ impl HttpPartner {
         secret: &[u8],
         peer: SocketAddr,
     ) -> Response<Full<Bytes>> {
-        let answer = |status: StatusCode, text: &str| {
-            let mut r = Response::new(Full::new(Bytes::from(format!("{text}\n"))));
-            *r.status_mut() = status;
-            r
-        };
-        if req.method() != hyper::Method::POST {
-            return answer(StatusCode::METHOD_NOT_ALLOWED, "POST only");
-        }
-        let signature = req
-            .headers()
-            .get("x-smsdrop-signature")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        // A body declared too large is refused before a byte of it is read: a client that
-        // asked `Expect: 100-continue` (curl does for large bodies) then sends nothing, and no
-        // unread body is left to reset the connection under the answer.
-        let declared = req
-            .headers()
-            .get(hyper::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        if declared.is_some_and(|n| n > WEBHOOK_MAX_BYTES as u64) {
-            return answer(StatusCode::PAYLOAD_TOO_LARGE, "body too large (64 KiB at most)");
-        }
-        let body = match tokio::time::timeout(
-            WEBHOOK_BODY_DEADLINE,
-            Limited::new(req.into_body(), WEBHOOK_MAX_BYTES).collect(),
-        )
-        .await
-        {
-            Ok(Ok(b)) => b.to_bytes(),
-            Ok(Err(_)) => return answer(StatusCode::PAYLOAD_TOO_LARGE, "body too large (64 KiB at most)"),
-            Err(_) => return answer(StatusCode::REQUEST_TIMEOUT, "body not received within 10 s"),
+        let (body, signature) = match read_webhook(req).await {
+            Ok(read) => read,
+            Err(refused) => return refused,
         };
         if !signature_ok(secret, &body, signature.as_deref()) {
             if let Some(held) = WEBHOOK_WARNINGS.allow(&format!("signature {}", peer.ip())) {
@@ -312,12 +323,21 @@ impl HttpPartner {
                 return answer(StatusCode::BAD_REQUEST, "not a receipt or mo event");
             }
         };
+        if let Err(refused) = self.keep(events).await {
+            return refused;
+        }
+        self.remember(digest, now);
+        answer(StatusCode::OK, "ok")
+    }
+
+    /// Hands each event to the dispatcher and waits until every one is durable.
+    async fn keep(&self, events: Vec<WebhookEvent>) -> Result<(), Response<Full<Bytes>>> {
         let mut acks = Vec::with_capacity(events.len());
         for event in events {
             let what = match event {
                 WebhookEvent::Receipt { id, status, error } => {
                     let Some(id) = id_text(&id) else {
-                        return answer(StatusCode::BAD_REQUEST, "a receipt needs an id");
+                        return Err(answer(StatusCode::BAD_REQUEST, "a receipt needs an id"));
                     };
                     Incoming::Receipt(Receipt {
                         id,
@@ -330,42 +350,42 @@ impl HttpPartner {
                     from,
                     to,
                     text,
-                    received_at: jiff::Timestamp::now().as_millisecond(),
+                    received_at: crate::clock::now_ms(),
                 }),
             };
             let (ack, durable) = oneshot::channel();
-            if self
-                .incoming
-                .send(Inbound {
-                    partner: self.id.clone(),
-                    what,
-                    ack,
-                })
-                .is_err()
-            {
-                return answer(StatusCode::SERVICE_UNAVAILABLE, "stopping");
+            let inbound = Inbound {
+                partner: self.id.clone(),
+                what,
+                ack,
+            };
+            if self.incoming.send(inbound).is_err() {
+                return Err(answer(StatusCode::SERVICE_UNAVAILABLE, "stopping"));
             }
             acks.push(durable);
         }
         for durable in acks {
             if durable.await != Ok(true) {
-                return answer(StatusCode::SERVICE_UNAVAILABLE, "not kept; send again");
+                return Err(answer(StatusCode::SERVICE_UNAVAILABLE, "not kept; send again"));
             }
         }
-        if let Ok(mut seen) = self.seen.lock() {
+        Ok(())
+    }
+
+    /// Remembers a body kept, for [`REPLAY_WINDOW_SECS`], within [`REPLAYS_REMEMBERED`].
+    fn remember(&self, digest: [u8; 32], now: i64) {
+        let Ok(mut seen) = self.seen.lock() else { return };
+        if seen.len() >= REPLAYS_REMEMBERED {
+            seen.retain(|_, at| now - *at < REPLAY_WINDOW_SECS);
             if seen.len() >= REPLAYS_REMEMBERED {
-                seen.retain(|_, at| now - *at < REPLAY_WINDOW_SECS);
-                if seen.len() >= REPLAYS_REMEMBERED {
-                    // Still full: forget the oldest half.
-                    let mut times: Vec<i64> = seen.values().copied().collect();
-                    times.sort_unstable();
-                    let cut = times[times.len() / 2];
-                    seen.retain(|_, at| *at > cut);
-                }
+                // Still full: forget the oldest half.
+                let mut times: Vec<i64> = seen.values().copied().collect();
+                times.sort_unstable();
+                let cut = times[times.len() / 2];
+                seen.retain(|_, at| *at > cut);
             }
-            seen.insert(digest, now);
         }
-        answer(StatusCode::OK, "ok")
+        seen.insert(digest, now);
     }
 
     async fn send(&self, m: &Outbound<'_>) -> Result<Submitted, PartnerError> {

@@ -103,7 +103,7 @@ pub struct Pacer {
 }
 
 fn now_ms() -> u64 {
-    jiff::Timestamp::now().as_millisecond().max(0) as u64
+    crate::clock::now_ms().max(0) as u64
 }
 
 impl Pacer {

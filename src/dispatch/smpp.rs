@@ -331,7 +331,7 @@ impl SmppPartner {
                     from: if international { format!("+{source}") } else { source },
                     to: deliver.destination_addr.to_string(),
                     text: decode_text(u8::from(deliver.data_coding), body),
-                    received_at: jiff::Timestamp::now().as_millisecond(),
+                    received_at: crate::clock::now_ms(),
                 })
             })
         };

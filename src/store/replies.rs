@@ -94,7 +94,7 @@ impl Store {
         if sent.is_empty() {
             return Ok(());
         }
-        let now = jiff::Timestamp::now().as_millisecond();
+        let now = crate::clock::now_ms();
         let mut entries: Vec<(Vec<u8>, &SentTo)> = sent
             .iter()
             .map(|s| {

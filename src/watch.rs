@@ -174,6 +174,11 @@ struct Candidate {
 /// Files with no close event are still taken after this many `settle` periods of quiet.
 const QUIET_FACTOR: u32 = 10;
 
+/// Lines about inboxes, at most one a minute per tenant and kind: a tenant who drops ten
+/// thousand files while the disk is low, or an inbox that cannot be listed at each rescan, does
+/// not fill the log.
+static INBOX_LINES: limits::Throttle = limits::Throttle::new(Duration::from_secs(60));
+
 /// Told after each full rescan of the inboxes: `Err` names the inboxes that could not be listed.
 pub type OnScan = Box<dyn Fn(Result<(), String>) + Send + Sync>;
 
@@ -427,7 +432,9 @@ impl InboxWatcher {
             let entries = match fs::read_dir(&t.folders.inbox) {
                 Ok(e) => e,
                 Err(e) => {
-                    tracing::warn!(tenant = %t.id, inbox = %t.folders.inbox.display(), error = %e, "cannot list the inbox");
+                    if let Some(held) = INBOX_LINES.allow(&format!("unlisted {}", t.id)) {
+                        tracing::warn!(tenant = %t.id, inbox = %t.folders.inbox.display(), error = %e, held_back = held, "cannot list the inbox");
+                    }
                     unlisted.push(format!("{}: {e}", t.folders.inbox.display()));
                     continue;
                 }
@@ -443,7 +450,8 @@ impl InboxWatcher {
     }
 
     /// Claims the files that are complete. Below `min_free_space` they wait in their inbox until
-    /// space is back ([`crate::disk`]); each says so once.
+    /// space is back ([`crate::disk`]); the log says so, naming a file (once per file, at most a
+    /// line a minute per tenant, with how many more were held back).
     fn take_ready(&self, candidates: &mut HashMap<PathBuf, Candidate>) {
         let low = crate::disk::is_low();
         let now = Instant::now();
@@ -507,8 +515,10 @@ impl InboxWatcher {
             if low {
                 if let Some(c) = candidates.get_mut(&path).filter(|c| !c.waits_for_space) {
                     c.waits_for_space = true;
-                    let name = limits::shown(&path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
-                    tracing::info!(tenant = %tenant.id, file = %name, "file complete; it waits in the inbox until the disk is above min_free_space");
+                    if let Some(held) = INBOX_LINES.allow(&format!("waiting {}", tenant.id)) {
+                        let name = limits::shown(&path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
+                        tracing::info!(tenant = %tenant.id, file = %name, held_back = held, "file complete; it waits in the inbox until the disk is above min_free_space");
+                    }
                 }
                 continue;
             }

@@ -366,7 +366,7 @@ fn daily_report_per_tenant_and_summary_for_the_admin_once() {
     app.start();
     // Two rounds of the daily report after the restart, and their mail (had they queued any)
     // taken by the server.
-    app.after_rounds("daily-report", 2);
+    app.after_two_rounds("daily-report");
     app.mail_settled();
     let again = smtp
         .mails()

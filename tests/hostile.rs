@@ -394,7 +394,7 @@ fn hard_links_special_files_and_links_in_an_inbox_are_left_alone_and_audited() {
     );
     // A full rescan after the refusals, then a file taken: had a refused one been taken, it
     // would have been by then.
-    app.after_rounds("inbox-watch", 2);
+    app.after_two_rounds("inbox-watch");
     app.drop_file("plain", "after.csv", b"0612345678;After\n");
     app.result("plain", "after");
     for name in ["link.csv", "sym.csv", "fifo.csv", "foreign.csv"] {

@@ -705,7 +705,7 @@ fn a_kept_receipt_never_settles_another_message_by_a_coincidence_of_bases() {
     // after june's response, with which a kept receipt would have been applied.
     app.drop_file("acme", "after.csv", b"phone;message\n0612340000;after\n");
     assert_eq!(app.final_report("acme", "after", 1)[1][4], "delivered");
-    let show = common::ok(app.cli(&["batch", "show", &batch_id(&app, "june.csv")]));
+    let show = common::ok(app.cli(&["batch", "show", &app.batch_id("june.csv")]));
     let count = |status: &str| {
         show.lines()
             .find_map(|l| l.trim().strip_prefix(status).map(|n| n.trim().to_string()))
@@ -716,16 +716,6 @@ fn a_kept_receipt_never_settles_another_message_by_a_coincidence_of_bases() {
         ("1".into(), "0".into()),
         "{show}"
     );
-}
-
-/// The id `batch list` gives the batch of `file`.
-fn batch_id(app: &Appliance, file: &str) -> String {
-    let list = common::ok(app.cli(&["batch", "list"]));
-    list.lines()
-        .find(|l| l.ends_with(file))
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap_or_else(|| panic!("{file} not listed:\n{list}"))
-        .to_string()
 }
 
 #[test]

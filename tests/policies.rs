@@ -15,15 +15,6 @@ fn status_of(rows: &[Vec<String>], reference: &str) -> (String, String) {
     (row[3].clone(), row[4].clone())
 }
 
-fn batch_id(app: &Appliance, file: &str) -> String {
-    let list = String::from_utf8_lossy(&app.cli(&["batch", "list"]).stdout).into_owned();
-    list.lines()
-        .find(|l| l.ends_with(file))
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap_or_else(|| panic!("{file} not listed:\n{list}"))
-        .to_string()
-}
-
 #[test]
 fn country_and_link_policies_are_line_reasons() {
     let mut app = Appliance::new(&tenant(
@@ -58,7 +49,7 @@ fn country_and_link_policies_are_line_reasons() {
     ] {
         assert_eq!(status_of(&rows, r), (want.0.to_string(), want.1.to_string()), "{r}");
     }
-    let show = String::from_utf8_lossy(&app.cli(&["batch", "show", &batch_id(&app, "policy.csv")]).stdout).into_owned();
+    let show = String::from_utf8_lossy(&app.cli(&["batch", "show", &app.batch_id("policy.csv")]).stdout).into_owned();
     assert!(show.contains("countries    BE FR"), "{show}");
     assert!(
         show.contains("url_not_allowed") && show.contains("country_not_allowed"),
@@ -114,13 +105,13 @@ fn held_batches_wait_for_release_or_cancel() {
     let list = String::from_utf8_lossy(&app.cli(&["batch", "list", "--tenant", "acme"]).stdout).into_owned();
     assert_eq!(list.lines().filter(|l| l.contains(" held ")).count(), 2, "{list}");
 
-    let big = batch_id(&app, "big.csv");
+    let big = app.batch_id("big.csv");
     let out = app.cli(&["batch", "release", &big]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report = app.final_report("acme", "big", 3);
     assert!(report[1..].iter().all(|r| r[4] == "delivered"), "{report:?}");
 
-    let other = batch_id(&app, "other.csv");
+    let other = app.batch_id("other.csv");
     let out = app.cli(&["batch", "cancel", &other]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("3 messages will not be sent"));
     let report = app.final_report("acme", "other", 3);
@@ -151,7 +142,7 @@ fn cancel_stops_a_batch_under_way_and_its_scheduled_messages() {
     );
     app.result("acme", "sched");
     app.wait_sink(1, Duration::from_secs(20));
-    let id = batch_id(&app, "sched.csv");
+    let id = app.batch_id("sched.csv");
     let out = app.cli(&["batch", "cancel", &id]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report = app.final_report("acme", "sched", 2);

@@ -62,7 +62,7 @@ fn finished_batches_are_anonymised_then_deleted_and_their_space_is_reused() {
     assert_eq!(before[0]["anonymized"], false);
 
     // Nothing goes before its time: two sweeps after the batch was final take nothing.
-    app.after_rounds("sweeper", 2);
+    app.after_two_rounds("sweeper");
     let s = status(&app);
     assert!(s.contains("0 messages deleted (0 batches), 0 anonymised"), "{s}");
     assert!(!s.contains("last sweep never"), "the sweeper ran: {s}");

@@ -416,27 +416,16 @@ impl Hostile {
             .arg(mode)
             .spawn()
             .expect("python3 hostile_smsc.py");
-        let mut h = Hostile { child, port: 0, log };
-        h.port = poll(
+        let port = poll(
             Duration::from_secs(10),
-            || {
-                h.events()
-                    .iter()
-                    .find(|e| e["ev"] == "listening")
-                    .and_then(|e| e["port"].as_u64())
-                    .and_then(|p| u16::try_from(p).ok())
-            },
+            || common::listening_port(&log),
             || "the hostile SMSC did not start".into(),
         );
-        h
+        Hostile { child, port, log }
     }
 
     fn events(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        common::events_in(&self.log)
     }
 
     fn of(&self, ev: &str) -> usize {
@@ -557,13 +546,7 @@ fn a_hostile_smtp_server_gets_every_alert_once_in_the_end() {
         }
     }
     let smtp = Stop(&mut smtp);
-    let events = || -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    };
+    let events = || common::events_in(&log);
     wait_for("the SMTP server", Duration::from_secs(20), || {
         events().iter().any(|e| e["ev"] == "listening")
     });

@@ -294,6 +294,17 @@ impl Appliance {
         )
     }
 
+    /// The id `smsdrop batch list` gives the batch of `file`.
+    #[track_caller]
+    pub fn batch_id(&self, file: &str) -> String {
+        let list = ok(self.cli(&["batch", "list"]));
+        list.lines()
+            .find(|l| l.ends_with(file))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or_else(|| panic!("{file} not listed:\n{list}"))
+            .to_string()
+    }
+
     /// `smsdrop status`.
     #[track_caller]
     pub fn status(&self) -> String {
@@ -314,12 +325,12 @@ impl Appliance {
             .unwrap_or_else(|| panic!("no worker {worker} in:\n{status}"))
     }
 
-    /// Waits until `worker` did `n` more rounds than it has now. The marker for an absence: a
-    /// round that began after what the test did has looked at it. `n` = 2, since a round under
-    /// way now may have looked before.
+    /// Waits until `worker` did two more rounds than it has now. The marker for an absence: a
+    /// round that began after what the test did has looked at it (two, since a round under way
+    /// now may have looked before).
     #[track_caller]
-    pub fn after_rounds(&self, worker: &str, n: u64) {
-        let target = self.rounds(worker) + n;
+    pub fn after_two_rounds(&self, worker: &str) {
+        let target = self.rounds(worker) + 2;
         poll(
             Duration::from_secs(60),
             || (self.rounds(worker) >= target).then_some(()),
@@ -790,6 +801,24 @@ pub struct Peer {
 
 pub type Smsc = Peer;
 
+/// The JSON events a peer wrote to `log`, one per line (lines cut short are skipped).
+pub fn events_in(log: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// The port a peer's `listening` event in `log` names, once it wrote one.
+pub fn listening_port(log: &Path) -> Option<u16> {
+    events_in(log)
+        .iter()
+        .find(|e| e["ev"] == "listening")
+        .and_then(|e| e["port"].as_u64())
+        .and_then(|p| u16::try_from(p).ok())
+}
+
 /// One log file per peer started, named in start order (a peer on port 0 has no number yet).
 fn peer_log(dir: &Path, kind: &str) -> PathBuf {
     static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -805,7 +834,7 @@ impl Peer {
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/peers/http_partner.py");
         let child = Command::new(venv_python())
             .arg(script)
-            .args(["0"])
+            .arg("0")
             .arg(&log)
             .arg("-")
             .arg(secret_file)
@@ -861,12 +890,7 @@ impl Peer {
                 if let Ok(Some(status)) = child.try_wait() {
                     panic!("{what} exited with {status} at start");
                 }
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                text.lines()
-                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                    .find(|e| e["ev"] == "listening")
-                    .and_then(|e| e["port"].as_u64())
-                    .and_then(|p| u16::try_from(p).ok())
+                listening_port(&log)
             },
             || format!("{what} did not start"),
         );
@@ -884,11 +908,7 @@ impl Peer {
     }
 
     pub fn events(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        events_in(&self.log)
     }
 
     /// Its events of kind `ev`.
